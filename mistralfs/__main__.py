@@ -1,0 +1,3 @@
+from mistralfs.cli import main
+
+raise SystemExit(main())
