@@ -1,0 +1,36 @@
+"""Async client for Mistral AI's Files API (httpx under trio): models, errors, retries."""
+
+from mistralfs.api.client import DEFAULT_SERVER_URL, FilesClient
+from mistralfs.api.errors import (
+    ApiError,
+    AuthError,
+    NotFound,
+    ProtocolError,
+    RateLimited,
+    Rejected,
+    ServerError,
+    TooLarge,
+    Unavailable,
+    UrlExpired,
+)
+from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
+from mistralfs.api.retry import RetryPolicy
+
+__all__ = [
+    "DEFAULT_SERVER_URL",
+    "ApiError",
+    "AuthError",
+    "FilePage",
+    "FilesClient",
+    "NotFound",
+    "ProtocolError",
+    "RateLimited",
+    "Rejected",
+    "RemoteFile",
+    "RetryPolicy",
+    "ServerError",
+    "SignedUrl",
+    "TooLarge",
+    "Unavailable",
+    "UrlExpired",
+]

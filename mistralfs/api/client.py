@@ -1,0 +1,622 @@
+"""The async Files API client: one httpx.AsyncClient, used from trio.
+
+Security rules enforced here rather than left to callers:
+- the API key is attached per request, and only when the request goes to the
+  server URL's own origin; signed-URL reads never carry it, whatever host
+  they point at;
+- nothing logged or kept on an error contains a signed URL's query string.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mimetypes
+import os
+import pathlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Collection, Generator, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from mistralfs import __version__
+from mistralfs.api.errors import (
+    ApiError,
+    AuthError,
+    NotFound,
+    ProtocolError,
+    Rejected,
+    ServerError,
+    TooLarge,
+    UrlExpired,
+    extract_message,
+    strip_query,
+)
+from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
+from mistralfs.api.retry import (
+    RETRY_STATUSES,
+    RetryableStatus,
+    RetryPolicy,
+    parse_retry_after,
+    run_with_retries,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_SERVER_URL = "https://api.mistral.ai"
+CONNECT_TIMEOUT = 10.0
+CHUNK_SIZE = 1 << 20
+MAX_ERROR_BODY = 64 * 1024
+MAX_JSON_BODY = 64 * 1024 * 1024
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return (url.scheme, url.host.lower(), url.port or default)
+
+
+class _ServerOnlyBearerAuth(httpx.Auth):
+    """Adds the bearer key only to requests for the API's own origin (never to storage hosts)."""
+
+    def __init__(self, api_key: str, origin: tuple[str, str, int | None]) -> None:
+        self._header = f"Bearer {api_key}"
+        self._origin = origin
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if _origin(request.url) == self._origin:
+            request.headers["Authorization"] = self._header
+        yield request
+
+    def __repr__(self) -> str:  # never show the key
+        return f"_ServerOnlyBearerAuth(origin={self._origin!r})"
+
+
+class _RedactQueryFilter(logging.Filter):
+    """httpx logs full request URLs at INFO; drop query strings so signed URLs stay secret."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(a, httpx.URL) and a.query for a in record.args
+        ):
+            record.args = tuple(
+                a.copy_with(query=None) if isinstance(a, httpx.URL) else a for a in record.args
+            )
+        return True
+
+
+_httpx_logger = logging.getLogger("httpx")
+if not any(isinstance(f, _RedactQueryFilter) for f in _httpx_logger.filters):
+    _httpx_logger.addFilter(_RedactQueryFilter())
+
+
+class _MultipartBody:
+    """A multipart/form-data body streamed from an open file, chunk by chunk.
+
+    A class rather than an async generator so that an early stop (the server
+    answering 413 mid-upload) leaves no generator to finalise; the file itself
+    is closed by the attempt that opened it.
+    """
+
+    def __init__(self, file: trio.abc.AsyncResource, size: int, head: bytes, tail: bytes) -> None:
+        self._file: Any = file
+        self._remaining = size
+        self._parts: list[bytes] = [head]
+        self._tail = tail
+        self._done = False
+
+    def __aiter__(self) -> _MultipartBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._parts:
+            return self._parts.pop(0)
+        if self._remaining > 0:
+            chunk = await self._file.read(min(CHUNK_SIZE, self._remaining))
+            if not chunk:
+                raise OSError("file shrank while it was being uploaded")
+            self._remaining -= len(chunk)
+            return chunk
+        if not self._done:
+            self._done = True
+            return self._tail
+        raise StopAsyncIteration
+
+
+def _form_quote(value: str) -> str:
+    """Quote a multipart header parameter the way browsers and httpx do (HTML5 rules)."""
+    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _multipart_parts(filename: str, purpose: str, boundary: str) -> tuple[bytes, bytes]:
+    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="purpose"\r\n\r\n'
+        f"{purpose}\r\n"
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{_form_quote(filename)}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return head, tail
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """Read at most ``limit`` bytes of a streamed body (error pages can be huge)."""
+    buf = bytearray()
+    async for chunk in response.aiter_bytes():
+        buf += chunk
+        if len(buf) >= limit:
+            break
+    return bytes(buf[:limit])
+
+
+def _parse_json(body: bytes, response: httpx.Response, method: str, url: str) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        ctype = response.headers.get("content-type", "?")
+        raise ProtocolError(
+            f"expected JSON, got {ctype}: {extract_message(body)[:200]}",
+            status=response.status_code,
+            method=method,
+            url=url,
+        ) from None
+
+
+class FilesClient:
+    """Async client for the Mistral Files API (``/v1/files``) and its signed URLs."""
+
+    def __init__(
+        self,
+        server_url: str,
+        api_key: str,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float = 30.0,
+        user_agent: str = f"mistralfs/{__version__}",
+    ) -> None:
+        base = httpx.URL(server_url.rstrip("/"))
+        if base.scheme not in ("http", "https") or not base.host:
+            raise ValueError(f"server URL must be http(s)://host[:port]: {strip_query(server_url)}")
+        if base.path.rstrip("/").endswith("/v1"):
+            # Same convention as the SDK's server_url: the host without /v1.
+            base = base.copy_with(path=base.path.rstrip("/")[: -len("/v1")])
+        self._base = str(base.copy_with(query=None, fragment=None)).rstrip("/")
+        self._auth = _ServerOnlyBearerAuth(api_key, _origin(base))
+        self._retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+            headers={"User-Agent": user_agent},
+            follow_redirects=False,
+        )
+
+    @property
+    def server_url(self) -> str:
+        return self._base
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self._retry
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ core
+
+    def _api_url(self, path: str) -> str:
+        return self._base + path
+
+    def _error(
+        self, response: httpx.Response, body: bytes, method: str, url: str, *, storage: bool
+    ) -> ApiError:
+        """Map an HTTP error answer to the exception a caller reacts to."""
+        status = response.status_code
+        message = extract_message(
+            body, response.headers.get("content-type"), response.reason_phrase
+        )
+        cls: type[ApiError]
+        if storage and status in (401, 403):
+            cls = UrlExpired
+        elif status in (401, 403):
+            cls = AuthError
+        elif status == 404:
+            cls = NotFound
+        elif status == 413:
+            cls = TooLarge
+        elif status in RETRY_STATUSES or status >= 500:
+            cls = ServerError
+        elif 400 <= status < 500:
+            cls = Rejected
+        else:
+            cls = ProtocolError
+            message = f"unexpected HTTP status {status}: {message}"
+        return cls(message, status=status, method=method, url=url)
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        handle: Callable[[httpx.Response, int], Awaitable[T]],
+        *,
+        storage: bool = False,
+        params: list[tuple[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+        body: Callable[[], Awaitable[tuple[Any, dict[str, str], Any]]] | None = None,
+        pass_statuses: Collection[int] = (),
+        follow_redirects: bool = False,
+    ) -> T:
+        """One logical request, retried as the policy says; ``handle`` reads a good answer.
+
+        ``body`` (for uploads) opens a fresh request body per attempt and
+        returns (content, extra headers, resource to close afterwards).
+        ``storage`` marks signed-URL requests: sent without the key, logged
+        without the query, 401/403 meaning an expired URL.
+        """
+        log_url = strip_query(url) if storage else url
+
+        async def attempt(n: int) -> T:
+            req_headers = dict(headers or {})
+            content: Any = None
+            resource: Any = None
+            try:
+                if body is not None:
+                    content, extra_headers, resource = await body()
+                    req_headers.update(extra_headers)
+                request = self._http.build_request(
+                    method, url, params=params, headers=req_headers, content=content
+                )
+                if logger.isEnabledFor(logging.DEBUG):
+                    shown = strip_query(str(request.url)) if storage else str(request.url)
+                    logger.debug("%s %s (attempt %d)", method, shown, n)
+                response = await self._http.send(
+                    request,
+                    auth=None if storage else self._auth,
+                    stream=True,
+                    follow_redirects=follow_redirects,
+                )
+                try:
+                    status = response.status_code
+                    if status >= 300 and status not in pass_statuses:
+                        err_body = await _read_bounded(response, MAX_ERROR_BODY)
+                        err = self._error(response, err_body, method, log_url, storage=storage)
+                        if status in RETRY_STATUSES:
+                            retry_after = parse_retry_after(response.headers.get("retry-after"))
+                            raise RetryableStatus(err, retry_after)
+                        raise err
+                    return await handle(response, n)
+                finally:
+                    await response.aclose()
+            finally:
+                if resource is not None:
+                    await resource.aclose()
+
+        return await run_with_retries(self._retry, attempt, method=method, url=log_url)
+
+    async def _json_call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: list[tuple[str, str]] | None = None,
+        body: Callable[[], Awaitable[tuple[Any, dict[str, str], Any]]] | None = None,
+    ) -> object:
+        url = self._api_url(path)
+
+        async def handle(response: httpx.Response, n: int) -> object:
+            data = await _read_bounded(response, MAX_JSON_BODY)
+            return _parse_json(data, response, method, url)
+
+        return await self._call(
+            method, url, handle, params=params, headers={"Accept": "application/json"}, body=body
+        )
+
+    # ------------------------------------------------------------ operations
+
+    async def list_files(
+        self,
+        *,
+        purpose: str | None = None,
+        page: int = 0,
+        page_size: int = 100,
+        search: str | None = None,
+        sample_types: Sequence[str] = (),
+        sources: Sequence[str] = (),
+        mimetypes: Sequence[str] = (),
+        include_total: bool = True,
+    ) -> FilePage:
+        """One page of ``GET /v1/files``; array filters are sent as repeated keys."""
+        params: list[tuple[str, str]] = [
+            ("page", str(page)),
+            ("page_size", str(page_size)),
+            ("include_total", "true" if include_total else "false"),
+        ]
+        if purpose is not None:
+            params.append(("purpose", purpose))
+        if search is not None:
+            params.append(("search", search))
+        params += [("sample_type", v) for v in sample_types]
+        params += [("source", v) for v in sources]
+        params += [("mimetypes", v) for v in mimetypes]
+        data = await self._json_call("GET", "/v1/files", params=params)
+        url = self._api_url("/v1/files")
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise ProtocolError(
+                "listing is not an object with a 'data' array", method="GET", url=url
+            )
+        try:
+            files = [RemoteFile.from_json(item) for item in data["data"]]
+        except ProtocolError as exc:
+            raise ProtocolError(exc.message, method="GET", url=url) from None
+        total = data.get("total")
+        if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+            total = None
+        return FilePage(files=files, total=total)
+
+    async def list_all(
+        self,
+        *,
+        purpose: str | None = None,
+        page_size: int = 100,
+        max_parallel: int = 8,
+        search: str | None = None,
+        sample_types: Sequence[str] = (),
+        sources: Sequence[str] = (),
+        mimetypes: Sequence[str] = (),
+    ) -> list[RemoteFile]:
+        """Every matching file, in the service's order, each id once.
+
+        Page 0 comes first; once ``total`` is known all remaining pages are
+        fetched at once (bounded by ``max_parallel``), because a listing is
+        what ``ls`` waits on. Without ``total``, pages are read one by one
+        until a short page.
+        """
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        filters: dict[str, Any] = {
+            "purpose": purpose,
+            "search": search,
+            "sample_types": sample_types,
+            "sources": sources,
+            "mimetypes": mimetypes,
+        }
+        first = await self.list_files(page=0, page_size=page_size, include_total=True, **filters)
+        pages: dict[int, list[RemoteFile]] = {0: first.files}
+        total = first.total
+        if total is not None and len(first.files) < min(page_size, total) and first.files:
+            # The service capped the page size: page offsets follow its size, not ours.
+            logger.debug("page size capped by the service at %d", len(first.files))
+            page_size = len(first.files)
+        last_page = 0
+        if total is not None and len(first.files) == page_size:
+            n_pages = math.ceil(total / page_size)
+            limiter = trio.CapacityLimiter(max(1, max_parallel))
+
+            async def fetch(index: int) -> None:
+                async with limiter:
+                    result = await self.list_files(
+                        page=index, page_size=page_size, include_total=False, **filters
+                    )
+                pages[index] = result.files
+
+            async with trio.open_nursery() as nursery:
+                for index in range(1, n_pages):
+                    nursery.start_soon(fetch, index)
+            last_page = max(0, n_pages - 1)
+
+        # Sequential tail: no total, or more files appeared than ``total`` said.
+        seen = {f.id for files in pages.values() for f in files}
+        while len(pages[last_page]) == page_size:
+            last_page += 1
+            result = await self.list_files(
+                page=last_page, page_size=page_size, include_total=False, **filters
+            )
+            pages[last_page] = result.files
+            new = {f.id for f in result.files} - seen
+            if not new:  # a service ignoring ``page`` must not loop us forever
+                break
+            seen |= new
+
+        out: list[RemoteFile] = []
+        ids: set[str] = set()
+        for index in sorted(pages):
+            for f in pages[index]:
+                if f.id not in ids:
+                    ids.add(f.id)
+                    out.append(f)
+        return out
+
+    async def upload(self, path: pathlib.Path, *, filename: str, purpose: str) -> RemoteFile:
+        """``POST /v1/files`` streaming ``path`` from disk; reopened on every attempt."""
+
+        async def open_body() -> tuple[Any, dict[str, str], Any]:
+            file = await trio.open_file(path, "rb")
+            try:
+                size = os.fstat(file.fileno()).st_size
+                boundary = secrets.token_hex(16)
+                head, tail = _multipart_parts(filename, purpose, boundary)
+                headers = {
+                    "Content-Type": f"multipart/form-data; boundary={boundary}",
+                    "Content-Length": str(len(head) + size + len(tail)),
+                }
+                return _MultipartBody(file, size, head, tail), headers, file
+            except BaseException:
+                await file.aclose()
+                raise
+
+        data = await self._json_call("POST", "/v1/files", body=open_body)
+        return self._file_from(data, "POST", "/v1/files")
+
+    async def retrieve(self, file_id: str) -> RemoteFile:
+        """``GET /v1/files/{id}``: metadata of one file (``deleted`` may be set)."""
+        path = f"/v1/files/{quote(file_id, safe='')}"
+        data = await self._json_call("GET", path)
+        return self._file_from(data, "GET", path)
+
+    async def delete(self, file_id: str) -> None:
+        """``DELETE /v1/files/{id}``.
+
+        A 404 on a retry (after an attempt whose outcome was unknown) counts
+        as success: the first attempt most likely deleted it.
+        """
+        path = f"/v1/files/{quote(file_id, safe='')}"
+        url = self._api_url(path)
+
+        async def handle(response: httpx.Response, n: int) -> object:
+            if response.status_code == 404:
+                body = await _read_bounded(response, MAX_ERROR_BODY)
+                if n > 1:
+                    logger.info("DELETE %s: 404 on retry; treating as already deleted", path)
+                    return None
+                raise self._error(response, body, "DELETE", url, storage=False)
+            data = await _read_bounded(response, MAX_JSON_BODY)
+            return _parse_json(data, response, "DELETE", url)
+
+        # 404 reaches ``handle`` so that it can tell a first attempt from a retry.
+        data = await self._call("DELETE", url, handle, pass_statuses=(404,))
+        if isinstance(data, dict) and data.get("deleted") is False:
+            raise ProtocolError("service answered deleted: false", method="DELETE", url=url)
+
+    async def download(self, file_id: str, dest: pathlib.Path) -> int:
+        """``GET /v1/files/{id}/content`` streamed into ``dest`` (rewritten on each retry).
+
+        Returns the number of bytes written. On failure ``dest`` may hold a
+        partial copy; the caller owns it.
+        """
+        path = f"/v1/files/{quote(file_id, safe='')}/content"
+
+        async def handle(response: httpx.Response, n: int) -> int:
+            written = 0
+            async with await trio.open_file(dest, "wb") as out:
+                async for chunk in response.aiter_bytes(CHUNK_SIZE):
+                    await out.write(chunk)
+                    written += len(chunk)
+            return written
+
+        # Redirects are followed (the service may hand off to storage); httpx
+        # drops Authorization when a redirect leaves the API's origin.
+        return await self._call("GET", self._api_url(path), handle, follow_redirects=True)
+
+    async def signed_url(self, file_id: str, expiry_hours: int = 24) -> SignedUrl:
+        """``GET /v1/files/{id}/url?expiry=H``; ``expires_at`` is estimated from request time."""
+        path = f"/v1/files/{quote(file_id, safe='')}/url"
+        requested_at = time.time()
+        data = await self._json_call("GET", path, params=[("expiry", str(expiry_hours))])
+        url = data.get("url") if isinstance(data, dict) else None
+        if not isinstance(url, str) or "://" not in url:
+            raise ProtocolError(
+                "signed URL answer has no usable 'url'", method="GET", url=self._api_url(path)
+            )
+        return SignedUrl(url=url, expires_at=requested_at + expiry_hours * 3600)
+
+    async def read_range(self, url: str, start: int, length: int) -> bytes:
+        """Bytes ``[start, start+length)`` of a signed URL, via HTTP Range, never with the key.
+
+        206 and 200 (sliced) are accepted; a range past the end gives b"".
+        403/401 -> UrlExpired, 404 -> NotFound; transient failures are retried.
+        """
+        if start < 0 or length < 0:
+            raise ValueError("start and length must be >= 0")
+        if length == 0:
+            return b""
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ProtocolError(f"invalid signed URL: {exc}", method="GET", url=url) from None
+        end = start + length - 1
+
+        async def handle(response: httpx.Response, n: int) -> bytes:
+            if response.status_code == 416:
+                return b""
+            skip = 0
+            if response.status_code == 206:
+                first = _content_range_start(response.headers.get("content-range"))
+                if first is None or first > start:
+                    raise ProtocolError(
+                        "206 answer with a missing or wrong Content-Range",
+                        status=206,
+                        method="GET",
+                        url=url,
+                    )
+                skip = start - first
+            elif response.status_code == 200:
+                skip = start
+            else:
+                raise ProtocolError(
+                    f"unexpected HTTP status {response.status_code}",
+                    status=response.status_code,
+                    method="GET",
+                    url=url,
+                )
+            buf = bytearray()
+            async for chunk in response.aiter_bytes():
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk = chunk[skip:]
+                    skip = 0
+                buf += chunk
+                if len(buf) >= length:
+                    break
+            return bytes(buf[:length])
+
+        try:
+            return await self._call(
+                "GET",
+                url,
+                handle,
+                storage=True,
+                headers={"Range": f"bytes={start}-{end}"},
+                pass_statuses=(416,),
+                follow_redirects=True,
+            )
+        except httpx.UnsupportedProtocol as exc:
+            raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None
+
+    async def check_auth(self) -> None:
+        """A cheap authenticated call, so ``mount`` fails early on a bad key or no network."""
+        await self.list_files(page_size=1, include_total=False)
+
+    # --------------------------------------------------------------- helpers
+
+    def _file_from(self, data: object, method: str, path: str) -> RemoteFile:
+        try:
+            return RemoteFile.from_json(data)
+        except ProtocolError as exc:
+            raise ProtocolError(exc.message, method=method, url=self._api_url(path)) from None
+
+
+def _content_range_start(value: str | None) -> int | None:
+    """First byte of ``Content-Range: bytes a-b/total``; None if absent or malformed."""
+    if not value:
+        return None
+    unit, _, rest = value.strip().partition(" ")
+    if unit.lower() != "bytes":
+        return None
+    first, dash, _ = rest.partition("-")
+    if not dash:
+        return None
+    try:
+        return int(first)
+    except ValueError:
+        return None

@@ -1,0 +1,138 @@
+"""Plain, tolerant data objects for what the Files API returns.
+
+The real service adds fields and enum values over time (``audio`` purposes,
+``ocr_input`` sample types, ``expires_at``...), so nothing here is an enum and
+unknown fields are kept in ``extra`` instead of being rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from mistralfs.api.errors import ProtocolError
+
+_KNOWN_FIELDS = frozenset(
+    {
+        "id",
+        "bytes",
+        "created_at",
+        "filename",
+        "purpose",
+        "sample_type",
+        "source",
+        "num_lines",
+        "mimetype",
+        "signature",
+        "deleted",
+    }
+)
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; a JSON ``true`` is not a size.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opt_str(value: object) -> str | None:
+    """Optional text field: tolerate odd types rather than fail a whole listing."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _opt_int(value: object) -> int | None:
+    if _is_int(value):
+        return value  # type: ignore[return-value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file as the service describes it; immutable because content never changes for an id."""
+
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    sample_type: str | None
+    source: str | None
+    num_lines: int | None
+    mimetype: str | None
+    signature: str | None
+    deleted: bool = False
+    extra: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, data: object) -> RemoteFile:
+        """Build from a decoded JSON object; ProtocolError if it is not a usable File."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"expected a file object, got {type(data).__name__}")
+        required = ("id", "bytes", "created_at", "filename", "purpose")
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ProtocolError(f"file object lacks required field(s): {', '.join(missing)}")
+        file_id, size, created = data["id"], data["bytes"], data["created_at"]
+        filename, purpose = data["filename"], data["purpose"]
+        if not isinstance(file_id, str) or not file_id:
+            raise ProtocolError("file object has a non-string or empty 'id'")
+        if not _is_int(size) or size < 0:
+            raise ProtocolError(f"file {file_id}: 'bytes' is not a non-negative integer")
+        if isinstance(created, float) and not isinstance(created, bool):
+            created = int(created)
+        if not _is_int(created):
+            raise ProtocolError(f"file {file_id}: 'created_at' is not an integer")
+        if not isinstance(filename, str):
+            raise ProtocolError(f"file {file_id}: 'filename' is not a string")
+        if not isinstance(purpose, str):
+            raise ProtocolError(f"file {file_id}: 'purpose' is not a string")
+        extra = {k: v for k, v in data.items() if k not in _KNOWN_FIELDS}
+        return cls(
+            id=file_id,
+            bytes=size,
+            created_at=created,
+            filename=filename,
+            purpose=purpose,
+            sample_type=_opt_str(data.get("sample_type")),
+            source=_opt_str(data.get("source")),
+            num_lines=_opt_int(data.get("num_lines")),
+            mimetype=_opt_str(data.get("mimetype")),
+            signature=_opt_str(data.get("signature")),
+            deleted=data.get("deleted") is True,
+            extra=MappingProxyType(extra),
+        )
+
+
+@dataclass(frozen=True)
+class FilePage:
+    """One page of a listing; ``total`` is None when the service did not say."""
+
+    files: list[RemoteFile]
+    total: int | None
+
+
+@dataclass(frozen=True)
+class SignedUrl:
+    """A signed download URL and the wall-clock unix time it stops working.
+
+    The service only answers with the URL, so ``expires_at`` is computed from
+    the requested expiry at request time (a slightly early, safe estimate).
+    The URL carries secrets in its query string: never log it whole.
+    """
+
+    url: str
+    expires_at: float
+
+    def __repr__(self) -> str:
+        return f"SignedUrl(url={_redact(self.url)!r}, expires_at={self.expires_at!r})"
+
+
+def _redact(url: str) -> str:
+    base, sep, _query = url.partition("?")
+    return base + ("?..." if sep else "")
