@@ -1,0 +1,150 @@
+"""`mistralfs mount | unmount | emulator`: argument parsing and process management only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mistralfs import __version__
+from mistralfs.config import (
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_DIR_CACHE_TIME,
+    DEFAULT_SERVER_URL,
+    ConfigError,
+    parse_size,
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError("seconds must not be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mistralfs",
+        description="Mount a Mistral AI account's files as a drive, or run a local Files API.",
+    )
+    parser.add_argument("--version", action="version", version=f"mistralfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = sub.add_parser(
+        "mount",
+        help="mount the account at MOUNTPOINT",
+        description="Mount the account's files at MOUNTPOINT. The API key comes from "
+        "MISTRAL_API_KEY, --api-key-file, or the systemd credential 'mistral-api-key'.",
+    )
+    mount.add_argument("mountpoint", type=Path)
+    mount.add_argument(
+        "--server-url",
+        default=os.environ.get("MISTRAL_SERVER_URL", DEFAULT_SERVER_URL),
+        help="API server, without /v1 (env MISTRAL_SERVER_URL; default %(default)s)",
+    )
+    mount.add_argument("--api-key-file", type=Path, help="read the API key from this file")
+    mount.add_argument(
+        "--cache-size",
+        type=_size,
+        default=DEFAULT_CACHE_SIZE,
+        help="bytes of file content kept in memory, e.g. 256M (default 256M)",
+    )
+    mount.add_argument(
+        "--dir-cache-time",
+        type=_seconds,
+        default=DEFAULT_DIR_CACHE_TIME,
+        help="seconds a folder listing is trusted before it is fetched again "
+        f"(default {DEFAULT_DIR_CACHE_TIME:g})",
+    )
+    mount.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where uploads are spooled and logs kept (default $XDG_CACHE_HOME/mistralfs)",
+    )
+    mount.add_argument("--read-only", action="store_true", help="refuse every change")
+    mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    mount.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    mount.add_argument("--log-file", type=Path, help="log here (default CACHE_DIR/mistralfs.log)")
+    mount.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    unmount = sub.add_parser(
+        "unmount",
+        help="unmount MOUNTPOINT after uploads in flight finish",
+        description="Wait for uploads in flight, unmount, and return once the daemon exited.",
+    )
+    unmount.add_argument("mountpoint", type=Path)
+    unmount.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=600.0,
+        help="give up after this many seconds of the mount staying busy (default 600)",
+    )
+
+    emulator = sub.add_parser(
+        "emulator",
+        help="run a local Files API server that behaves like the real one",
+        description="Serve the Files API at http://HOST:PORT/v1 with files kept in --data. "
+        "The key clients must send comes from --api-key, else MISTRAL_API_KEY, "
+        "else 'emulator-key'.",
+    )
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8080)
+    emulator.add_argument(
+        "--data", type=Path, default=Path(".mistralfs-emulator"), help="data folder"
+    )
+    emulator.add_argument("--api-key", help="the key clients must send")
+    emulator.add_argument(
+        "--max-file-size", type=_size, default="512M", help="largest upload accepted"
+    )
+    emulator.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    return parser
+
+
+def _run_emulator(args: argparse.Namespace) -> int:
+    from mistralfs.emulator.server import EmulatorConfig, run
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    api_key = args.api_key or os.environ.get("MISTRAL_API_KEY") or "emulator-key"
+    run(
+        EmulatorConfig(
+            data_dir=args.data,
+            api_key=api_key,
+            host=args.host,
+            port=args.port,
+            max_file_size=args.max_file_size,
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "emulator":
+        return _run_emulator(args)
+    from mistralfs import daemon
+
+    try:
+        if args.command == "mount":
+            return daemon.mount_command(args)
+        return daemon.unmount_command(args.mountpoint, timeout=args.timeout)
+    except ConfigError as exc:
+        print(f"mistralfs: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,101 @@
+"""Mount options from the command line and the environment, and where the API key comes from.
+
+The key is never accepted as a command-line value (it would show in `ps` and shell history):
+it comes from `--api-key-file`, `MISTRAL_API_KEY`, or the systemd credential
+`mistral-api-key`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_SERVER_URL = "https://api.mistral.ai"
+DEFAULT_CACHE_SIZE = 256 * 1024**2
+DEFAULT_DIR_CACHE_TIME = 30.0
+DEFAULT_BLOCK_SIZE = 1024**2
+MAX_FILE_SIZE = 512 * 1024**2
+SYSTEMD_CREDENTIAL = "mistral-api-key"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+class ConfigError(Exception):
+    """A user-facing configuration problem; the message is printed as is."""
+
+
+def parse_size(text: str) -> int:
+    """Parse `256M`, `1G`, `4096` or `1.5GiB` into bytes (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(
+            f"invalid size {text!r}: use a number with an optional K, M, G or T suffix"
+        )
+    number, unit, _ = match.groups()
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mistralfs"
+
+
+def runtime_dir() -> Path:
+    """Where a running mount leaves its pid file, so `unmount` can wait for the daemon."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and Path(base).is_dir():
+        return Path(base) / "mistralfs"
+    return Path(f"/tmp/mistralfs-{os.getuid()}")
+
+
+def read_api_key(api_key_file: Path | None) -> str:
+    """Find the API key: --api-key-file, then MISTRAL_API_KEY, then the systemd credential."""
+    if api_key_file is not None:
+        try:
+            key = api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read API key file {api_key_file}: {exc.strerror}") from exc
+        if not key:
+            raise ConfigError(f"API key file {api_key_file} is empty")
+        return key
+    key = os.environ.get("MISTRAL_API_KEY", "").strip()
+    if key:
+        return key
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        cred = Path(cred_dir) / SYSTEMD_CREDENTIAL
+        if cred.is_file():
+            key = cred.read_text(encoding="utf-8").strip()
+            if key:
+                return key
+    raise ConfigError(
+        "no API key: set MISTRAL_API_KEY, pass --api-key-file FILE, "
+        f"or provide the systemd credential {SYSTEMD_CREDENTIAL!r}"
+    )
+
+
+@dataclass
+class MountConfig:
+    """Everything a mount needs, resolved and validated."""
+
+    mountpoint: Path
+    server_url: str
+    api_key: str = field(repr=False)
+    cache_dir: Path
+    cache_size: int = DEFAULT_CACHE_SIZE
+    dir_cache_time: float = DEFAULT_DIR_CACHE_TIME
+    block_size: int = DEFAULT_BLOCK_SIZE
+    read_only: bool = False
+    allow_other: bool = False
+    max_file_size: int = MAX_FILE_SIZE
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.cache_dir / "spool"
+
+    @property
+    def recovery_dir(self) -> Path:
+        return self.cache_dir / "recovery"

@@ -1,0 +1,206 @@
+"""Starting and stopping the mount daemon as a process.
+
+`mistralfs mount` without `--foreground` starts itself again in a new session with
+`--foreground --ready-fd N` and waits on that pipe: the child writes `ready` once the
+mount is live, or `error <message>` if it could not mount. The parent returns only
+then, so scripts can use the mount on the next line. A pid file per mountpoint lets
+`mistralfs unmount` wait for the daemon to exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from mistralfs.config import ConfigError, MountConfig, default_cache_dir, read_api_key, runtime_dir
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+EXIT_WAIT = 30.0
+
+
+def _config_from(args: argparse.Namespace) -> MountConfig:
+    mountpoint = args.mountpoint.expanduser().resolve()
+    if not mountpoint.is_dir():
+        raise ConfigError(f"mountpoint {args.mountpoint} is not a folder")
+    if os.path.ismount(mountpoint):
+        raise ConfigError(f"{mountpoint} is already a mountpoint")
+    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
+    return MountConfig(
+        mountpoint=mountpoint,
+        server_url=args.server_url.rstrip("/"),
+        api_key=read_api_key(args.api_key_file),
+        cache_dir=cache_dir,
+        cache_size=args.cache_size,
+        dir_cache_time=args.dir_cache_time,
+        read_only=args.read_only,
+        allow_other=args.allow_other,
+    )
+
+
+def pid_file(mountpoint: Path) -> Path:
+    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / f"mount-{digest}.pid"
+
+
+def _setup_logging(log_file: Path | None, level: str) -> None:
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def mount_command(args: argparse.Namespace) -> int:
+    config = _config_from(args)
+    if args.cache_size < config.block_size:
+        raise ConfigError(f"--cache-size must be at least {config.block_size} bytes")
+    if args.foreground:
+        return _run_foreground(config, args)
+    return _start_background(config, args)
+
+
+def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
+    from mistralfs.fs.mount import MountError, serve
+
+    _setup_logging(args.log_file, args.log_level)
+    ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+    pids = pid_file(config.mountpoint)
+
+    def on_ready() -> None:
+        pids.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pids.write_text(f"{os.getpid()}\n{config.mountpoint}\n", encoding="utf-8")
+        if ready_pipe is not None:
+            ready_pipe.write("ready\n")
+            ready_pipe.close()
+        else:
+            print(f"mistralfs: mounted at {config.mountpoint}", file=sys.stderr, flush=True)
+
+    try:
+        trio.run(serve, config, on_ready)
+    except MountError as exc:
+        log.error("%s", exc)
+        if ready_pipe is not None and not ready_pipe.closed:
+            ready_pipe.write(f"error {exc}\n")
+            ready_pipe.close()
+        else:
+            print(f"mistralfs: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(OSError):
+            if pids.read_text(encoding="utf-8").split()[0] == str(os.getpid()):
+                pids.unlink()
+    return 0
+
+
+def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
+    log_file = (args.log_file or config.cache_dir / "mistralfs.log").expanduser().resolve()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    command = [
+        sys.executable, "-m", "mistralfs", "mount", str(config.mountpoint),
+        "--foreground", "--ready-fd", str(write_fd), "--log-file", str(log_file),
+        "--log-level", args.log_level, "--server-url", config.server_url,
+        "--cache-dir", str(config.cache_dir), "--cache-size", str(config.cache_size),
+        "--dir-cache-time", str(config.dir_cache_time),
+    ]  # fmt: skip
+    if config.read_only:
+        command.append("--read-only")
+    if config.allow_other:
+        command.append("--allow-other")
+    env = dict(os.environ, MISTRAL_API_KEY=config.api_key)  # never on the command line
+    with open(log_file, "ab") as stderr:
+        child = subprocess.Popen(
+            command,
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd="/",
+            env=env,
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        ready, _, _ = select.select([pipe], [], [], READY_TIMEOUT)
+        answer = pipe.readline().strip() if ready else ""
+    if answer == "ready":
+        print(f"mistralfs: mounted at {config.mountpoint} (log: {log_file})")
+        return 0
+    if answer.startswith("error "):
+        print(f"mistralfs: {answer[len('error ') :]}", file=sys.stderr)
+    elif not answer and child.poll() is None:
+        print(f"mistralfs: the mount did not become ready; see {log_file}", file=sys.stderr)
+        child.terminate()
+    else:
+        print(f"mistralfs: the daemon exited before mounting; see {log_file}", file=sys.stderr)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=EXIT_WAIT)
+    return 1
+
+
+def unmount_command(mountpoint: Path, *, timeout: float) -> int:
+    """Unmount once nothing is in flight (the kernel says busy until then), then wait."""
+    target = mountpoint.expanduser().resolve()
+    pid = _read_pid(pid_file(target))
+    if not os.path.ismount(target):
+        print(f"mistralfs: {target} is not mounted", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        result = subprocess.run(
+            ["fusermount3", "-u", str(target)], capture_output=True, text=True, check=False
+        )
+        if result.returncode == 0:
+            break
+        busy = "busy" in result.stderr.lower()
+        if not busy or time.monotonic() > deadline:
+            print(f"mistralfs: cannot unmount {target}: {result.stderr.strip()}", file=sys.stderr)
+            return 1
+        if not told:
+            print(f"mistralfs: {target} is busy (uploads in flight or files open); waiting")
+            told = True
+        time.sleep(0.2)
+    if pid is not None and not _wait_for_exit(pid, EXIT_WAIT):
+        print(f"mistralfs: unmounted, but daemon {pid} is still running", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _wait_for_exit(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return True  # a pid reused by another user's process: ours is gone
+        time.sleep(0.05)
+    return False
