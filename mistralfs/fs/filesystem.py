@@ -1,0 +1,245 @@
+"""What each filesystem operation means for the account, independent of FUSE's types.
+
+`operations.py` translates pyfuse3 calls into calls here; this module decides what
+they do with the namespace, the reader and the writer.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+
+from mistralfs.api import ApiError, FilesClient, NotFound
+from mistralfs.fs.errors import FsError, errno_for
+from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Root
+from mistralfs.fs.reader import BlockReader, ReadState
+from mistralfs.fs.writer import Spool, Writer
+
+log = logging.getLogger(__name__)
+
+XATTR_PREFIX = "user.mistral."
+XATTR_FIELDS = (
+    "id",
+    "purpose",
+    "sample_type",
+    "source",
+    "num_lines",
+    "mimetype",
+    "signature",
+    "created_at",
+)
+XATTR_SIGNED_URL = XATTR_PREFIX + "signed_url"
+XATTR_MIME = "user.mime_type"
+
+
+@dataclass(eq=False)
+class Handle:
+    """An open file: a remote file being read, or a spool being written."""
+
+    node: FileNode
+    spool: Spool | None = None
+    read_state: ReadState = field(default_factory=ReadState)
+
+
+class Filesystem:
+    """The mount's behaviour, operation by operation (see docs/SEMANTICS.md)."""
+
+    def __init__(
+        self,
+        client: FilesClient,
+        namespace: Namespace,
+        reader: BlockReader,
+        writer: Writer,
+        *,
+        read_only: bool,
+    ) -> None:
+        self._client = client
+        self.namespace = namespace
+        self._reader = reader
+        self._writer = writer
+        self.read_only = read_only
+        self._handles: dict[int, Handle] = {}
+        self._fh_counter = itertools.count(1)
+
+    # -- names ------------------------------------------------------------------
+
+    def node(self, inode: int) -> Node:
+        node = self.namespace.node(inode)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        return node
+
+    async def lookup(self, parent_inode: int, name: str) -> Node:
+        parent = self.node(parent_inode)
+        await self._fresh()
+        if isinstance(parent, Root):
+            found: Node | None = self.namespace.folder_named(name)
+        elif isinstance(parent, Folder):
+            found = parent.entries.get(name)
+        else:
+            raise FsError(errno.ENOTDIR)
+        if found is None:
+            raise FsError(errno.ENOENT)
+        return found
+
+    async def list_dir(self, inode: int) -> list[tuple[str, Node]]:
+        """A folder's entries at this moment; readdir pages through this snapshot."""
+        node = self.node(inode)
+        await self._fresh()
+        if isinstance(node, Root):
+            return [(f.name, f) for f in self.namespace.folders()]
+        if isinstance(node, Folder):
+            return sorted(node.entries.items())
+        raise FsError(errno.ENOTDIR)
+
+    async def _fresh(self) -> None:
+        try:
+            await self.namespace.ensure_fresh()
+        except ApiError as exc:
+            log.error("listing the account failed: %s", exc)
+            raise FsError(errno_for(exc), str(exc)) from exc
+
+    # -- reading and writing ------------------------------------------------------
+
+    def open(self, inode: int, flags: int) -> int:
+        node = self.node(inode)
+        if not isinstance(node, FileNode):
+            raise FsError(errno.EISDIR)
+        wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        spool = self._writer.spool_for(node)
+        if wants_write:
+            self._refuse_if_read_only()
+            if spool is None:
+                # Changing an uploaded file needs copy-on-write, which is not built yet.
+                raise FsError(errno.EPERM, f"{node.name}: uploaded files cannot be changed yet")
+            if flags & os.O_TRUNC:
+                self._writer.truncate(spool, 0)
+        if spool is not None:
+            self._writer.open(spool)
+        return self._new_handle(Handle(node=node, spool=spool))
+
+    def create(self, parent_inode: int, name: str) -> tuple[int, FileNode]:
+        self._refuse_if_read_only()
+        parent = self.node(parent_inode)
+        if not isinstance(parent, Folder):
+            raise FsError(errno.EACCES, "files can only be created inside a purpose folder")
+        if name in parent.entries:
+            raise FsError(errno.EEXIST)
+        spool = self._writer.create(parent, name)
+        self._writer.open(spool)
+        return self._new_handle(Handle(node=spool.node, spool=spool)), spool.node
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        if handle.spool is not None:
+            return self._writer.read(handle.spool, offset, size)
+        remote = handle.node.remote
+        if remote is None:  # a local file whose upload failed and was given up
+            raise FsError(errno.EIO, f"{handle.node.name}: content is no longer available")
+        try:
+            return await self._reader.read(remote, offset, size, handle.read_state)
+        except ApiError as exc:
+            log.error("reading %s (%s) failed: %s", handle.node.name, remote.id, exc)
+            code = errno_for(exc)
+            raise FsError(errno.EIO if code == errno.EINVAL else code, str(exc)) from exc
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        if handle.spool is None:
+            raise FsError(errno.EBADF)
+        return self._writer.write(handle.spool, offset, data)
+
+    def truncate(self, inode: int, size: int) -> None:
+        self._refuse_if_read_only()
+        node = self.node(inode)
+        if not isinstance(node, FileNode):
+            raise FsError(errno.EISDIR)
+        spool = self._writer.spool_for(node)
+        if spool is None:
+            raise FsError(errno.EPERM, f"{node.name}: uploaded files cannot be changed yet")
+        self._writer.truncate(spool, size)
+
+    async def flush(self, fh: int) -> None:
+        handle = self._handle(fh)
+        if handle.spool is not None:
+            await self._writer.flush(handle.spool)
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.spool is not None:
+            self._writer.release(handle.spool)
+
+    async def wait_for_uploads(self) -> None:
+        await self._writer.wait_idle()
+
+    # -- deleting -----------------------------------------------------------------
+
+    async def unlink(self, parent_inode: int, name: str) -> None:
+        self._refuse_if_read_only()
+        node = await self.lookup(parent_inode, name)
+        if not isinstance(node, FileNode):
+            raise FsError(errno.EISDIR)
+        if node.remote is not None:
+            try:
+                await self._client.delete(node.remote.id)
+            except NotFound:
+                log.info("%s/%s was already deleted elsewhere", node.folder.name, name)
+            except ApiError as exc:
+                log.error("deleting %s/%s failed: %s", node.folder.name, name, exc)
+                raise FsError(errno_for(exc), str(exc)) from exc
+            self._reader.forget(node.remote.id)
+        self.namespace.detach(node)
+
+    # -- extended attributes -------------------------------------------------------
+
+    def xattr_names(self, inode: int) -> list[str]:
+        node = self.node(inode)
+        if not isinstance(node, FileNode) or node.remote is None:
+            return []
+        names = [XATTR_PREFIX + f for f in XATTR_FIELDS if self._xattr_field(node, f) is not None]
+        names.append(XATTR_SIGNED_URL)
+        if node.remote.mimetype:
+            names.append(XATTR_MIME)
+        return names
+
+    async def xattr(self, inode: int, name: str) -> bytes:
+        node = self.node(inode)
+        if not isinstance(node, FileNode) or node.remote is None:
+            raise FsError(errno.ENODATA)
+        value: object = None
+        if name == XATTR_SIGNED_URL:
+            try:
+                value = (await self._reader.signed_url(node.remote.id)).url
+            except ApiError as exc:
+                raise FsError(errno_for(exc), str(exc)) from exc
+        elif name == XATTR_MIME:
+            value = node.remote.mimetype
+        elif name.startswith(XATTR_PREFIX) and name[len(XATTR_PREFIX) :] in XATTR_FIELDS:
+            value = self._xattr_field(node, name[len(XATTR_PREFIX) :])
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return str(value).encode("utf-8")
+
+    @staticmethod
+    def _xattr_field(node: FileNode, name: str) -> object:
+        return getattr(node.remote, name, None)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS)
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = next(self._fh_counter)
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        return handle

@@ -1,0 +1,108 @@
+"""The daemon's trio main loop: check the key, mount, serve, and stop cleanly.
+
+Everything runs in one nursery: pyfuse3's request handlers, block prefetches and the
+signal watcher. On SIGTERM or SIGINT the daemon waits for uploads in flight, then ends
+the FUSE loop and unmounts.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from mistralfs.api import ApiError, AuthError, FilesClient, RetryPolicy
+from mistralfs.config import MountConfig
+from mistralfs.fs.filesystem import Filesystem
+from mistralfs.fs.namespace import Namespace
+from mistralfs.fs.operations import Operations
+from mistralfs.fs.reader import BlockReader
+from mistralfs.fs.writer import Writer
+
+log = logging.getLogger(__name__)
+
+STARTUP_CHECK_SECONDS = 12.0
+STARTUP_RETRY = RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=2.0, total_budget=8.0)
+
+
+class MountError(Exception):
+    """Mounting did not happen; the message is the one line shown to the user."""
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=mistralfs", "subtype=mistralfs"}
+    if config.read_only:
+        options.add("ro")
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def check_key(config: MountConfig) -> None:
+    """Fail fast, with one clear line, on a refused key or an unreachable server."""
+    async with FilesClient(config.server_url, config.api_key, retry=STARTUP_RETRY) as client:
+        try:
+            with trio.fail_after(STARTUP_CHECK_SECONDS):
+                await client.check_auth()
+        except AuthError as exc:
+            raise MountError(
+                f"the server at {config.server_url} refused the API key ({exc.status})"
+            ) from exc
+        except ApiError as exc:
+            raise MountError(f"cannot use the server at {config.server_url}: {exc}") from exc
+        except trio.TooSlowError as exc:
+            raise MountError(f"the server at {config.server_url} did not answer in time") from exc
+
+
+async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Mount, call `on_ready`, and serve until unmounted or signalled."""
+    await check_key(config)
+    async with (
+        FilesClient(config.server_url, config.api_key) as client,
+        trio.open_nursery() as nursery,
+    ):
+        namespace = Namespace(client, config.dir_cache_time)
+        reader = BlockReader(
+            client, nursery, cache_size=config.cache_size, block_size=config.block_size
+        )
+        writer = Writer(
+            client,
+            namespace,
+            spool_dir=config.spool_dir,
+            recovery_dir=config.recovery_dir,
+            max_file_size=config.max_file_size,
+        )
+        fs = Filesystem(client, namespace, reader, writer, read_only=config.read_only)
+        try:
+            pyfuse3.init(Operations(fs), str(config.mountpoint), fuse_options(config))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from exc
+        stop = _StopRequest()
+        try:
+            nursery.start_soon(_stop_on_signal, fs, stop)
+            log.info("mounted %s at %s", config.server_url, config.mountpoint)
+            on_ready()
+            await pyfuse3.main()
+        finally:
+            # After a signal we unmount ourselves; after `umount` the kernel already has.
+            pyfuse3.close(unmount=stop.requested)
+            nursery.cancel_scope.cancel()
+    log.info("unmounted %s", config.mountpoint)
+
+
+class _StopRequest:
+    requested = False
+
+
+async def _stop_on_signal(fs: Filesystem, stop: _StopRequest) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: waiting for uploads in flight, then unmounting", signal.strsignal(signum))
+            await fs.wait_for_uploads()
+            stop.requested = True
+            pyfuse3.terminate()
+            return

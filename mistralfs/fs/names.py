@@ -1,0 +1,74 @@
+"""Display names for remote files: safe for any filesystem tool, unique, and stable.
+
+The service lets many files share one `filename` and does not forbid `/`, control
+characters or very long names. Every remote file gets a name here that is valid on
+Linux and unique within its folder; the oldest holder of a name keeps it plain and
+newer ones get `stem (id8).ext`.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+NAME_MAX = 255  # bytes, as statfs reports
+
+
+def _clean(text: str) -> str:
+    """Replace what cannot appear in a Linux file name or would be read as a path."""
+    out = []
+    for ch in text:
+        if ch == "/":
+            out.append("\u2215")  # DIVISION SLASH: looks like "/" but is not a separator
+        elif ch == "\x00" or unicodedata.category(ch) == "Cc":
+            out.append("\ufffd")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append("\ufffd")  # lone surrogate: not encodable as UTF-8
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def split_ext(name: str) -> tuple[str, str]:
+    """`data.tar.jsonl` -> (`data.tar`, `.jsonl`); a leading dot is part of the stem."""
+    dot = name.rfind(".")
+    if dot <= 0 or dot == len(name) - 1:
+        return name, ""
+    return name[:dot], name[dot:]
+
+
+def _truncate_utf8(text: str, max_bytes: int) -> str:
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def with_id(name: str, file_id: str) -> str:
+    """`stem (id8).ext`, shortened so that it fits in NAME_MAX bytes."""
+    stem, ext = split_ext(name)
+    tag = f" ({file_id[:8]})"
+    if len((tag + ext).encode("utf-8")) > NAME_MAX // 2:
+        ext = ""  # an absurd extension is not worth keeping over the stem
+    room = NAME_MAX - len((tag + ext).encode("utf-8"))
+    return _truncate_utf8(stem, room) + tag + ext
+
+
+def plain_name(filename: str, file_id: str) -> tuple[str, bool]:
+    """The name a file would like to have, and whether it must carry its id to be unique.
+
+    Names that had to be invented or shortened keep the id so they cannot collide.
+    """
+    name = _clean(filename)
+    if name in ("", ".", ".."):
+        return file_id, False
+    if len(name.encode("utf-8")) > NAME_MAX:
+        return with_id(name, file_id), True
+    return name, False
+
+
+def folder_name(purpose: str) -> str:
+    """Folder name for a purpose; purposes are short identifiers, but trust nothing."""
+    name = _clean(purpose)
+    if name in ("", ".", ".."):
+        name = f"purpose-{name.encode('utf-8').hex() or 'empty'}"
+    return _truncate_utf8(name, NAME_MAX)

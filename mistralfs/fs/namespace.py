@@ -1,0 +1,202 @@
+"""The tree the mount shows: inodes, purpose folders, names, and the cached account listing.
+
+One listing of the whole account is fetched at a time (all pages at once once the
+total is known) and trusted for `dir_cache_time` seconds. Changes made through this
+mount are applied to it at once, and remembered so that a listing fetched while they
+happened cannot undo them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from mistralfs.api import FilesClient, RemoteFile
+from mistralfs.fs.names import folder_name, plain_name, with_id
+
+log = logging.getLogger(__name__)
+
+STANDARD_PURPOSES = ("fine-tune", "batch", "ocr")
+
+
+@dataclass(eq=False)
+class Folder:
+    """A purpose folder. `entries` holds remote files and files still being written."""
+
+    inode: int
+    purpose: str
+    name: str
+    entries: dict[str, FileNode] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class FileNode:
+    """A file: remote once uploaded (`remote` set), local while only in a spool."""
+
+    inode: int
+    folder: Folder
+    name: str
+    remote: RemoteFile | None = None
+    local_size: int = 0
+    local_time: int = 0
+    attached: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.remote.bytes if self.remote is not None else self.local_size
+
+
+@dataclass(eq=False)
+class Root:
+    inode: int = pyfuse3.ROOT_INODE
+
+
+Node = Root | Folder | FileNode
+
+
+class Namespace:
+    """Inode table and folder contents, refreshed from the API when stale."""
+
+    def __init__(self, client: FilesClient, dir_cache_time: float) -> None:
+        self._client = client
+        self._dir_cache_time = dir_cache_time
+        self.root = Root()
+        self._nodes: dict[int, Node] = {self.root.inode: self.root}
+        self._next_inode = self.root.inode + 1
+        self._folders: dict[str, Folder] = {}
+        self._inode_by_id: dict[str, int] = {}
+        self._fetched_at: float | None = None
+        self._refresh_lock = trio.Lock()
+        # Own changes, so that a listing fetched while they happened cannot undo them.
+        self._deleted_ids: set[str] = set()
+        self._own_uploads: dict[str, tuple[RemoteFile, float]] = {}
+        for purpose in STANDARD_PURPOSES:
+            self._folder_for(purpose)
+
+    # -- lookups --------------------------------------------------------------
+
+    def node(self, inode: int) -> Node | None:
+        return self._nodes.get(inode)
+
+    def folders(self) -> list[Folder]:
+        """Standard folders always; another purpose's folder while it holds files."""
+        return [f for f in self._folders.values() if f.purpose in STANDARD_PURPOSES or f.entries]
+
+    def folder_named(self, name: str) -> Folder | None:
+        return next((f for f in self.folders() if f.name == name), None)
+
+    def file_by_id(self, file_id: str) -> FileNode | None:
+        inode = self._inode_by_id.get(file_id)
+        node = self._nodes.get(inode) if inode is not None else None
+        return node if isinstance(node, FileNode) else None
+
+    async def ensure_fresh(self) -> None:
+        """Fetch the account listing again if it is older than the folder cache time."""
+        if not self._is_stale():
+            return
+        async with self._refresh_lock:
+            if self._is_stale():  # another task may have refreshed while we waited
+                await self._refresh()
+
+    def invalidate(self) -> None:
+        """Make the next lookup or listing fetch the account again."""
+        self._fetched_at = None
+
+    def _is_stale(self) -> bool:
+        if self._fetched_at is None:
+            return True
+        return trio.current_time() - self._fetched_at >= self._dir_cache_time
+
+    # -- changes made through this mount ----------------------------------------
+
+    def add_local(self, folder: Folder, name: str, now: int) -> FileNode:
+        """A new file that exists only in a spool until its upload succeeds."""
+        node = FileNode(inode=self._new_inode(), folder=folder, name=name, local_time=now)
+        self._nodes[node.inode] = node
+        folder.entries[name] = node
+        return node
+
+    def uploaded(self, node: FileNode, remote: RemoteFile) -> None:
+        """The spool behind `node` is now the remote file `remote`."""
+        if node.remote is not None:
+            self._inode_by_id.pop(node.remote.id, None)
+        node.remote = remote
+        self._inode_by_id[remote.id] = node.inode
+        self._own_uploads[remote.id] = (remote, trio.current_time())
+
+    def detach(self, node: FileNode) -> None:
+        """Remove a file's name at once (deleted, or a local file given up)."""
+        if node.folder.entries.get(node.name) is node:
+            del node.folder.entries[node.name]
+        node.attached = False
+        if node.remote is not None:
+            self._deleted_ids.add(node.remote.id)
+            self._own_uploads.pop(node.remote.id, None)
+            self._inode_by_id.pop(node.remote.id, None)
+
+    # -- the listing --------------------------------------------------------------
+
+    async def _refresh(self) -> None:
+        started = trio.current_time()
+        files = await self._client.list_all()
+        self._apply_listing(files, started)
+        self._fetched_at = started
+        log.debug("listing refreshed: %d files", len(files))
+
+    def _apply_listing(self, files: Iterable[RemoteFile], started: float) -> None:
+        current = {f.id: f for f in files if f.id not in self._deleted_ids}
+        for file_id, (remote, uploaded_at) in list(self._own_uploads.items()):
+            if file_id in current or uploaded_at < started:
+                # Listed, or missing from a listing made after the upload: deleted elsewhere.
+                del self._own_uploads[file_id]
+            else:
+                current[file_id] = remote
+
+        for file_id in list(self._inode_by_id):
+            if file_id not in current:
+                node = self._nodes[self._inode_by_id[file_id]]
+                assert isinstance(node, FileNode)
+                log.info("%s/%s was deleted elsewhere", node.folder.name, node.name)
+                self.detach(node)
+                self._deleted_ids.discard(file_id)
+
+        fresh = [f for f in current.values() if f.id not in self._inode_by_id]
+        fresh.sort(key=lambda f: (f.created_at, f.id))  # the oldest claims the plain name
+        for remote in fresh:
+            folder = self._folder_for(remote.purpose)
+            node = FileNode(
+                inode=self._new_inode(),
+                folder=folder,
+                name=self._free_name(folder, remote),
+                remote=remote,
+            )
+            self._nodes[node.inode] = node
+            folder.entries[node.name] = node
+            self._inode_by_id[remote.id] = node.inode
+
+    def _free_name(self, folder: Folder, remote: RemoteFile) -> str:
+        name, unique = plain_name(remote.filename, remote.id)
+        if unique or name not in folder.entries:
+            return name
+        tagged = with_id(name, remote.id)
+        return tagged if tagged not in folder.entries else with_id(name, remote.id.replace("-", ""))
+
+    def _folder_for(self, purpose: str) -> Folder:
+        folder = self._folders.get(purpose)
+        if folder is None:
+            name = folder_name(purpose)
+            if any(f.name == name for f in self._folders.values()):
+                name = f"{name} ({len(self._folders)})"
+            folder = Folder(inode=self._new_inode(), purpose=purpose, name=name)
+            self._folders[purpose] = folder
+            self._nodes[folder.inode] = folder
+        return folder
+
+    def _new_inode(self) -> int:
+        inode = self._next_inode
+        self._next_inode += 1
+        return inode

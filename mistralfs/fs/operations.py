@@ -1,0 +1,223 @@
+"""pyfuse3.Operations: a thin translation between FUSE requests and `Filesystem`.
+
+Nothing here decides behaviour. It converts names and attributes, and turns every
+failure into a FUSEError: an exception of any other type would end pyfuse3's main loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+import pyfuse3
+
+from mistralfs.fs.errors import FsError
+from mistralfs.fs.filesystem import Filesystem
+from mistralfs.fs.names import NAME_MAX
+from mistralfs.fs.namespace import FileNode, Node
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ATTR_TIMEOUT = 1.0
+BLOCK = 4096
+STATFS_BLOCKS = 2**40 // BLOCK  # 1 TiB shown free: uploads are limited per file, not in total
+
+
+def _fuse_errors(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Report FsError as its errno and anything unexpected as EIO, logged with its trace."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODATA):
+                log.debug("%s: %s", func.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", func.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _name(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FsError(errno.EINVAL, "file names must be valid UTF-8") from None
+
+
+class Operations(pyfuse3.Operations):
+    """Translates each FUSE request into a `Filesystem` call."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
+        self._next_dir_fh = 1
+
+    # -- attributes ---------------------------------------------------------------
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = node.inode
+        entry.st_uid = self._uid
+        entry.st_gid = self._gid
+        entry.st_blksize = BLOCK
+        entry.attr_timeout = ATTR_TIMEOUT
+        entry.entry_timeout = ATTR_TIMEOUT
+        if isinstance(node, FileNode):
+            mode = 0o444 if self.fs.read_only else 0o644
+            entry.st_mode = stat.S_IFREG | mode
+            entry.st_nlink = 1
+            entry.st_size = node.size
+            entry.st_blocks = (node.size + 511) // 512
+            seconds = node.remote.created_at if node.remote is not None else node.local_time
+            stamp = seconds * 10**9
+        else:
+            entry.st_mode = stat.S_IFDIR | 0o755
+            entry.st_nlink = 2
+            entry.st_size = 0
+            stamp = 0
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
+        return entry
+
+    @_fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._attrs(await self.fs.lookup(parent_inode, _name(name)))
+
+    @_fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self.fs.node(inode))
+
+    @_fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if fields.update_size:
+            self.fs.truncate(inode, attr.st_size)
+        # mode, owner and times cannot be stored remotely: accepted with no effect.
+        return self._attrs(self.fs.node(inode))
+
+    async def forget(self, inode_list):
+        """Inodes stay allocated for the life of the mount: a file id keeps its inode."""
+
+    # -- folders ------------------------------------------------------------------
+
+    @_fuse_errors
+    async def opendir(self, inode, ctx):
+        entries = await self.fs.list_dir(inode)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dir_snapshots[fh] = entries
+        return fh
+
+    @_fuse_errors
+    async def readdir(self, fh, start_id, token):
+        entries = self._dir_snapshots.get(fh, [])
+        for index in range(start_id, len(entries)):
+            name, node = entries[index]
+            if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attrs(node), index + 1):
+                break
+
+    async def releasedir(self, fh):
+        self._dir_snapshots.pop(fh, None)
+
+    # -- files --------------------------------------------------------------------
+
+    @_fuse_errors
+    async def open(self, inode, flags, ctx):
+        fh = self.fs.open(inode, flags)
+        handle_node = self.fs.node(inode)
+        # Remote content never changes for an id, so the kernel may keep its page cache.
+        keep = isinstance(handle_node, FileNode) and handle_node.remote is not None
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        fh, node = self.fs.create(parent_inode, _name(name))
+        return pyfuse3.FileInfo(fh=fh), self._attrs(node)
+
+    @_fuse_errors
+    async def read(self, fh, off, size):
+        return await self.fs.read(fh, off, size)
+
+    @_fuse_errors
+    async def write(self, fh, off, buf):
+        return self.fs.write(fh, off, buf)
+
+    @_fuse_errors
+    async def flush(self, fh):
+        await self.fs.flush(fh)
+
+    @_fuse_errors
+    async def release(self, fh):
+        self.fs.release(fh)
+
+    @_fuse_errors
+    async def fsync(self, fh, datasync):
+        await self.fs.flush(fh)
+
+    @_fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self.fs.unlink(parent_inode, _name(name))
+
+    # -- refused --------------------------------------------------------------------
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        # EXDEV makes mv fall back to copy and delete, which this mount supports.
+        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EXDEV)
+
+    # -- metadata -------------------------------------------------------------------
+
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = BLOCK
+        stats.f_blocks = stats.f_bfree = stats.f_bavail = STATFS_BLOCKS
+        stats.f_files = stats.f_ffree = stats.f_favail = 2**32
+        stats.f_namemax = NAME_MAX
+        return stats
+
+    @_fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        return await self.fs.xattr(inode, name.decode("utf-8", errors="replace"))
+
+    @_fuse_errors
+    async def listxattr(self, inode, ctx):
+        return [name.encode("utf-8") for name in self.fs.xattr_names(inode)]
+
+    async def access(self, inode, mode, ctx):
+        return True
+
+
+
