@@ -1,0 +1,589 @@
+"""The emulator's ASGI application: Files API routes, storage route, admin routes.
+
+Public routes (all need ``Authorization: Bearer <key>``)::
+
+    GET    /v1/files                    list (page, page_size, include_total, purpose,
+                                        search, sample_type*, source*, mimetypes*)
+    POST   /v1/files                    upload (multipart: file, purpose, expiry, visibility)
+    GET    /v1/files/{id}               retrieve (with "deleted": false)
+    DELETE /v1/files/{id}               delete
+    GET    /v1/files/{id}/content       download (application/octet-stream)
+    GET    /v1/files/{id}/url?expiry=H  signed URL, H in 1..168 hours (default 24)
+
+Signed URL route (no Authorization; HMAC in the query, see signing.py)::
+
+    GET|HEAD /storage/{id}?se=..&sp=r&sig=..   Range -> 206, errors as Azure XML
+
+Admin routes for tests and tools (same auth; never faulted, never in the request log)::
+
+    POST   /v1/_emulator/batch-outputs  multipart file + sample_type (batch_result|batch_error)
+    POST   /v1/_emulator/faults         JSON rule or list of rules (see faults.py)
+    GET    /v1/_emulator/faults         active rules
+    DELETE /v1/_emulator/faults         clear rules
+    GET    /v1/_emulator/requests       {"count": N, "requests": [{method, path, query, status,
+                                        range, time}, ...]}
+    DELETE /v1/_emulator/requests       clear the log
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mistralfs.emulator import errors, signing
+from mistralfs.emulator.faults import Fault, FaultInjector, FaultSpecError
+from mistralfs.emulator.requestlog import RequestLog
+from mistralfs.emulator.storage import FileRecord, ListQuery, Storage
+from mistralfs.emulator.upload import MalformedUpload, UploadTooLarge, receive_upload
+from mistralfs.emulator.validation import ContentError, count_jsonl_lines, inspect_upload
+
+if TYPE_CHECKING:
+    from mistralfs.emulator.server import EmulatorConfig
+
+log = logging.getLogger("mistralfs.emulator")
+
+ADMIN_PREFIX = "/v1/_emulator/"
+STREAM_CHUNK = 256 * 1024
+MAX_EXPIRY_HOURS = 168
+DRAIN_LIMIT = 1024 * 1024 * 1024
+DRAIN_SECONDS = 120.0
+_TRUE = {"true", "1", "yes", "on", "t", "y"}
+_FALSE = {"false", "0", "no", "off", "f", "n"}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _state(request: Request) -> tuple[Storage, EmulatorConfig]:
+    return request.app.state.storage, request.app.state.config
+
+
+def _file_id(request: Request) -> str:
+    """The canonical UUID of the path parameter; 422 in FastAPI's shape otherwise."""
+    raw = request.path_params["file_id"]
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        if len(raw.replace("-", "")) != 32:
+            reason = f"invalid length: expected length 32 for simple format, found {len(raw)}"
+        else:
+            reason = (
+                "invalid character: expected an optional prefix of `urn:uuid:` "
+                "followed by [0-9a-fA-F-]"
+            )
+        raise errors.ValidationFailed(
+            [errors.uuid_parsing(["path", "file_id"], raw, reason)]
+        ) from None
+
+
+def _record(storage: Storage, file_id: str) -> FileRecord:
+    record = storage.get(file_id)
+    if record is None:
+        raise HTTPException(404, "File not found")
+    return record
+
+
+def _int_param(
+    request: Request, name: str, default: int, *, ge: int | None = None, le: int | None = None
+) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    loc = ["query", name]
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise errors.ValidationFailed([errors.int_parsing(loc, raw)]) from None
+    if ge is not None and value < ge:
+        raise errors.ValidationFailed([errors.bound(loc, raw, ge=ge)])
+    if le is not None and value > le:
+        raise errors.ValidationFailed([errors.bound(loc, raw, le=le)])
+    return value
+
+
+def _bool_param(request: Request, name: str, default: bool) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise errors.ValidationFailed([errors.bool_parsing(["query", name], raw)])
+
+
+async def _blob_stream(file: Any, start: int, length: int) -> AsyncIterator[bytes]:
+    """Chunks of an open blob from ``start``; closes the file whatever happens."""
+    try:
+        await file.seek(start)
+        remaining = length
+        while remaining > 0:
+            chunk = await file.read(min(STREAM_CHUNK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            yield chunk
+    finally:
+        await file.aclose()
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """One ``bytes=`` range as inclusive (start, end), None to ignore, or "unsatisfiable".
+
+    Malformed or multi-range headers are ignored (full 200 answer), as RFC 9110 allows.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first == "":
+            suffix = int(last)
+            if suffix < 0:
+                return None
+            if suffix == 0 or size == 0:
+                return "unsatisfiable"
+            return max(0, size - suffix), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start < 0 or end < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
+
+
+# --- Files API -----------------------------------------------------------------------------
+
+
+async def list_files(request: Request) -> Response:
+    """GET /v1/files: newest first; ``total`` is always sent (older SDKs require it)."""
+    storage, _ = _state(request)
+    params = request.query_params
+    query = ListQuery(
+        page=_int_param(request, "page", 0, ge=0),
+        page_size=_int_param(request, "page_size", 100, ge=1),
+        purpose=params.get("purpose"),
+        search=params.get("search"),
+        sample_types=params.getlist("sample_type"),
+        sources=params.getlist("source"),
+        mimetypes=params.getlist("mimetypes"),
+    )
+    _bool_param(request, "include_total", True)
+    records, total = storage.list(query)
+    return JSONResponse({"data": [r.to_api() for r in records], "object": "list", "total": total})
+
+
+async def upload_file(request: Request) -> Response:
+    """POST /v1/files: stream to a temp file, validate per purpose, then publish atomically."""
+    storage, config = _state(request)
+    temp = storage.new_temp_path()
+    try:
+        try:
+            form = await receive_upload(request, temp, config.max_file_size)
+        except UploadTooLarge:
+            return errors.detail(
+                413,
+                f"File too large: maximum size is {config.max_file_size} bytes",
+                headers={"Connection": "close"},
+            )
+        except MalformedUpload:
+            return errors.detail(400, "There was an error parsing the body")
+        purpose = form.fields.get("purpose", "")
+        problems = []
+        if form.file_path is None:
+            problems.append(errors.missing(["body", "file"]))
+        if not purpose:
+            problems.append(errors.missing(["body", "purpose"]))
+        if problems:
+            return errors.validation_response(problems)
+        assert form.file_path is not None and form.filename is not None
+        try:
+            info = await trio.to_thread.run_sync(
+                inspect_upload, form.file_path, form.filename, purpose
+            )
+        except ContentError as exc:
+            return JSONResponse(exc.body, status_code=exc.status)
+        record = storage.add_file(
+            form.file_path,
+            move=True,
+            filename=form.filename,
+            purpose=purpose,
+            sample_type=info.sample_type,
+            source="upload",
+            num_lines=info.num_lines,
+            mimetype=info.mimetype,
+            signature=info.md5,
+        )
+        log.info("stored %s (%d bytes, purpose %s)", record.id, record.bytes, purpose)
+        return JSONResponse(record.to_api())
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.Path(temp).unlink(missing_ok=True)
+
+
+async def retrieve_file(request: Request) -> Response:
+    """GET /v1/files/{id}: the File object plus ``"deleted": false``."""
+    storage, _ = _state(request)
+    record = _record(storage, _file_id(request))
+    return JSONResponse({**record.to_api(), "deleted": False})
+
+
+async def delete_file(request: Request) -> Response:
+    """DELETE /v1/files/{id}."""
+    storage, _ = _state(request)
+    file_id = _file_id(request)
+    if not storage.delete(file_id):
+        raise HTTPException(404, "File not found")
+    return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+
+async def download_file(request: Request) -> Response:
+    """GET /v1/files/{id}/content: the whole blob, streamed from disk."""
+    storage, _ = _state(request)
+    record = _record(storage, _file_id(request))
+    try:
+        blob = await trio.open_file(storage.blob_path(record.id), "rb")
+    except FileNotFoundError:
+        raise HTTPException(404, "File not found") from None
+    return StreamingResponse(
+        _blob_stream(blob, 0, record.bytes),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(record.bytes),
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(record.filename)}",
+        },
+    )
+
+
+async def signed_url(request: Request) -> Response:
+    """GET /v1/files/{id}/url: a storage URL on the host the request came in on."""
+    storage, _ = _state(request)
+    file_id = _file_id(request)
+    expiry = _int_param(request, "expiry", 24, ge=1, le=MAX_EXPIRY_HOURS)
+    record = _record(storage, file_id)
+    expires_at = int(time.time()) + expiry * 3600
+    url = signing.signed_url(str(request.base_url), storage.secret, record.id, expires_at)
+    return JSONResponse({"url": url})
+
+
+# --- storage (signed URLs) -----------------------------------------------------------------
+
+
+async def storage_blob(request: Request) -> Response:
+    """GET/HEAD /storage/{id}: blob-storage semantics, no API key, Range support."""
+    storage, _ = _state(request)
+    reason = signing.check(
+        storage.secret,
+        request.url.path,
+        request.query_params.get("se"),
+        request.query_params.get("sig"),
+    )
+    if reason:
+        return errors.azure_error(
+            403,
+            "AuthenticationFailed",
+            "Server failed to authenticate the request. Make sure the value of Authorization "
+            f"header is formed correctly including the signature. {reason}",
+        )
+    not_found = errors.azure_error(404, "BlobNotFound", "The specified blob does not exist.")
+    try:
+        file_id = str(uuid.UUID(request.path_params["file_id"]))
+    except ValueError:
+        return not_found
+    record = storage.get(file_id)
+    if record is None:
+        return not_found
+    size = record.bytes
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": record.etag,
+        "Last-Modified": formatdate(record.created_at, usegmt=True),
+        "x-ms-blob-type": "BlockBlob",
+    }
+    media_type = record.mimetype or "application/octet-stream"
+    wanted = parse_range(request.headers.get("range"), size)
+    if wanted == "unsatisfiable":
+        response = errors.azure_error(
+            416,
+            "InvalidRange",
+            "The range specified is invalid for the current size of the resource.",
+        )
+        response.headers.update({**headers, "Content-Range": f"bytes */{size}"})
+        return response
+    if wanted is None:
+        status, start, length = 200, 0, size
+    else:
+        assert isinstance(wanted, tuple)
+        start, end = wanted
+        status, length = 206, end - start + 1
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(length)
+    if request.method == "HEAD":
+        return Response(b"", status_code=status, headers=headers, media_type=media_type)
+    try:
+        blob = await trio.open_file(storage.blob_path(file_id), "rb")
+    except FileNotFoundError:
+        return not_found
+    return StreamingResponse(
+        _blob_stream(blob, start, length),
+        status_code=status,
+        headers=headers,
+        media_type=media_type,
+    )
+
+
+# --- admin ---------------------------------------------------------------------------------
+
+
+async def add_batch_output(request: Request) -> Response:
+    """POST /v1/_emulator/batch-outputs: create a batch job output file (source mistral)."""
+    storage, config = _state(request)
+    temp = storage.new_temp_path()
+    try:
+        try:
+            form = await receive_upload(request, temp, config.max_file_size)
+        except UploadTooLarge:
+            return errors.detail(
+                413, f"File too large: maximum size is {config.max_file_size} bytes"
+            )
+        except MalformedUpload:
+            return errors.detail(400, "There was an error parsing the body")
+        if form.file_path is None:
+            return errors.validation_response([errors.missing(["body", "file"])])
+        sample_type = form.fields.get("sample_type") or "batch_result"
+        if sample_type not in ("batch_result", "batch_error"):
+            return errors.validation_response(
+                [
+                    {
+                        "type": "enum",
+                        "loc": ["body", "sample_type"],
+                        "msg": "Input should be 'batch_result' or 'batch_error'",
+                        "input": sample_type,
+                    }
+                ]
+            )
+        num_lines = await trio.to_thread.run_sync(count_jsonl_lines, form.file_path)
+        record = storage.add_file(
+            form.file_path,
+            move=True,
+            filename=form.filename or "output.jsonl",
+            purpose="batch",
+            sample_type=sample_type,
+            source="mistral",
+            num_lines=num_lines,
+            mimetype="application/jsonl",
+            signature=None,
+        )
+        return JSONResponse(record.to_api())
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.Path(temp).unlink(missing_ok=True)
+
+
+async def faults_route(request: Request) -> Response:
+    """POST adds rules (object or list), DELETE clears, GET shows the active ones."""
+    injector: FaultInjector = request.app.state.faults
+    if request.method == "POST":
+        try:
+            spec = json.loads(await request.body())
+            specs = spec if isinstance(spec, list) else [spec]
+            new = [Fault.from_json(s) for s in specs]
+        except (ValueError, FaultSpecError) as exc:
+            return errors.detail(422, f"Invalid fault: {exc}")
+        for fault in new:
+            injector.add(fault)
+    elif request.method == "DELETE":
+        injector.clear()
+    return JSONResponse({"faults": [f.describe() for f in injector.active()]})
+
+
+async def requests_route(request: Request) -> Response:
+    """GET the request log, DELETE to clear it."""
+    requests_log: RequestLog = request.app.state.requests
+    if request.method == "DELETE":
+        requests_log.clear()
+    return JSONResponse(requests_log.to_json())
+
+
+# --- middleware ----------------------------------------------------------------------------
+
+
+async def _drain(receive: Receive) -> None:
+    """Discard the unread rest of a request body, within bounds.
+
+    A response sent before the body was read (413, 401, 422, an injected fault)
+    only reaches HTTP/1.1 clients that write the whole body before reading,
+    such as httpx, if the server keeps reading. The data is thrown away, never
+    stored; past DRAIN_LIMIT bytes or DRAIN_SECONDS the connection is dropped.
+    """
+    drained = 0
+    with trio.move_on_after(DRAIN_SECONDS):
+        while drained <= DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+
+class ObserveMiddleware:
+    """Outermost layer: logs each request and records it in the request log."""
+
+    def __init__(self, app: ASGIApp, requests_log: RequestLog) -> None:
+        self.app = app
+        self.requests_log = requests_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        body_done = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        path: str = scope["path"]
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+            if not body_done:
+                await _drain(receive)
+        finally:
+            method: str = scope["method"]
+            is_storage = path.startswith(signing.STORAGE_PREFIX)
+            query = "" if is_storage else scope.get("query_string", b"").decode("latin-1")
+            log.info("%s %s%s %d", method, path, f"?{query}" if query else "", status)
+            if not path.startswith(ADMIN_PREFIX):
+                range_header = None
+                for name, value in scope.get("headers", []):
+                    if name == b"range":
+                        range_header = value.decode("latin-1")
+                self.requests_log.record(method, path, query, status, range_header)
+
+
+class FaultMiddleware:
+    """Answers (or delays) requests matching an injected fault; admin routes are exempt."""
+
+    def __init__(self, app: ASGIApp, injector: FaultInjector) -> None:
+        self.app = app
+        self.injector = injector
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(ADMIN_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        fault = self.injector.take(scope["method"], scope["path"])
+        if fault is None:
+            await self.app(scope, receive, send)
+            return
+        if fault.delay:
+            await trio.sleep(fault.delay)
+        if fault.status is None:
+            await self.app(scope, receive, send)
+            return
+        status, headers, body = fault.response()
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """Every /v1 route needs ``Authorization: Bearer <key>``, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            given = b""
+            for name, value in scope.get("headers", []):
+                if name == b"authorization":
+                    given = value
+            scheme, _, token = given.partition(b" ")
+            normalized = b"Bearer " + token.strip() if scheme.lower() == b"bearer" else b""
+            if not hmac.compare_digest(normalized, self.expected):
+                response = JSONResponse({"detail": "Unauthorized"}, status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --- assembly ------------------------------------------------------------------------------
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.ValidationFailed)
+    return errors.validation_response(exc.errors)
+
+
+def create_app(config: EmulatorConfig, storage: Storage | None = None) -> Starlette:
+    """The ASGI app over ``config.data_dir`` (or an already open ``storage``)."""
+    if not config.api_key:
+        raise ValueError("the emulator needs an API key")
+    storage = storage or Storage(config.data_dir)
+    routes = [
+        Route("/v1/files", list_files, methods=["GET"]),
+        Route("/v1/files", upload_file, methods=["POST"]),
+        Route("/v1/files/{file_id}", retrieve_file, methods=["GET"]),
+        Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", download_file, methods=["GET"]),
+        Route("/v1/files/{file_id}/url", signed_url, methods=["GET"]),
+        Route("/storage/{file_id}", storage_blob, methods=["GET", "HEAD"]),
+        Route(ADMIN_PREFIX + "batch-outputs", add_batch_output, methods=["POST"]),
+        Route(ADMIN_PREFIX + "faults", faults_route, methods=["GET", "POST", "DELETE"]),
+        Route(ADMIN_PREFIX + "requests", requests_route, methods=["GET", "DELETE"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            HTTPException: _http_error,
+            errors.ValidationFailed: _validation_error,
+        },
+    )
+    app.state.config = config
+    app.state.storage = storage
+    app.state.faults = FaultInjector()
+    app.state.requests = RequestLog()
+    app.add_middleware(AuthMiddleware, api_key=config.api_key)
+    app.add_middleware(FaultMiddleware, injector=app.state.faults)
+    app.add_middleware(ObserveMiddleware, requests_log=app.state.requests)
+    return app

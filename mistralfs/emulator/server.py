@@ -1,0 +1,81 @@
+"""Serving the emulator with Hypercorn on trio: in a nursery (tests) or as a program."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import signal
+import sys
+from dataclasses import dataclass
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from mistralfs.emulator.app import create_app as _create_app
+from mistralfs.emulator.storage import Storage
+
+log = logging.getLogger("mistralfs.emulator")
+
+
+@dataclass
+class EmulatorConfig:
+    """Where the emulator keeps its files, the key it accepts, and where it listens."""
+
+    data_dir: pathlib.Path
+    api_key: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_file_size: int = 512 * 1024 * 1024
+
+
+def create_app(config: EmulatorConfig):  # -> starlette.applications.Starlette
+    """The ASGI app for ``config`` (opens or creates the data dir)."""
+    return _create_app(config)
+
+
+def _hypercorn_config(config: EmulatorConfig) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    hc.accesslog = None  # ObserveMiddleware logs requests, without signed-URL queries
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = 1.0
+    # Large uploads are streamed; allow a slow client between chunks.
+    hc.read_timeout = None
+    return hc
+
+
+async def serve(
+    config: EmulatorConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Bind and serve until cancelled; ``task_status.started`` gets the real base URL."""
+    storage = Storage(config.data_dir)
+    app = _create_app(config, storage)
+    hc = _hypercorn_config(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(hypercorn.trio.serve, app, hc)
+            task_status.started(binds[0])
+    finally:
+        storage.close()
+
+
+async def _serve_until_signal(config: EmulatorConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve, config)
+        print(f"mistralfs emulator listening on {url}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run(config: EmulatorConfig) -> None:
+    """Blocking entry point: prints the listening line first, stops on SIGINT/SIGTERM."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+        )
+    trio.run(_serve_until_signal, config)
