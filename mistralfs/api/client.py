@@ -56,6 +56,7 @@ CONNECT_TIMEOUT = 10.0
 CHUNK_SIZE = 1 << 20
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 64 * 1024 * 1024
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -131,8 +132,14 @@ class _MultipartBody:
 
 
 def _form_quote(value: str) -> str:
-    """Quote a multipart header parameter the way browsers and httpx do (HTML5 rules)."""
-    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+    """Quote a multipart header parameter as an RFC 7230 quoted-string.
+
+    Backslash escapes round-trip through python-multipart (what FastAPI and
+    Starlette servers parse with), unlike the HTML5 ``%22`` form, which would
+    store a literal ``%22`` in the remote filename. CR/LF cannot appear in a
+    header at all, so they are percent-encoded.
+    """
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "%0D").replace("\n", "%0A")
 
 
 def _multipart_parts(filename: str, purpose: str, boundary: str) -> tuple[bytes, bytes]:
@@ -183,6 +190,7 @@ class FilesClient:
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         user_agent: str = f"mistralfs/{__version__}",
+        max_upload_bytes: int | None = MAX_UPLOAD_BYTES,
     ) -> None:
         base = httpx.URL(server_url.rstrip("/"))
         if base.scheme not in ("http", "https") or not base.host:
@@ -193,6 +201,7 @@ class FilesClient:
         self._base = str(base.copy_with(query=None, fragment=None)).rstrip("/")
         self._auth = _ServerOnlyBearerAuth(api_key, _origin(base))
         self._retry = retry or RetryPolicy()
+        self._max_upload = max_upload_bytes
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             headers={"User-Agent": user_agent},
@@ -452,6 +461,14 @@ class FilesClient:
             file = await trio.open_file(path, "rb")
             try:
                 size = os.fstat(file.fileno()).st_size
+                if self._max_upload is not None and size > self._max_upload:
+                    # Refused locally: a server answering 413 before reading the
+                    # body can leave an HTTP/1.1 client stuck writing it.
+                    raise TooLarge(
+                        f"{size} bytes is over the {self._max_upload}-byte upload limit",
+                        method="POST",
+                        url=self._api_url("/v1/files"),
+                    )
                 boundary = secrets.token_hex(16)
                 head, tail = _multipart_parts(filename, purpose, boundary)
                 headers = {

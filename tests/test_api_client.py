@@ -1,0 +1,679 @@
+"""The Files API client against the real in-process emulator (no mocks).
+
+Each test talks HTTP to the emulator started by the ``emulator`` fixture in
+its own nursery; admin routes (faults, request log, batch outputs) are used
+to provoke the service behaviours the client must survive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import trio
+
+from mistralfs.api import (
+    ApiError,
+    AuthError,
+    FilesClient,
+    NotFound,
+    ProtocolError,
+    RateLimited,
+    Rejected,
+    RemoteFile,
+    RetryPolicy,
+    ServerError,
+    TooLarge,
+    Unavailable,
+    UrlExpired,
+)
+from mistralfs.api.errors import extract_message
+from mistralfs.api.retry import parse_retry_after
+
+FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05, total_budget=5.0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Admin:
+    """Raw access to the emulator's admin routes (same bearer auth)."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        self.http = httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+        )
+
+    async def fault(self, **spec: Any) -> None:
+        r = await self.http.post("/v1/_emulator/faults", json=spec)
+        assert r.status_code < 300, r.text
+
+    async def clear_faults(self) -> None:
+        await self.http.delete("/v1/_emulator/faults")
+
+    async def clear_requests(self) -> None:
+        # The emulator records a request just after answering it: let earlier ones land.
+        await trio.sleep(0.05)
+        await self.http.delete("/v1/_emulator/requests")
+
+    async def requests(self) -> list[dict[str, Any]]:
+        await trio.sleep(0.05)
+        r = await self.http.get("/v1/_emulator/requests")
+        assert r.status_code == 200, r.text
+        return r.json()["requests"]
+
+    async def batch_output(self, content: bytes, sample_type: str) -> dict[str, Any]:
+        r = await self.http.post(
+            "/v1/_emulator/batch-outputs",
+            files={"file": ("out.jsonl", content)},
+            data={"sample_type": sample_type},
+        )
+        assert r.status_code < 300, r.text
+        return r.json()
+
+
+@pytest.fixture
+async def admin(emulator: Any) -> AsyncIterator[Admin]:
+    a = Admin(emulator.url, emulator.api_key)
+    try:
+        yield a
+    finally:
+        await a.http.aclose()
+
+
+@pytest.fixture
+async def client(emulator: Any) -> AsyncIterator[FilesClient]:
+    async with FilesClient(emulator.url, emulator.api_key, retry=FAST) as c:
+        yield c
+
+
+def write(tmp_path: pathlib.Path, name: str, data: bytes) -> pathlib.Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+JSONL = b'{"custom_id": "0", "body": {"messages": []}}\n{"custom_id": "1", "body": {}}\n'
+
+
+# ----------------------------------------------------------------- basic operations
+
+
+async def test_upload_retrieve_and_every_field(client: FilesClient, tmp_path: pathlib.Path) -> None:
+    before = int(time.time())
+    src = write(tmp_path, "req.jsonl", JSONL)
+    up = await client.upload(src, filename="requests.jsonl", purpose="batch")
+    assert isinstance(up, RemoteFile)
+    assert up.id
+    assert up.bytes == len(JSONL)
+    assert before - 2 <= up.created_at <= time.time() + 2
+    assert up.filename == "requests.jsonl"
+    assert up.purpose == "batch"
+    assert up.sample_type == "batch_request"
+    assert up.source == "upload"
+    assert up.num_lines == 2
+    assert up.mimetype == "application/jsonl"
+    assert up.signature == hashlib.md5(JSONL).hexdigest()
+    assert up.deleted is False
+    assert up.extra.get("object") == "file"
+
+    got = await client.retrieve(up.id)
+    assert got == up  # compare ignores ``extra`` (retrieve adds fields like deleted)
+    assert got.deleted is False
+
+
+async def test_filename_with_quotes_backslash_and_unicode_round_trips(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    name = 'we"ird \\ näme ✓.jsonl'
+    up = await client.upload(write(tmp_path, "x", JSONL), filename=name, purpose="batch")
+    assert up.filename == name
+    assert (await client.retrieve(up.id)).filename == name
+
+
+async def test_download_and_delete(client: FilesClient, tmp_path: pathlib.Path) -> None:
+    data = os.urandom(300_000)
+    up = await client.upload(write(tmp_path, "blob.bin", data), filename="b.bin", purpose="batch")
+    dest = tmp_path / "out.bin"
+    n = await client.download(up.id, dest)
+    assert n == len(data)
+    assert dest.read_bytes() == data
+
+    await client.delete(up.id)
+    with pytest.raises(NotFound):
+        await client.retrieve(up.id)
+    assert up.id not in {f.id for f in await client.list_all(purpose="batch")}
+    with pytest.raises(NotFound):
+        await client.delete(up.id)
+
+
+async def test_not_found_everywhere(client: FilesClient, tmp_path: pathlib.Path) -> None:
+    missing = "00000000-0000-4000-8000-000000000000"
+    for call in (
+        client.retrieve(missing),
+        client.delete(missing),
+        client.download(missing, tmp_path / "d"),
+        client.signed_url(missing),
+    ):
+        with pytest.raises(NotFound) as info:
+            await call
+        assert info.value.status == 404
+        assert missing in info.value.url
+
+
+async def test_upload_streams_20mb_from_disk_with_md5_signature(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    size = 20 * 1024 * 1024 + 123
+    src = tmp_path / "big.bin"
+    digest = hashlib.md5()
+    with src.open("wb") as f:
+        for _ in range(20):
+            block = os.urandom(1024 * 1024)
+            digest.update(block)
+            f.write(block)
+        tail = os.urandom(123)
+        digest.update(tail)
+        f.write(tail)
+
+    tracemalloc.start()
+    try:
+        up = await client.upload(src, filename="big.bin", purpose="batch")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert up.bytes == size
+    assert up.signature == digest.hexdigest()
+    # Client and emulator together stay far below the file size: nothing read whole.
+    assert peak < 10 * 1024 * 1024, peak
+
+
+async def test_list_files_filters_and_repeated_keys(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    src = write(tmp_path, "a.jsonl", JSONL)
+    a = await client.upload(src, filename="alpha.jsonl", purpose="batch")
+    b = await client.upload(src, filename="beta.jsonl", purpose="fine-tune")
+    out = await admin.batch_output(b'{"id": 1}\n', "batch_result")
+
+    page = await client.list_files(purpose="batch")
+    assert page.total == 2
+    assert {f.id for f in page.files} == {a.id, out["id"]}
+
+    page = await client.list_files(search="BET")
+    assert [f.id for f in page.files] == [b.id]
+
+    await admin.clear_requests()
+    page = await client.list_files(
+        sample_types=["batch_result", "instruct"], sources=["mistral", "upload"]
+    )
+    assert {f.id for f in page.files} == {b.id, out["id"]}
+    (entry,) = [r for r in await admin.requests() if "sample_type" in r["query"]]
+    query = parse_qs(entry["query"])
+    assert query["sample_type"] == ["batch_result", "instruct"]
+    assert query["source"] == ["mistral", "upload"]
+
+    page = await client.list_files(mimetypes=["application/jsonl"], page_size=1)
+    assert len(page.files) == 1 and page.total == 3
+
+    page = await client.list_files(include_total=False, page_size=2, page=1)
+    assert len(page.files) == 1
+
+
+async def test_batch_output_and_unknown_purpose_tolerated(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    out = await admin.batch_output(b'{"custom_id": "0"}\n', "batch_result")
+    f = await client.retrieve(out["id"])
+    assert f.source == "mistral"
+    assert f.sample_type == "batch_result"
+    assert f.purpose == "batch"
+    assert f.signature is None
+
+    audio = await client.upload(
+        write(tmp_path, "a.mp3", b"ID3" + os.urandom(100)), filename="a.mp3", purpose="audio"
+    )
+    assert audio.purpose == "audio"
+    assert audio.id in {x.id for x in await client.list_all(purpose="audio")}
+
+
+def test_from_json_keeps_extra_fields_and_unknown_values() -> None:
+    data = {
+        "id": "f1",
+        "object": "file",
+        "bytes": 5,
+        "created_at": 1749577090,
+        "filename": "x",
+        "purpose": "agentic_safety",
+        "sample_type": "something_new",
+        "source": "some_future_source",
+        "num_lines": None,
+        "mimetype": None,
+        "signature": None,
+        "visibility": "user",
+        "expires_at": 123,
+    }
+    f = RemoteFile.from_json(data)
+    assert f.purpose == "agentic_safety"
+    assert f.sample_type == "something_new"
+    assert f.source == "some_future_source"
+    assert f.extra == {"object": "file", "visibility": "user", "expires_at": 123}
+    # Missing optional fields are fine.
+    g = RemoteFile.from_json(
+        {"id": "g", "bytes": 0, "created_at": 0, "filename": "", "purpose": "p"}
+    )
+    assert g.sample_type is None and g.num_lines is None
+    for bad in (
+        [],
+        "x",
+        {"id": "f1", "bytes": 5, "created_at": 1, "filename": "x"},
+        {**data, "bytes": "5"},
+        {**data, "bytes": True},
+        {**data, "id": 7},
+    ):
+        with pytest.raises(ProtocolError):
+            RemoteFile.from_json(bad)
+
+
+# --------------------------------------------------------------------- refusals
+
+
+async def test_rejected_carries_jsonl_error_with_line_number(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    src = write(tmp_path, "bad.jsonl", b'{"messages": []}\nnot json at all\n')
+    with pytest.raises(Rejected) as info:
+        await client.upload(src, filename="bad.jsonl", purpose="fine-tune")
+    err = info.value
+    assert err.status in (400, 422)
+    assert "Invalid file format" in err.message
+    assert "line 2" in err.message
+    assert str(err).startswith(f"POST /v1/files: {err.status} Invalid file format.")
+
+
+async def test_ocr_rejects_unsupported_type_with_message(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    with pytest.raises(Rejected) as info:
+        await client.upload(write(tmp_path, "a.txt", b"hello"), filename="a.txt", purpose="ocr")
+    assert "mimetype" in info.value.message
+
+
+async def test_too_large_from_emulator_with_small_limit(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    from mistralfs.emulator.server import EmulatorConfig, serve
+
+    config = EmulatorConfig(
+        data_dir=tmp_path / "small", api_key="small-key", port=0, max_file_size=64 * 1024
+    )
+    url = await nursery.start(serve, config)
+    async with FilesClient(url, "small-key", retry=FAST) as c:
+        ok = await c.upload(write(tmp_path, "ok", b"x" * 1000), filename="ok", purpose="batch")
+        assert ok.bytes == 1000
+        # Just over the limit: the unread rest of the body fits in socket buffers.
+        big = write(tmp_path, "big", os.urandom(160 * 1024))
+        with pytest.raises(TooLarge) as info:
+            await c.upload(big, filename="big", purpose="batch")
+        assert info.value.status == 413
+        assert "too large" in info.value.message.lower()
+        assert [f.id for f in await c.list_all()] == [ok.id]
+
+
+async def test_too_large_refused_locally_before_sending(
+    emulator: Any, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    await admin.clear_requests()
+    async with FilesClient(emulator.url, emulator.api_key, retry=FAST, max_upload_bytes=1000) as c:
+        with pytest.raises(TooLarge) as info:
+            await c.upload(write(tmp_path, "b", b"x" * 1001), filename="b", purpose="batch")
+    assert info.value.status is None
+    assert not [r for r in await admin.requests() if r["method"] == "POST"]
+
+
+async def test_auth_error_with_wrong_key(emulator: Any) -> None:
+    async with FilesClient(emulator.url, "wrong-key", retry=FAST) as c:
+        with pytest.raises(AuthError) as info:
+            await c.check_auth()
+        assert info.value.status == 401
+        assert "wrong-key" not in str(info.value) + repr(info.value)
+        with pytest.raises(AuthError):
+            await c.retrieve("whatever")
+    async with FilesClient(emulator.url, emulator.api_key, retry=FAST) as c:
+        await c.check_auth()  # the right key passes
+
+
+# ------------------------------------------------------------- signed URLs & ranges
+
+
+async def test_signed_url_ranged_reads_exact_slices(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    data = os.urandom(200_000)
+    up = await client.upload(write(tmp_path, "d", data), filename="d.bin", purpose="batch")
+    t0 = time.time()
+    signed = await client.signed_url(up.id, expiry_hours=2)
+    assert t0 + 2 * 3600 - 5 <= signed.expires_at <= time.time() + 2 * 3600
+    assert "sig=" not in repr(signed)
+
+    await admin.clear_requests()
+    cases = [(0, 1), (0, 4096), (12345, 777), (199_990, 10), (199_990, 100), (0, 200_000)]
+    for start, length in cases:
+        got = await client.read_range(signed.url, start, length)
+        assert got == data[start : start + length], (start, length)
+    assert await client.read_range(signed.url, 200_000, 10) == b""
+    assert await client.read_range(signed.url, 5, 0) == b""
+
+    storage = [r for r in await admin.requests() if r["path"] == urlsplit(signed.url).path]
+    assert len(storage) == len(cases) + 1
+    assert all(r["range"] and r["range"].startswith("bytes=") for r in storage)
+    assert {r["status"] for r in storage[: len(cases)]} == {206}
+
+
+async def test_tampered_signed_url_is_url_expired_and_redacted(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    up = await client.upload(write(tmp_path, "d", b"abc" * 100), filename="d", purpose="batch")
+    signed = await client.signed_url(up.id)
+    tampered = signed.url.replace("sig=", "sig=00", 1)
+    with pytest.raises(UrlExpired) as info:
+        await client.read_range(tampered, 0, 10)
+    err = info.value
+    assert err.status == 403
+    assert "?" not in err.url and "sig=" not in str(err) + repr(err)
+    assert err.message  # the XML <Message> (or code) was extracted
+
+    await client.delete(up.id)
+    with pytest.raises(NotFound):
+        await client.read_range(signed.url, 0, 10)
+
+
+async def test_range_read_never_sends_api_key(client: FilesClient, emulator: Any) -> None:
+    """Even a signed URL on the API's own origin gets no Authorization header."""
+    seen: list[dict[str, str]] = []
+    body = b"0123456789" * 10
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        seen.append({"path": scope["path"], **headers})
+        if scope["path"].startswith("/v1/files"):
+            status, payload, extra = 200, b'{"data": [], "total": 0}', []
+        else:
+            a, b = headers["range"].removeprefix("bytes=").split("-")
+            payload = body[int(a) : int(b) + 1]
+            status, extra = 206, [(b"content-range", f"bytes {a}-{b}/{len(body)}".encode())]
+        await send({"type": "http.response.start", "status": status, "headers": extra})
+        await send({"type": "http.response.body", "body": payload})
+
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, app, config)
+        url = binds[0]
+        async with FilesClient(url, emulator.api_key, retry=FAST) as c:
+            assert await c.read_range(f"{url}/storage/x?sig=s3cret", 10, 5) == body[10:15]
+            await c.check_auth()
+            # a "foreign" host: same server reached by another name is another origin
+            foreign = url.replace("127.0.0.1", "localhost")
+            assert await c.read_range(f"{foreign}/blob?sig=s", 0, 3) == body[:3]
+        nursery.cancel_scope.cancel()
+
+    storage = [h for h in seen if not h["path"].startswith("/v1/")]
+    api = [h for h in seen if h["path"].startswith("/v1/")]
+    assert len(storage) == 2 and len(api) == 1
+    assert all("authorization" not in h for h in storage)
+    assert api[0]["authorization"] == f"Bearer {emulator.api_key}"
+
+
+async def test_signed_url_never_logged_with_query(
+    client: FilesClient, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    up = await client.upload(write(tmp_path, "d", b"abc" * 10), filename="d", purpose="batch")
+    signed = await client.signed_url(up.id)
+    caplog.set_level(logging.DEBUG)
+    await client.read_range(signed.url, 0, 5)
+    with pytest.raises(UrlExpired):
+        await client.read_range(signed.url + "0", 0, 5)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "/storage/" in text  # the request was logged ...
+    assert "sig=" not in text  # ... without its signature
+
+
+# ----------------------------------------------------------------------- retries
+
+
+async def test_503_twice_then_success(client: FilesClient, admin: Admin) -> None:
+    await admin.clear_requests()
+    await admin.fault(method="GET", path_prefix="/v1/files", status=503, times=2)
+    page = await client.list_files()
+    assert page.total == 0
+    hits = [r for r in await admin.requests() if r["path"] == "/v1/files"]
+    assert [r["status"] for r in hits] == [503, 503, 200]
+
+
+async def test_429_retry_after_is_honoured(client: FilesClient, admin: Admin) -> None:
+    await admin.fault(method="GET", path_prefix="/v1/files", status=429, times=1, retry_after=0.6)
+    t0 = trio.current_time()
+    await client.list_files()
+    assert trio.current_time() - t0 >= 0.6
+
+
+async def test_retries_exhausted_raise_unavailable_within_budget(
+    emulator: Any, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    policy = RetryPolicy(max_attempts=50, base_delay=0.05, max_delay=0.2, total_budget=1.0)
+    await admin.fault(method=None, path_prefix="/v1/files", status=503, times=None)
+    async with FilesClient(emulator.url, emulator.api_key, retry=policy) as c:
+        t0 = trio.current_time()
+        with pytest.raises(ServerError) as info:
+            await c.list_files()
+        assert trio.current_time() - t0 < 2.0
+        assert isinstance(info.value, Unavailable)
+        assert info.value.status == 503
+
+        # An upload is retried from the file on disk each time, and gives up too.
+        src = write(tmp_path, "u", JSONL)
+        with pytest.raises(Unavailable):
+            await c.upload(src, filename="u", purpose="batch")
+    await admin.clear_faults()
+
+    await admin.fault(method="GET", path_prefix="/v1/files", status=429, times=None)
+    small = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.01, total_budget=5.0)
+    async with FilesClient(emulator.url, emulator.api_key, retry=small) as c:
+        with pytest.raises(RateLimited) as rinfo:
+            await c.list_files()
+    assert "Rate limit exceeded" in rinfo.value.message
+    await admin.clear_faults()
+
+
+async def test_upload_retry_reopens_file_and_succeeds(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    await admin.fault(method="POST", path_prefix="/v1/files", status=502, times=2)
+    data = os.urandom(100_000)
+    up = await client.upload(write(tmp_path, "r", data), filename="r.bin", purpose="batch")
+    assert up.bytes == len(data)
+    assert up.signature == hashlib.md5(data).hexdigest()
+    assert len(await client.list_all()) == 1  # one file, not three
+
+
+async def test_connect_error_to_closed_port_is_unavailable_quickly() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens on ``port`` now.
+    policy = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02, total_budget=2.0)
+    async with FilesClient(f"http://127.0.0.1:{port}", "k", retry=policy) as c:
+        t0 = trio.current_time()
+        with pytest.raises(Unavailable) as info:
+            await c.check_auth()
+        assert trio.current_time() - t0 < 2.0
+    assert info.value.status is None
+    assert "Connect" in info.value.message
+
+
+async def test_read_timeout_is_retried_then_unavailable(emulator: Any, admin: Admin) -> None:
+    await admin.fault(method="GET", path_prefix="/v1/files", status=200, delay=2.0, times=None)
+    policy = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.01, total_budget=5.0)
+    async with FilesClient(emulator.url, emulator.api_key, retry=policy, timeout=0.2) as c:
+        with pytest.raises(Unavailable) as info:
+            await c.list_files()
+    assert "Timeout" in info.value.message
+    await admin.clear_faults()
+
+
+async def test_non_json_200_is_protocol_error(client: FilesClient, admin: Admin) -> None:
+    await admin.fault(
+        method="GET", path_prefix="/v1/files", status=200, body="<html>oops</html>", times=2
+    )
+    with pytest.raises(ProtocolError) as info:
+        await client.list_files()
+    assert "expected JSON" in info.value.message
+    with pytest.raises(ProtocolError):
+        await client.retrieve("anything")
+    # JSON of the wrong shape is a ProtocolError as well.
+    await admin.fault(method="GET", path_prefix="/v1/files", status=200, body="[1, 2]", times=1)
+    with pytest.raises(ProtocolError):
+        await client.list_files()
+
+
+# --------------------------------------------------------------------- list_all
+
+
+async def test_list_all_fetches_pages_concurrently_once_each(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    n = 250
+    for i in range(n):
+        await admin.batch_output(f'{{"i": {i}}}\n'.encode(), "batch_result")
+    expected: list[str] = []
+    for page in range(13):
+        expected += [f.id for f in (await client.list_files(page=page, page_size=20)).files]
+    assert len(expected) == n
+
+    await admin.clear_requests()
+    # Every listing request takes 0.3 s: 13 pages one by one would take 3.9 s.
+    await admin.fault(method="GET", path_prefix="/v1/files", status=None, delay=0.3, times=None)
+    t0 = trio.current_time()
+    files = await client.list_all(page_size=20, max_parallel=8)
+    elapsed = trio.current_time() - t0
+    await admin.clear_faults()
+
+    assert [f.id for f in files] == expected
+    pages = [
+        int(parse_qs(r["query"])["page"][0])
+        for r in await admin.requests()
+        if r["path"] == "/v1/files"
+    ]
+    assert sorted(pages) == list(range(13))  # each page exactly once
+    assert pages[0] == 0
+    assert elapsed < 1.6, elapsed  # page 0, then 12 pages in two waves of <= 8
+
+
+async def test_list_all_without_total_walks_until_short_page(
+    client: FilesClient, admin: Admin
+) -> None:
+    for i in range(7):
+        await admin.batch_output(f'{{"i": {i}}}\n'.encode(), "batch_error")
+    everything = await client.list_all(page_size=3)
+    assert len(everything) == 7 and len({f.id for f in everything}) == 7
+    assert all(f.sample_type == "batch_error" for f in everything)
+    assert await client.list_all(purpose="ocr") == []
+
+
+# ------------------------------------------------------------------ error bodies
+
+
+def test_extract_message_shapes() -> None:
+    assert extract_message(b'{"detail": "Unauthorized"}') == "Unauthorized"
+    assert extract_message(b'{"message": "Unauthorized", "request_id": "r"}') == "Unauthorized"
+    validation = {
+        "detail": [
+            {"type": "missing", "loc": ["body", "purpose"], "msg": "Field required"},
+            {"type": "x", "loc": ["query", "page"], "msg": "bad int"},
+        ]
+    }
+    assert (
+        extract_message(json.dumps(validation).encode())
+        == "body.purpose: Field required; query.page: bad int"
+    )
+    jsonl = {
+        "detail": "Invalid file format.",
+        "description": "Some lines are invalid.",
+        "errors": [
+            {"message": "line contains invalid json: x", "line_number": 1},
+            {"message": "missing messages", "line_number": 4},
+        ],
+    }
+    assert extract_message(json.dumps(jsonl).encode()) == (
+        "Invalid file format. Some lines are invalid. "
+        "line 1: line contains invalid json: x line 4: missing messages"
+    )
+    ocr = {"detail": "Invalid file format.", "message": "Received file with mimetype x"}
+    assert extract_message(json.dumps(ocr).encode()) == (
+        "Invalid file format. Received file with mimetype x"
+    )
+    xml = (
+        b'<?xml version="1.0"?><Error><Code>AuthenticationFailed</Code>'
+        b"<Message>Signature did not match.\nRequestId:1</Message></Error>"
+    )
+    assert extract_message(xml) == "AuthenticationFailed: Signature did not match. RequestId:1"
+    raw = extract_message(b"x" * 5000)
+    assert 400 <= len(raw) <= 500
+    assert extract_message(b"", reason="Bad Gateway") == "Bad Gateway"
+    assert extract_message(b"\xff\xfe not utf8").endswith("not utf8")
+
+
+def test_error_str_and_url_have_no_query() -> None:
+    err = Rejected(
+        "Invalid file format. line 1: bad",
+        status=400,
+        method="POST",
+        url="https://api.mistral.ai/v1/files?x=1",
+    )
+    assert str(err) == "POST /v1/files: 400 Invalid file format. line 1: bad"
+    assert err.url == "https://api.mistral.ai/v1/files"
+    exp = UrlExpired("nope", status=403, method="GET", url="https://b.example/c/d?sig=SECRET")
+    assert "SECRET" not in str(exp) + repr(exp) + exp.url
+    assert isinstance(exp, ApiError) and not isinstance(exp, AuthError)
+
+
+def test_retry_after_parsing_and_backoff_bounds() -> None:
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after("0.5") == 0.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    now = 1_700_000_000.0
+    date = "Tue, 14 Nov 2023 22:13:30 GMT"  # now + 10 s
+    assert parse_retry_after(date, now=now) == pytest.approx(10.0)
+    policy = RetryPolicy(base_delay=0.25, max_delay=8.0)
+    for attempt in range(1, 12):
+        delays = [policy.backoff(attempt) for _ in range(50)]
+        assert all(0 <= d <= min(8.0, 0.25 * 2 ** (attempt - 1)) for d in delays)
+
+
+async def test_bad_server_url_refused() -> None:
+    with pytest.raises(ValueError):
+        FilesClient("ftp://example.com", "k")
+    async with FilesClient("https://api.mistral.ai/v1/", "k") as c:
+        assert c.server_url == "https://api.mistral.ai"
