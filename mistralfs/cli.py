@@ -96,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this many seconds of the mount staying busy (default 600)",
     )
 
+    demo = sub.add_parser(
+        "demo",
+        help="mount the account, or a local emulator with example files if no key is set",
+        description="With MISTRAL_API_KEY set, mount the account at MOUNTPOINT. Otherwise start "
+        "a local emulator in the background with its data under --state, add example files "
+        "(batch job outputs included) and mount it. --stop unmounts and stops the emulator.",
+    )
+    demo.add_argument("mountpoint", type=Path, nargs="?", default=Path("mnt"))
+    demo.add_argument(
+        "--state", type=Path, default=Path(".demo"), help="demo data folder (default .demo)"
+    )
+    demo.add_argument("--stop", action="store_true", help="unmount and stop the emulator")
+
     emulator = sub.add_parser(
         "emulator",
         help="run a local Files API server that behaves like the real one",
@@ -142,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     from mistralfs import daemon
 
     try:
+        if args.command == "demo":
+            from mistralfs.demo import demo_command
+
+            return demo_command(args.mountpoint, args.state, args.stop)
         if args.command == "mount":
             return daemon.mount_command(args)
         return daemon.unmount_command(args.mountpoint, timeout=args.timeout)

@@ -193,14 +193,20 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs; an exited process waiting to be reaped (a zombie) is not."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def _wait_for_exit(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             return True
-        except PermissionError:
-            return True  # a pid reused by another user's process: ours is gone
-        time.sleep(0.05)
+        time.sleep(0.02)
     return False

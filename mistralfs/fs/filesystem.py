@@ -167,10 +167,10 @@ class Filesystem:
         if handle.spool is not None:
             await self._writer.flush(handle.spool)
 
-    def release(self, fh: int) -> None:
+    async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.spool is not None:
-            self._writer.release(handle.spool)
+            await self._writer.release(handle.spool)
 
     async def wait_for_uploads(self) -> None:
         await self._writer.wait_idle()

@@ -66,6 +66,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         trio.open_nursery() as nursery,
     ):
         namespace = Namespace(client, config.dir_cache_time)
+        namespace.on_name_removed = _forget_in_kernel
         reader = BlockReader(
             client, nursery, cache_size=config.cache_size, block_size=config.block_size
         )
@@ -92,6 +93,14 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
             pyfuse3.close(unmount=stop.requested)
             nursery.cancel_scope.cancel()
     log.info("unmounted %s", config.mountpoint)
+
+
+def _forget_in_kernel(folder_inode: int, name: str) -> None:
+    """Drop the kernel's cached entry for a name that no longer exists."""
+    try:
+        pyfuse3.invalidate_entry_async(folder_inode, name.encode("utf-8"), ignore_enoent=True)
+    except OSError as exc:
+        log.debug("could not invalidate %s in the kernel: %s", name, exc)
 
 
 class _StopRequest:

@@ -9,7 +9,7 @@ happened cannot undo them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -74,6 +74,8 @@ class Namespace:
         # Own changes, so that a listing fetched while they happened cannot undo them.
         self._deleted_ids: set[str] = set()
         self._own_uploads: dict[str, tuple[RemoteFile, float]] = {}
+        # Called with (folder inode, name) when a name goes, so the kernel forgets it too.
+        self.on_name_removed: Callable[[int, str], None] = lambda _inode, _name: None
         for purpose in STANDARD_PURPOSES:
             self._folder_for(purpose)
 
@@ -132,6 +134,7 @@ class Namespace:
         """Remove a file's name at once (deleted, or a local file given up)."""
         if node.folder.entries.get(node.name) is node:
             del node.folder.entries[node.name]
+            self.on_name_removed(node.folder.inode, node.name)
         node.attached = False
         if node.remote is not None:
             self._deleted_ids.add(node.remote.id)

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
@@ -70,6 +71,7 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self._uid = os.getuid()
         self._gid = os.getgid()
+        self._mounted_at_ns = time.time_ns()  # folders have no remote timestamp
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         self._next_dir_fh = 1
 
@@ -95,7 +97,7 @@ class Operations(pyfuse3.Operations):
             entry.st_mode = stat.S_IFDIR | 0o755
             entry.st_nlink = 2
             entry.st_size = 0
-            stamp = 0
+            stamp = self._mounted_at_ns
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
         return entry
 
@@ -167,7 +169,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def release(self, fh):
-        self.fs.release(fh)
+        await self.fs.release(fh)
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
@@ -218,6 +220,3 @@ class Operations(pyfuse3.Operations):
 
     async def access(self, inode, mode, ctx):
         return True
-
-
-

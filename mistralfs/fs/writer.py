@@ -8,6 +8,7 @@ did not succeed is moved to the recovery folder instead of being deleted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from mistralfs.api import ApiError, FilesClient
+from mistralfs.api import ApiError, FilesClient, NotFound
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace
 
@@ -34,7 +35,7 @@ class Spool:
     path: Path
     fd: int
     size: int = 0
-    dirty: bool = True
+    dirty: bool = False  # written since the last upload
     oversize: bool = False
     handles: int = 0
 
@@ -105,12 +106,20 @@ class Writer:
         spool.dirty = True
 
     async def flush(self, spool: Spool) -> None:
-        """Upload the spool if it changed since the last upload; raise what went wrong."""
-        node = spool.node
+        """Upload the spool if it was written since the last upload; raise what went wrong.
+
+        A close with nothing written uploads nothing: shells open, `dup2` and close the
+        original descriptor before writing, and that first close must not upload an empty
+        file. An empty new file is uploaded when its last descriptor closes instead.
+        """
         if spool.oversize:
-            raise FsError(errno.EFBIG, f"{node.name}: not uploaded, it grew past 512 MB")
-        if not spool.dirty or not node.attached:
-            return
+            raise FsError(errno.EFBIG, f"{spool.node.name}: not uploaded, it grew past 512 MB")
+        if spool.dirty and spool.node.attached:
+            await self._upload(spool)
+
+    async def _upload(self, spool: Spool) -> None:
+        node = spool.node
+        replaced = node.remote
         self._uploads_in_flight += 1
         self._idle = trio.Event()
         try:
@@ -126,18 +135,40 @@ class Writer:
                 self._idle.set()
         spool.dirty = False
         self._namespace.uploaded(node, remote)
+        if replaced is not None:
+            await self._delete_replaced(node, replaced.id)
         log.info(
             "uploaded %s/%s as %s (%d bytes)", node.folder.name, node.name, remote.id, remote.bytes
         )
 
-    def release(self, spool: Spool) -> None:
+    async def _delete_replaced(self, node: FileNode, old_id: str) -> None:
+        """The new upload succeeded, so the version it replaces can go."""
+        try:
+            await self._client.delete(old_id)
+        except NotFound:
+            pass
+        except ApiError as exc:
+            log.error(
+                "%s/%s: could not delete the replaced %s: %s",
+                node.folder.name,
+                node.name,
+                old_id,
+                exc,
+            )
+
+    async def release(self, spool: Spool) -> None:
         """Last handle closed: drop the spool if its content is safe remotely, else keep it."""
         spool.handles -= 1
         if spool.handles > 0:
             return
+        node = spool.node
+        if node.remote is None and node.attached and not spool.dirty and not spool.oversize:
+            # Created and closed with nothing written (`touch`): upload the empty file now.
+            spool.dirty = True
+            with contextlib.suppress(FsError):
+                await self._upload(spool)
         del self._spools[spool.node.inode]
         os.close(spool.fd)
-        node = spool.node
         if not spool.dirty or not node.attached:
             spool.path.unlink(missing_ok=True)
             spool.meta_path.unlink(missing_ok=True)

@@ -1,0 +1,152 @@
+"""`mistralfs demo`: mount something worth looking at, with or without an account.
+
+With `MISTRAL_API_KEY` set it mounts the real account. Without, it starts a local
+emulator in the background (data under `.demo/` in the current folder), fills it once
+with a few example files, batch outputs included, and mounts that. `--stop` undoes
+both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from mistralfs import daemon
+
+DEMO_KEY = "demo-key"
+EMULATOR_START_TIMEOUT = 20.0
+
+SAMPLE_FINE_TUNE = "".join(
+    json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    + "\n"
+    for q, a in [
+        ("What is the capital of France?", "Paris."),
+        ("How many legs has a spider?", "Eight."),
+        ("What does FUSE stand for?", "Filesystem in Userspace."),
+    ]
+)
+SAMPLE_BATCH = "".join(
+    json.dumps({"custom_id": str(i), "body": {"messages": [{"role": "user", "content": q}]}}) + "\n"
+    for i, q in enumerate(["Say hello.", "Name a colour."])
+)
+SAMPLE_RESULTS = "".join(
+    json.dumps({"custom_id": str(i), "response": {"status_code": 200, "body": {"text": a}}}) + "\n"
+    for i, a in enumerate(["Hello!", "Blue."])
+)
+SAMPLE_ERRORS = json.dumps({"custom_id": "2", "error": {"message": "context too long"}}) + "\n"
+
+
+def _emulator_url(state: Path) -> str | None:
+    """The URL of the demo emulator if it is still running."""
+    try:
+        pid = int((state / "emulator.pid").read_text())
+        url = (state / "emulator.url").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return url if daemon.process_alive(pid) else None
+
+
+def _start_emulator(state: Path) -> str:
+    state.mkdir(parents=True, exist_ok=True)
+    log = open(state / "emulator.log", "ab")  # noqa: SIM115 - handed to the child
+    command = [sys.executable, "-m", "mistralfs", "emulator", "--port", "0"]
+    command += ["--data", str(state / "emulator"), "--api-key", DEMO_KEY]
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+        start_new_session=True, cwd="/",
+    )  # fmt: skip
+    log.close()
+    assert child.stdout is not None
+    line = child.stdout.readline().decode().strip()  # "mistralfs emulator listening on URL"
+    child.stdout.close()
+    if "listening on " not in line:
+        child.kill()
+        raise SystemExit(f"mistralfs: the demo emulator did not start; see {state}/emulator.log")
+    url = line.rsplit(" ", 1)[1]
+    (state / "emulator.pid").write_text(str(child.pid))
+    (state / "emulator.url").write_text(url)
+    return url
+
+
+def _seed(url: str) -> None:
+    """Put example files in an empty demo account, batch job outputs included."""
+    headers = {"Authorization": f"Bearer {DEMO_KEY}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        if http.get("/v1/files", params={"page_size": 1}).json().get("total"):
+            return
+        uploads = [
+            ("fine-tune", "capitals.jsonl", SAMPLE_FINE_TUNE),
+            ("batch", "requests.jsonl", SAMPLE_BATCH),
+        ]
+        for purpose, name, text in uploads:
+            http.post(
+                "/v1/files", data={"purpose": purpose}, files={"file": (name, text.encode())}
+            ).raise_for_status()
+        outputs = [("batch_result", "job-results.jsonl", SAMPLE_RESULTS)]
+        outputs.append(("batch_error", "job-errors.jsonl", SAMPLE_ERRORS))
+        for sample_type, name, text in outputs:
+            http.post(
+                "/v1/_emulator/batch-outputs",
+                data={"sample_type": sample_type},
+                files={"file": (name, text.encode())},
+            ).raise_for_status()
+
+
+def demo_command(mountpoint: Path, state: Path, stop: bool) -> int:
+    mountpoint = mountpoint.expanduser().resolve()
+    if stop:
+        return _stop(mountpoint, state)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    args = ["mount", str(mountpoint), "--cache-dir", str(state.resolve() / "cache")]
+    env = dict(os.environ)
+    if env.get("MISTRAL_API_KEY"):
+        target = env.get("MISTRAL_SERVER_URL", "the Mistral API")
+    else:
+        url = _emulator_url(state) or _start_emulator(state)
+        _seed(url)
+        args += ["--server-url", url]
+        env["MISTRAL_API_KEY"] = DEMO_KEY
+        target = f"a local emulator at {url} (data in {state}/emulator)"
+    result = subprocess.run([sys.executable, "-m", "mistralfs", *args], env=env, check=False)
+    if result.returncode != 0:
+        return result.returncode
+    me = f"{Path(sys.executable).parent}/mistralfs"
+    print(
+        f"""
+mistralfs is mounted at {mountpoint}, showing {target}.
+Try:
+  ls -l {mountpoint}/*
+  cat {mountpoint}/batch/job-results.jsonl
+  cp some-training-data.jsonl {mountpoint}/fine-tune/     # uploads it
+  getfattr -d {mountpoint}/fine-tune/capitals.jsonl      # the remote metadata
+  rm {mountpoint}/batch/requests.jsonl                   # deletes it remotely
+Unmount (and stop the demo emulator):
+  {me} demo --stop {mountpoint}"""
+    )
+    return 0
+
+
+def _stop(mountpoint: Path, state: Path) -> int:
+    status = 0
+    if os.path.ismount(mountpoint):
+        status = daemon.unmount_command(mountpoint, timeout=600)
+    try:
+        pid = int((state / "emulator.pid").read_text())
+    except (OSError, ValueError):
+        return status
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while daemon.process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (state / "emulator.pid").unlink(missing_ok=True)
+    print("mistralfs: demo stopped")
+    return status

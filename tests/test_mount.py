@@ -1,0 +1,244 @@
+"""Real mounts: `mistralfs mount` in a subprocess against the emulator, used with syscalls.
+
+These are the foundation's end-to-end promises: what is copied in is in the account
+with the right purpose and size, what the account holds shows up, content read back
+is byte-identical, `rm` deletes remotely, refused content fails `cp` and stores
+nothing, and a bad key refuses to mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RunningEmulator
+from emulator_admin import add_batch_output, clear_requests, requests
+from mistralai.client import Mistral
+from mounting import Mounted, mount, mount_command, wait_for
+
+from mistralfs.daemon import process_alive
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def mounted(emulator_process: RunningEmulator, tmp_path: Path) -> Iterator[Mounted]:
+    with mount(emulator_process, tmp_path, "--dir-cache-time", "1") as m:
+        yield m
+
+
+@pytest.fixture
+def sdk(emulator_process: RunningEmulator) -> Mistral:
+    return Mistral(api_key=emulator_process.api_key, server_url=emulator_process.url)
+
+
+def remote_files(sdk: Mistral, **filters: object) -> list:
+    return list(sdk.files.list(page_size=1000, **filters).data)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_root_shows_the_purpose_folders(mounted: Mounted) -> None:
+    assert sorted(os.listdir(mounted.path)) == ["batch", "fine-tune", "ocr"]
+    for name in ("batch", "fine-tune", "ocr"):
+        st = os.stat(mounted / name)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
+        assert st.st_uid == os.getuid()
+
+
+def test_50_mb_random_file_round_trips(
+    mounted: Mounted, emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    source = tmp_path / "random.bin"
+    with open(source, "wb") as f:
+        for _ in range(50):
+            f.write(os.urandom(MiB))
+    subprocess.run(["cp", str(source), str(mounted / "batch")], check=True)
+    # Read back through a second mount, so the bytes come from the account and not
+    # from this mount's spool or the kernel's page cache.
+    with mount(emulator_process, tmp_path / "second") as second:
+        clear_requests(emulator_process.url, emulator_process.api_key)
+        assert sha256_of(second / "batch" / "random.bin") == sha256_of(source)
+        storage_reads = [
+            r
+            for r in requests(emulator_process.url, emulator_process.api_key)
+            if r["path"].startswith("/storage/")
+        ]
+        assert storage_reads, "content must be read through the signed URL"
+        assert all(r["range"] for r in storage_reads), "reads must be ranged"
+    [remote] = remote_files(sdk, purpose="batch")
+    assert remote.size_bytes == 50 * MiB
+
+
+def test_copy_in_is_in_the_account_with_its_purpose_and_size(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    data = b'{"messages": [{"role": "user", "content": "hi"}]}\n' * 100
+    source = tmp_path / "train.jsonl"
+    source.write_bytes(data)
+    subprocess.run(["cp", str(source), str(mounted / "fine-tune")], check=True)
+    [remote] = remote_files(sdk)
+    assert remote.filename == "train.jsonl"
+    assert remote.purpose == "fine-tune"
+    assert remote.size_bytes == len(data)
+    assert remote.num_lines == 100
+    st = os.stat(mounted / "fine-tune" / "train.jsonl")
+    assert st.st_size == len(data)
+    assert int(st.st_mtime) == remote.created_at
+    assert stat.S_IMODE(st.st_mode) == 0o644
+    assert os.getxattr(mounted / "fine-tune" / "train.jsonl", "user.mistral.id") == (
+        remote.id.encode()
+    )
+
+
+def test_sdk_upload_appears_and_reads_back(mounted: Mounted, sdk: Mistral) -> None:
+    assert os.listdir(mounted / "batch") == []  # the listing is now cached
+    content = b'{"custom_id": "1"}\n'
+    sdk.files.upload(file={"file_name": "from-sdk.jsonl", "content": content}, purpose="batch")
+    path = mounted / "batch" / "from-sdk.jsonl"
+    wait_for(lambda: "from-sdk.jsonl" in os.listdir(mounted / "batch"), timeout=5)
+    assert path.read_bytes() == content
+
+
+def test_batch_outputs_are_listed(mounted: Mounted, emulator_process: RunningEmulator) -> None:
+    body = b'{"custom_id": "1", "response": {"status_code": 200}}\n'
+    add_batch_output(emulator_process.url, emulator_process.api_key, body, "results.jsonl")
+    path = mounted / "batch" / "results.jsonl"
+    wait_for(path.exists, timeout=5)
+    assert path.read_bytes() == body
+    assert os.getxattr(path, "user.mistral.source") == b"mistral"
+    assert os.getxattr(path, "user.mistral.sample_type") == b"batch_result"
+
+
+def test_rm_deletes_remotely(mounted: Mounted, sdk: Mistral) -> None:
+    (mounted / "batch" / "gone.txt").write_bytes(b"bye\n")
+    [remote] = remote_files(sdk)
+    os.unlink(mounted / "batch" / "gone.txt")
+    assert not (mounted / "batch" / "gone.txt").exists()
+    assert remote_files(sdk) == []
+    with pytest.raises(Exception, match=r"404|[Nn]ot found"):
+        sdk.files.retrieve(file_id=remote.id)
+
+
+def test_invalid_jsonl_in_fine_tune_fails_cp_and_stores_nothing(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    source = tmp_path / "broken.jsonl"
+    source.write_bytes(b'{"ok": 1}\nthis is not json\n')
+    result = subprocess.run(
+        ["cp", str(source), str(mounted / "fine-tune")], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "Invalid argument" in result.stderr
+    assert remote_files(sdk) == []
+    # The name goes when the last descriptor is released, which follows close() closely.
+    wait_for(lambda: not (mounted / "fine-tune" / "broken.jsonl").exists(), timeout=2)
+    # The service's own message, line number included, reaches the log.
+    assert "line 2" in mounted.log() and "invalid json" in mounted.log()
+    # Nothing the user wrote is lost: the spool is kept for recovery.
+    kept = list((mounted.cache_dir / "recovery").glob("*.spool"))
+    assert [p.read_bytes() for p in kept] == [source.read_bytes()]
+
+
+def test_write_past_512_mb_fails_with_efbig_and_uploads_nothing(
+    mounted: Mounted, sdk: Mistral
+) -> None:
+    fd = os.open(mounted / "batch" / "huge.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 4096, 0)
+        with pytest.raises(OSError) as raised:
+            os.pwrite(fd, b"x", 512 * MiB)
+        assert raised.value.errno == errno.EFBIG
+    finally:
+        with pytest.raises(OSError) as closed:
+            os.close(fd)
+        assert closed.value.errno == errno.EFBIG
+    assert remote_files(sdk) == []
+
+
+def test_creating_outside_purpose_folders_is_refused(mounted: Mounted) -> None:
+    with pytest.raises(OSError) as raised:
+        (mounted / "loose.txt").write_bytes(b"x")
+    assert raised.value.errno in (errno.EACCES, errno.EPERM)
+    for path in (mounted / "newdir", mounted / "batch" / "sub"):
+        with pytest.raises(OSError) as raised:
+            os.mkdir(path)
+        assert raised.value.errno == errno.EPERM
+
+
+def test_read_only_mount_refuses_changes(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    sdk.files.upload(file={"file_name": "keep.txt", "content": b"keep"}, purpose="batch")
+    with mount(emulator_process, tmp_path, "--read-only") as m:
+        path = m / "batch" / "keep.txt"
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o444
+        assert path.read_bytes() == b"keep"
+        for action in (
+            lambda: (m / "batch" / "new.txt").write_bytes(b"x"),
+            lambda: os.unlink(path),
+        ):
+            with pytest.raises(OSError) as raised:
+                action()
+            assert raised.value.errno == errno.EROFS
+    assert [f.filename for f in remote_files(sdk)] == ["keep.txt"]
+
+
+def test_wrong_key_refuses_to_mount_quickly(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    command, env, mounted = mount_command(emulator_process, tmp_path, key="wrong-key")
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - started < 15
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused the API key" in lines[0], result.stderr
+    assert "wrong-key" not in result.stderr and "wrong-key" not in mounted.log()
+    assert not os.path.ismount(mounted.path)
+
+
+def test_unreachable_server_refuses_to_mount_quickly(tmp_path: Path) -> None:
+    nowhere = RunningEmulator(url="http://127.0.0.1:9", api_key="k", data_dir=tmp_path, config=None)
+    command, env, mounted = mount_command(nowhere, tmp_path)
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - started < 15
+    assert result.returncode != 0
+    assert "cannot use the server" in result.stderr
+    assert not os.path.ismount(mounted.path)
+
+
+def test_unmount_returns_after_the_daemon_exits(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    with mount(emulator_process, tmp_path) as m:
+        pid = m.daemon_pid()
+        assert pid is not None
+        env = dict(os.environ, XDG_RUNTIME_DIR=str(m.run_dir))
+        result = subprocess.run(
+            [sys.executable, "-m", "mistralfs", "unmount", str(m.path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert not os.path.ismount(m.path)
+        assert not process_alive(pid)
