@@ -167,7 +167,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
         end = int(last) if last else size - 1
     except ValueError:
         return None
-    if start < 0 or end < start:
+    if start < 0 or (end < start and last):
         return None
     if start >= size:
         return "unsatisfiable"
@@ -431,12 +431,14 @@ async def requests_route(request: Request) -> Response:
 
 
 async def _drain(receive: Receive) -> None:
-    """Discard the unread rest of a request body, within bounds.
+    """Discard the unread rest of a request body, within bounds, before answering.
 
-    A response sent before the body was read (413, 401, 422, an injected fault)
-    only reaches HTTP/1.1 clients that write the whole body before reading,
-    such as httpx, if the server keeps reading. The data is thrown away, never
-    stored; past DRAIN_LIMIT bytes or DRAIN_SECONDS the connection is dropped.
+    A response decided before the body was read (413, 401, 422, an injected
+    fault) must still reach HTTP/1.1 clients that write the whole body before
+    reading, such as httpx. Hypercorn closes the connection as soon as such a
+    response is complete, and the client then only sees a reset; so the rest
+    of the body is read and thrown away (never stored) first. Past DRAIN_LIMIT
+    bytes or DRAIN_SECONDS the answer is sent anyway.
     """
     drained = 0
     with trio.move_on_after(DRAIN_SECONDS):
@@ -447,6 +449,16 @@ async def _drain(receive: Receive) -> None:
             drained += len(message.get("body", b""))
             if not message.get("more_body", False):
                 return
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (so there may be something to drain)."""
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() not in (b"", b"0")
+    return False
 
 
 class ObserveMiddleware:
@@ -463,12 +475,15 @@ class ObserveMiddleware:
         status = 500
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, body_done
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if not body_done:
+                    body_done = True
+                    await _drain(receive)
             await send(message)
 
-        body_done = False
+        body_done = not _has_body(scope)
 
         async def receive_wrapper() -> Message:
             nonlocal body_done
@@ -480,8 +495,6 @@ class ObserveMiddleware:
         path: str = scope["path"]
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
-            if not body_done:
-                await _drain(receive)
         finally:
             method: str = scope["method"]
             is_storage = path.startswith(signing.STORAGE_PREFIX)

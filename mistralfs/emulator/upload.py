@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs
 
 import trio
 from python_multipart.exceptions import FormParserError
@@ -115,6 +116,17 @@ class _Collector:
         self._target = None
 
 
+async def _urlencoded(request: Request) -> UploadForm:
+    """A form without a file part, as FastAPI also accepts; bounded in size."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FIELD_SIZE:
+            raise MalformedUpload("form too large")
+    fields = parse_qs(body.decode("latin-1"), keep_blank_values=True, encoding="utf-8")
+    return UploadForm(fields={k: v[0] for k, v in fields.items()})
+
+
 def boundary_of(content_type: str | None) -> bytes | None:
     """The multipart boundary of a Content-Type header, if it is multipart/form-data."""
     ctype, options = parse_options_header(content_type)
@@ -132,7 +144,10 @@ async def receive_upload(
     removed. A body that is not multipart yields an empty form (the caller
     then reports the missing fields, as FastAPI does).
     """
-    boundary = boundary_of(request.headers.get("content-type"))
+    content_type = request.headers.get("content-type")
+    if parse_options_header(content_type)[0] == b"application/x-www-form-urlencoded":
+        return await _urlencoded(request)
+    boundary = boundary_of(content_type)
     if boundary is None:
         return UploadForm()
     collector = _Collector(max_file_size)

@@ -1,0 +1,95 @@
+"""Emulator fixtures: in-process (trio) and as a subprocess (``python -m mistralfs emulator``)."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from mistralfs.emulator.server import EmulatorConfig, serve
+
+API_KEY = "test-key"
+LISTENING = "mistralfs emulator listening on "
+
+
+@dataclass
+class RunningEmulator:
+    """A started emulator: its base URL (no /v1), key, data dir and config."""
+
+    url: str
+    api_key: str
+    data_dir: pathlib.Path
+    config: EmulatorConfig
+    process: subprocess.Popen[str] | None = None
+
+
+def emulator_config(tmp_path: pathlib.Path, **overrides: object) -> EmulatorConfig:
+    """The config the fixtures use; tests may build variants (e.g. a small max_file_size)."""
+    values: dict = {"data_dir": tmp_path / "emu", "api_key": API_KEY, "port": 0}
+    values.update(overrides)
+    return EmulatorConfig(**values)
+
+
+async def start_emulator(nursery: trio.Nursery, config: EmulatorConfig) -> RunningEmulator:
+    """Serve ``config`` in ``nursery``; cancel the nursery to stop it."""
+    url = await nursery.start(serve, config)
+    return RunningEmulator(url=url, api_key=config.api_key, data_dir=config.data_dir, config=config)
+
+
+@pytest.fixture
+async def emulator(tmp_path: pathlib.Path) -> AsyncIterator[RunningEmulator]:
+    """The emulator served in this test's trio run, on a fresh data dir and a free port."""
+    async with trio.open_nursery() as nursery:
+        yield await start_emulator(nursery, emulator_config(tmp_path))
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def emulator_process(tmp_path: pathlib.Path) -> Iterator[RunningEmulator]:
+    """The emulator as a separate process through the CLI, for blocking clients (the SDK)."""
+    data_dir = tmp_path / "emu"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mistralfs",
+        "emulator",
+        "--port",
+        "0",
+        "--data",
+        str(data_dir),
+        "--api-key",
+        API_KEY,
+    ]
+    log = (tmp_path / "emulator.log").open("w")  # the emulator's stderr, for post-mortems
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        cwd=pathlib.Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith(LISTENING):
+            raise RuntimeError(f"emulator did not start (exit {proc.poll()}): {line!r}")
+        url = line[len(LISTENING) :].strip()
+        config = EmulatorConfig(data_dir=data_dir, api_key=API_KEY, port=int(url.rsplit(":", 1)[1]))
+        yield RunningEmulator(
+            url=url, api_key=API_KEY, data_dir=data_dir, config=config, process=proc
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        log.close()
