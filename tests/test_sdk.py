@@ -1,0 +1,127 @@
+"""The official mistralai SDK, unchanged, against the emulator running as a process.
+
+Only ``server_url`` and ``api_key`` are given, as a user would. Sync SDK calls
+only: its async API is asyncio-based and these tests do not run under trio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from conftest import RunningEmulator
+from emulator_admin import add_batch_output, clear_requests, requests
+from mistralai.client import Mistral, errors
+
+JSONL = b'{"messages": [{"role": "user", "content": "hello"}]}\n{"messages": []}\n'
+PDF = b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
+
+
+@pytest.fixture
+def sdk(emulator_process: RunningEmulator) -> Iterator[Mistral]:
+    with Mistral(api_key=emulator_process.api_key, server_url=emulator_process.url) as client:
+        yield client
+
+
+def test_upload_retrieve_download_signed_url_delete(
+    sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    created = sdk.files.upload(
+        file={"file_name": "train.jsonl", "content": JSONL}, purpose="fine-tune"
+    )
+    assert created.filename == "train.jsonl"
+    assert created.purpose == "fine-tune"
+    assert created.size_bytes == len(JSONL)
+    assert created.sample_type == "instruct"
+    assert created.source == "upload"
+    assert created.num_lines == 2
+    assert created.mimetype == "application/jsonl"
+    assert created.signature == hashlib.md5(JSONL).hexdigest()
+
+    got = sdk.files.retrieve(file_id=created.id)
+    assert got.id == created.id
+    assert got.deleted is False
+    assert got.size_bytes == len(JSONL)
+    assert got.created_at == created.created_at
+
+    response = sdk.files.download(file_id=created.id)
+    try:
+        assert response.read() == JSONL
+    finally:
+        response.close()
+
+    signed = sdk.files.get_signed_url(file_id=created.id, expiry=2)
+    assert signed.url.startswith(f"{emulator_process.url}/storage/{created.id}?")
+    r = httpx.get(signed.url)  # no Authorization header at all
+    assert r.status_code == 200
+    assert r.content == JSONL
+
+    deleted = sdk.files.delete(file_id=created.id)
+    assert deleted.id == created.id
+    assert deleted.deleted is True
+    with pytest.raises(errors.SDKError) as excinfo:
+        sdk.files.retrieve(file_id=created.id)
+    assert excinfo.value.status_code == 404
+    assert httpx.get(signed.url).status_code in (403, 404)
+
+
+def test_list_with_filters_and_pages(sdk: Mistral, emulator_process: RunningEmulator) -> None:
+    ft = [
+        sdk.files.upload(
+            file={"file_name": f"set-{i}.jsonl", "content": JSONL}, purpose="fine-tune"
+        )
+        for i in range(3)
+    ]
+    pdf = sdk.files.upload(file={"file_name": "Invoice.pdf", "content": PDF}, purpose="ocr")
+    out = add_batch_output(emulator_process.url, emulator_process.api_key, b'{"ok": 1}\n')
+
+    everything = sdk.files.list()
+    assert everything.total == 5
+    assert [f.id for f in everything.data][:1] == [out["id"]]  # newest first
+
+    first = sdk.files.list(purpose="fine-tune", page=0, page_size=2)
+    second = sdk.files.list(purpose="fine-tune", page=1, page_size=2)
+    assert first.total == second.total == 3
+    assert len(first.data) == 2 and len(second.data) == 1
+    assert {f.id for f in first.data + second.data} == {f.id for f in ft}
+
+    by_search = sdk.files.list(search="invoice")
+    assert [f.id for f in by_search.data] == [pdf.id]
+    assert by_search.data[0].mimetype == "application/pdf"
+    assert by_search.data[0].num_lines == 0
+
+    mistral = sdk.files.list(source=["mistral"])
+    assert [f.id for f in mistral.data] == [out["id"]]
+    assert mistral.data[0].sample_type == "batch_result"
+    assert mistral.data[0].signature is None
+
+    both = sdk.files.list(source=["mistral", "upload"], sample_type=["batch_result", "instruct"])
+    assert {f.id for f in both.data} == {out["id"], *(f.id for f in ft)}
+
+    no_total = sdk.files.list(include_total=False, purpose="ocr")
+    assert no_total.total == 1
+
+
+def test_sdk_errors_and_request_log(sdk: Mistral, emulator_process: RunningEmulator) -> None:
+    clear_requests(emulator_process.url, emulator_process.api_key)
+    with pytest.raises(errors.SDKError) as excinfo:
+        sdk.files.upload(
+            file={"file_name": "bad.jsonl", "content": b"not json\n"}, purpose="fine-tune"
+        )
+    assert excinfo.value.status_code == 400
+    assert "line contains invalid json" in excinfo.value.body
+
+    with (
+        Mistral(api_key="wrong", server_url=emulator_process.url) as bad,
+        pytest.raises(errors.SDKError) as excinfo,
+    ):
+        bad.files.list()
+    assert excinfo.value.status_code == 401
+
+    log = requests(emulator_process.url, emulator_process.api_key)
+    assert [(e["method"], e["path"], e["status"]) for e in log] == [
+        ("POST", "/v1/files", 400),
+        ("GET", "/v1/files", 401),
+    ]
