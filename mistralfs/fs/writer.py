@@ -129,6 +129,15 @@ class Writer:
         except ApiError as exc:
             log.error("upload of %s/%s failed: %s", node.folder.name, node.name, exc)
             raise FsError(errno_for(exc), str(exc)) from exc
+        except OSError as exc:  # the spool itself could not be read
+            log.error(
+                "upload of %s/%s failed reading %s: %s",
+                node.folder.name,
+                node.name,
+                spool.path,
+                exc,
+            )
+            raise FsError(errno.EIO, str(exc)) from exc
         finally:
             self._uploads_in_flight -= 1
             if self._uploads_in_flight == 0:

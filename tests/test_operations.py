@@ -1,0 +1,356 @@
+"""`Operations` called directly, against the in-process emulator, without a kernel mount.
+
+This layer checks what each FUSE request does (names, attributes, errors, API calls
+made or not made) more precisely and faster than a real mount can.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyfuse3
+import pytest
+import trio
+from conftest import RunningEmulator
+
+from mistralfs.api import FilesClient, RetryPolicy
+from mistralfs.fs.filesystem import Filesystem
+from mistralfs.fs.namespace import Namespace
+from mistralfs.fs.operations import Operations
+from mistralfs.fs.reader import BlockReader
+from mistralfs.fs.writer import Writer
+
+ROOT = pyfuse3.ROOT_INODE
+BLOCK = 64 * 1024
+FAST_RETRY = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, total_budget=1.0)
+
+
+@dataclass
+class Stack:
+    ops: Operations
+    client: FilesClient
+    emulator: RunningEmulator
+    cache_dir: Path
+
+    async def admin(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.emulator.api_key}"}
+        async with httpx.AsyncClient(base_url=self.emulator.url, headers=headers) as http:
+            response = await http.request(method, f"/v1/_emulator/{path}", **kwargs)
+            response.raise_for_status()
+            return response.json() if response.content else None
+
+    async def api_requests(self) -> list[dict[str, Any]]:
+        return (await self.admin("GET", "requests"))["requests"]
+
+    async def clear_requests(self) -> None:
+        await self.admin("DELETE", "requests")
+
+    async def folder(self, name: str) -> int:
+        return (await self.ops.lookup(ROOT, name.encode())).st_ino
+
+    async def write_file(self, folder: str, name: str, data: bytes) -> int:
+        info, attrs = await self.ops.create(
+            await self.folder(folder), name.encode(), 0o644, os.O_WRONLY, None
+        )
+        for offset in range(0, len(data), 128 * 1024):
+            await self.ops.write(info.fh, offset, data[offset : offset + 128 * 1024])
+        await self.ops.flush(info.fh)
+        await self.ops.release(info.fh)
+        return attrs.st_ino
+
+    async def read_file(self, inode: int, chunk: int = 128 * 1024) -> bytes:
+        info = await self.ops.open(inode, os.O_RDONLY, None)
+        size = (await self.ops.getattr(inode)).st_size
+        parts = [await self.ops.read(info.fh, off, chunk) for off in range(0, size, chunk)]
+        await self.ops.release(info.fh)
+        return b"".join(parts)
+
+    async def names(self, folder: str) -> list[str]:
+        return [name for name, _ in await self.ops.fs.list_dir(await self.folder(folder))]
+
+
+async def make_stack(
+    emulator: RunningEmulator,
+    nursery: trio.Nursery,
+    cache_dir: Path,
+    *,
+    dir_cache_time: float = 60.0,
+    read_only: bool = False,
+    cache_size: int = 64 * BLOCK,
+) -> Stack:
+    client = FilesClient(emulator.url, emulator.api_key, retry=FAST_RETRY)
+    namespace = Namespace(client, dir_cache_time)
+    reader = BlockReader(client, nursery, cache_size=cache_size, block_size=BLOCK)
+    writer = Writer(
+        client,
+        namespace,
+        spool_dir=cache_dir / "spool",
+        recovery_dir=cache_dir / "recovery",
+        max_file_size=512 * 1024 * 1024,
+    )
+    fs = Filesystem(client, namespace, reader, writer, read_only=read_only)
+    return Stack(Operations(fs), client, emulator, cache_dir)
+
+
+@pytest.fixture
+async def stack(emulator: RunningEmulator, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with trio.open_nursery() as nursery:
+        s = await make_stack(emulator, nursery, tmp_path / "cache")
+        yield s
+        await s.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def upload(stack: Stack, name: str, data: bytes, purpose: str = "batch") -> str:
+    headers = {"Authorization": f"Bearer {stack.emulator.api_key}"}
+    async with httpx.AsyncClient(base_url=stack.emulator.url, headers=headers) as http:
+        r = await http.post("/v1/files", data={"purpose": purpose}, files={"file": (name, data)})
+        r.raise_for_status()
+        return r.json()["id"]
+
+
+async def expect_errno(code: int, call: Any) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await call
+    assert raised.value.errno == code
+
+
+async def test_root_holds_the_purpose_folders(stack: Stack) -> None:
+    names = [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
+    assert names == ["fine-tune", "batch", "ocr"]
+    attrs = await stack.ops.lookup(ROOT, b"batch")
+    assert stat.S_ISDIR(attrs.st_mode)
+    await expect_errno(errno.ENOENT, stack.ops.lookup(ROOT, b"nope"))
+
+
+async def test_other_purposes_get_a_folder_only_while_they_hold_files(stack: Stack) -> None:
+    await upload(stack, "voice.mp3", b"ID3" + b"\0" * 100, purpose="audio")
+    assert "audio" in [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
+    assert await stack.names("audio") == ["voice.mp3"]
+
+
+async def test_create_write_flush_uploads_with_the_folder_purpose(stack: Stack) -> None:
+    data = b'{"messages": []}\n' * 1000
+    inode = await stack.write_file("fine-tune", "train.jsonl", data)
+    [remote] = await stack.client.list_all()
+    assert (remote.filename, remote.purpose, remote.bytes) == (
+        "train.jsonl",
+        "fine-tune",
+        len(data),
+    )
+    attrs = await stack.ops.getattr(inode)
+    assert attrs.st_size == len(data)
+    assert attrs.st_mtime_ns == remote.created_at * 10**9
+    assert await stack.read_file(inode) == data
+
+
+async def test_reads_are_cached_and_concurrent_reads_share_requests(stack: Stack) -> None:
+    data = os.urandom(5 * BLOCK + 123)
+    await upload(stack, "blob.bin", data)
+    inode = (await stack.ops.lookup(await stack.folder("batch"), b"blob.bin")).st_ino
+    info = await stack.ops.open(inode, os.O_RDONLY, None)
+    await stack.clear_requests()
+    results: dict[int, bytes] = {}
+
+    async def read(i: int) -> None:
+        results[i] = await stack.ops.read(info.fh, BLOCK + 10, 100)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(read, i)
+    assert set(results.values()) == {data[BLOCK + 10 : BLOCK + 110]}
+    storage = [r for r in await stack.api_requests() if r["path"].startswith("/storage/")]
+    assert len(storage) == 1, storage
+    # The whole file now, then again: the second pass makes no request at all.
+    assert await stack.read_file(inode) == data
+    await stack.clear_requests()
+    assert await stack.read_file(inode) == data
+    assert await stack.api_requests() == []
+    await stack.ops.release(info.fh)
+
+
+async def test_sequential_reads_prefetch_ahead(stack: Stack) -> None:
+    data = os.urandom(16 * BLOCK)
+    await upload(stack, "seq.bin", data)
+    inode = (await stack.ops.lookup(await stack.folder("batch"), b"seq.bin")).st_ino
+    info = await stack.ops.open(inode, os.O_RDONLY, None)
+    for offset in range(0, 4 * BLOCK, BLOCK // 2):
+        assert (
+            await stack.ops.read(info.fh, offset, BLOCK // 2) == data[offset : offset + BLOCK // 2]
+        )
+    await trio.sleep(0.3)  # let prefetches land
+    ranges = {r["range"] for r in await stack.api_requests() if r["path"].startswith("/storage/")}
+    assert f"bytes={5 * BLOCK}-{6 * BLOCK - 1}" in ranges, ranges
+    await stack.ops.release(info.fh)
+
+
+async def test_probed_names_make_no_api_call(stack: Stack) -> None:
+    batch = await stack.folder("batch")
+    await stack.clear_requests()
+    for probe in (b".hidden", b".directory", b".Trash-1000", b"autorun.inf", b".git", b".DS_Store"):
+        await expect_errno(errno.ENOENT, stack.ops.lookup(batch, probe))
+        await expect_errno(errno.ENOENT, stack.ops.lookup(ROOT, probe))
+    assert await stack.api_requests() == []
+
+
+async def test_duplicate_names_oldest_plain_newer_tagged(stack: Stack, emulator) -> None:
+    first = await upload(stack, "data.jsonl", b"{}\n")
+    await trio.sleep(1.1)  # created_at has one-second resolution
+    second = await upload(stack, "data.jsonl", b'{"a": 1}\n')
+    names = await stack.names("batch")
+    assert names == sorted(["data.jsonl", f"data ({second[:8]}).jsonl"])
+    plain = await stack.ops.lookup(await stack.folder("batch"), b"data.jsonl")
+    assert await stack.ops.getxattr(plain.st_ino, b"user.mistral.id", None) == first.encode()
+
+
+async def test_unsafe_remote_names_are_shown_safely(stack: Stack) -> None:
+    slash = await upload(stack, "a/b.txt", b"1")
+    dots = await upload(stack, "..", b"2")
+    long_name = "x" * 300 + ".txt"
+    long_id = await upload(stack, long_name, b"3")
+    names = await stack.names("batch")
+    assert "a\u2215b.txt" in names
+    assert dots in names
+    [tagged] = [n for n in names if n.startswith("xxx")]
+    assert len(tagged.encode()) <= 255 and f"({long_id[:8]})" in tagged
+    for name in names:
+        assert "/" not in name and name not in ("", ".", "..")
+    assert slash
+
+
+async def test_xattrs_show_remote_metadata_and_system_names_cost_nothing(stack: Stack) -> None:
+    file_id = await upload(stack, "doc.jsonl", b'{"x": 1}\n{"y": 2}\n')
+    inode = (await stack.ops.lookup(await stack.folder("batch"), b"doc.jsonl")).st_ino
+    names = await stack.ops.listxattr(inode, None)
+    for field in (b"id", b"purpose", b"sample_type", b"source", b"num_lines", b"signature"):
+        assert b"user.mistral." + field in names
+    assert await stack.ops.getxattr(inode, b"user.mistral.id", None) == file_id.encode()
+    assert await stack.ops.getxattr(inode, b"user.mistral.num_lines", None) == b"2"
+    url = (await stack.ops.getxattr(inode, b"user.mistral.signed_url", None)).decode()
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(url)).content == b'{"x": 1}\n{"y": 2}\n'
+    await stack.clear_requests()
+    for name in (b"security.capability", b"system.posix_acl_access", b"user.other"):
+        await expect_errno(errno.ENODATA, stack.ops.getxattr(inode, name, None))
+    assert await stack.api_requests() == []
+
+
+async def test_statfs_and_refused_operations(stack: Stack) -> None:
+    stats = await stack.ops.statfs(None)
+    assert stats.f_namemax == 255
+    assert stats.f_bavail * stats.f_frsize >= 2**40
+    batch = await stack.folder("batch")
+    await expect_errno(errno.EPERM, stack.ops.mkdir(batch, b"sub", 0o755, None))
+    await expect_errno(errno.EPERM, stack.ops.mkdir(ROOT, b"new", 0o755, None))
+    await expect_errno(errno.EPERM, stack.ops.rmdir(ROOT, b"batch", None))
+    await expect_errno(errno.EPERM, stack.ops.symlink(batch, b"l", b"t", None))
+    await expect_errno(errno.EPERM, stack.ops.mknod(batch, b"n", 0o644, 0, None))
+    await expect_errno(errno.EACCES, stack.ops.create(ROOT, b"x.txt", 0o644, os.O_WRONLY, None))
+
+
+async def test_write_past_the_limit_is_efbig_and_nothing_is_uploaded(stack: Stack) -> None:
+    info, _ = await stack.ops.create(await stack.folder("batch"), b"big", 0o644, os.O_WRONLY, None)
+    await stack.ops.write(info.fh, 0, b"start")
+    await expect_errno(errno.EFBIG, stack.ops.write(info.fh, 512 * 1024 * 1024, b"x"))
+    await expect_errno(errno.EFBIG, stack.ops.flush(info.fh))
+    await stack.ops.release(info.fh)
+    assert await stack.client.list_all() == []
+
+
+async def test_refused_content_fails_flush_and_is_kept(stack: Stack) -> None:
+    folder = await stack.folder("fine-tune")
+    info, _ = await stack.ops.create(folder, b"bad.jsonl", 0o644, os.O_WRONLY, None)
+    await stack.ops.write(info.fh, 0, b"not json\n")
+    await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    await stack.ops.release(info.fh)
+    await expect_errno(errno.ENOENT, stack.ops.lookup(folder, b"bad.jsonl"))
+    kept = list((stack.cache_dir / "recovery").glob("*.spool"))
+    assert [p.read_bytes() for p in kept] == [b"not json\n"]
+    assert await stack.client.list_all() == []
+
+
+async def test_server_failure_becomes_eio(stack: Stack) -> None:
+    inode = await stack.write_file("batch", "a.txt", b"hello")
+    await stack.admin(
+        "POST", "faults", json=[{"path_prefix": "/storage/", "status": 503, "times": 10}]
+    )
+    info = await stack.ops.open(inode, os.O_RDONLY, None)
+    await expect_errno(errno.EIO, stack.ops.read(info.fh, 0, 5))
+    await stack.admin("DELETE", "faults")
+    assert await stack.ops.read(info.fh, 0, 5) == b"hello"
+
+
+async def test_shell_redirect_close_before_write_uploads_once(stack: Stack) -> None:
+    """`echo x > f`: open, dup2, close the original (a flush), write, close (a flush)."""
+    info, _ = await stack.ops.create(
+        await stack.folder("batch"), b"f.txt", 0o644, os.O_WRONLY, None
+    )
+    await stack.ops.flush(info.fh)
+    await stack.ops.write(info.fh, 0, b"x\n")
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    [remote] = await stack.client.list_all()
+    assert remote.bytes == 2
+    posts = [r for r in await stack.api_requests() if r["method"] == "POST"]
+    assert len(posts) == 1
+
+
+async def test_empty_new_file_is_uploaded_on_release(stack: Stack) -> None:
+    info, _ = await stack.ops.create(
+        await stack.folder("batch"), b"empty", 0o644, os.O_WRONLY, None
+    )
+    await stack.ops.flush(info.fh)
+    assert await stack.client.list_all() == []
+    await stack.ops.release(info.fh)
+    [remote] = await stack.client.list_all()
+    assert (remote.filename, remote.bytes) == ("empty", 0)
+
+
+async def test_remote_changes_show_up_after_the_folder_cache_time(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0.3)
+        assert await stack.names("batch") == []
+        file_id = await upload(stack, "late.txt", b"late")
+        assert await stack.names("batch") == []  # still the cached listing
+        await trio.sleep(0.35)
+        assert await stack.names("batch") == ["late.txt"]
+        async with httpx.AsyncClient(
+            base_url=emulator.url, headers={"Authorization": f"Bearer {emulator.api_key}"}
+        ) as http:
+            (await http.delete(f"/v1/files/{file_id}")).raise_for_status()
+        await trio.sleep(0.35)
+        assert await stack.names("batch") == []
+        await expect_errno(errno.ENOENT, stack.ops.lookup(await stack.folder("batch"), b"late.txt"))
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_unlink_deletes_remotely_and_at_once(stack: Stack) -> None:
+    await stack.write_file("batch", "x.txt", b"x")
+    batch = await stack.folder("batch")
+    await stack.ops.unlink(batch, b"x.txt", None)
+    await expect_errno(errno.ENOENT, stack.ops.lookup(batch, b"x.txt"))
+    assert await stack.client.list_all() == []
+
+
+async def test_read_only_refuses_changes(emulator: RunningEmulator, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, tmp_path / "c", read_only=True)
+        await upload(stack, "r.txt", b"r")
+        batch = await stack.folder("batch")
+        attrs = await stack.ops.lookup(batch, b"r.txt")
+        assert stat.S_IMODE(attrs.st_mode) == 0o444
+        await expect_errno(errno.EROFS, stack.ops.create(batch, b"n", 0o644, os.O_WRONLY, None))
+        await expect_errno(errno.EROFS, stack.ops.unlink(batch, b"r.txt", None))
+        await expect_errno(errno.EROFS, stack.ops.mkdir(batch, b"d", 0o755, None))
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
