@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import resource
+import signal
 import time
 import uuid
 import zipfile
@@ -861,3 +863,50 @@ def test_json_dumps_of_records_is_stable() -> None:
     data = json.loads(json.dumps(rec.to_api()))
     assert list(data)[:2] == ["id", "object"]
     assert set(data) == FILE_FIELDS
+
+
+async def test_huge_page_is_empty_not_an_error(client: httpx.AsyncClient) -> None:
+    await uploaded(client, "a.jsonl", JSONL, "fine-tune")
+    r = await client.get("/v1/files", params={"page": 10**30, "page_size": 10**30})
+    assert r.status_code == 200
+    assert r.json()["data"] == [] and r.json()["total"] == 1
+
+
+async def test_logs_name_requests_but_never_secrets(
+    client: httpx.AsyncClient,
+    anon: httpx.AsyncClient,
+    emulator: RunningEmulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mistralfs.emulator")
+    f = await uploaded(client, "a.jsonl", JSONL, "fine-tune")
+    url = httpx.URL(await _signed(client, f["id"]))
+    await anon.get(url)
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"GET /storage/{f['id']} 200" in messages
+    assert "POST /v1/files 200" in messages
+    text = "\n".join(messages)
+    assert url.params["sig"] not in text
+    assert emulator.api_key not in text
+
+
+def test_process_prints_one_line_and_stops_cleanly(emulator_process: RunningEmulator) -> None:
+    proc = emulator_process.process
+    assert proc is not None and proc.stdout is not None
+    r = httpx.get(
+        f"{emulator_process.url}/v1/files",
+        headers={"Authorization": f"Bearer {emulator_process.api_key}"},
+    )
+    assert r.json()["total"] == 0
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0
+    assert proc.stdout.read() == ""  # nothing after the "listening on" line
+
+
+def test_process_stops_on_sigterm(emulator_process: RunningEmulator) -> None:
+    proc = emulator_process.process
+    assert proc is not None
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{emulator_process.url}/v1/files")

@@ -472,30 +472,14 @@ class ObserveMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, body_done
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if not body_done:
-                    body_done = True
-                    await _drain(receive)
-            await send(message)
-
         body_done = not _has_body(scope)
+        recorded = False
 
-        async def receive_wrapper() -> Message:
-            nonlocal body_done
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                body_done = True
-            return message
-
-        path: str = scope["path"]
-        try:
-            await self.app(scope, receive_wrapper, send_wrapper)
-        finally:
+        def record(status: int) -> None:
+            # At response start, so a client that got its answer finds it in the log.
+            nonlocal recorded
+            recorded = True
+            path: str = scope["path"]
             method: str = scope["method"]
             is_storage = path.startswith(signing.STORAGE_PREFIX)
             query = "" if is_storage else scope.get("query_string", b"").decode("latin-1")
@@ -506,6 +490,28 @@ class ObserveMiddleware:
                     if name == b"range":
                         range_header = value.decode("latin-1")
                 self.requests_log.record(method, path, query, status, range_header)
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal body_done
+            if message["type"] == "http.response.start":
+                if not body_done:
+                    body_done = True
+                    await _drain(receive)
+                record(message["status"])
+            await send(message)
+
+        async def receive_wrapper() -> Message:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            if not recorded:
+                record(500)
 
 
 class FaultMiddleware:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import hypercorn.config
 import hypercorn.trio
 import trio
+from starlette.applications import Starlette
 
 from mistralfs.emulator.app import create_app as _create_app
 from mistralfs.emulator.storage import Storage
@@ -29,7 +30,7 @@ class EmulatorConfig:
     max_file_size: int = 512 * 1024 * 1024
 
 
-def create_app(config: EmulatorConfig):  # -> starlette.applications.Starlette
+def create_app(config: EmulatorConfig) -> Starlette:
     """The ASGI app for ``config`` (opens or creates the data dir)."""
     return _create_app(config)
 

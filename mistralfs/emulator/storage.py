@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_order ON files (created_at DESC, seq DESC);
 """
 
+_SQL_MAX = 2**62  # SQLite integers are 64-bit; larger pages are simply empty
+
 _COLUMNS = (
     "id",
     "bytes",
@@ -271,6 +273,10 @@ class Storage:
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM files {clause} "
                 "ORDER BY created_at DESC, seq DESC LIMIT ? OFFSET ?",
-                [*args, query.page_size, query.page * query.page_size],
+                [
+                    *args,
+                    min(query.page_size, _SQL_MAX),
+                    min(query.page * query.page_size, _SQL_MAX),
+                ],
             ).fetchall()
         return [FileRecord(*r) for r in rows], total
