@@ -242,3 +242,53 @@ def test_unmount_returns_after_the_daemon_exits(
         assert result.returncode == 0, result.stderr
         assert not os.path.ismount(m.path)
         assert not process_alive(pid)
+
+
+def test_metadata_changes_are_accepted_without_effect(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    path = mounted / "batch" / "meta.txt"
+    path.write_bytes(b"meta\n")
+    before = os.stat(path)
+    os.chmod(path, 0o600)
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    os.chown(path, os.getuid(), os.getgid())
+    after = os.stat(path)
+    assert stat.S_IMODE(after.st_mode) == 0o644
+    assert after.st_mtime == before.st_mtime
+    source = tmp_path / "p.txt"
+    source.write_bytes(b"preserved\n")
+    os.utime(source, (1_000_000_000, 1_000_000_000))
+    subprocess.run(["cp", "-p", str(source), str(mounted / "batch")], check=True)
+    subprocess.run(["touch", "-d", "2001-01-01", str(path)], check=True)
+    assert sorted(f.filename for f in remote_files(sdk)) == ["meta.txt", "p.txt"]
+
+
+def test_mv_uploads_under_the_new_name_then_deletes(mounted: Mounted, sdk: Mistral) -> None:
+    batch, fine_tune = mounted / "batch", mounted / "fine-tune"
+    (batch / "a.jsonl").write_bytes(b'{"messages": []}\n')
+    subprocess.run(["mv", str(batch / "a.jsonl"), str(batch / "b.jsonl")], check=True)
+    assert os.listdir(batch) == ["b.jsonl"]
+    [moved] = remote_files(sdk)
+    assert (moved.filename, moved.purpose) == ("b.jsonl", "batch")
+    # Across folders the purpose changes, and the target's content rules apply.
+    subprocess.run(["mv", str(batch / "b.jsonl"), str(fine_tune / "b.jsonl")], check=True)
+    [moved] = remote_files(sdk)
+    assert (moved.filename, moved.purpose) == ("b.jsonl", "fine-tune")
+    assert (fine_tune / "b.jsonl").read_bytes() == b'{"messages": []}\n'
+    (batch / "notes.txt").write_bytes(b"not json\n")
+    refused = subprocess.run(
+        ["mv", str(batch / "notes.txt"), str(fine_tune / "notes.jsonl")], capture_output=True
+    )
+    assert refused.returncode != 0
+    assert (batch / "notes.txt").read_bytes() == b"not json\n"
+    assert sorted((f.filename, f.purpose) for f in remote_files(sdk)) == [
+        ("b.jsonl", "fine-tune"),
+        ("notes.txt", "batch"),
+    ]
+    # Onto an existing name: mv removes the target, then copies.
+    (batch / "c.txt").write_bytes(b"new\n")
+    (batch / "d.txt").write_bytes(b"old\n")
+    subprocess.run(["mv", str(batch / "c.txt"), str(batch / "d.txt")], check=True)
+    assert (batch / "d.txt").read_bytes() == b"new\n"
+    assert sorted(f.filename for f in remote_files(sdk, purpose="batch")) == ["d.txt", "notes.txt"]

@@ -354,3 +354,19 @@ async def test_read_only_refuses_changes(emulator: RunningEmulator, tmp_path: Pa
         await expect_errno(errno.EROFS, stack.ops.mkdir(batch, b"d", 0o755, None))
         await stack.client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_refused_signed_url_is_replaced(stack: Stack) -> None:
+    inode = await stack.write_file("batch", "u.txt", b"signed")
+    info = await stack.ops.open(inode, os.O_RDONLY, None)
+    await stack.ops.getxattr(inode, b"user.mistral.signed_url", None)  # caches a URL
+    await stack.clear_requests()
+    await stack.admin(
+        "POST", "faults", json=[{"path_prefix": "/storage/", "status": 403, "times": 1}]
+    )
+    assert await stack.ops.read(info.fh, 0, 6) == b"signed"
+    calls = [
+        (r["method"], r["path"].split("/")[1], r["status"]) for r in await stack.api_requests()
+    ]
+    assert calls == [("GET", "storage", 403), ("GET", "v1", 200), ("GET", "storage", 206)], calls
+    await stack.ops.release(info.fh)
