@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RunningEmulator
-from emulator_admin import add_batch_output, clear_requests, requests
+from emulator_admin import add_batch_output, clear_requests, requests, set_faults
 from mistralai.client import Mistral
 from mounting import Mounted, mount, mount_command, wait_for
 
@@ -292,3 +293,30 @@ def test_mv_uploads_under_the_new_name_then_deletes(mounted: Mounted, sdk: Mistr
     subprocess.run(["mv", str(batch / "c.txt"), str(batch / "d.txt")], check=True)
     assert (batch / "d.txt").read_bytes() == b"new\n"
     assert sorted(f.filename for f in remote_files(sdk, purpose="batch")) == ["d.txt", "notes.txt"]
+
+
+@pytest.mark.parametrize("stop", ["unmount", "sigterm"])
+def test_stopping_waits_for_uploads_in_flight(
+    stop: str, emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    source = tmp_path / "slow.bin"
+    source.write_bytes(os.urandom(300_000))
+    slow_upload = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 2.0}
+    with mount(emulator_process, tmp_path) as m:
+        pid = m.daemon_pid()
+        set_faults(emulator_process.url, emulator_process.api_key, slow_upload)
+        copy = subprocess.Popen(["cp", str(source), str(m / "batch")])
+        time.sleep(0.5)  # cp is now inside close(), waiting for the upload
+        started = time.monotonic()
+        if stop == "unmount":
+            env = dict(os.environ, XDG_RUNTIME_DIR=str(m.run_dir))
+            command = [sys.executable, "-m", "mistralfs", "unmount", str(m.path)]
+            assert subprocess.run(command, env=env, timeout=60).returncode == 0
+        else:
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: not process_alive(pid), timeout=30)
+        assert copy.wait(timeout=30) == 0, "the upload in flight must finish, and close() succeed"
+        assert time.monotonic() - started > 1.0
+        assert not os.path.ismount(m.path)
+    [remote] = remote_files(sdk)
+    assert (remote.filename, remote.size_bytes) == ("slow.bin", 300_000)
