@@ -7,11 +7,16 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from mistralai.client import Mistral
 
 from mistralfs.emulator.server import EmulatorConfig, serve
+
+if TYPE_CHECKING:
+    from mounting import Mounted
 
 API_KEY = "test-key"
 LISTENING = "mistralfs emulator listening on "
@@ -93,3 +98,18 @@ def emulator_process(tmp_path: pathlib.Path) -> Iterator[RunningEmulator]:
         if proc.stdout is not None:
             proc.stdout.close()
         log.close()
+
+
+@pytest.fixture
+def sdk(emulator_process: RunningEmulator) -> Mistral:
+    """The official SDK, pointed at the emulator process with nothing but `server_url`."""
+    return Mistral(api_key=emulator_process.api_key, server_url=emulator_process.url)
+
+
+@pytest.fixture
+def mounted(emulator_process: RunningEmulator, tmp_path: pathlib.Path) -> Iterator[Mounted]:
+    """A real mount of the emulator process, with a one-second folder cache time."""
+    from mounting import mount
+
+    with mount(emulator_process, tmp_path, "--dir-cache-time", "1") as m:
+        yield m

@@ -8,6 +8,7 @@ is ever left behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import RunningEmulator
+from mistralai.client import Mistral
 
 from mistralfs.daemon import process_alive
 
@@ -117,3 +119,16 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
             assert value, f"condition not met within {timeout}s"
             return value
         time.sleep(interval)
+
+
+def remote_files(sdk: Mistral, **filters: object) -> list:
+    """What the account holds, seen through the official SDK."""
+    return list(sdk.files.list(page_size=1000, **filters).data)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -9,50 +9,25 @@ nothing, and a bad key refuses to mount.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import RunningEmulator
 from emulator_admin import add_batch_output, clear_requests, requests, set_faults
 from mistralai.client import Mistral
-from mounting import Mounted, mount, mount_command, wait_for
+from mounting import Mounted, mount, mount_command, remote_files, sha256_of, wait_for
 
 from mistralfs.daemon import process_alive
 
 pytestmark = pytest.mark.fuse
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def mounted(emulator_process: RunningEmulator, tmp_path: Path) -> Iterator[Mounted]:
-    with mount(emulator_process, tmp_path, "--dir-cache-time", "1") as m:
-        yield m
-
-
-@pytest.fixture
-def sdk(emulator_process: RunningEmulator) -> Mistral:
-    return Mistral(api_key=emulator_process.api_key, server_url=emulator_process.url)
-
-
-def remote_files(sdk: Mistral, **filters: object) -> list:
-    return list(sdk.files.list(page_size=1000, **filters).data)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def test_root_shows_the_purpose_folders(mounted: Mounted) -> None:
