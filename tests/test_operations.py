@@ -91,6 +91,7 @@ async def make_stack(
     writer = Writer(
         client,
         namespace,
+        reader,
         spool_dir=cache_dir / "spool",
         recovery_dir=cache_dir / "recovery",
         max_file_size=512 * 1024 * 1024,

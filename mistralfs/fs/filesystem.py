@@ -72,6 +72,12 @@ class Filesystem:
             raise FsError(errno.ENOENT)
         return node
 
+    def _file(self, inode: int) -> FileNode:
+        node = self.node(inode)
+        if not isinstance(node, FileNode):
+            raise FsError(errno.EISDIR)
+        return node
+
     async def lookup(self, parent_inode: int, name: str) -> Node:
         parent = self.node(parent_inode)
         await self._fresh()
@@ -104,22 +110,32 @@ class Filesystem:
 
     # -- reading and writing ------------------------------------------------------
 
-    def open(self, inode: int, flags: int) -> int:
-        node = self.node(inode)
-        if not isinstance(node, FileNode):
-            raise FsError(errno.EISDIR)
-        wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+    async def open(self, inode: int, flags: int) -> tuple[int, bool]:
+        """A handle on the file, and whether the kernel may keep its cached pages."""
+        node = self._file(inode)
         spool = self._writer.spool_for(node)
-        if wants_write:
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             self._refuse_if_read_only()
-            if spool is None:
-                # Changing an uploaded file needs copy-on-write, which is not built yet.
-                raise FsError(errno.EPERM, f"{node.name}: uploaded files cannot be changed yet")
-            if flags & os.O_TRUNC:
-                self._writer.truncate(spool, 0)
+            try:
+                spool = await self._writer.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
+            except ApiError as exc:
+                raise self._fetch_error(node, exc) from exc
+        elif spool is None:
+            await self._check_still_there(node)
         if spool is not None:
             self._writer.open(spool)
-        return self._new_handle(Handle(node=node, spool=spool))
+        return self._new_handle(Handle(node=node, spool=spool)), spool is None
+
+    async def _check_still_there(self, node: FileNode) -> None:
+        """Opening a file deleted elsewhere fails with ENOENT, not later with EIO.
+
+        The signed URL fetched for that is the one the first read needs anyway.
+        """
+        assert node.remote is not None
+        try:
+            await self._reader.signed_url(node.remote.id)
+        except ApiError as exc:
+            raise self._fetch_error(node, exc) from exc
 
     def create(self, parent_inode: int, name: str) -> tuple[int, FileNode]:
         self._refuse_if_read_only()
@@ -142,9 +158,18 @@ class Filesystem:
         try:
             return await self._reader.read(remote, offset, size, handle.read_state)
         except ApiError as exc:
-            log.error("reading %s (%s) failed: %s", handle.node.name, remote.id, exc)
-            code = errno_for(exc)
-            raise FsError(errno.EIO if code == errno.EINVAL else code, str(exc)) from exc
+            raise self._fetch_error(handle.node, exc) from exc
+
+    def _fetch_error(self, node: FileNode, exc: ApiError) -> FsError:
+        """Fetching content failed: a file found deleted loses its name; else EIO or EACCES."""
+        log.error("reading %s/%s failed: %s", node.folder.name, node.name, exc)
+        if isinstance(exc, NotFound):
+            if node.remote is not None:
+                self._reader.forget(node.remote.id)
+            self.namespace.detach(node)
+            return FsError(errno.ENOENT, str(exc))
+        code = errno_for(exc)
+        return FsError(code if code == errno.EACCES else errno.EIO, str(exc))
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)
@@ -152,15 +177,17 @@ class Filesystem:
             raise FsError(errno.EBADF)
         return self._writer.write(handle.spool, offset, data)
 
-    def truncate(self, inode: int, size: int) -> None:
+    async def truncate(self, inode: int, size: int, fh: int | None) -> None:
         self._refuse_if_read_only()
-        node = self.node(inode)
-        if not isinstance(node, FileNode):
-            raise FsError(errno.EISDIR)
-        spool = self._writer.spool_for(node)
-        if spool is None:
-            raise FsError(errno.EPERM, f"{node.name}: uploaded files cannot be changed yet")
-        self._writer.truncate(spool, size)
+        node = self._file(inode)
+        spool = self._handle(fh).spool if fh is not None else self._writer.spool_for(node)
+        if spool is not None:
+            self._writer.truncate(spool, size)
+            return
+        try:
+            await self._writer.truncate_closed(node, size)
+        except ApiError as exc:
+            raise self._fetch_error(node, exc) from exc
 
     async def flush(self, fh: int) -> None:
         handle = self._handle(fh)
@@ -175,7 +202,27 @@ class Filesystem:
     async def wait_for_uploads(self) -> None:
         await self._writer.wait_idle()
 
-    # -- deleting -----------------------------------------------------------------
+    # -- renaming and deleting -----------------------------------------------------
+
+    async def rename(
+        self, old_parent: int, old_name: str, new_parent: int, new_name: str, *, replace: bool
+    ) -> None:
+        self._refuse_if_read_only()
+        node = await self.lookup(old_parent, old_name)
+        if not isinstance(node, FileNode):
+            raise FsError(errno.EPERM, "folders cannot be renamed")
+        folder = self.node(new_parent)
+        if not isinstance(folder, Folder):
+            raise FsError(errno.EACCES, "files can only be moved into a purpose folder")
+        target = folder.entries.get(new_name)
+        if target is node:
+            return
+        if target is not None and not replace:
+            raise FsError(errno.EEXIST)
+        try:
+            await self._writer.rename(node, folder, new_name)
+        except ApiError as exc:
+            raise self._fetch_error(node, exc) from exc
 
     async def unlink(self, parent_inode: int, name: str) -> None:
         self._refuse_if_read_only()

@@ -73,6 +73,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         writer = Writer(
             client,
             namespace,
+            reader,
             spool_dir=config.spool_dir,
             recovery_dir=config.recovery_dir,
             max_file_size=config.max_file_size,

@@ -40,14 +40,17 @@ class FileNode:
     inode: int
     folder: Folder
     name: str
+    filename: str  # the remote filename its next upload gets (the name may carry an id)
     remote: RemoteFile | None = None
-    local_size: int = 0
+    local_size: int | None = None  # set while a spool holds newer content than `remote`
     local_time: int = 0
     attached: bool = True
 
     @property
     def size(self) -> int:
-        return self.remote.bytes if self.remote is not None else self.local_size
+        if self.local_size is not None:
+            return self.local_size
+        return self.remote.bytes if self.remote is not None else 0
 
 
 @dataclass(eq=False)
@@ -117,7 +120,14 @@ class Namespace:
 
     def add_local(self, folder: Folder, name: str, now: int) -> FileNode:
         """A new file that exists only in a spool until its upload succeeds."""
-        node = FileNode(inode=self._new_inode(), folder=folder, name=name, local_time=now)
+        node = FileNode(
+            inode=self._new_inode(),
+            folder=folder,
+            name=name,
+            filename=name,
+            local_size=0,
+            local_time=now,
+        )
         self._nodes[node.inode] = node
         folder.entries[name] = node
         return node
@@ -130,16 +140,39 @@ class Namespace:
         self._inode_by_id[remote.id] = node.inode
         self._own_uploads[remote.id] = (remote, trio.current_time())
 
-    def detach(self, node: FileNode) -> None:
-        """Remove a file's name at once (deleted, or a local file given up)."""
+    def move(self, node: FileNode, folder: Folder, name: str) -> None:
+        """Rename: the node keeps its inode; its next upload carries the new name."""
+        if node.folder.entries.get(node.name) is node:
+            del node.folder.entries[node.name]
+        node.folder, node.name, node.filename = folder, name, name
+        folder.entries[name] = node
+
+    def detach(self, node: FileNode, *, deleted: bool = True) -> None:
+        """Remove a file's name at once.
+
+        `deleted` says its remote file is gone for good, so that a listing fetched
+        before the deletion cannot bring it back. A file only hidden (a rename target
+        whose replacement is not uploaded yet) comes back with the next listing if it
+        is still there.
+        """
         if node.folder.entries.get(node.name) is node:
             del node.folder.entries[node.name]
             self.on_name_removed(node.folder.inode, node.name)
         node.attached = False
         if node.remote is not None:
-            self._deleted_ids.add(node.remote.id)
+            if self._inode_by_id.get(node.remote.id) == node.inode:
+                del self._inode_by_id[node.remote.id]
             self._own_uploads.pop(node.remote.id, None)
-            self._inode_by_id.pop(node.remote.id, None)
+            if deleted:
+                self._deleted_ids.add(node.remote.id)
+
+    def forget_id(self, file_id: str) -> None:
+        """A remote file this mount deleted: drop whatever still shows it."""
+        node = self.file_by_id(file_id)
+        if node is not None and node.remote is not None and node.remote.id == file_id:
+            self.detach(node)
+        self._deleted_ids.add(file_id)
+        self._own_uploads.pop(file_id, None)
 
     # -- the listing --------------------------------------------------------------
 
@@ -164,8 +197,7 @@ class Namespace:
                 node = self._nodes[self._inode_by_id[file_id]]
                 assert isinstance(node, FileNode)
                 log.info("%s/%s was deleted elsewhere", node.folder.name, node.name)
-                self.detach(node)
-                self._deleted_ids.discard(file_id)
+                self.detach(node, deleted=False)
 
         fresh = [f for f in current.values() if f.id not in self._inode_by_id]
         fresh.sort(key=lambda f: (f.created_at, f.id))  # the oldest claims the plain name
@@ -175,6 +207,7 @@ class Namespace:
                 inode=self._new_inode(),
                 folder=folder,
                 name=self._free_name(folder, remote),
+                filename=remote.filename,
                 remote=remote,
             )
             self._nodes[node.inode] = node

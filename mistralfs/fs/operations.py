@@ -112,7 +112,7 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         if fields.update_size:
-            self.fs.truncate(inode, attr.st_size)
+            await self.fs.truncate(inode, attr.st_size, fh)
         # mode, owner and times cannot be stored remotely: accepted with no effect.
         return self._attrs(self.fs.node(inode))
 
@@ -144,11 +144,9 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def open(self, inode, flags, ctx):
-        fh = self.fs.open(inode, flags)
-        handle_node = self.fs.node(inode)
+        fh, keep_cache = await self.fs.open(inode, flags)
         # Remote content never changes for an id, so the kernel may keep its page cache.
-        keep = isinstance(handle_node, FileNode) and handle_node.remote is not None
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -196,9 +194,17 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
 
+    @_fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        # EXDEV makes mv fall back to copy and delete, which this mount supports.
-        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EXDEV)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "exchanging two names is not supported")
+        await self.fs.rename(
+            parent_inode_old,
+            _name(name_old),
+            parent_inode_new,
+            _name(name_new),
+            replace=not flags & pyfuse3.RENAME_NOREPLACE,
+        )
 
     # -- metadata -------------------------------------------------------------------
 
@@ -217,6 +223,13 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def listxattr(self, inode, ctx):
         return [name.encode("utf-8") for name in self.fs.xattr_names(inode)]
+
+    async def setxattr(self, inode, name, value, ctx):
+        # The service stores no custom metadata; ENOTSUP lets cp and mv carry on quietly.
+        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.ENOTSUP)
+
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.ENOTSUP)
 
     async def access(self, inode, mode, ctx):
         return True

@@ -9,6 +9,7 @@ window that doubles up to a bound.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -78,6 +79,11 @@ class BlockReader:
             parts.append(block[max(offset - start, 0) : end - start])
         self._maybe_prefetch(remote, offset, end, state)
         return b"".join(parts)
+
+    async def copy_into(self, remote: RemoteFile, fd: int) -> None:
+        """Write the whole content to `fd`, one block at a time, for copy-on-write."""
+        for index in range((remote.bytes + self.block_size - 1) // self.block_size):
+            os.pwrite(fd, await self._block(remote, index), index * self.block_size)
 
     async def signed_url(self, file_id: str) -> SignedUrl:
         url = self._urls.get(file_id)

@@ -1,9 +1,17 @@
-"""Writing files: spool to local disk, upload on flush, never lose what was written.
+"""Changing files: spool to local disk, upload on close, replace only after success.
 
-Data written through the mount goes to a spool file under the cache folder, never
-into memory. The first `close()` (FUSE `flush`) uploads the spool and returns the
-upload's outcome, because errors from `release` reach nobody. A spool whose upload
-did not succeed is moved to the recovery folder instead of being deleted.
+Remote files cannot be changed in place, so every change is a new upload:
+- a new file is written to a spool file under the cache folder, never into memory;
+- changing an uploaded file (append, truncate, `O_RDWR`, an editor's save) first
+  copies its content into a spool (copy-on-write), and `O_TRUNC` starts an empty one;
+- a rename of an uploaded file uploads its content again under the new name and purpose.
+In every case the version being replaced is deleted only after the new upload
+succeeded, and a spool whose upload did not succeed is moved to the recovery folder
+instead of being deleted.
+
+The first `close()` after data was written (FUSE `flush`) uploads and returns the
+upload's outcome, because errors from `release` reach nobody. Changes made without
+writing (a truncate, an empty new file) are uploaded when the last descriptor closes.
 """
 
 from __future__ import annotations
@@ -15,29 +23,34 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from mistralfs.api import ApiError, FilesClient, NotFound
+from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace
+from mistralfs.fs.reader import BlockReader
 
 log = logging.getLogger(__name__)
+
+TOO_LARGE = "files are limited to 512 MB"
 
 
 @dataclass(eq=False)
 class Spool:
-    """The local copy of a file being written, shared by every handle open on it."""
+    """The local copy of a file being changed, shared by every handle open on it."""
 
     node: FileNode
     path: Path
     fd: int
     size: int = 0
-    dirty: bool = False  # written since the last upload
+    written: bool = False  # data written since the last upload: upload at the next close
+    changed: bool = False  # differs from the remote version: upload at the last close
     oversize: bool = False
     handles: int = 0
+    replaces: list[str] = field(default_factory=list)  # ids to delete after the next upload
 
     @property
     def meta_path(self) -> Path:
@@ -51,6 +64,7 @@ class Writer:
         self,
         client: FilesClient,
         namespace: Namespace,
+        reader: BlockReader,
         *,
         spool_dir: Path,
         recovery_dir: Path,
@@ -58,6 +72,7 @@ class Writer:
     ) -> None:
         self._client = client
         self._namespace = namespace
+        self._reader = reader
         self._spool_dir = spool_dir
         self._recovery_dir = recovery_dir
         self._max_file_size = max_file_size
@@ -70,29 +85,71 @@ class Writer:
     def spool_for(self, node: FileNode) -> Spool | None:
         return self._spools.get(node.inode)
 
+    # -- opening ------------------------------------------------------------------
+
     def create(self, folder: Folder, name: str) -> Spool:
-        """A new, empty file in `folder`; it exists only locally until flushed."""
+        """A new, empty file in `folder`; it exists only locally until uploaded."""
         node = self._namespace.add_local(folder, name, now=int(time.time()))
+        spool = self._new_spool(node)
+        spool.changed = True  # even empty, it is a file to upload
+        return spool
+
+    async def open_for_write(self, node: FileNode, *, truncate: bool) -> Spool:
+        """The spool to change `node` through: the open one, or a copy of the remote file."""
+        spool = self._spools.get(node.inode)
+        if spool is None:
+            assert node.remote is not None, "a local file always has a spool"
+            spool = self._new_spool(node)
+            if not truncate:
+                try:
+                    await self._reader.copy_into(node.remote, spool.fd)
+                except BaseException:
+                    self._discard(spool)
+                    raise
+                spool.size = node.remote.bytes
+            node.local_size = spool.size
+        if truncate:
+            self.truncate(spool, 0)
+        return spool
+
+    def _new_spool(self, node: FileNode) -> Spool:
         path = self._spool_dir / f"{uuid.uuid4().hex}.spool"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         spool = Spool(node=node, path=path, fd=fd)
-        spool.meta_path.write_text(
-            json.dumps({"purpose": folder.purpose, "filename": name}), encoding="utf-8"
-        )
+        self._write_meta(spool)
         self._spools[node.inode] = spool
         return spool
+
+    def _write_meta(self, spool: Spool) -> None:
+        """What the spool is, so that a kept spool can be told apart and recovered."""
+        node = spool.node
+        meta = {
+            "purpose": node.folder.purpose,
+            "filename": node.filename,
+            "replaces": node.remote.id if node.remote is not None else None,
+        }
+        spool.meta_path.write_text(json.dumps(meta), encoding="utf-8")
+
+    def _discard(self, spool: Spool) -> None:
+        self._spools.pop(spool.node.inode, None)
+        os.close(spool.fd)
+        spool.path.unlink(missing_ok=True)
+        spool.meta_path.unlink(missing_ok=True)
+        spool.node.local_size = None
 
     def open(self, spool: Spool) -> None:
         spool.handles += 1
 
+    # -- changing -----------------------------------------------------------------
+
     def write(self, spool: Spool, offset: int, data: bytes) -> int:
         if offset + len(data) > self._max_file_size:
             spool.oversize = True
-            raise FsError(errno.EFBIG, f"{spool.node.name}: files are limited to 512 MB")
+            raise FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}")
         written = os.pwrite(spool.fd, data, offset)
         spool.size = max(spool.size, offset + written)
         spool.node.local_size = spool.size
-        spool.dirty = True
+        spool.written = spool.changed = True
         return written
 
     def read(self, spool: Spool, offset: int, size: int) -> bytes:
@@ -100,100 +157,147 @@ class Writer:
 
     def truncate(self, spool: Spool, size: int) -> None:
         if size > self._max_file_size:
-            raise FsError(errno.EFBIG, f"{spool.node.name}: files are limited to 512 MB")
+            raise FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}")
         os.ftruncate(spool.fd, size)
+        if size != spool.size:
+            spool.changed = True
         spool.size = spool.node.local_size = size
-        spool.dirty = True
+
+    async def truncate_closed(self, node: FileNode, size: int) -> None:
+        """`truncate PATH` with no descriptor open: copy, truncate and upload now."""
+        spool = await self.open_for_write(node, truncate=size == 0)
+        self.open(spool)
+        try:
+            self.truncate(spool, size)
+            if spool.changed:
+                await self._upload(spool)
+        finally:
+            await self.release(spool)
 
     async def flush(self, spool: Spool) -> None:
         """Upload the spool if it was written since the last upload; raise what went wrong.
 
         A close with nothing written uploads nothing: shells open, `dup2` and close the
         original descriptor before writing, and that first close must not upload an empty
-        file. An empty new file is uploaded when its last descriptor closes instead.
+        file (or, with `O_TRUNC`, replace a file by an empty one).
         """
         if spool.oversize:
-            raise FsError(errno.EFBIG, f"{spool.node.name}: not uploaded, it grew past 512 MB")
-        if spool.dirty and spool.node.attached:
+            raise FsError(errno.EFBIG, f"{spool.node.name}: not uploaded, {TOO_LARGE}")
+        if spool.written and spool.node.attached:
             await self._upload(spool)
 
-    async def _upload(self, spool: Spool) -> None:
-        node = spool.node
-        replaced = node.remote
-        self._uploads_in_flight += 1
-        self._idle = trio.Event()
-        try:
-            remote = await self._client.upload(
-                spool.path, filename=node.name, purpose=node.folder.purpose
-            )
-        except ApiError as exc:
-            log.error("upload of %s/%s failed: %s", node.folder.name, node.name, exc)
-            raise FsError(errno_for(exc), str(exc)) from exc
-        except OSError as exc:  # the spool itself could not be read
-            log.error(
-                "upload of %s/%s failed reading %s: %s",
-                node.folder.name,
-                node.name,
-                spool.path,
-                exc,
-            )
-            raise FsError(errno.EIO, str(exc)) from exc
-        finally:
-            self._uploads_in_flight -= 1
-            if self._uploads_in_flight == 0:
-                self._idle.set()
-        spool.dirty = False
-        self._namespace.uploaded(node, remote)
-        if replaced is not None:
-            await self._delete_replaced(node, replaced.id)
-        log.info(
-            "uploaded %s/%s as %s (%d bytes)", node.folder.name, node.name, remote.id, remote.bytes
-        )
-
-    async def _delete_replaced(self, node: FileNode, old_id: str) -> None:
-        """The new upload succeeded, so the version it replaces can go."""
-        try:
-            await self._client.delete(old_id)
-        except NotFound:
-            pass
-        except ApiError as exc:
-            log.error(
-                "%s/%s: could not delete the replaced %s: %s",
-                node.folder.name,
-                node.name,
-                old_id,
-                exc,
-            )
-
     async def release(self, spool: Spool) -> None:
-        """Last handle closed: drop the spool if its content is safe remotely, else keep it."""
+        """Last handle closed: upload what changed, then drop the spool or keep it safe."""
         spool.handles -= 1
         if spool.handles > 0:
             return
         node = spool.node
-        if node.remote is None and node.attached and not spool.dirty and not spool.oversize:
-            # Created and closed with nothing written (`touch`): upload the empty file now.
-            spool.dirty = True
-            with contextlib.suppress(FsError):
+        if spool.changed and node.attached and not spool.oversize:
+            with contextlib.suppress(FsError):  # logged by _upload; the spool is kept below
                 await self._upload(spool)
-        del self._spools[spool.node.inode]
+        del self._spools[node.inode]
         os.close(spool.fd)
-        if not spool.dirty or not node.attached:
+        node.local_size = None if node.remote is not None else spool.size
+        if not spool.changed or not node.attached:
             spool.path.unlink(missing_ok=True)
             spool.meta_path.unlink(missing_ok=True)
             return
+        self._keep(spool)
+        if node.remote is None:
+            self._namespace.detach(node)
+
+    def _keep(self, spool: Spool) -> None:
         self._recovery_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         kept = self._recovery_dir / spool.path.name
         spool.path.rename(kept)
         spool.meta_path.rename(kept.with_suffix(".json"))
         log.warning(
             "%s/%s was not uploaded; its content is kept at %s",
-            node.folder.name,
-            node.name,
+            spool.node.folder.name,
+            spool.node.name,
             kept,
         )
-        if node.remote is None:
-            self._namespace.detach(node)
+
+    # -- renaming -----------------------------------------------------------------
+
+    async def rename(self, node: FileNode, folder: Folder, name: str) -> None:
+        """Give `node` a new name and purpose; an existing target is replaced.
+
+        A file not uploaded yet is only renamed. An uploaded one is uploaded again
+        under the new name and purpose, and the old version and any replaced target
+        are deleted after that succeeded; if it fails, nothing has changed.
+        """
+        target = folder.entries.get(name)
+        replaced = [target.remote.id] if target is not None and target.remote else []
+        spool = self._spools.get(node.inode)
+        if node.remote is None or spool is not None:
+            # Not uploaded yet, or open for changes: the next upload uses the new name.
+            if target is not None:
+                self._namespace.detach(target, deleted=False)
+            self._namespace.move(node, folder, name)
+            if spool is not None:
+                spool.replaces.extend(replaced)
+                spool.changed = spool.changed or node.remote is not None
+                self._write_meta(spool)
+            return
+        spool = await self.open_for_write(node, truncate=False)
+        self.open(spool)
+        try:
+            remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
+            if target is not None:
+                self._namespace.detach(target, deleted=False)
+            old_id = node.remote.id
+            self._namespace.move(node, folder, name)
+            self._namespace.uploaded(node, remote)
+            spool.written = spool.changed = False
+            await self._delete_replaced(node, [old_id, *replaced])
+        finally:
+            await self.release(spool)
+
+    # -- uploading ----------------------------------------------------------------
+
+    async def _upload(self, spool: Spool) -> None:
+        node = spool.node
+        remote = await self._upload_as(spool, filename=node.filename, purpose=node.folder.purpose)
+        replaced = [node.remote.id] if node.remote is not None else []
+        replaced += spool.replaces
+        spool.replaces = []
+        spool.written = spool.changed = False
+        self._namespace.uploaded(node, remote)
+        await self._delete_replaced(node, replaced)
+
+    async def _upload_as(self, spool: Spool, *, filename: str, purpose: str) -> RemoteFile:
+        node = spool.node
+        self._uploads_in_flight += 1
+        self._idle = trio.Event()
+        try:
+            remote = await self._client.upload(spool.path, filename=filename, purpose=purpose)
+        except ApiError as exc:
+            log.error("upload of %s/%s failed: %s", node.folder.name, node.name, exc)
+            raise FsError(errno_for(exc), str(exc)) from exc
+        except OSError as exc:  # the spool itself could not be read
+            log.error("upload of %s/%s failed reading %s: %s", node.folder.name, node.name,
+                      spool.path, exc)  # fmt: skip
+            raise FsError(errno.EIO, str(exc)) from exc
+        finally:
+            self._uploads_in_flight -= 1
+            if self._uploads_in_flight == 0:
+                self._idle.set()
+        log.info("uploaded %s/%s as %s (%d bytes)", purpose, filename, remote.id, remote.bytes)
+        return remote
+
+    async def _delete_replaced(self, node: FileNode, file_ids: list[str]) -> None:
+        """The new upload succeeded, so the versions it replaces can go."""
+        for file_id in file_ids:
+            self._namespace.forget_id(file_id)
+            self._reader.forget(file_id)
+            try:
+                await self._client.delete(file_id)
+            except NotFound:
+                pass
+            except ApiError as exc:
+                log.error("%s/%s: could not delete the replaced %s: %s",
+                          node.folder.name, node.name, file_id, exc)  # fmt: skip
 
     async def wait_idle(self) -> None:
         """Return once no upload is in flight."""
