@@ -262,7 +262,7 @@ def test_mv_uploads_under_the_new_name_then_deletes(mounted: Mounted, sdk: Mistr
         ("b.jsonl", "fine-tune"),
         ("notes.txt", "batch"),
     ]
-    # Onto an existing name: mv removes the target, then copies.
+    # Onto an existing name: the target is replaced.
     (batch / "c.txt").write_bytes(b"new\n")
     (batch / "d.txt").write_bytes(b"old\n")
     subprocess.run(["mv", str(batch / "c.txt"), str(batch / "d.txt")], check=True)
@@ -295,3 +295,46 @@ def test_stopping_waits_for_uploads_in_flight(
         assert not os.path.ismount(m.path)
     [remote] = remote_files(sdk)
     assert (remote.filename, remote.size_bytes) == ("slow.bin", 300_000)
+
+
+def _getdents(fd: int, size: int = 512) -> list[str]:
+    """One getdents64 call with a small buffer, so a listing takes many calls."""
+    import ctypes
+    import struct
+
+    number = {"x86_64": 217, "aarch64": 61}[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size)
+    got = libc.syscall(number, fd, buf, size)
+    if got < 0:
+        raise OSError(ctypes.get_errno(), "getdents64")
+    names, pos = [], 0
+    while pos < got:
+        reclen = struct.unpack_from("H", buf.raw, pos + 16)[0]
+        names.append(buf.raw[pos + 19 : pos + reclen].split(b"\0", 1)[0].decode())
+        pos += reclen
+    return names
+
+
+def test_readdir_offsets_stay_valid_while_the_folder_changes(
+    mounted: Mounted, sdk: Mistral
+) -> None:
+    names = [f"file-{i:03d}.txt" for i in range(60)]
+    for name in names:
+        sdk.files.upload(file={"file_name": name, "content": b"x"}, purpose="batch")
+    batch = mounted / "batch"
+    wait_for(lambda: len(os.listdir(batch)) == 60, timeout=5)
+    fd = os.open(batch, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen = _getdents(fd)
+        assert 0 < len(seen) < 30, "the listing must take several calls"
+        for name in names[40:50]:  # deleted here, and elsewhere, while the listing goes on
+            os.unlink(batch / name)
+        sdk.files.upload(file={"file_name": "late.txt", "content": b"x"}, purpose="batch")
+        time.sleep(1.2)  # past the folder cache time
+        while more := _getdents(fd):
+            seen += more
+    finally:
+        os.close(fd)
+    assert sorted(seen) == names  # nothing skipped, nothing twice
+    assert sorted(os.listdir(batch)) == sorted([*names[:40], *names[50:], "late.txt"])

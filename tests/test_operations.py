@@ -12,6 +12,7 @@ import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -253,6 +254,7 @@ async def test_statfs_and_refused_operations(stack: Stack) -> None:
     await expect_errno(errno.EPERM, stack.ops.rmdir(ROOT, b"batch", None))
     await expect_errno(errno.EPERM, stack.ops.symlink(batch, b"l", b"t", None))
     await expect_errno(errno.EPERM, stack.ops.mknod(batch, b"n", 0o644, 0, None))
+    await expect_errno(errno.EPERM, stack.ops.link(batch, batch, b"hard", None))
     await expect_errno(errno.EACCES, stack.ops.create(ROOT, b"x.txt", 0o644, os.O_WRONLY, None))
 
 
@@ -371,3 +373,170 @@ async def test_refused_signed_url_is_replaced(stack: Stack) -> None:
     ]
     assert calls == [("GET", "storage", 403), ("GET", "v1", 200), ("GET", "storage", 206)], calls
     await stack.ops.release(info.fh)
+
+
+# -- changing uploaded files ---------------------------------------------------------------
+
+
+async def remote_state(stack: Stack) -> dict[tuple[str, str], str]:
+    """(purpose, filename) -> id of every remote file; fails on duplicate names."""
+    files = await stack.client.list_all()
+    state = {(f.purpose, f.filename): f.id for f in files}
+    assert len(state) == len(files), f"duplicate remote names: {files}"
+    return state
+
+
+async def rewrite(stack: Stack, inode: int, flags: int, data: bytes, offset: int = 0) -> None:
+    info = await stack.ops.open(inode, flags, None)
+    await stack.ops.write(info.fh, offset, data)
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+
+
+async def test_overwrite_uploads_new_then_deletes_old(stack: Stack) -> None:
+    inode = await stack.write_file("batch", "o.txt", b"old content")
+    [old_id] = (await remote_state(stack)).values()
+    await rewrite(stack, inode, os.O_WRONLY | os.O_TRUNC, b"new")
+    state = await remote_state(stack)
+    assert list(state) == [("batch", "o.txt")] and state["batch", "o.txt"] != old_id
+    assert (await stack.ops.lookup(await stack.folder("batch"), b"o.txt")).st_ino == inode
+    assert await stack.read_file(inode) == b"new"
+
+
+async def test_failed_overwrite_keeps_the_old_file(stack: Stack) -> None:
+    inode = await stack.write_file("fine-tune", "t.jsonl", b'{"ok": 1}\n')
+    before = await remote_state(stack)
+    info = await stack.ops.open(inode, os.O_WRONLY | os.O_TRUNC, None)
+    await stack.ops.write(info.fh, 0, b"broken\n")
+    await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    await stack.ops.release(info.fh)
+    assert await remote_state(stack) == before
+    assert (await stack.ops.getattr(inode)).st_size == len(b'{"ok": 1}\n')
+    assert await stack.read_file(inode) == b'{"ok": 1}\n'
+    kept = list((stack.cache_dir / "recovery").glob("*.spool"))
+    assert [p.read_bytes() for p in kept] == [b"broken\n"]
+
+
+async def test_append_and_read_write_edit_copy_on_write(stack: Stack) -> None:
+    data = os.urandom(3 * BLOCK + 7)
+    inode = await stack.write_file("batch", "a.bin", data)
+    await rewrite(stack, inode, os.O_WRONLY | os.O_APPEND, b"tail", offset=len(data))
+    assert await stack.read_file(inode) == data + b"tail"
+    await rewrite(stack, inode, os.O_RDWR, b"HEAD")
+    assert await stack.read_file(inode) == b"HEAD" + data[4:] + b"tail"
+    assert len(await remote_state(stack)) == 1
+
+
+async def test_open_read_write_without_writing_uploads_nothing(stack: Stack) -> None:
+    inode = await stack.write_file("batch", "rw.txt", b"same")
+    await stack.clear_requests()
+    info = await stack.ops.open(inode, os.O_RDWR, None)
+    assert await stack.ops.read(info.fh, 0, 10) == b"same"
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    assert [r for r in await stack.api_requests() if r["method"] != "GET"] == []
+
+
+async def test_truncate_without_an_open_file_uploads_at_once(stack: Stack) -> None:
+    inode = await stack.write_file("batch", "t.txt", b"0123456789")
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 4
+    fields = SimpleNamespace(update_size=True)  # pyfuse3's SetattrFields is read-only
+    assert (await stack.ops.setattr(inode, attr, fields, None, None)).st_size == 4
+    assert await stack.read_file(inode) == b"0123"
+    [file_id] = (await remote_state(stack)).values()
+    assert (await stack.client.retrieve(file_id)).bytes == 4
+
+
+async def test_rename_of_an_uploaded_file_uploads_again_then_deletes(stack: Stack) -> None:
+    inode = await stack.write_file("batch", "r.jsonl", b'{"r": 1}\n')
+    batch, fine_tune = await stack.folder("batch"), await stack.folder("fine-tune")
+    await stack.ops.rename(batch, b"r.jsonl", batch, b"s.jsonl", 0, None)
+    assert list(await remote_state(stack)) == [("batch", "s.jsonl")]
+    await stack.ops.rename(batch, b"s.jsonl", fine_tune, b"s.jsonl", 0, None)
+    assert list(await remote_state(stack)) == [("fine-tune", "s.jsonl")]
+    assert (await stack.ops.lookup(fine_tune, b"s.jsonl")).st_ino == inode
+    await expect_errno(errno.ENOENT, stack.ops.lookup(batch, b"s.jsonl"))
+    assert await stack.read_file(inode) == b'{"r": 1}\n'
+
+
+async def test_rename_onto_an_existing_name_replaces_it(stack: Stack) -> None:
+    await stack.write_file("batch", "src.txt", b"src")
+    await stack.write_file("batch", "dst.txt", b"dst")
+    batch = await stack.folder("batch")
+    await expect_errno(
+        errno.EEXIST,
+        stack.ops.rename(batch, b"src.txt", batch, b"dst.txt", pyfuse3.RENAME_NOREPLACE, None),
+    )
+    await stack.ops.rename(batch, b"src.txt", batch, b"dst.txt", 0, None)
+    assert list(await remote_state(stack)) == [("batch", "dst.txt")]
+    inode = (await stack.ops.lookup(batch, b"dst.txt")).st_ino
+    assert await stack.read_file(inode) == b"src"
+
+
+async def test_rename_refused_by_the_target_purpose_changes_nothing(stack: Stack) -> None:
+    await stack.write_file("batch", "notes.txt", b"not json")
+    before = await remote_state(stack)
+    batch, fine_tune = await stack.folder("batch"), await stack.folder("fine-tune")
+    await expect_errno(
+        errno.EINVAL, stack.ops.rename(batch, b"notes.txt", fine_tune, b"notes.jsonl", 0, None)
+    )
+    assert await remote_state(stack) == before
+    assert await stack.names("batch") == ["notes.txt"]
+    assert await stack.names("fine-tune") == []
+
+
+async def test_rename_of_a_file_being_written_needs_no_extra_upload(stack: Stack) -> None:
+    batch = await stack.folder("batch")
+    info, _ = await stack.ops.create(batch, b".tmp123", 0o644, os.O_WRONLY, None)
+    await stack.ops.write(info.fh, 0, b"data")
+    await stack.ops.rename(batch, b".tmp123", batch, b"final.txt", 0, None)
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    assert list(await remote_state(stack)) == [("batch", "final.txt")]
+    posts = [r for r in await stack.api_requests() if r["method"] == "POST"]
+    assert len(posts) == 1
+
+
+async def test_folders_cannot_be_renamed_nor_files_moved_to_the_root(stack: Stack) -> None:
+    await stack.write_file("batch", "f.txt", b"f")
+    batch = await stack.folder("batch")
+    await expect_errno(errno.EPERM, stack.ops.rename(ROOT, b"batch", ROOT, b"other", 0, None))
+    await expect_errno(errno.EACCES, stack.ops.rename(batch, b"f.txt", ROOT, b"f.txt", 0, None))
+    await expect_errno(
+        errno.EINVAL,
+        stack.ops.rename(batch, b"f.txt", batch, b"g.txt", pyfuse3.RENAME_EXCHANGE, None),
+    )
+
+
+async def test_edit_of_a_duplicate_keeps_its_remote_filename(stack: Stack) -> None:
+    await upload(stack, "dup.txt", b"first")
+    await trio.sleep(1.1)
+    second = await upload(stack, "dup.txt", b"second")
+    tagged = f"dup ({second[:8]}).txt"
+    inode = (await stack.ops.lookup(await stack.folder("batch"), tagged.encode())).st_ino
+    await rewrite(stack, inode, os.O_WRONLY | os.O_APPEND, b"!", offset=6)
+    files = sorted((f.filename, f.bytes) for f in await stack.client.list_all())
+    assert files == [("dup.txt", 5), ("dup.txt", 7)]
+    assert sorted(await stack.names("batch")) == sorted(["dup.txt", tagged])
+
+
+async def test_file_deleted_elsewhere_gives_enoent_on_open_and_mid_read(stack: Stack) -> None:
+    first = await upload(stack, "gone1.txt", b"x" * 100)
+    second = await upload(stack, "gone2.txt", b"y" * 100)
+    batch = await stack.folder("batch")
+    inode1 = (await stack.ops.lookup(batch, b"gone1.txt")).st_ino
+    inode2 = (await stack.ops.lookup(batch, b"gone2.txt")).st_ino
+    info2 = await stack.ops.open(inode2, os.O_RDONLY, None)  # the signed URL is now cached
+    await stack.admin("DELETE", "requests")
+    for file_id in (first, second):
+        async with httpx.AsyncClient(
+            base_url=stack.emulator.url,
+            headers={"Authorization": f"Bearer {stack.emulator.api_key}"},
+        ) as http:
+            (await http.delete(f"/v1/files/{file_id}")).raise_for_status()
+    await expect_errno(errno.ENOENT, stack.ops.open(inode1, os.O_RDONLY, None))
+    with trio.fail_after(10):
+        await expect_errno(errno.ENOENT, stack.ops.read(info2.fh, 0, 10))
+    await stack.ops.release(info2.fh)
+    assert await stack.names("batch") == []
