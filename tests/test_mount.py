@@ -338,3 +338,19 @@ def test_readdir_offsets_stay_valid_while_the_folder_changes(
         os.close(fd)
     assert sorted(seen) == names  # nothing skipped, nothing twice
     assert sorted(os.listdir(batch)) == sorted([*names[:40], *names[50:], "late.txt"])
+
+
+def test_ls_l_and_probes_on_a_listed_folder_make_no_api_call(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    for i in range(30):
+        sdk.files.upload(file={"file_name": f"f{i}.jsonl", "content": b"{}\n"}, purpose="batch")
+    with mount(emulator_process, tmp_path, "--dir-cache-time", "60") as m:
+        assert len(os.listdir(m / "batch")) == 30
+        clear_requests(emulator_process.url, emulator_process.api_key)
+        result = subprocess.run(["ls", "-la", str(m / "batch")], capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout.count(".jsonl") == 30
+        for probe in (".hidden", ".directory", ".Trash-0", "autorun.inf", ".git", "desktop.ini"):
+            assert not (m / "batch" / probe).exists()
+            assert not (m / probe).exists()
+        assert requests(emulator_process.url, emulator_process.api_key) == []

@@ -111,10 +111,28 @@ async def stack(emulator: RunningEmulator, tmp_path: Path) -> AsyncIterator[Stac
 
 
 async def upload(stack: Stack, name: str, data: bytes, purpose: str = "batch") -> str:
-    headers = {"Authorization": f"Bearer {stack.emulator.api_key}"}
+    """Upload as another client would, with the filename sent byte for byte.
+
+    httpx would percent-encode control characters in a multipart filename; a raw body
+    lets tests store the awkward names a real account can hold.
+    """
+    boundary = "mistralfs-test-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="'.encode()
+        + name.encode("utf-8")
+        + b'"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {
+        "Authorization": f"Bearer {stack.emulator.api_key}",
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+    }
     async with httpx.AsyncClient(base_url=stack.emulator.url, headers=headers) as http:
-        r = await http.post("/v1/files", data={"purpose": purpose}, files={"file": (name, data)})
+        r = await http.post("/v1/files", content=body)
         r.raise_for_status()
+        assert r.json()["filename"] == name, r.json()
         return r.json()["id"]
 
 
@@ -213,18 +231,31 @@ async def test_duplicate_names_oldest_plain_newer_tagged(stack: Stack, emulator)
 
 
 async def test_unsafe_remote_names_are_shown_safely(stack: Stack) -> None:
-    slash = await upload(stack, "a/b.txt", b"1")
-    dots = await upload(stack, "..", b"2")
-    long_name = "x" * 300 + ".txt"
-    long_id = await upload(stack, long_name, b"3")
-    names = await stack.names("batch")
-    assert "a\u2215b.txt" in names
-    assert dots in names
-    [tagged] = [n for n in names if n.startswith("xxx")]
-    assert len(tagged.encode()) <= 255 and f"({long_id[:8]})" in tagged
+    contents = {
+        "a/b.txt": b"slash",
+        "..": b"dots",
+        "bell\x07.txt": b"control",
+        "x" * 300 + ".txt": b"long",
+        "a\u2215b.txt": b"lookalike",  # cleans to the same name as "a/b.txt"
+    }
+    ids = {}
+    for filename, data in contents.items():
+        ids[filename] = await upload(stack, filename, data)
+    listing = await stack.ops.fs.list_dir(await stack.folder("batch"))
+    names = [name for name, _ in listing]
+    assert len(set(names)) == len(contents), names
     for name in names:
-        assert "/" not in name and name not in ("", ".", "..")
-    assert slash
+        encoded = name.encode("utf-8")
+        assert b"/" not in encoded and b"\0" not in encoded and name not in ("", ".", "..")
+        assert len(encoded) <= 255 and all(ord(c) >= 32 for c in name)
+    assert "a\u2215b.txt" in names and ids[".."] in names
+    assert "bell\ufffd.txt" in names
+    [long_name] = [n for n in names if n.startswith("xxx")]
+    assert f"({ids['x' * 300 + '.txt'][:8]})" in long_name
+    # Every one of them stays readable, and reads its own content.
+    by_id = {node.remote.id: node for _, node in listing}
+    for filename, data in contents.items():
+        assert await stack.read_file(by_id[ids[filename]].inode) == data
 
 
 async def test_xattrs_show_remote_metadata_and_system_names_cost_nothing(stack: Stack) -> None:

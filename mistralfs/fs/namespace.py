@@ -66,7 +66,7 @@ class Namespace:
 
     def __init__(self, client: FilesClient, dir_cache_time: float) -> None:
         self._client = client
-        self._dir_cache_time = dir_cache_time
+        self.dir_cache_time = dir_cache_time
         self.root = Root()
         self._nodes: dict[int, Node] = {self.root.inode: self.root}
         self._next_inode = self.root.inode + 1
@@ -114,7 +114,7 @@ class Namespace:
     def _is_stale(self) -> bool:
         if self._fetched_at is None:
             return True
-        return trio.current_time() - self._fetched_at >= self._dir_cache_time
+        return trio.current_time() - self._fetched_at >= self.dir_cache_time
 
     # -- changes made through this mount ----------------------------------------
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ATTR_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0  # at most; never longer than the folder cache time
 BLOCK = 4096
 STATFS_BLOCKS = 2**40 // BLOCK  # 1 TiB shown free: uploads are limited per file, not in total
 
@@ -72,6 +72,7 @@ class Operations(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._mounted_at_ns = time.time_ns()  # folders have no remote timestamp
+        self._timeout = min(ATTR_TIMEOUT, fs.namespace.dir_cache_time)
         self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
         self._next_dir_fh = 1
 
@@ -83,8 +84,7 @@ class Operations(pyfuse3.Operations):
         entry.st_uid = self._uid
         entry.st_gid = self._gid
         entry.st_blksize = BLOCK
-        entry.attr_timeout = ATTR_TIMEOUT
-        entry.entry_timeout = ATTR_TIMEOUT
+        entry.attr_timeout = entry.entry_timeout = self._timeout
         if isinstance(node, FileNode):
             mode = 0o444 if self.fs.read_only else 0o644
             entry.st_mode = stat.S_IFREG | mode
