@@ -19,7 +19,7 @@ import httpx
 import pyfuse3
 import pytest
 import trio
-from conftest import RunningEmulator
+from conftest import RunningEmulator, emulator_config, start_emulator
 
 from mistralfs.api import FilesClient, RetryPolicy
 from mistralfs.fs.filesystem import Filesystem
@@ -571,3 +571,59 @@ async def test_file_deleted_elsewhere_gives_enoent_on_open_and_mid_read(stack: S
         await expect_errno(errno.ENOENT, stack.ops.read(info2.fh, 0, 10))
     await stack.ops.release(info2.fh)
     assert await stack.names("batch") == []
+
+
+# -- the error table -----------------------------------------------------------------------
+
+
+async def test_names_that_are_not_utf8_are_refused(stack: Stack) -> None:
+    batch = await stack.folder("batch")
+    await expect_errno(errno.EINVAL, stack.ops.create(batch, b"\xff.txt", 0o644, os.O_WRONLY, None))
+
+
+async def test_unavailable_service_fails_close_with_eio_and_keeps_the_data(stack: Stack) -> None:
+    batch = await stack.folder("batch")
+    await stack.admin("POST", "faults", json=[{"method": "POST", "status": 503, "times": None}])
+    info, _ = await stack.ops.create(batch, b"later.txt", 0o644, os.O_WRONLY, None)
+    await stack.ops.write(info.fh, 0, b"precious")
+    await expect_errno(errno.EIO, stack.ops.flush(info.fh))
+    await stack.ops.release(info.fh)
+    kept = list((stack.cache_dir / "recovery").glob("*.spool"))
+    assert [p.read_bytes() for p in kept] == [b"precious"]
+
+
+async def test_a_body_that_is_not_json_is_eio_and_the_next_call_works(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0)
+        fault = {"method": "GET", "path_prefix": "/v1/files", "status": 200, "body": "<html>"}
+        await stack.admin("POST", "faults", json=[fault])
+        await expect_errno(errno.EIO, stack.ops.lookup(ROOT, b"batch"))
+        assert (await stack.ops.lookup(ROOT, b"batch")).st_ino > ROOT
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_key_is_eacces(emulator: RunningEmulator, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        wrong = RunningEmulator(emulator.url, "wrong-key", emulator.data_dir, emulator.config)
+        stack = await make_stack(wrong, nursery, tmp_path / "c")
+        await expect_errno(errno.EACCES, stack.ops.lookup(ROOT, b"batch"))
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_upload_the_service_finds_too_large_is_efbig(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        small = await start_emulator(nursery, emulator_config(tmp_path, max_file_size=1000))
+        stack = await make_stack(small, nursery, tmp_path / "c")
+        info, _ = await stack.ops.create(
+            await stack.folder("batch"), b"big.bin", 0o644, os.O_WRONLY, None
+        )
+        await stack.ops.write(info.fh, 0, b"x" * 2000)
+        await expect_errno(errno.EFBIG, stack.ops.flush(info.fh))
+        await stack.ops.release(info.fh)
+        assert await stack.client.list_all() == []
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
