@@ -1,0 +1,557 @@
+"""Real tools against real mounts: cp, mv, rm, shell redirects, truncate, sed -i, rsync,
+tar, find, du, stat, getfattr, gio (GLib's file layer) and Midnight Commander in tmux.
+
+Each test runs the tool the way a user would, asserts that it succeeded quietly
+(exit status 0, nothing on stderr), and then checks the account through the official
+SDK: exactly one remote file per name, the right purpose, the right content both
+through the mount and through the SDK's download (or a signed URL), and no temporary
+file left behind by the tool. A missing tool fails the test: `.ci/setup` installs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from mistralai.client import Mistral
+from mounting import Mounted, remote_files, wait_for
+
+pytestmark = pytest.mark.fuse
+
+KiB = 1024
+JSONL = b"".join(
+    b'{"messages": [{"role": "user", "content": "a %d"}, {"role": "assistant", "content": "ok"}]}\n'
+    % i
+    for i in range(5)
+)
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """The tool's path; a missing tool is a failure (`.ci/setup` installs it), not a skip."""
+    path = shutil.which(name)
+    assert path is not None, f"{name} is not installed: run .ci/setup"
+    return path
+
+
+def log_excerpt(mounted: Mounted, lines: int = 25) -> str:
+    """The daemon log's warnings and errors, and its last lines, for failure messages."""
+    text = mounted.log().splitlines()
+    notable = [line for line in text if " DEBUG " not in line]
+    return "\n".join(
+        ["-- mount log, non-debug lines:", *notable[-lines:], "-- last lines:", *text[-lines:]]
+    )
+
+
+def run(
+    mounted: Mounted,
+    *command: str | os.PathLike[str],
+    quiet: bool = True,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool; it must exit 0 and, when `quiet`, print nothing on stderr."""
+    argv = [str(part) for part in command]
+    tool(argv[0])
+    result = subprocess.run(
+        argv, capture_output=True, input=input, env=env, cwd=cwd, timeout=60, check=False
+    )
+    stderr = result.stderr.decode(errors="replace")
+    failure = (
+        f"{' '.join(argv)} -> exit {result.returncode}\nstderr: {stderr}\n{log_excerpt(mounted)}"
+    )
+    assert result.returncode == 0, failure
+    if quiet:
+        assert stderr == "", failure
+    return result
+
+
+def download(sdk: Mistral, file_id: str) -> bytes:
+    response = sdk.files.download(file_id=file_id)
+    try:
+        return response.read()
+    finally:
+        response.close()
+
+
+def via_signed_url(sdk: Mistral, file_id: str) -> bytes:
+    signed = sdk.files.get_signed_url(file_id=file_id, expiry=1)
+    response = httpx.get(signed.url, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def assert_account(
+    sdk: Mistral, mounted: Mounted, expected: dict[str, bytes], *, signed: bool = False
+) -> dict[str, str]:
+    """The account holds exactly `expected` ({"purpose/filename": content}), once each.
+
+    Content is checked through the SDK's download (and a signed URL if `signed`) and
+    through the mount; each purpose folder lists exactly the expected names. Returns
+    {"purpose/filename": file id}.
+    """
+    files = remote_files(sdk)
+    held = sorted(f"{f.purpose}/{f.filename}" for f in files)
+    assert held == sorted(expected), "remote files differ from what the tool should have left"
+    ids = {}
+    for f in files:
+        key = f"{f.purpose}/{f.filename}"
+        want = expected[key]
+        ids[key] = f.id
+        assert f.size_bytes == len(want), f"{key}: remote size {f.size_bytes} != {len(want)}"
+        assert download(sdk, f.id) == want, f"{key}: SDK download differs"
+        if signed:
+            assert via_signed_url(sdk, f.id) == want, f"{key}: signed URL content differs"
+        path = mounted / key
+        assert path.stat().st_size == len(want), f"{key}: size through the mount"
+        assert path.read_bytes() == want, f"{key}: content through the mount differs"
+    for folder in ("batch", "fine-tune", "ocr"):
+        names = sorted(k.split("/", 1)[1] for k in expected if k.startswith(folder + "/"))
+        assert sorted(os.listdir(mounted / folder)) == names, f"{folder}/ listing"
+    return ids
+
+
+def assert_gone(sdk: Mistral, file_id: str) -> None:
+    with pytest.raises(Exception, match=r"404|[Nn]ot found"):
+        sdk.files.retrieve(file_id=file_id)
+
+
+# -- 1. cp ---------------------------------------------------------------------------
+
+
+def test_cp_p_into_batch(mounted: Mounted, tmp_path: Path, sdk: Mistral) -> None:
+    source = tmp_path / "report.jsonl"
+    source.write_bytes(b'{"custom_id": "1"}\n' * 300)
+    os.utime(source, (1_000_000_000, 1_000_000_000))
+    os.chmod(source, 0o600)
+    run(mounted, "cp", "-p", source, mounted / "batch")
+    assert_account(sdk, mounted, {"batch/report.jsonl": source.read_bytes()}, signed=True)
+
+
+def test_cp_onto_an_existing_name_replaces_it(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    source = tmp_path / "data.txt"
+    source.write_bytes(b"first version, rather long: " + b"x" * 5000 + b"\n")
+    run(mounted, "cp", source, mounted / "batch")
+    old = assert_account(sdk, mounted, {"batch/data.txt": source.read_bytes()})
+    # Shorter content: a stale tail or a stale page cache would show.
+    source.write_bytes(b"second\n")
+    run(mounted, "cp", source, mounted / "batch" / "data.txt")
+    new = assert_account(sdk, mounted, {"batch/data.txt": b"second\n"}, signed=True)
+    assert new != old
+    assert_gone(sdk, old["batch/data.txt"])
+    # cp -p onto it again (O_TRUNC, then chmod/chown/utimens), longer this time.
+    source.write_bytes(b"third version\n" * 100)
+    run(mounted, "cp", "-p", source, mounted / "batch" / "data.txt")
+    assert_account(sdk, mounted, {"batch/data.txt": source.read_bytes()})
+    assert_gone(sdk, new["batch/data.txt"])
+
+
+# -- 2. mv ---------------------------------------------------------------------------
+
+
+def test_mv_within_a_folder(mounted: Mounted, sdk: Mistral) -> None:
+    batch = mounted / "batch"
+    (batch / "a.jsonl").write_bytes(JSONL)
+    [before] = remote_files(sdk)
+    run(mounted, "mv", batch / "a.jsonl", batch / "b.jsonl")
+    assert_account(sdk, mounted, {"batch/b.jsonl": JSONL}, signed=True)
+    assert_gone(sdk, before.id)
+
+
+def test_mv_across_purposes(mounted: Mounted, sdk: Mistral) -> None:
+    (mounted / "batch" / "train.jsonl").write_bytes(JSONL)
+    [before] = remote_files(sdk)
+    run(mounted, "mv", mounted / "batch" / "train.jsonl", mounted / "fine-tune")
+    assert_account(sdk, mounted, {"fine-tune/train.jsonl": JSONL}, signed=True)
+    assert_gone(sdk, before.id)
+    [moved] = remote_files(sdk)
+    assert moved.num_lines == 5 and moved.sample_type == "instruct"
+    # And back again, under a new name.
+    run(mounted, "mv", mounted / "fine-tune" / "train.jsonl", mounted / "batch" / "req.jsonl")
+    assert_account(sdk, mounted, {"batch/req.jsonl": JSONL})
+
+
+def test_mv_onto_an_existing_name_replaces_it(mounted: Mounted, sdk: Mistral) -> None:
+    batch = mounted / "batch"
+    (batch / "new.txt").write_bytes(b"the new content\n")
+    (batch / "old.txt").write_bytes(b"the old content, which is longer\n")
+    run(mounted, "mv", batch / "new.txt", batch / "old.txt")
+    assert_account(sdk, mounted, {"batch/old.txt": b"the new content\n"}, signed=True)
+    # Across purposes onto an existing name too.
+    (mounted / "fine-tune" / "set.jsonl").write_bytes(b'{"old": 1}\n')
+    (batch / "set.jsonl").write_bytes(JSONL)
+    run(mounted, "mv", batch / "set.jsonl", mounted / "fine-tune" / "set.jsonl")
+    assert_account(
+        sdk, mounted, {"batch/old.txt": b"the new content\n", "fine-tune/set.jsonl": JSONL}
+    )
+
+
+def test_folders_cannot_be_moved(mounted: Mounted, sdk: Mistral) -> None:
+    (mounted / "batch" / "keep.txt").write_bytes(b"keep\n")
+    result = subprocess.run(
+        [tool("mv"), str(mounted / "batch"), str(mounted / "renamed")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0, "renaming a purpose folder must fail"
+    assert sorted(os.listdir(mounted.path)) == ["batch", "fine-tune", "ocr"]
+    assert_account(sdk, mounted, {"batch/keep.txt": b"keep\n"})
+
+
+# -- 3. rm ---------------------------------------------------------------------------
+
+
+def test_rm(mounted: Mounted, sdk: Mistral) -> None:
+    (mounted / "batch" / "gone.txt").write_bytes(b"bye\n")
+    (mounted / "batch" / "stays.txt").write_bytes(b"hi\n")
+    ids = assert_account(sdk, mounted, {"batch/gone.txt": b"bye\n", "batch/stays.txt": b"hi\n"})
+    run(mounted, "rm", mounted / "batch" / "gone.txt")
+    assert not (mounted / "batch" / "gone.txt").exists()
+    assert_account(sdk, mounted, {"batch/stays.txt": b"hi\n"})
+    assert_gone(sdk, ids["batch/gone.txt"])
+
+
+# -- 4. editing uploaded files in place ------------------------------------------------
+
+
+def test_shell_append_to_an_uploaded_file(mounted: Mounted, sdk: Mistral) -> None:
+    path = mounted / "batch" / "log.txt"
+    path.write_bytes(b"line 1\n")
+    [old] = remote_files(sdk)
+    run(mounted, "bash", "-c", 'cat >> "$0"', path, input=b"line 2\nline 3\n")
+    assert_account(sdk, mounted, {"batch/log.txt": b"line 1\nline 2\nline 3\n"}, signed=True)
+    assert_gone(sdk, old.id)
+
+
+def test_truncate_shrinks_and_grows_an_uploaded_file(mounted: Mounted, sdk: Mistral) -> None:
+    path = mounted / "batch" / "t.bin"
+    content = bytes(range(256)) * 40
+    path.write_bytes(content)
+    run(mounted, "truncate", "-s", "1000", path)
+    assert_account(sdk, mounted, {"batch/t.bin": content[:1000]})
+    run(mounted, "truncate", "-s", "5000", path)
+    assert_account(sdk, mounted, {"batch/t.bin": content[:1000] + bytes(4000)}, signed=True)
+
+
+def test_sed_in_place_on_fine_tune_jsonl(mounted: Mounted, sdk: Mistral) -> None:
+    path = mounted / "fine-tune" / "train.jsonl"
+    path.write_bytes(JSONL)
+    [old] = remote_files(sdk)
+    # sed writes ./sedXXXXXX in the same folder, then renames it onto the target.
+    run(mounted, "sed", "-i", "s/a/b/", path)
+    expected = b"".join(line.replace(b"a", b"b", 1) + b"\n" for line in JSONL.splitlines())
+    assert expected != JSONL
+    assert_account(sdk, mounted, {"fine-tune/train.jsonl": expected}, signed=True)
+    assert_gone(sdk, old.id)
+
+
+def gio_env(tmp_path: Path) -> dict[str, str]:
+    """GLib's local file layer only: no gvfs daemons, no D-Bus session, a private HOME."""
+    home = tmp_path / "gio-home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "XDG_"))}
+    env.update(GIO_USE_VFS="local", GIO_USE_VOLUME_MONITOR="unix", HOME=str(home))
+    env["XDG_RUNTIME_DIR"] = str(home)
+    return env
+
+
+def test_gio_save_onto_an_uploaded_file(mounted: Mounted, tmp_path: Path, sdk: Mistral) -> None:
+    # g_file_replace(), as GLib applications save: open without O_TRUNC, then ftruncate.
+    path = mounted / "batch" / "notes.txt"
+    path.write_bytes(b"the first draft, longer than the second\n")
+    [old] = remote_files(sdk)
+    run(mounted, "gio", "save", path, input=b"second draft\n", env=gio_env(tmp_path))
+    assert_account(sdk, mounted, {"batch/notes.txt": b"second draft\n"})
+    assert_gone(sdk, old.id)
+
+
+# -- 5. rsync ------------------------------------------------------------------------
+
+
+def rsync_source(tmp_path: Path) -> dict[str, bytes]:
+    """50 files of varied sizes: some empty, some around 200 KB."""
+    source = tmp_path / "src"
+    source.mkdir()
+    files = {}
+    for i in range(50):
+        size = 0 if i % 10 == 0 else 200 * KiB + i if i % 10 == 1 else (i * 997) % 20_000 + 1
+        data = (f"file {i}\n".encode() * (size // 7 + 1))[:size]
+        files[f"f{i:02d}.dat"] = data
+        (source / f"f{i:02d}.dat").write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("extra", [[], ["--inplace"]], ids=["temp-and-rename", "inplace"])
+def test_rsync_fifty_files_twice(
+    extra: list[str], mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    files = rsync_source(tmp_path)
+    source = tmp_path / "src"
+    run(mounted, "rsync", "-a", *extra, f"{source}/", f"{mounted / 'batch'}/")
+    assert_account(sdk, mounted, {f"batch/{name}": data for name, data in files.items()})
+    # Change a few: one grows, one shrinks, one becomes empty, an empty one gets content.
+    changes = {
+        "f03.dat": files["f03.dat"] + b"appended\n" * 500,
+        "f11.dat": b"short now\n",
+        "f25.dat": b"",
+        "f40.dat": b"was empty\n",
+    }
+    for name, data in changes.items():
+        (source / name).write_bytes(data)
+        files[name] = data
+    run(mounted, "rsync", "-a", *extra, f"{source}/", f"{mounted / 'batch'}/")
+    assert_account(sdk, mounted, {f"batch/{name}": data for name, data in files.items()})
+    assert not [f.filename for f in remote_files(sdk) if f.filename.startswith(".")]
+
+
+# -- 6. tar, find, du, stat, getfattr ----------------------------------------------------
+
+
+def test_tar_extract_then_find_du_stat_getfattr(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    source = tmp_path / "tree"
+    source.mkdir()
+    files = {}
+    for i in range(20):
+        data = os.urandom(i * 3000 + 17)
+        files[f"part-{i:02d}.bin"] = data
+        (source / f"part-{i:02d}.bin").write_bytes(data)
+    archive = tmp_path / "a.tar"
+    run(mounted, "tar", "-cf", archive, "-C", source, *sorted(files))
+    with tarfile.open(archive) as t:
+        assert all(member.isfile() for member in t.getmembers())
+    run(mounted, "tar", "-xf", archive, "-C", mounted / "batch")
+    ids = assert_account(sdk, mounted, {f"batch/{name}": data for name, data in files.items()})
+
+    found = run(mounted, "find", mounted.path, "-type", "f").stdout.decode().split()
+    assert sorted(found) == sorted(str(mounted / "batch" / name) for name in files)
+
+    du = run(mounted, "du", "-sh", mounted / "batch").stdout.decode()
+    size, where = du.split()
+    assert where == str(mounted / "batch")
+    assert size not in ("0", "0K") and re.fullmatch(r"[\d.]+[KMG]?", size), du
+    du_bytes = run(mounted, "du", "-s", "--apparent-size", "-B1", mounted / "batch").stdout
+    assert int(du_bytes.split()[0]) >= sum(len(d) for d in files.values())
+
+    name = "part-07.bin"
+    out = run(mounted, "stat", "-c", "%s %F %a", mounted / "batch" / name).stdout.decode()
+    assert out.split() == [str(len(files[name])), "regular", "file", "644"]
+
+    attrs = run(mounted, "getfattr", "-d", name, cwd=mounted / "batch").stdout.decode()
+    assert f'user.mistral.id="{ids["batch/" + name]}"' in attrs, attrs
+    assert 'user.mistral.purpose="batch"' in attrs, attrs
+    assert 'user.mistral.source="upload"' in attrs, attrs
+    assert "user.mistral.signed_url=" in attrs, attrs
+
+
+# -- 7. gio --------------------------------------------------------------------------
+
+
+def test_gio_list_info_copy_remove(mounted: Mounted, tmp_path: Path, sdk: Mistral) -> None:
+    env = gio_env(tmp_path)
+    (mounted / "batch" / "present.jsonl").write_bytes(JSONL)
+    listing = run(
+        mounted, "gio", "list", "-a", "standard::*", mounted / "batch", env=env
+    ).stdout.decode()
+    [line] = listing.splitlines()
+    assert line.startswith(f"present.jsonl\t{len(JSONL)}\t(regular)"), listing
+    assert "standard::content-type=" in line
+
+    source = tmp_path / "upload.txt"
+    source.write_bytes(b"copied by gio\n" * 1000)
+    run(mounted, "gio", "copy", source, f"{mounted / 'batch'}/", env=env)
+    ids = assert_account(
+        sdk,
+        mounted,
+        {"batch/present.jsonl": JSONL, "batch/upload.txt": source.read_bytes()},
+        signed=True,
+    )
+
+    info = run(mounted, "gio", "info", mounted / "batch" / "upload.txt", env=env).stdout.decode()
+    assert "type: regular" in info, info
+    assert f"standard::size: {len(source.read_bytes())}" in info, info
+    xattrs = run(
+        mounted, "gio", "info", "-a", "xattr::*", mounted / "batch" / "upload.txt", env=env
+    ).stdout.decode()
+    assert f"xattr::mistral.id: {ids['batch/upload.txt']}" in xattrs, xattrs
+
+    run(mounted, "gio", "remove", mounted / "batch" / "upload.txt", env=env)
+    assert_account(sdk, mounted, {"batch/present.jsonl": JSONL})
+    assert_gone(sdk, ids["batch/upload.txt"])
+
+
+# -- 8. Midnight Commander in tmux ---------------------------------------------------------
+
+
+class Tmux:
+    """One tmux server of our own (its own socket), so nothing else is touched."""
+
+    def __init__(self) -> None:
+        self.socket = f"mistralfs-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.session = "mc"
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None) -> str:
+        result = subprocess.run(
+            [tool("tmux"), "-L", self.socket, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert result.returncode == 0, f"tmux {args}: {result.stderr}"
+        return result.stdout
+
+    def keys(self, *keys: str) -> None:
+        self("send-keys", "-t", self.session, *keys)
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", self.session)
+
+    def wait(self, predicate, what: str, timeout: float = 10.0) -> str:
+        """Poll the screen until `predicate(screen)`; fail showing the last screen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            if time.monotonic() > deadline:
+                pytest.fail(f"mc: waited {timeout}s for {what}; the screen was:\n{screen}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+
+def panel_rows(screen: str, side: int) -> list[str]:
+    """The names in a panel (0 left, 1 right), '/'-prefixed for folders."""
+    rows = []
+    for line in screen.splitlines():
+        parts = line.split("||")
+        if len(parts) == 2 and parts[side].count("|") >= 3:
+            rows.append(parts[side].strip("|").split("|")[0].strip())
+    return rows
+
+
+def status(screen: str, side: int) -> str:
+    """The mini status line of a panel: the name under its cursor."""
+    lines = screen.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("|---") and index + 1 < len(lines):
+            parts = lines[index + 1].split("||")
+            if len(parts) == 2:
+                return parts[side].strip("| ")
+    return ""
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    tool("mc")
+    session = Tmux()
+    try:
+        yield session
+    finally:
+        session.kill()
+
+
+def select(tmux: Tmux, side: int, name: str) -> None:
+    """Move the cursor of the active panel (`side`) onto `name`."""
+    tmux.keys("Home")
+    screen = tmux.wait(lambda s: status(s, side) in ("..", "/..", "UP--DIR"), "the cursor on ..")
+    for _ in range(60):
+        if status(screen, side) == name:
+            return
+        before = status(screen, side)
+        tmux.keys("Down")
+        screen = tmux.wait(
+            lambda s, b=before: status(s, side) != b, f"the cursor to move to {name}"
+        )
+    pytest.fail(f"mc: {name} not found in the panel:\n{screen}")
+
+
+def test_midnight_commander_browse_view_copy_delete(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral, tmux: Tmux
+) -> None:
+    batch = mounted / "batch"
+    (batch / "view.txt").write_bytes(b"viewme line one\nsecond line of the file\n")
+    (batch / "delme.txt").write_bytes(b"to be deleted\n")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "fromlocal.txt").write_bytes(b"copied by mc from the other panel\n" * 20)
+    home = tmp_path / "mc-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "TMUX"))}
+    env.update(HOME=str(home), TERM="xterm-256color", XDG_CONFIG_HOME=str(home / ".config"))
+    env.update(XDG_DATA_HOME=str(home / ".local"), XDG_CACHE_HOME=str(home / ".cache"))
+    # -u: no subshell; -a: plain ASCII frames. Keep the pane after mc exits to read its status.
+    shell = (
+        f"TERM=xterm-256color {tool('mc')} -u -a '{mounted.path}' '{local}'; "
+        'echo "mc exited with status $?"; sleep 600'
+    )
+    tmux("new-session", "-d", "-s", tmux.session, "-x", "200", "-y", "50", shell, env=env)
+
+    # Browse: the root shows the purpose folders; go into batch/.
+    tmux.wait(lambda s: {"/batch", "/fine-tune", "/ocr"} <= set(panel_rows(s, 0)), "the root")
+    select(tmux, 0, "/batch")
+    tmux.keys("Enter")
+    screen = tmux.wait(
+        lambda s: {"delme.txt", "view.txt"} <= set(panel_rows(s, 0)), "batch/ to be listed"
+    )
+    assert f"{batch} " in screen.splitlines()[1], screen
+
+    # View a file with F3, then leave the viewer.
+    select(tmux, 0, "view.txt")
+    tmux.keys("F3")
+    screen = tmux.wait(lambda s: "viewme line one" in s, "the viewer to show view.txt")
+    assert "second line of the file" in screen and str(batch / "view.txt") in screen, screen
+    tmux.keys("q")
+    tmux.wait(lambda s: "view.txt" in panel_rows(s, 0), "the panels after the viewer")
+
+    # Copy a file from the other panel into the mount with F5 + Enter.
+    tmux.keys("Tab")
+    select(tmux, 1, "fromlocal.txt")
+    tmux.keys("F5")
+    tmux.wait(lambda s: 'Copy file "fromlocal.txt"' in s, "the copy dialog")
+    tmux.keys("Enter")
+    screen = tmux.wait(lambda s: "fromlocal.txt" in panel_rows(s, 0), "the copy to show up")
+    assert "Error" not in screen, screen
+    expected = {
+        "batch/view.txt": b"viewme line one\nsecond line of the file\n",
+        "batch/delme.txt": b"to be deleted\n",
+        "batch/fromlocal.txt": (local / "fromlocal.txt").read_bytes(),
+    }
+    ids = assert_account(sdk, mounted, expected, signed=True)
+
+    # Delete one with F8 + Enter.
+    tmux.keys("Tab")
+    select(tmux, 0, "delme.txt")
+    tmux.keys("F8")
+    tmux.wait(lambda s: '"delme.txt"?' in s, "the delete confirmation")
+    tmux.keys("Enter")
+    screen = tmux.wait(lambda s: "delme.txt" not in panel_rows(s, 0), "delme.txt to go")
+    assert "Error" not in screen, screen
+    del expected["batch/delme.txt"]
+    assert_account(sdk, mounted, expected)
+    assert_gone(sdk, ids["batch/delme.txt"])
+
+    # Quit with F10: mc exits 0 and nothing else changed.
+    tmux.keys("F10")
+    tmux.wait(lambda s: "mc exited with status" in s, "mc to exit")
+    assert "mc exited with status 0" in tmux.screen()
+    assert_account(sdk, mounted, expected)
+    wait_for(lambda: sorted(os.listdir(batch)) == ["fromlocal.txt", "view.txt"], timeout=2)
