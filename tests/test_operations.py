@@ -627,3 +627,27 @@ async def test_an_upload_the_service_finds_too_large_is_efbig(tmp_path: Path) ->
         assert await stack.client.list_all() == []
         await stack.client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_changes_to_a_file_deleted_elsewhere_are_kept(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0)
+        file_id = await upload(stack, "shared.txt", b"base")
+        batch = await stack.folder("batch")
+        inode = (await stack.ops.lookup(batch, b"shared.txt")).st_ino
+        info = await stack.ops.open(inode, os.O_WRONLY | os.O_APPEND, None)
+        await stack.ops.write(info.fh, 4, b"+mine")
+        await stack.admin("DELETE", "requests")
+        async with httpx.AsyncClient(
+            base_url=emulator.url, headers={"Authorization": f"Bearer {emulator.api_key}"}
+        ) as http:
+            (await http.delete(f"/v1/files/{file_id}")).raise_for_status()
+        await expect_errno(errno.ENOENT, stack.ops.lookup(batch, b"shared.txt"))
+        await expect_errno(errno.EIO, stack.ops.flush(info.fh))
+        await stack.ops.release(info.fh)
+        kept = list((tmp_path / "c" / "recovery").glob("*.spool"))
+        assert [p.read_bytes() for p in kept] == [b"base+mine"]
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()

@@ -238,6 +238,7 @@ class Filesystem:
                 log.error("deleting %s/%s failed: %s", node.folder.name, name, exc)
                 raise FsError(errno_for(exc), str(exc)) from exc
             self._reader.forget(node.remote.id)
+        node.unlinked = True
         self.namespace.detach(node)
 
     # -- extended attributes -------------------------------------------------------

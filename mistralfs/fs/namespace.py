@@ -44,7 +44,8 @@ class FileNode:
     remote: RemoteFile | None = None
     local_size: int | None = None  # set while a spool holds newer content than `remote`
     local_time: int = 0
-    attached: bool = True
+    attached: bool = True  # still has its name
+    unlinked: bool = False  # removed by the user, so unsaved changes may go too
 
     @property
     def size(self) -> int:

@@ -183,8 +183,12 @@ class Writer:
         """
         if spool.oversize:
             raise FsError(errno.EFBIG, f"{spool.node.name}: not uploaded, {TOO_LARGE}")
-        if spool.written and spool.node.attached:
+        if not spool.written:
+            return
+        if spool.node.attached:
             await self._upload(spool)
+        elif not spool.node.unlinked:
+            raise FsError(errno.EIO, f"{spool.node.name} was deleted elsewhere; not uploaded")
 
     async def release(self, spool: Spool) -> None:
         """Last handle closed: upload what changed, then drop the spool or keep it safe."""
@@ -198,7 +202,7 @@ class Writer:
         del self._spools[node.inode]
         os.close(spool.fd)
         node.local_size = None if node.remote is not None else spool.size
-        if not spool.changed or not node.attached:
+        if not spool.changed or node.unlinked:
             spool.path.unlink(missing_ok=True)
             spool.meta_path.unlink(missing_ok=True)
             return
