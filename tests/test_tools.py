@@ -10,13 +10,14 @@ file left behind by the tool. A missing tool fails the test: `.ci/setup` install
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +94,15 @@ def via_signed_url(sdk: Mistral, file_id: str) -> bytes:
     return response.content
 
 
+def summary(data: bytes) -> tuple[str, str]:
+    """Size and digest, so that a failed comparison prints something readable."""
+    return summary_of_size(len(data)), hashlib.sha256(data).hexdigest()[:16]
+
+
+def summary_of_size(size: int) -> str:
+    return f"{size} bytes"
+
+
 def assert_account(
     sdk: Mistral, mounted: Mounted, expected: dict[str, bytes], *, signed: bool = False
 ) -> dict[str, str]:
@@ -108,15 +118,15 @@ def assert_account(
     ids = {}
     for f in files:
         key = f"{f.purpose}/{f.filename}"
-        want = expected[key]
+        want = summary(expected[key])
         ids[key] = f.id
-        assert f.size_bytes == len(want), f"{key}: remote size {f.size_bytes} != {len(want)}"
-        assert download(sdk, f.id) == want, f"{key}: SDK download differs"
+        assert summary_of_size(f.size_bytes) == want[0], f"{key}: remote size"
+        assert summary(download(sdk, f.id)) == want, f"{key}: SDK download differs"
         if signed:
-            assert via_signed_url(sdk, f.id) == want, f"{key}: signed URL content differs"
+            assert summary(via_signed_url(sdk, f.id)) == want, f"{key}: signed URL differs"
         path = mounted / key
-        assert path.stat().st_size == len(want), f"{key}: size through the mount"
-        assert path.read_bytes() == want, f"{key}: content through the mount differs"
+        assert summary_of_size(path.stat().st_size) == want[0], f"{key}: size through the mount"
+        assert summary(path.read_bytes()) == want, f"{key}: content through the mount differs"
     for folder in ("batch", "fine-tune", "ocr"):
         names = sorted(k.split("/", 1)[1] for k in expected if k.startswith(folder + "/"))
         assert sorted(os.listdir(mounted / folder)) == names, f"{folder}/ listing"
@@ -400,15 +410,16 @@ def test_gio_list_info_copy_remove(mounted: Mounted, tmp_path: Path, sdk: Mistra
 
 
 class Tmux:
-    """One tmux server of our own (its own socket), so nothing else is touched."""
+    """A tmux server of our own (its own socket), so no other tmux session is touched."""
 
     def __init__(self) -> None:
-        self.socket = f"mistralfs-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="mistralfs-tmux-"))
+        self.socket = str(self.socket_dir / "socket")
         self.session = "mc"
 
     def __call__(self, *args: str, env: dict[str, str] | None = None) -> str:
         result = subprocess.run(
-            [tool("tmux"), "-L", self.socket, *args],
+            [tool("tmux"), "-S", self.socket, *args],
             capture_output=True,
             text=True,
             env=env,
@@ -435,7 +446,8 @@ class Tmux:
             time.sleep(0.1)
 
     def kill(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def panel_rows(screen: str, side: int) -> list[str]:
@@ -461,7 +473,6 @@ def status(screen: str, side: int) -> str:
 
 @pytest.fixture
 def tmux() -> Iterator[Tmux]:
-    tool("mc")
     session = Tmux()
     try:
         yield session
