@@ -651,3 +651,55 @@ async def test_changes_to_a_file_deleted_elsewhere_are_kept(
         assert [p.read_bytes() for p in kept] == [b"base+mine"]
         await stack.client.aclose()
         nursery.cancel_scope.cancel()
+
+
+# -- what a close uploads, and when ----------------------------------------------------------
+
+
+async def test_touch_uploads_the_new_empty_file_at_close(stack: Stack) -> None:
+    """`touch`: create, futimens on the descriptor, close: uploaded before close returns."""
+    info, attrs = await stack.ops.create(
+        await stack.folder("batch"), b"touched", 0o644, os.O_WRONLY, None
+    )
+    await stack.ops.setattr(attrs.st_ino, attrs, SimpleNamespace(update_size=False), info.fh, None)
+    await stack.ops.flush(info.fh)
+    assert [(f.filename, f.bytes) for f in await stack.client.list_all()] == [("touched", 0)]
+    await stack.clear_requests()
+    await stack.ops.release(info.fh)
+    assert [r for r in await stack.api_requests() if r["method"] == "POST"] == []
+
+
+async def test_rename_of_a_closed_temp_file_is_final_on_return(stack: Stack) -> None:
+    """rsync: write a temp file, close it, rename it; the release may come later."""
+    batch = await stack.folder("batch")
+    for name, data in ((b".f.XXXX", b"data"), (b".e.XXXX", b"")):
+        info, _ = await stack.ops.create(batch, name, 0o644, os.O_RDWR | os.O_EXCL, None)
+        if data:
+            await stack.ops.write(info.fh, 0, data)
+        await stack.ops.flush(info.fh)
+        await stack.ops.rename(batch, name, batch, name[1:2] + b".dat", 0, None)
+        names = [f.filename for f in await stack.client.list_all()]
+        assert name[1:2].decode() + ".dat" in names and name.decode() not in names
+        await stack.ops.release(info.fh)
+    assert sorted((f.filename, f.bytes) for f in await stack.client.list_all()) == [
+        ("e.dat", 0),
+        ("f.dat", 4),
+    ]
+
+
+async def test_rename_onto_a_file_while_both_are_open_like_gio_save(stack: Stack) -> None:
+    """GLib: open the target, write and fsync a temp file, rename it over the target, close."""
+    target_inode = await stack.write_file("batch", "notes.txt", b"first draft")
+    batch = await stack.folder("batch")
+    target = await stack.ops.open(target_inode, os.O_WRONLY, None)
+    temp, _ = await stack.ops.create(batch, b".goutputstream-X", 0o644, os.O_WRONLY, None)
+    await stack.ops.write(temp.fh, 0, b"second draft")
+    await stack.ops.fsync(temp.fh, False)
+    await stack.ops.rename(batch, b".goutputstream-X", batch, b"notes.txt", 0, None)
+    files = [(f.filename, f.bytes) for f in await stack.client.list_all()]
+    assert files == [("notes.txt", len(b"second draft"))]
+    await stack.ops.release(temp.fh)
+    await stack.ops.release(target.fh)
+    inode = (await stack.ops.lookup(batch, b"notes.txt")).st_ino
+    assert await stack.read_file(inode) == b"second draft"
+    assert [(f.filename, f.bytes) for f in await stack.client.list_all()] == files

@@ -113,17 +113,17 @@ class Filesystem:
     async def open(self, inode: int, flags: int) -> tuple[int, bool]:
         """A handle on the file, and whether the kernel may keep its cached pages."""
         node = self._file(inode)
-        spool = self._writer.spool_for(node)
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+        write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if write:
             self._refuse_if_read_only()
-            try:
-                spool = await self._writer.open_for_write(node, truncate=bool(flags & os.O_TRUNC))
-            except ApiError as exc:
-                raise self._fetch_error(node, exc) from exc
-        elif spool is None:
+        elif self._writer.spool_for(node) is None:
             await self._check_still_there(node)
-        if spool is not None:
-            self._writer.open(spool)
+        try:
+            spool = await self._writer.open_handle(
+                node, write=write, truncate=bool(flags & os.O_TRUNC)
+            )
+        except ApiError as exc:
+            raise self._fetch_error(node, exc) from exc
         return self._new_handle(Handle(node=node, spool=spool)), spool is None
 
     async def _check_still_there(self, node: FileNode) -> None:
@@ -145,7 +145,6 @@ class Filesystem:
         if name in parent.entries:
             raise FsError(errno.EEXIST)
         spool = self._writer.create(parent, name)
-        self._writer.open(spool)
         return self._new_handle(Handle(node=spool.node, spool=spool)), spool.node
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -177,10 +176,17 @@ class Filesystem:
             raise FsError(errno.EBADF)
         return self._writer.write(handle.spool, offset, data)
 
-    async def truncate(self, inode: int, size: int, fh: int | None) -> None:
+    async def setattr(self, inode: int, size: int | None, fh: int | None) -> None:
+        """Only the size can change; mode, owner and times are accepted with no effect."""
+        node = self._file(inode) if size is not None else self.node(inode)
+        spool = self._handle(fh).spool if fh is not None else None
+        if size is None:
+            if spool is not None:
+                self._writer.touched(spool)
+            return
         self._refuse_if_read_only()
-        node = self._file(inode)
-        spool = self._handle(fh).spool if fh is not None else self._writer.spool_for(node)
+        assert isinstance(node, FileNode)
+        spool = spool or self._writer.spool_for(node)
         if spool is not None:
             self._writer.truncate(spool, size)
             return

@@ -111,9 +111,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if fields.update_size:
-            await self.fs.truncate(inode, attr.st_size, fh)
-        # mode, owner and times cannot be stored remotely: accepted with no effect.
+        await self.fs.setattr(inode, attr.st_size if fields.update_size else None, fh)
         return self._attrs(self.fs.node(inode))
 
     async def forget(self, inode_list):

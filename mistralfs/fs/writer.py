@@ -46,10 +46,14 @@ class Spool:
     path: Path
     fd: int
     size: int = 0
-    written: bool = False  # data written since the last upload: upload at the next close
-    changed: bool = False  # differs from the remote version: upload at the last close
+    # Changed by the program since the last upload: upload at the next close.
+    unflushed: bool = False
+    # Differs from the remote version, perhaps only by how it was opened (a new file,
+    # O_TRUNC): upload at the last close at the latest.
+    changed: bool = False
     oversize: bool = False
     handles: int = 0
+    closed_since_write: bool = False  # a descriptor was closed after the last write
     replaces: list[str] = field(default_factory=list)  # ids to delete after the next upload
 
     @property
@@ -58,7 +62,12 @@ class Spool:
 
 
 class Writer:
-    """Owns the spool files and turns them into uploads."""
+    """Owns the spool files and turns them into uploads.
+
+    Everything that uploads, renames, or opens or drops a spool holds the file's lock
+    (`FileNode.lock`), so that an upload started by one close is finished before a
+    rename or another open of the same file looks at it.
+    """
 
     def __init__(
         self,
@@ -88,28 +97,41 @@ class Writer:
     # -- opening ------------------------------------------------------------------
 
     def create(self, folder: Folder, name: str) -> Spool:
-        """A new, empty file in `folder`; it exists only locally until uploaded."""
+        """A new, empty file in `folder`, open once; it exists only locally until uploaded."""
         node = self._namespace.add_local(folder, name, now=int(time.time()))
         spool = self._new_spool(node)
         spool.changed = True  # even empty, it is a file to upload
+        spool.handles = 1
         return spool
 
-    async def open_for_write(self, node: FileNode, *, truncate: bool) -> Spool:
-        """The spool to change `node` through: the open one, or a copy of the remote file."""
-        spool = self._spools.get(node.inode)
-        if spool is None:
-            assert node.remote is not None, "a local file always has a spool"
-            spool = self._new_spool(node)
-            if not truncate:
-                try:
-                    await self._reader.copy_into(node.remote, spool.fd)
-                except BaseException:
-                    self._discard(spool)
-                    raise
-                spool.size = node.remote.bytes
-            node.local_size = spool.size
-        if truncate:
-            self.truncate(spool, 0)
+    async def open_handle(self, node: FileNode, *, write: bool, truncate: bool) -> Spool | None:
+        """Count a new handle on `node`; the spool it reads and writes, if it needs one.
+
+        A handle that only reads a file with no spool reads the remote content.
+        """
+        async with node.lock:
+            spool = self._spools.get(node.inode)
+            if spool is None and write:
+                spool = await self._copy_on_write(node, truncate=truncate)
+            if spool is None:
+                return None
+            spool.handles += 1
+            if truncate:
+                self._truncate(spool, 0)
+            return spool
+
+    async def _copy_on_write(self, node: FileNode, *, truncate: bool) -> Spool:
+        """A spool holding the remote content (none if it is about to be truncated)."""
+        assert node.remote is not None, "a local file always has a spool"
+        spool = self._new_spool(node)
+        if not truncate:
+            try:
+                await self._reader.copy_into(node.remote, spool.fd)
+            except BaseException:
+                self._discard(spool)
+                raise
+            spool.size = node.remote.bytes
+        node.local_size = spool.size
         return spool
 
     def _new_spool(self, node: FileNode) -> Spool:
@@ -135,10 +157,7 @@ class Writer:
         os.close(spool.fd)
         spool.path.unlink(missing_ok=True)
         spool.meta_path.unlink(missing_ok=True)
-        spool.node.local_size = None
-
-    def open(self, spool: Spool) -> None:
-        spool.handles += 1
+        spool.node.local_size = None if spool.node.remote is not None else spool.size
 
     # -- changing -----------------------------------------------------------------
 
@@ -149,13 +168,19 @@ class Writer:
         written = os.pwrite(spool.fd, data, offset)
         spool.size = max(spool.size, offset + written)
         spool.node.local_size = spool.size
-        spool.written = spool.changed = True
+        spool.unflushed = spool.changed = True
+        spool.closed_since_write = False
         return written
 
     def read(self, spool: Spool, offset: int, size: int) -> bytes:
         return os.pread(spool.fd, size, offset)
 
     def truncate(self, spool: Spool, size: int) -> None:
+        """`ftruncate` by the program: uploaded at the next close."""
+        self._truncate(spool, size)
+        spool.unflushed = spool.unflushed or spool.changed
+
+    def _truncate(self, spool: Spool, size: int) -> None:
         if size > self._max_file_size:
             raise FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}")
         os.ftruncate(spool.fd, size)
@@ -163,35 +188,54 @@ class Writer:
             spool.changed = True
         spool.size = spool.node.local_size = size
 
+    def touched(self, spool: Spool) -> None:
+        """The program acted on the file after opening it (`futimens`, `fchmod`, ...).
+
+        So a close that follows is not a shell closing a descriptor it just duplicated,
+        and a new or truncated file is uploaded by that close rather than afterwards.
+        """
+        spool.unflushed = spool.unflushed or spool.changed
+
     async def truncate_closed(self, node: FileNode, size: int) -> None:
         """`truncate PATH` with no descriptor open: copy, truncate and upload now."""
-        spool = await self.open_for_write(node, truncate=size == 0)
-        self.open(spool)
-        try:
-            self.truncate(spool, size)
-            if spool.changed:
-                await self._upload(spool)
-        finally:
-            await self.release(spool)
+        async with node.lock:
+            spool = self._spools.get(node.inode) or await self._copy_on_write(
+                node, truncate=size == 0
+            )
+            spool.handles += 1
+            try:
+                self._truncate(spool, size)
+                if spool.changed:
+                    await self._upload(spool)
+            finally:
+                await self._release(spool)
 
     async def flush(self, spool: Spool) -> None:
-        """Upload the spool if it was written since the last upload; raise what went wrong.
+        """Upload what the program changed since the last upload; raise what went wrong.
 
-        A close with nothing written uploads nothing: shells open, `dup2` and close the
-        original descriptor before writing, and that first close must not upload an empty
-        file (or, with `O_TRUNC`, replace a file by an empty one).
+        A close after nothing but the open itself uploads nothing: shells open, `dup2`
+        and close the original descriptor before writing, and that close must neither
+        upload an empty new file nor replace a file by its truncated version. Such a
+        change is uploaded when the last descriptor closes instead.
         """
+        node = spool.node
+        spool.closed_since_write = True
         if spool.oversize:
-            raise FsError(errno.EFBIG, f"{spool.node.name}: not uploaded, {TOO_LARGE}")
-        if not spool.written:
-            return
-        if spool.node.attached:
-            await self._upload(spool)
-        elif not spool.node.unlinked:
-            raise FsError(errno.EIO, f"{spool.node.name} was deleted elsewhere; not uploaded")
+            raise FsError(errno.EFBIG, f"{node.name}: not uploaded, {TOO_LARGE}")
+        async with node.lock:
+            if not spool.unflushed:
+                return
+            if node.attached:
+                await self._upload(spool)
+            elif not node.unlinked:
+                raise FsError(errno.EIO, f"{node.name} was deleted elsewhere; not uploaded")
 
     async def release(self, spool: Spool) -> None:
-        """Last handle closed: upload what changed, then drop the spool or keep it safe."""
+        """A handle closed; after the last one, upload what changed and drop the spool."""
+        async with spool.node.lock:
+            await self._release(spool)
+
+    async def _release(self, spool: Spool) -> None:
         spool.handles -= 1
         if spool.handles > 0:
             return
@@ -199,13 +243,12 @@ class Writer:
         if spool.changed and node.attached and not spool.oversize:
             with contextlib.suppress(FsError):  # logged by _upload; the spool is kept below
                 await self._upload(spool)
+        if not spool.changed or node.unlinked:
+            self._discard(spool)
+            return
         del self._spools[node.inode]
         os.close(spool.fd)
         node.local_size = None if node.remote is not None else spool.size
-        if not spool.changed or node.unlinked:
-            spool.path.unlink(missing_ok=True)
-            spool.meta_path.unlink(missing_ok=True)
-            return
         self._keep(spool)
         if node.remote is None:
             self._namespace.detach(node)
@@ -227,36 +270,41 @@ class Writer:
     async def rename(self, node: FileNode, folder: Folder, name: str) -> None:
         """Give `node` a new name and purpose; an existing target is replaced.
 
-        A file not uploaded yet is only renamed. An uploaded one is uploaded again
-        under the new name and purpose, and the old version and any replaced target
-        are deleted after that succeeded; if it fails, nothing has changed.
+        A file not uploaded yet and still being written is only renamed: its upload will
+        carry the new name. Otherwise the content is uploaded again under the new name and
+        purpose (from the open spool, else copied from the remote file), and the old
+        version and any replaced target are deleted after that succeeded. If it fails,
+        nothing has changed. Either way the account is in its final state on return.
         """
-        target = folder.entries.get(name)
-        replaced = [target.remote.id] if target is not None and target.remote else []
-        spool = self._spools.get(node.inode)
-        if node.remote is None or spool is not None:
-            # Not uploaded yet, or open for changes: the next upload uses the new name.
-            if target is not None:
-                self._namespace.detach(target, deleted=False)
-            self._namespace.move(node, folder, name)
-            if spool is not None:
+        async with node.lock:
+            target = folder.entries.get(name)
+            replaced = [target.remote.id] if target is not None and target.remote else []
+            spool = self._spools.get(node.inode)
+            if spool is not None and node.remote is None and not spool.closed_since_write:
+                self._replace_name(node, target, folder, name)
                 spool.replaces.extend(replaced)
-                spool.changed = spool.changed or node.remote is not None
                 self._write_meta(spool)
-            return
-        spool = await self.open_for_write(node, truncate=False)
-        self.open(spool)
-        try:
-            remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
-            if target is not None:
-                self._namespace.detach(target, deleted=False)
-            old_id = node.remote.id
-            self._namespace.move(node, folder, name)
-            self._namespace.uploaded(node, remote)
-            spool.written = spool.changed = False
-            await self._delete_replaced(node, [old_id, *replaced])
-        finally:
-            await self.release(spool)
+                return
+            if spool is None:
+                spool = await self._copy_on_write(node, truncate=False)
+            spool.handles += 1
+            try:
+                remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
+                self._replace_name(node, target, folder, name)
+                old = [node.remote.id] if node.remote is not None else []
+                self._namespace.uploaded(node, remote)
+                spool.unflushed = spool.changed = False
+                await self._delete_replaced(node, [*old, *spool.replaces, *replaced])
+                spool.replaces = []
+            finally:
+                await self._release(spool)
+
+    def _replace_name(
+        self, node: FileNode, target: FileNode | None, folder: Folder, name: str
+    ) -> None:
+        if target is not None:
+            self._namespace.detach(target, deleted=False)  # deleted once replaced remotely
+        self._namespace.move(node, folder, name)
 
     # -- uploading ----------------------------------------------------------------
 
@@ -266,7 +314,7 @@ class Writer:
         replaced = [node.remote.id] if node.remote is not None else []
         replaced += spool.replaces
         spool.replaces = []
-        spool.written = spool.changed = False
+        spool.unflushed = spool.changed = False
         self._namespace.uploaded(node, remote)
         await self._delete_replaced(node, replaced)
 
