@@ -155,16 +155,24 @@ class MountMachine(RuleBasedStateMachine):
             os.close(fd)
 
     def wait_uploaded(self, folder: str, name: str) -> None:
-        """An empty new file is uploaded when its last descriptor closes, just after close()."""
+        """Wait for an empty file, and for the version it replaces to go.
+
+        Content that is only a creation or a truncation is uploaded when the last
+        descriptor closes (so a shell's open, dup2, close uploads nothing), which is
+        just after close() returns.
+        """
 
         def uploaded() -> bool:
             try:
                 file_id = self.file_id(folder, name)
             except OSError:
                 return False
-            return any(r.id == file_id for r in remote_files(self.sdk))
+            remote = [r for r in remote_files(self.sdk) if r.purpose == folder]
+            return len(remote) == len(self.model[folder]) and any(
+                r.id == file_id and r.size_bytes == 0 for r in remote
+            )
 
-        wait_for(uploaded, timeout=10)
+        wait_for(uploaded, timeout=5)
 
     # -- rules: through the mount ---------------------------------------------------
 
@@ -328,3 +336,44 @@ def test_mount_behaves_like_a_dict_of_folders(
             raise
         finally:
             print(f"state machine ran for {time.monotonic() - started:.1f}s")
+
+
+# -- what the state machine found, as short deterministic checks -----------------------
+
+
+def test_listing_while_an_upload_is_in_flight_shows_the_file_once(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    """`touch f; ls`: the listing that races the upload must not show `f (id8)` too."""
+    with mount(emulator_process, tmp_path, "--dir-cache-time", "0") as mounted:
+        for i in range(10):
+            # Empty: uploaded when the last descriptor closes, just after close() returns,
+            # while the listings below are being made.
+            os.close(os.open(mounted / "batch" / f"e{i}.txt", os.O_CREAT | os.O_WRONLY, 0o644))
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                names = os.listdir(mounted / "batch")
+                assert f"e{i}.txt" in names
+                assert len(names) == i + 1, sorted(names)
+        assert len(remote_files(sdk)) == 10
+
+
+def test_truncating_an_uploaded_file_to_empty_replaces_it(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    """`: > f` (O_TRUNC, nothing written) and truncate(2) to 0 both empty the file."""
+    with mount(emulator_process, tmp_path, "--dir-cache-time", "0") as mounted:
+        by_open, by_truncate = mounted / "batch" / "by-open.txt", mounted / "batch" / "by-truncate"
+        by_open.write_bytes(b"x")
+        by_truncate.write_bytes(b"y")
+        os.close(os.open(by_open, os.O_WRONLY | os.O_TRUNC))
+        os.truncate(by_truncate, 0)
+
+        def sizes() -> list[tuple[str, int]]:
+            return sorted((r.filename, r.size_bytes) for r in remote_files(sdk))
+
+        expected = [("by-open.txt", 0), ("by-truncate", 0)]
+        with contextlib.suppress(AssertionError):  # uploaded as the last descriptor closes
+            wait_for(lambda: sizes() == expected, timeout=5)
+        assert sizes() == expected
+        assert by_open.read_bytes() == by_truncate.read_bytes() == b""
