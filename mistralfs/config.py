@@ -7,6 +7,7 @@ it comes from `--api-key-file`, `MISTRAL_API_KEY`, or the systemd credential
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ def parse_size(text: str) -> int:
 
 
 def default_cache_dir() -> Path:
+    """systemd's CacheDirectory= when running as a unit, else the XDG cache folder."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "mistralfs"
 
@@ -49,6 +53,18 @@ def runtime_dir() -> Path:
     if base and Path(base).is_dir():
         return Path(base) / "mistralfs"
     return Path(f"/tmp/mistralfs-{os.getuid()}")
+
+
+UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def mount_state_file(mountpoint: Path, suffix: str) -> Path:
+    """A running mount's pid file (`pid`) or status socket (`sock`), by mountpoint."""
+    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    path = runtime_dir() / f"mount-{digest}.{suffix}"
+    if suffix == "sock" and len(os.fsencode(path)) > UNIX_SOCKET_PATH_MAX:
+        path = Path(f"/tmp/mistralfs-{os.getuid()}") / path.name  # a socket path must be short
+    return path
 
 
 def read_api_key(api_key_file: Path | None) -> str:
@@ -91,6 +107,14 @@ class MountConfig:
     read_only: bool = False
     allow_other: bool = False
     max_file_size: int = MAX_FILE_SIZE
+
+    @property
+    def pid_file(self) -> Path:
+        return mount_state_file(self.mountpoint, "pid")
+
+    @property
+    def control_socket(self) -> Path:
+        return mount_state_file(self.mountpoint, "sock")
 
     @property
     def spool_dir(self) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import os
 import select
@@ -22,7 +21,13 @@ from pathlib import Path
 
 import trio
 
-from mistralfs.config import ConfigError, MountConfig, default_cache_dir, read_api_key, runtime_dir
+from mistralfs.config import (
+    ConfigError,
+    MountConfig,
+    default_cache_dir,
+    mount_state_file,
+    read_api_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +52,6 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         read_only=args.read_only,
         allow_other=args.allow_other,
     )
-
-
-def pid_file(mountpoint: Path) -> Path:
-    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
-    return runtime_dir() / f"mount-{digest}.pid"
 
 
 def _setup_logging(log_file: Path | None, level: str) -> None:
@@ -83,7 +83,7 @@ def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_file, args.log_level)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
-    pids = pid_file(config.mountpoint)
+    pids = config.pid_file
 
     def on_ready() -> None:
         pids.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -160,7 +160,7 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
 def unmount_command(mountpoint: Path, *, timeout: float) -> int:
     """Unmount once nothing is in flight (the kernel says busy until then), then wait."""
     target = mountpoint.expanduser().resolve()
-    pid = _read_pid(pid_file(target))
+    pid = _read_pid(mount_state_file(target, "pid"))
     if not os.path.ismount(target):
         print(f"mistralfs: {target} is not mounted", file=sys.stderr)
         return 1

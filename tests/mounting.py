@@ -81,10 +81,16 @@ def mount(emulator: RunningEmulator, root: Path, *extra: str) -> Iterator[Mounte
         force_unmount(mounted, env)
 
 
+def is_mounted(path: Path) -> bool:
+    """Also true for a dead FUSE mount, which `os.path.ismount` cannot stat."""
+    with open("/proc/mounts", encoding="utf-8") as mounts:
+        return any(line.split()[1] == str(path) for line in mounts)
+
+
 def force_unmount(mounted: Mounted, env: dict[str, str]) -> None:
     """Unmount the polite way, then harder; end the daemon; never leave a mount behind."""
     pid = mounted.daemon_pid()
-    if os.path.ismount(mounted.path):
+    if is_mounted(mounted.path):
         subprocess.run(
             [sys.executable, "-m", "mistralfs", "unmount", str(mounted.path), "--timeout", "20"],
             env=env,
@@ -92,11 +98,11 @@ def force_unmount(mounted: Mounted, env: dict[str, str]) -> None:
             timeout=60,
         )
     for flags in (["-u"], ["-z", "-u"]):
-        if os.path.ismount(mounted.path):
+        if is_mounted(mounted.path):
             subprocess.run(["fusermount3", *flags, str(mounted.path)], capture_output=True)
     if pid is not None:
         _end_process(pid)
-    assert not os.path.ismount(mounted.path), f"{mounted.path} is still mounted"
+    assert not is_mounted(mounted.path), f"{mounted.path} is still mounted"
 
 
 def _end_process(pid: int) -> None:

@@ -22,6 +22,7 @@ import trio
 from conftest import RunningEmulator, emulator_config, start_emulator
 
 from mistralfs.api import FilesClient, RetryPolicy
+from mistralfs.fs.activity import Activity
 from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.operations import Operations
@@ -93,6 +94,7 @@ async def make_stack(
         client,
         namespace,
         reader,
+        Activity(),
         spool_dir=cache_dir / "spool",
         recovery_dir=cache_dir / "recovery",
         max_file_size=512 * 1024 * 1024,

@@ -9,15 +9,18 @@ Security rules enforced here rather than left to callers:
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import mimetypes
 import os
 import pathlib
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Generator, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
@@ -106,12 +109,21 @@ class _MultipartBody:
     is closed by the attempt that opened it.
     """
 
-    def __init__(self, file: trio.abc.AsyncResource, size: int, head: bytes, tail: bytes) -> None:
+    def __init__(
+        self,
+        file: trio.abc.AsyncResource,
+        size: int,
+        head: bytes,
+        tail: bytes,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         self._file: Any = file
+        self._size = size
         self._remaining = size
         self._parts: list[bytes] = [head]
         self._tail = tail
         self._done = False
+        self._progress = progress
 
     def __aiter__(self) -> _MultipartBody:
         return self
@@ -124,6 +136,8 @@ class _MultipartBody:
             if not chunk:
                 raise OSError("file shrank while it was being uploaded")
             self._remaining -= len(chunk)
+            if self._progress is not None:
+                self._progress(self._size - self._remaining)
             return chunk
         if not self._done:
             self._done = True
@@ -179,6 +193,22 @@ def _parse_json(body: bytes, response: httpx.Response, method: str, url: str) ->
         ) from None
 
 
+_ID_SEGMENT = re.compile(r"/[0-9a-fA-F-]{36}(?=/|$)")
+
+
+def _route(url: str) -> str:
+    """`/v1/files/<uuid>/url` -> `/v1/files/{id}/url`, to count requests by kind."""
+    return _ID_SEGMENT.sub("/{id}", httpx.URL(url).path)
+
+
+@dataclass
+class RequestStats:
+    """Requests sent (attempts, by route) and errors raised (by kind), since start."""
+
+    requests: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
 class FilesClient:
     """Async client for the Mistral Files API (``/v1/files``) and its signed URLs."""
 
@@ -201,6 +231,7 @@ class FilesClient:
         self._base = str(base.copy_with(query=None, fragment=None)).rstrip("/")
         self._auth = _ServerOnlyBearerAuth(api_key, _origin(base))
         self._retry = retry or RetryPolicy()
+        self.stats = RequestStats()
         self._max_upload = max_upload_bytes
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
@@ -282,8 +313,10 @@ class FilesClient:
         without the query, 401/403 meaning an expired URL.
         """
         log_url = strip_query(url) if storage else url
+        kind = "storage" if storage else f"{method} {_route(url)}"
 
         async def attempt(n: int) -> T:
+            self.stats.requests[kind] += 1
             req_headers = dict(headers or {})
             content: Any = None
             resource: Any = None
@@ -319,7 +352,11 @@ class FilesClient:
                 if resource is not None:
                     await resource.aclose()
 
-        return await run_with_retries(self._retry, attempt, method=method, url=log_url)
+        try:
+            return await run_with_retries(self._retry, attempt, method=method, url=log_url)
+        except ApiError as exc:
+            self.stats.errors[type(exc).__name__] += 1
+            raise
 
     async def _json_call(
         self,
@@ -454,8 +491,19 @@ class FilesClient:
                     out.append(f)
         return out
 
-    async def upload(self, path: pathlib.Path, *, filename: str, purpose: str) -> RemoteFile:
-        """``POST /v1/files`` streaming ``path`` from disk; reopened on every attempt."""
+    async def upload(
+        self,
+        path: pathlib.Path,
+        *,
+        filename: str,
+        purpose: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> RemoteFile:
+        """``POST /v1/files`` streaming ``path`` from disk; reopened on every attempt.
+
+        ``progress`` is called with the bytes of the file sent so far (from 0 again
+        when an attempt is retried).
+        """
 
         async def open_body() -> tuple[Any, dict[str, str], Any]:
             file = await trio.open_file(path, "rb")
@@ -475,7 +523,10 @@ class FilesClient:
                     "Content-Type": f"multipart/form-data; boundary={boundary}",
                     "Content-Length": str(len(head) + size + len(tail)),
                 }
-                return _MultipartBody(file, size, head, tail), headers, file
+                if progress is not None:
+                    progress(0)
+                body = _MultipartBody(file, size, head, tail, progress)
+                return body, headers, file
             except BaseException:
                 await file.aclose()
                 raise

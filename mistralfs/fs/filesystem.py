@@ -238,6 +238,8 @@ class Filesystem:
         if node.remote is not None:
             try:
                 await self._client.delete(node.remote.id)
+                log.info("deleted %s/%s: %d bytes, %s", node.folder.purpose, name,
+                         node.remote.bytes, node.remote.id)  # fmt: skip
             except NotFound:
                 log.info("%s/%s was already deleted elsewhere", node.folder.name, name)
             except ApiError as exc:

@@ -8,14 +8,19 @@ the FUSE loop and unmounts.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import pyfuse3
 import trio
 
+from mistralfs import systemd
 from mistralfs.api import ApiError, AuthError, FilesClient, RetryPolicy
 from mistralfs.config import MountConfig
+from mistralfs.control import serve_status
+from mistralfs.fs.activity import Activity
 from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.operations import Operations
@@ -25,6 +30,7 @@ from mistralfs.fs.writer import Writer
 log = logging.getLogger(__name__)
 
 STARTUP_CHECK_SECONDS = 12.0
+STATUS_INTERVAL = 1.0
 STARTUP_RETRY = RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=2.0, total_budget=8.0)
 
 
@@ -59,12 +65,13 @@ async def check_key(config: MountConfig) -> None:
 
 
 async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
-    """Mount, call `on_ready`, and serve until unmounted or signalled."""
+    """Mount, call `on_ready` once the mount answers, and serve until unmounted or signalled."""
     await check_key(config)
     async with (
         FilesClient(config.server_url, config.api_key) as client,
         trio.open_nursery() as nursery,
     ):
+        activity = Activity()
         namespace = Namespace(client, config.dir_cache_time)
         namespace.on_name_removed = _forget_in_kernel
         reader = BlockReader(
@@ -74,26 +81,69 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
             client,
             namespace,
             reader,
+            activity,
             spool_dir=config.spool_dir,
             recovery_dir=config.recovery_dir,
             max_file_size=config.max_file_size,
         )
         fs = Filesystem(client, namespace, reader, writer, read_only=config.read_only)
+
+        def snapshot() -> dict[str, object]:
+            return {
+                "mountpoint": str(config.mountpoint),
+                "server_url": config.server_url,
+                "pid": os.getpid(),
+                "read_only": config.read_only,
+                **activity.snapshot(),
+                "pending": writer.pending(),
+                "recovered": len(list(config.recovery_dir.glob("*.spool"))),
+                "cache": reader.stats(),
+                "requests": dict(client.stats.requests),
+                "errors": dict(client.stats.errors),
+            }
+
         try:
             pyfuse3.init(Operations(fs), str(config.mountpoint), fuse_options(config))
         except RuntimeError as exc:
             raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from exc
         stop = _StopRequest()
+        unmounted_by_kernel = False
         try:
-            nursery.start_soon(_stop_on_signal, fs, stop)
-            log.info("mounted %s at %s", config.server_url, config.mountpoint)
-            on_ready()
+            nursery.start_soon(_serve_status, config.control_socket, snapshot)
+            nursery.start_soon(_stop_on_signal, fs, activity, stop)
+            nursery.start_soon(_announce_when_answering, config, activity, on_ready)
             await pyfuse3.main()
+            unmounted_by_kernel = not stop.requested
         finally:
-            # After a signal we unmount ourselves; after `umount` the kernel already has.
-            pyfuse3.close(unmount=stop.requested)
+            # After `umount` the kernel has unmounted already; after a signal or a crash
+            # we unmount, so no dead mount is left behind.
+            pyfuse3.close(unmount=not unmounted_by_kernel)
             nursery.cancel_scope.cancel()
     log.info("unmounted %s", config.mountpoint)
+
+
+async def _serve_status(path: Path, snapshot: Callable[[], dict[str, object]]) -> None:
+    """The status channel is a convenience: without it the mount still serves."""
+    try:
+        await serve_status(path, snapshot)
+    except OSError as exc:
+        log.warning("no status channel at %s: %s", path, exc)
+
+
+async def _announce_when_answering(
+    config: MountConfig, activity: Activity, on_ready: Callable[[], None]
+) -> None:
+    """Report ready only once the mountpoint answers, then keep systemd's STATUS current."""
+    await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    log.info("mounted %s at %s", config.server_url, config.mountpoint)
+    on_ready()
+    status = activity.summary()
+    systemd.notify("READY=1", f"STATUS={status}")
+    while True:
+        await trio.sleep(STATUS_INTERVAL)
+        if activity.summary() != status:
+            status = activity.summary()
+            systemd.notify(f"STATUS={status}")
 
 
 def _forget_in_kernel(folder_inode: int, name: str) -> None:
@@ -108,10 +158,11 @@ class _StopRequest:
     requested = False
 
 
-async def _stop_on_signal(fs: Filesystem, stop: _StopRequest) -> None:
+async def _stop_on_signal(fs: Filesystem, activity: Activity, stop: _StopRequest) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s: waiting for uploads in flight, then unmounting", signal.strsignal(signum))
+            systemd.notify("STOPPING=1", f"STATUS=stopping: {activity.summary()}")
             await fs.wait_for_uploads()
             stop.requested = True
             pyfuse3.terminate()

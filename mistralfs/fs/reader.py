@@ -66,6 +66,9 @@ class BlockReader:
             timer=time.time,
         )
         self._max_prefetch = max(1, min(MAX_PREFETCH_BLOCKS, cache_size // (4 * block_size)))
+        self.hits = 0
+        self.misses = 0
+        self._prefetching = 0
 
     async def read(self, remote: RemoteFile, offset: int, size: int, state: ReadState) -> bytes:
         end = min(offset + size, remote.bytes)
@@ -113,19 +116,37 @@ class BlockReader:
         state.window = min(state.window * 2, self._max_prefetch)
 
     async def _prefetch(self, remote: RemoteFile, index: int) -> None:
+        self._prefetching += 1
         try:
             await self._block(remote, index)
         except Exception as exc:  # a reader that needs the block will see the error itself
             log.debug("prefetch of %s block %d failed: %s", remote.id, index, exc)
+        finally:
+            self._prefetching -= 1
+
+    def stats(self) -> dict[str, object]:
+        looked_up = self.hits + self.misses
+        return {
+            "bytes": self._blocks.currsize,
+            "max_bytes": self._blocks.maxsize,
+            "blocks": len(self._blocks),
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / looked_up if looked_up else None,
+            "prefetch_in_flight": self._prefetching,
+            "signed_urls": len(self._urls),
+        }
 
     async def _block(self, remote: RemoteFile, index: int) -> bytes:
         key = (remote.id, index)
         while True:
             cached = self._blocks.get(key)
             if cached is not None:
+                self.hits += 1
                 return cached
             fetch = self._inflight.get(key)
             if fetch is None:
+                self.misses += 1
                 return await self._fetch_shared(remote, index)
             await fetch.done.wait()
             if fetch.data is not None:

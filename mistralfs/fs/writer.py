@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
+from mistralfs.fs.activity import Activity
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace
 from mistralfs.fs.reader import BlockReader
@@ -74,6 +75,7 @@ class Writer:
         client: FilesClient,
         namespace: Namespace,
         reader: BlockReader,
+        activity: Activity,
         *,
         spool_dir: Path,
         recovery_dir: Path,
@@ -82,6 +84,7 @@ class Writer:
         self._client = client
         self._namespace = namespace
         self._reader = reader
+        self._activity = activity
         self._spool_dir = spool_dir
         self._recovery_dir = recovery_dir
         self._max_file_size = max_file_size
@@ -277,6 +280,8 @@ class Writer:
         nothing has changed. Either way the account is in its final state on return.
         """
         async with node.lock:
+            log.info("renaming %s/%s to %s/%s", node.folder.purpose, node.name,
+                     folder.purpose, name)  # fmt: skip
             target = folder.entries.get(name)
             replaced = [target.remote.id] if target is not None and target.remote else []
             spool = self._spools.get(node.inode)
@@ -320,22 +325,40 @@ class Writer:
 
     async def _upload_as(self, spool: Spool, *, filename: str, purpose: str) -> RemoteFile:
         node = spool.node
+        key = self._activity.start_upload(filename, purpose, spool.size)
         self._uploads_in_flight += 1
         self._idle = trio.Event()
+        error: str | None = "cancelled"
         try:
-            remote = await self._client.upload(spool.path, filename=filename, purpose=purpose)
+            remote = await self._client.upload(
+                spool.path,
+                filename=filename,
+                purpose=purpose,
+                progress=self._activity.progress(key).update,
+            )
+            error = None
         except ApiError as exc:
+            error = str(exc)
             log.error("upload of %s/%s failed: %s", node.folder.name, node.name, exc)
             raise FsError(errno_for(exc), str(exc)) from exc
         except OSError as exc:  # the spool itself could not be read
+            error = f"reading {spool.path}: {exc}"
             log.error("upload of %s/%s failed reading %s: %s", node.folder.name, node.name,
                       spool.path, exc)  # fmt: skip
             raise FsError(errno.EIO, str(exc)) from exc
         finally:
+            seconds = self._activity.finish_upload(key, error)
             self._uploads_in_flight -= 1
             if self._uploads_in_flight == 0:
                 self._idle.set()
-        log.info("uploaded %s/%s as %s (%d bytes)", purpose, filename, remote.id, remote.bytes)
+        log.info(
+            "uploaded %s/%s: %d bytes as %s in %.2f s",
+            purpose,
+            filename,
+            remote.bytes,
+            remote.id,
+            seconds,
+        )
         return remote
 
     async def _delete_replaced(self, node: FileNode, file_ids: list[str]) -> None:
@@ -345,11 +368,17 @@ class Writer:
             self._reader.forget(file_id)
             try:
                 await self._client.delete(file_id)
+                log.info("%s/%s: deleted the replaced version %s",
+                         node.folder.purpose, node.name, file_id)  # fmt: skip
             except NotFound:
                 pass
             except ApiError as exc:
                 log.error("%s/%s: could not delete the replaced %s: %s",
                           node.folder.name, node.name, file_id, exc)  # fmt: skip
+
+    def pending(self) -> int:
+        """Files changed through an open descriptor and not uploaded yet."""
+        return sum(1 for spool in self._spools.values() if spool.changed)
 
     async def wait_idle(self) -> None:
         """Return once no upload is in flight."""

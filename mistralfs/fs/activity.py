@@ -1,0 +1,102 @@
+"""What the daemon is doing, for `mistralfs status`, systemd's STATUS= and the logs.
+
+Uploads in flight report their progress here as the client streams them; failed
+uploads are remembered for a while. Nothing here changes behaviour.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class UploadProgress:
+    """One upload in flight: bytes sent of the total, for a progress bar."""
+
+    name: str
+    purpose: str
+    total: int
+    sent: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def update(self, sent: int) -> None:
+        self.sent = sent
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.sent / elapsed
+        left = (self.total - self.sent) / rate if rate > 0 else None
+        return {
+            "name": self.name,
+            "purpose": self.purpose,
+            "bytes": self.total,
+            "sent": self.sent,
+            "rate": rate,
+            "seconds_left": left,
+            "seconds": elapsed,
+        }
+
+
+@dataclass
+class FailedUpload:
+    name: str
+    purpose: str
+    error: str
+    at: float = field(default_factory=time.time)
+
+
+class Activity:
+    """Uploads in flight, recent failures, and totals since the mount started."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count()
+        self.uploads: dict[int, UploadProgress] = {}
+        self.failed: deque[FailedUpload] = deque(maxlen=50)
+        self.uploaded = 0
+        self.uploaded_bytes = 0
+        self.started = time.time()
+
+    def start_upload(self, name: str, purpose: str, total: int) -> int:
+        key = next(self._ids)
+        self.uploads[key] = UploadProgress(name, purpose, total)
+        return key
+
+    def progress(self, key: int) -> UploadProgress:
+        return self.uploads[key]
+
+    def finish_upload(self, key: int, error: str | None = None) -> float:
+        """Forget the upload; return how long it took."""
+        upload = self.uploads.pop(key)
+        if error is None:
+            self.uploaded += 1
+            self.uploaded_bytes += upload.total
+        else:
+            self.failed.append(FailedUpload(upload.name, upload.purpose, error))
+        return time.monotonic() - upload.started
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        if not self.uploads:
+            return f"idle; {self.uploaded} uploaded since start"
+        sent = sum(u.sent for u in self.uploads.values())
+        total = sum(u.total for u in self.uploads.values())
+        count = len(self.uploads)
+        plural = "s" if count != 1 else ""
+        return f"{count} upload{plural} in flight, {_mib(sent)} of {_mib(total)}"
+
+    def snapshot(self) -> dict[str, object]:
+        now = time.monotonic()
+        return {
+            "uploads": [u.snapshot(now) for u in self.uploads.values()],
+            "failed": [vars(f) for f in self.failed],
+            "uploaded": self.uploaded,
+            "uploaded_bytes": self.uploaded_bytes,
+            "started": self.started,
+        }
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB"
