@@ -8,8 +8,10 @@ happened cannot undo them.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -80,6 +82,9 @@ class Namespace:
         # Own changes, so that a listing fetched while they happened cannot undo them.
         self._deleted_ids: set[str] = set()
         self._own_uploads: dict[str, tuple[RemoteFile, float]] = {}
+        # (purpose, filename) of uploads in flight: a listing made meanwhile may already
+        # hold the new file, which must not appear as a second file before it is known.
+        self._uploading: collections.Counter[tuple[str, str]] = collections.Counter()
         # Called with (folder inode, name) when a name goes, so the kernel forgets it too.
         self.on_name_removed: Callable[[int, str], None] = lambda _inode, _name: None
         for purpose in STANDARD_PURPOSES:
@@ -134,6 +139,18 @@ class Namespace:
         self._nodes[node.inode] = node
         folder.entries[name] = node
         return node
+
+    @contextlib.contextmanager
+    def uploading(self, purpose: str, filename: str) -> Iterator[None]:
+        """While an upload is in flight, listings leave out new files of that name."""
+        key = (purpose, filename)
+        self._uploading[key] += 1
+        try:
+            yield
+        finally:
+            self._uploading[key] -= 1
+            if not self._uploading[key]:
+                del self._uploading[key]
 
     def uploaded(self, node: FileNode, remote: RemoteFile) -> None:
         """The spool behind `node` is now the remote file `remote`."""
@@ -202,7 +219,11 @@ class Namespace:
                 log.info("%s/%s was deleted elsewhere", node.folder.name, node.name)
                 self.detach(node, deleted=False)
 
-        fresh = [f for f in current.values() if f.id not in self._inode_by_id]
+        fresh = [
+            f
+            for f in current.values()
+            if f.id not in self._inode_by_id and (f.purpose, f.filename) not in self._uploading
+        ]
         fresh.sort(key=lambda f: (f.created_at, f.id))  # the oldest claims the plain name
         for remote in fresh:
             folder = self._folder_for(remote.purpose)

@@ -127,7 +127,9 @@ class Writer:
         """A spool holding the remote content (none if it is about to be truncated)."""
         assert node.remote is not None, "a local file always has a spool"
         spool = self._new_spool(node)
-        if not truncate:
+        if truncate:
+            spool.changed = node.remote.bytes != 0
+        else:
             try:
                 await self._reader.copy_into(node.remote, spool.fd)
             except BaseException:
@@ -330,12 +332,13 @@ class Writer:
         self._idle = trio.Event()
         error: str | None = "cancelled"
         try:
-            remote = await self._client.upload(
-                spool.path,
-                filename=filename,
-                purpose=purpose,
-                progress=self._activity.progress(key).update,
-            )
+            with self._namespace.uploading(purpose, filename):
+                remote = await self._client.upload(
+                    spool.path,
+                    filename=filename,
+                    purpose=purpose,
+                    progress=self._activity.progress(key).update,
+                )
             error = None
         except ApiError as exc:
             error = str(exc)
