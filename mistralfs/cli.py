@@ -14,6 +14,7 @@ from mistralfs.config import (
     DEFAULT_DIR_CACHE_TIME,
     DEFAULT_SERVER_URL,
     ConfigError,
+    options_to_args,
     parse_size,
 )
 
@@ -81,7 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
     mount.add_argument("--log-file", type=Path, help="log here (default CACHE_DIR/mistralfs.log)")
     mount.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="mount options as mount(8) passes them: server_url=URL, api_key_file=F, "
+        "cache_size=SIZE, dir_cache_time=S, cache_dir=DIR, log_file=F, log_level=L, "
+        "read_only (or ro), allow_other; fstab's _netdev, nofail, noauto, x-* are ignored",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    status = sub.add_parser(
+        "status",
+        help="show what running mounts are doing",
+        description="Show each upload in flight with its progress, failed and kept uploads, "
+        "cache use and hit rate, prefetches, and requests and errors by kind.",
+    )
+    status.add_argument("mountpoint", type=Path, nargs="?", help="default: every mount of yours")
+    status.add_argument("--json", action="store_true", help="print one JSON snapshot")
+    status.add_argument("--watch", action="store_true", help="refresh every second until ^C")
 
     unmount = sub.add_parser(
         "unmount",
@@ -148,10 +169,34 @@ def _run_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = ("mount", "unmount", "status", "demo", "emulator")
+
+
+def _from_mount_helper(argv: list[str]) -> list[str]:
+    """mount(8) via mount.fuse3 runs `mistralfs SOURCE MOUNTPOINT -o OPTIONS`."""
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        return ["mount", *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = _from_mount_helper(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.command == "mount" and args.options:
+        try:
+            extra = [arg for spec in args.options for arg in options_to_args(spec)]
+        except ConfigError as exc:
+            print(f"mistralfs: {exc}", file=sys.stderr)
+            return 2
+        # -o options come first, so that the same option given as a flag wins.
+        args = parser.parse_args([argv[0], *extra, *argv[1:]])
     if args.command == "emulator":
         return _run_emulator(args)
+    if args.command == "status":
+        from mistralfs.status import status_command
+
+        return status_command(args.mountpoint, as_json=args.json, watch=args.watch)
     from mistralfs import daemon
 
     try:

@@ -123,3 +123,47 @@ class MountConfig:
     @property
     def recovery_dir(self) -> Path:
         return self.cache_dir / "recovery"
+
+
+# `-o` spellings of the mount options, for mount(8), fstab and mount.fuse3.
+_VALUE_OPTIONS = {
+    "server_url": "--server-url",
+    "api_key_file": "--api-key-file",
+    "cache_size": "--cache-size",
+    "dir_cache_time": "--dir-cache-time",
+    "cache_dir": "--cache-dir",
+    "log_file": "--log-file",
+    "log_level": "--log-level",
+}
+_FLAG_OPTIONS = {
+    "read_only": "--read-only",
+    "ro": "--read-only",
+    "allow_other": "--allow-other",
+    "foreground": "--foreground",
+}
+# Options that mean something to mount(8), fstab or systemd, not to mistralfs.
+_IGNORED_OPTIONS = {
+    "rw", "defaults", "auto", "noauto", "user", "users", "nouser", "owner", "_netdev",
+    "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+    "relatime", "norelatime", "strictatime", "nodiratime", "sync", "async", "loop",
+}  # fmt: skip
+_IGNORED_PREFIXES = ("x-", "comment=", "helper=")
+
+
+def options_to_args(spec: str) -> list[str]:
+    """`server_url=U,allow_other,_netdev` -> `--server-url U --allow-other`."""
+    args: list[str] = []
+    for option in filter(None, (o.strip() for o in spec.split(","))):
+        name, has_value, value = option.partition("=")
+        if option in _IGNORED_OPTIONS or option.startswith(_IGNORED_PREFIXES):
+            continue
+        if name in _FLAG_OPTIONS and not has_value:
+            args.append(_FLAG_OPTIONS[name])
+        elif name in _VALUE_OPTIONS and has_value:
+            args += [_VALUE_OPTIONS[name], value]
+        elif name == "api_key":
+            raise ConfigError("the API key is never a mount option: use api_key_file=FILE")
+        else:
+            known = sorted([*_VALUE_OPTIONS, *_FLAG_OPTIONS])
+            raise ConfigError(f"unknown mount option {option!r} (known: {', '.join(known)})")
+    return args

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -33,14 +34,21 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 EXIT_WAIT = 30.0
+UNMOUNT_PROGRESS_EVERY = 2.0
 
 
 def _config_from(args: argparse.Namespace) -> MountConfig:
-    mountpoint = args.mountpoint.expanduser().resolve()
+    mountpoint = args.mountpoint.expanduser().absolute()
+    _clear_stale_mount(mountpoint)
+    mountpoint = mountpoint.resolve()
+    if not mountpoint.exists():
+        raise ConfigError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
     if not mountpoint.is_dir():
-        raise ConfigError(f"mountpoint {args.mountpoint} is not a folder")
+        raise ConfigError(f"mountpoint {mountpoint} is not a folder")
     if os.path.ismount(mountpoint):
-        raise ConfigError(f"{mountpoint} is already a mountpoint")
+        raise ConfigError(f"{mountpoint} is already a mountpoint (mistralfs unmount it first)")
+    if any(mountpoint.iterdir()):
+        raise ConfigError(f"mountpoint {mountpoint} is not empty: mounting would hide its files")
     cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
     return MountConfig(
         mountpoint=mountpoint,
@@ -54,14 +62,40 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
     )
 
 
+def _clear_stale_mount(mountpoint: Path) -> None:
+    """A daemon that died leaves a mount that answers ENOTCONN: unmount it before reuse."""
+    try:
+        os.stat(mountpoint)
+        os.listdir(mountpoint)  # stat alone may be answered from the kernel's cache
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+        log.warning("clearing the stale mount left at %s by a daemon that died", mountpoint)
+        print(f"mistralfs: clearing the stale mount at {mountpoint}", file=sys.stderr)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+class JournalFormatter(logging.Formatter):
+    """`<priority>name: message`: journald reads the priority and adds the time itself."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 2 if record.levelno > 40 else 6)
+        return f"<{priority}>{super().format(record)}"
+
+
 def _setup_logging(log_file: Path | None, level: str) -> None:
     handler: logging.Handler
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_file is None:
         handler = logging.StreamHandler(sys.stderr)
+        if os.environ.get("JOURNAL_STREAM"):
+            formatter = JournalFormatter("%(name)s: %(message)s")
     else:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -91,7 +125,7 @@ def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
         if ready_pipe is not None:
             ready_pipe.write("ready\n")
             ready_pipe.close()
-        else:
+        elif not os.environ.get("JOURNAL_STREAM"):  # the journal has the log line already
             print(f"mistralfs: mounted at {config.mountpoint}", file=sys.stderr, flush=True)
 
     try:
@@ -159,13 +193,16 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
 
 def unmount_command(mountpoint: Path, *, timeout: float) -> int:
     """Unmount once nothing is in flight (the kernel says busy until then), then wait."""
-    target = mountpoint.expanduser().resolve()
+    target = mountpoint.expanduser().absolute()
+    _clear_stale_mount(target)
+    target = target.resolve()
     pid = _read_pid(mount_state_file(target, "pid"))
     if not os.path.ismount(target):
         print(f"mistralfs: {target} is not mounted", file=sys.stderr)
         return 1
     deadline = time.monotonic() + timeout
     told = False
+    shown = 0.0
     while True:
         result = subprocess.run(
             ["fusermount3", "-u", str(target)], capture_output=True, text=True, check=False
@@ -179,11 +216,24 @@ def unmount_command(mountpoint: Path, *, timeout: float) -> int:
         if not told:
             print(f"mistralfs: {target} is busy (uploads in flight or files open); waiting")
             told = True
+        shown = _show_uploads(target, shown)
         time.sleep(0.2)
     if pid is not None and not _wait_for_exit(pid, EXIT_WAIT):
         print(f"mistralfs: unmounted, but daemon {pid} is still running", file=sys.stderr)
         return 1
     return 0
+
+
+def _show_uploads(mountpoint: Path, last_shown: float) -> float:
+    """While unmount waits, print the uploads in flight every few seconds."""
+    from mistralfs.status import StatusError, snapshot_of, upload_lines
+
+    if time.monotonic() - last_shown < UNMOUNT_PROGRESS_EVERY:
+        return last_shown
+    with contextlib.suppress(StatusError):
+        for line in upload_lines(snapshot_of(mountpoint)):
+            print(line, flush=True)
+    return time.monotonic()
 
 
 def _read_pid(path: Path) -> int | None:

@@ -1,0 +1,255 @@
+"""The command line as people use it: status, -o options, mount(8), checks, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RunningEmulator
+from emulator_admin import set_faults
+from mistralai.client import Mistral
+from mounting import Mounted, is_mounted, mount, mount_command, remote_files, wait_for
+
+from mistralfs.daemon import process_alive
+
+pytestmark = pytest.mark.fuse
+
+MISTRALFS = [sys.executable, "-m", "mistralfs"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*MISTRALFS, *args], capture_output=True, text=True, timeout=60, env=env, **kw
+    )
+
+
+def env_for(m: Mounted) -> dict[str, str]:
+    return dict(os.environ, XDG_RUNTIME_DIR=str(m.run_dir))
+
+
+def test_help_and_version_for_every_command() -> None:
+    assert cli("--version").stdout.startswith("mistralfs ")
+    for command in ("mount", "unmount", "status", "demo", "emulator"):
+        result = cli(command, "--help")
+        assert result.returncode == 0 and "usage: mistralfs " + command in result.stdout
+
+
+def test_status_shows_uploads_in_flight_with_progress(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(2 * 1024 * 1024))
+    with mount(emulator_process, tmp_path) as m:
+        set_faults(
+            emulator_process.url,
+            emulator_process.api_key,
+            {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 3.0},
+        )
+        copy = subprocess.Popen(["cp", str(source), str(m / "batch")])
+        try:
+
+            def in_flight() -> dict | None:
+                snap = json.loads(cli("status", str(m.path), "--json", env=env_for(m)).stdout)
+                return snap if snap["uploads"] else None
+
+            snapshot = wait_for(in_flight, timeout=5)
+            [upload] = snapshot["uploads"]
+            assert (upload["name"], upload["purpose"]) == ("big.bin", "batch")
+            assert upload["bytes"] == 2 * 1024 * 1024
+            assert snapshot["server_url"] == emulator_process.url
+            shown = cli("status", env=env_for(m)).stdout
+            assert str(m.path) in shown and "batch/big.bin  [" in shown and "MiB/s" in shown
+        finally:
+            assert copy.wait(timeout=30) == 0
+        after = json.loads(cli("status", str(m.path), "--json", env=env_for(m)).stdout)
+        assert after["uploads"] == [] and after["uploaded"] == 1
+        assert after["requests"]["POST /v1/files"] == 1
+        # Only the mounting user can reach the status channel. (Long runtime paths fall
+        # back to a short private folder, as a socket path must fit in 108 bytes.)
+        found = list(m.run_dir.glob("mistralfs/mount-*.sock")) or list(
+            Path(f"/tmp/mistralfs-{os.getuid()}").glob("mount-*.sock")
+        )
+        assert found
+        for path in found:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        probe = subprocess.run(
+            ["runuser", "-u", "nobody", "--", sys.executable, "-c",
+             "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
+             str(found[0])],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr
+    assert [f.filename for f in remote_files(sdk)] == ["big.bin"]
+
+
+def test_unmount_shows_progress_while_it_waits(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    source = tmp_path / "slow.bin"
+    source.write_bytes(os.urandom(500_000))
+    with mount(emulator_process, tmp_path) as m:
+        set_faults(
+            emulator_process.url,
+            emulator_process.api_key,
+            {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 2.5},
+        )
+        copy = subprocess.Popen(["cp", str(source), str(m / "batch")])
+        time.sleep(0.5)
+        result = cli("unmount", str(m.path), env=env_for(m))
+        assert result.returncode == 0, result.stderr
+        assert "busy" in result.stdout and "batch/slow.bin  [" in result.stdout
+        assert copy.wait(timeout=30) == 0
+
+
+def test_mount_options_with_o(emulator_process: RunningEmulator, tmp_path: Path) -> None:
+    command, env, mounted = mount_command(emulator_process, tmp_path)
+    bad = subprocess.run([*command, "-o", "bogus=1"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown mount option 'bogus=1'" in bad.stderr
+    key = subprocess.run([*command, "-o", "api_key=x"], env=env, capture_output=True, text=True)
+    assert key.returncode == 2 and "never a mount option" in key.stderr
+    options = "read_only,dir_cache_time=5,_netdev,nofail,noauto,x-systemd.automount,rw"
+    ok = subprocess.run([*command, "-o", options], env=env, capture_output=True, text=True)
+    try:
+        assert ok.returncode == 0, ok.stderr + mounted.log()
+        snapshot = json.loads(cli("status", str(mounted.path), "--json", env=env).stdout)
+        assert snapshot["read_only"] is True
+    finally:
+        cli("unmount", str(mounted.path), env=env)
+    assert not is_mounted(mounted.path)
+
+
+@pytest.fixture
+def mistralfs_on_path() -> Iterator[None]:
+    """mount(8) runs helpers with a fixed PATH: install the command where it looks."""
+    link = Path("/usr/local/bin/mistralfs")
+    ours = Path(sys.executable).parent / "mistralfs"
+    created = not link.exists()
+    if created:
+        link.symlink_to(ours)
+    assert link.resolve() == ours.resolve(), f"{link} is another mistralfs"
+    yield
+    if created:
+        link.unlink()
+
+
+def _daemon_pids(mountpoint: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--foreground" in cmdline and str(mountpoint).encode() in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_mount_t_fuse_mistralfs_and_umount(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral, mistralfs_on_path: None
+) -> None:
+    """fstab's way: mount(8) runs mount.fuse3, which runs `mistralfs SOURCE DIR -o OPTS`."""
+    key_file = tmp_path / "key"
+    key_file.write_text(emulator_process.api_key)
+    key_file.chmod(0o600)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MISTRAL_API_KEY"}
+    options = (
+        f"server_url={emulator_process.url},api_key_file={key_file},"
+        f"cache_dir={tmp_path / 'cache'},allow_other,_netdev,nofail"
+    )
+    sdk.files.upload(file={"file_name": "seen.txt", "content": b"x"}, purpose="batch")
+    try:
+        result = subprocess.run(
+            ["mount", "-t", "fuse.mistralfs", "mistralfs", str(mnt), "-o", options],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert os.listdir(mnt / "batch") == ["seen.txt"]
+        [pid] = _daemon_pids(mnt)
+        assert subprocess.run(["umount", str(mnt)], timeout=60).returncode == 0
+        assert not is_mounted(mnt)
+        wait_for(lambda: not process_alive(pid), timeout=10)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+        for pid in _daemon_pids(mnt):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_mountpoint_problems_are_said_clearly(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    command, env, mounted = mount_command(emulator_process, tmp_path)
+    base = command[: command.index(str(mounted.path))]
+    rest = command[command.index(str(mounted.path)) + 1 :]
+    missing = subprocess.run(
+        [*base, str(tmp_path / "nope"), *rest], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "file").write_text("x")
+    not_dir = subprocess.run(
+        [*base, str(tmp_path / "file"), *rest], env=env, capture_output=True, text=True
+    )
+    assert not_dir.returncode == 2 and "is not a folder" in not_dir.stderr
+    (mounted.path / "mine.txt").write_text("x")
+    full = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert full.returncode == 2 and "is not empty" in full.stderr
+    (mounted.path / "mine.txt").unlink()
+    with mount(emulator_process, tmp_path) as m:
+        again = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert again.returncode == 2 and "already a mountpoint" in again.stderr
+        assert is_mounted(m.path)
+
+
+def test_a_stale_mount_after_a_crash_is_cleared_by_the_next_mount(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    with mount(emulator_process, tmp_path) as m:
+        pid = m.daemon_pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not process_alive(pid), timeout=10)
+        assert is_mounted(m.path)  # dead: "Transport endpoint is not connected"
+        with pytest.raises(OSError):
+            os.listdir(m.path)
+        command, env, _ = mount_command(emulator_process, tmp_path)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "stale mount" in result.stderr
+        assert sorted(os.listdir(m.path)) == ["batch", "fine-tune", "ocr"]
+
+
+def test_logs_under_systemd_carry_priorities_and_no_timestamps(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    command, env, mounted = mount_command(emulator_process, tmp_path)
+    command = [c for c in command if c != "debug"]
+    command[command.index("--log-level")] = "--log-level"
+    command.insert(command.index("--log-level") + 1, "info")
+    env["JOURNAL_STREAM"] = "8:12345"
+    daemon = subprocess.Popen(
+        [*command, "--foreground"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: is_mounted(mounted.path) and os.listdir(mounted.path), timeout=15)
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    finally:
+        if is_mounted(mounted.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(mounted.path)])
+        if daemon.poll() is None:
+            daemon.kill()
+    lines = [line for line in stderr.splitlines() if line]
+    assert lines and all(line.startswith(("<6>", "<4>", "<3>", "<7>")) for line in lines), lines
+    assert any(line.startswith("<6>mistralfs.fs.mount: mounted") for line in lines)
+    assert not any(line[3:7].isdigit() for line in lines)  # no timestamp
