@@ -253,3 +253,15 @@ def test_logs_under_systemd_carry_priorities_and_no_timestamps(
     assert lines and all(line.startswith(("<6>", "<4>", "<3>", "<7>")) for line in lines), lines
     assert any(line.startswith("<6>mistralfs.fs.mount: mounted") for line in lines)
     assert not any(line[3:7].isdigit() for line in lines)  # no timestamp
+
+
+def test_status_watch_refreshes_until_interrupted(mounted: Mounted) -> None:
+    watch = subprocess.Popen(
+        [*MISTRALFS, "status", "--watch"],
+        env=env_for(mounted), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.5)
+    watch.send_signal(signal.SIGINT)
+    out, _ = watch.communicate(timeout=10)
+    assert watch.returncode == 0
+    assert out.count("\033[H\033[2J") >= 2 and out.count(str(mounted.path)) >= 2

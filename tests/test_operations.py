@@ -7,7 +7,9 @@ made or not made) more precisely and faster than a real mount can.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -705,3 +707,29 @@ async def test_rename_onto_a_file_while_both_are_open_like_gio_save(stack: Stack
     inode = (await stack.ops.lookup(batch, b"notes.txt")).st_ino
     assert await stack.read_file(inode) == b"second draft"
     assert [(f.filename, f.bytes) for f in await stack.client.list_all()] == files
+
+
+async def test_changes_are_logged_with_name_purpose_size_id_and_duration(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mistralfs")
+    inode = await stack.write_file("batch", "log.txt", b"12345")
+    [first] = await stack.client.list_all()
+    await rewrite(stack, inode, os.O_WRONLY | os.O_TRUNC, b"123")
+    [second] = await stack.client.list_all()
+    batch = await stack.folder("batch")
+    await stack.ops.rename(batch, b"log.txt", batch, b"moved.txt", 0, None)
+    [third] = await stack.client.list_all()
+    await stack.ops.unlink(batch, b"moved.txt", None)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    timed = re.compile(r" in \d+\.\d\d s$")
+
+    def line(start: str, *parts: str) -> None:
+        found = [m for m in lines if m.startswith(start) and all(p in m for p in parts)]
+        assert found and timed.search(found[0]), (start, parts, lines)
+
+    line("uploaded batch/log.txt", "5 bytes", first.id)
+    line("uploaded batch/log.txt", "3 bytes", second.id)
+    line("replaced batch/log.txt", "5 bytes", first.id)
+    line("renamed batch/log.txt to batch/moved.txt", "3 bytes", second.id, third.id)
+    line("deleted batch/moved.txt", "3 bytes", third.id)

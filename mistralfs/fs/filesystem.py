@@ -10,6 +10,7 @@ import errno
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from mistralfs.api import ApiError, FilesClient, NotFound
@@ -236,10 +237,11 @@ class Filesystem:
         if not isinstance(node, FileNode):
             raise FsError(errno.EISDIR)
         if node.remote is not None:
+            started = time.monotonic()
             try:
                 await self._client.delete(node.remote.id)
-                log.info("deleted %s/%s: %d bytes, %s", node.folder.purpose, name,
-                         node.remote.bytes, node.remote.id)  # fmt: skip
+                log.info("deleted %s/%s: %d bytes, %s in %.2f s", node.folder.purpose, name,
+                         node.remote.bytes, node.remote.id, time.monotonic() - started)  # fmt: skip
             except NotFound:
                 log.info("%s/%s was already deleted elsewhere", node.folder.name, name)
             except ApiError as exc:

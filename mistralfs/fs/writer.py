@@ -55,7 +55,8 @@ class Spool:
     oversize: bool = False
     handles: int = 0
     closed_since_write: bool = False  # a descriptor was closed after the last write
-    replaces: list[str] = field(default_factory=list)  # ids to delete after the next upload
+    # Remote files to delete after the next upload (a rename's replaced target).
+    replaces: list[RemoteFile] = field(default_factory=list)
 
     @property
     def meta_path(self) -> Path:
@@ -282,15 +283,16 @@ class Writer:
         nothing has changed. Either way the account is in its final state on return.
         """
         async with node.lock:
-            log.info("renaming %s/%s to %s/%s", node.folder.purpose, node.name,
-                     folder.purpose, name)  # fmt: skip
+            started = time.monotonic()
+            source = f"{node.folder.purpose}/{node.name}"
             target = folder.entries.get(name)
-            replaced = [target.remote.id] if target is not None and target.remote else []
+            replaced = [target.remote] if target is not None and target.remote else []
             spool = self._spools.get(node.inode)
             if spool is not None and node.remote is None and not spool.closed_since_write:
                 self._replace_name(node, target, folder, name)
                 spool.replaces.extend(replaced)
                 self._write_meta(spool)
+                log.info("renamed %s to %s/%s before its upload", source, folder.purpose, name)
                 return
             if spool is None:
                 spool = await self._copy_on_write(node, truncate=False)
@@ -298,13 +300,23 @@ class Writer:
             try:
                 remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
                 self._replace_name(node, target, folder, name)
-                old = [node.remote.id] if node.remote is not None else []
+                old = [node.remote] if node.remote is not None else []
                 self._namespace.uploaded(node, remote)
                 spool.unflushed = spool.changed = False
                 await self._delete_replaced(node, [*old, *spool.replaces, *replaced])
                 spool.replaces = []
             finally:
                 await self._release(spool)
+            log.info(
+                "renamed %s to %s/%s: %d bytes, %s -> %s in %.2f s",
+                source,
+                folder.purpose,
+                name,
+                remote.bytes,
+                old[0].id if old else "-",
+                remote.id,
+                time.monotonic() - started,
+            )
 
     def _replace_name(
         self, node: FileNode, target: FileNode | None, folder: Folder, name: str
@@ -318,7 +330,7 @@ class Writer:
     async def _upload(self, spool: Spool) -> None:
         node = spool.node
         remote = await self._upload_as(spool, filename=node.filename, purpose=node.folder.purpose)
-        replaced = [node.remote.id] if node.remote is not None else []
+        replaced = [node.remote] if node.remote is not None else []
         replaced += spool.replaces
         spool.replaces = []
         spool.unflushed = spool.changed = False
@@ -364,20 +376,23 @@ class Writer:
         )
         return remote
 
-    async def _delete_replaced(self, node: FileNode, file_ids: list[str]) -> None:
+    async def _delete_replaced(self, node: FileNode, replaced: list[RemoteFile]) -> None:
         """The new upload succeeded, so the versions it replaces can go."""
-        for file_id in file_ids:
-            self._namespace.forget_id(file_id)
-            self._reader.forget(file_id)
+        for old in replaced:
+            started = time.monotonic()
+            self._namespace.forget_id(old.id)
+            self._reader.forget(old.id)
             try:
-                await self._client.delete(file_id)
-                log.info("%s/%s: deleted the replaced version %s",
-                         node.folder.purpose, node.name, file_id)  # fmt: skip
+                await self._client.delete(old.id)
             except NotFound:
-                pass
+                continue
             except ApiError as exc:
                 log.error("%s/%s: could not delete the replaced %s: %s",
-                          node.folder.name, node.name, file_id, exc)  # fmt: skip
+                          node.folder.purpose, node.name, old.id, exc)  # fmt: skip
+                continue
+            log.info("replaced %s/%s: deleted the old %s/%s, %d bytes, %s in %.2f s",
+                     node.folder.purpose, node.name, old.purpose, old.filename, old.bytes,
+                     old.id, time.monotonic() - started)  # fmt: skip
 
     def pending(self) -> int:
         """Files changed through an open descriptor and not uploaded yet."""
