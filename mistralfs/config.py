@@ -118,7 +118,9 @@ class MountConfig:
 
     @property
     def spool_dir(self) -> Path:
-        return self.cache_dir / "spool"
+        """Per mountpoint, so that recovery after a crash touches only this mount's files."""
+        digest = hashlib.sha256(str(self.mountpoint).encode()).hexdigest()[:16]
+        return self.cache_dir / "spool" / digest
 
     @property
     def recovery_dir(self) -> Path:

@@ -56,7 +56,8 @@ def mount_command(
         log_file=root / "cache" / "mistralfs.log",
         run_dir=root / "run",
     )
-    mounted.path.mkdir(parents=True, exist_ok=True)
+    if not is_mounted(mounted.path):  # a dead mount cannot be looked at, but may be there
+        mounted.path.mkdir(parents=True, exist_ok=True)
     mounted.run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["MISTRAL_API_KEY"] = key if key is not None else emulator.api_key

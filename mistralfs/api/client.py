@@ -10,6 +10,7 @@ Security rules enforced here rather than left to callers:
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from mistralfs.api.errors import (
     Rejected,
     ServerError,
     TooLarge,
+    Unavailable,
     UrlExpired,
     extract_message,
     strip_query,
@@ -60,6 +62,11 @@ CHUNK_SIZE = 1 << 20
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 64 * 1024 * 1024
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
+# How far the server's clock (``created_at``, whole seconds) may lag ours when
+# recognising a file an upload attempt created; see FilesClient.upload.
+CLOCK_SKEW = 5.0
+MATCH_PAGE_SIZE = 100
+MATCH_MAX_PAGES = 20  # past this many pages of same-named files, dedupe gives up (safely)
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -106,7 +113,9 @@ class _MultipartBody:
 
     A class rather than an async generator so that an early stop (the server
     answering 413 mid-upload) leaves no generator to finalise; the file itself
-    is closed by the attempt that opened it.
+    is closed by the attempt that opened it. The MD5 of the file's bytes is
+    computed on the way; ``complete`` says whether the whole body was handed
+    to the transport (only then can the server have stored the file).
     """
 
     def __init__(
@@ -124,6 +133,19 @@ class _MultipartBody:
         self._tail = tail
         self._done = False
         self._progress = progress
+        self._md5 = hashlib.md5()
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def md5(self) -> str:
+        """Hex MD5 of the file bytes sent so far (all of them once ``complete``)."""
+        return self._md5.hexdigest()
 
     def __aiter__(self) -> _MultipartBody:
         return self
@@ -136,6 +158,7 @@ class _MultipartBody:
             if not chunk:
                 raise OSError("file shrank while it was being uploaded")
             self._remaining -= len(chunk)
+            self._md5.update(chunk)
             if self._progress is not None:
                 self._progress(self._size - self._remaining)
             return chunk
@@ -233,6 +256,7 @@ class FilesClient:
         self._retry = retry or RetryPolicy()
         self.stats = RequestStats()
         self._max_upload = max_upload_bytes
+        self._timeout = timeout
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             headers={"User-Agent": user_agent},
@@ -304,18 +328,32 @@ class FilesClient:
         body: Callable[[], Awaitable[tuple[Any, dict[str, str], Any]]] | None = None,
         pass_statuses: Collection[int] = (),
         follow_redirects: bool = False,
+        deadline: float | None = None,
+        resume: Callable[[int], Awaitable[T | None]] | None = None,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
         ``body`` (for uploads) opens a fresh request body per attempt and
         returns (content, extra headers, resource to close afterwards).
         ``storage`` marks signed-URL requests: sent without the key, logged
-        without the query, 401/403 meaning an expired URL.
+        without the query, 401/403 meaning an expired URL. ``deadline`` (trio
+        clock) bounds the whole call, retries included; by default it is the
+        policy's ``total_budget`` from now. Every attempt's timeouts are cut to
+        what is left of it, so a server that never answers cannot hold a call
+        past its budget. ``resume(n)`` runs before attempt ``n`` > 1; a result
+        other than None ends the call with that result (an upload that turns
+        out to have been stored by an earlier attempt).
         """
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {_route(url)}"
+        if deadline is None:
+            deadline = trio.current_time() + self._retry.total_budget
 
         async def attempt(n: int) -> T:
+            if resume is not None and n > 1:
+                found = await resume(n)
+                if found is not None:
+                    return found
             self.stats.requests[kind] += 1
             req_headers = dict(headers or {})
             content: Any = None
@@ -325,7 +363,12 @@ class FilesClient:
                     content, extra_headers, resource = await body()
                     req_headers.update(extra_headers)
                 request = self._http.build_request(
-                    method, url, params=params, headers=req_headers, content=content
+                    method,
+                    url,
+                    params=params,
+                    headers=req_headers,
+                    content=content,
+                    timeout=self._attempt_timeout(deadline),
                 )
                 if logger.isEnabledFor(logging.DEBUG):
                     shown = strip_query(str(request.url)) if storage else str(request.url)
@@ -353,10 +396,22 @@ class FilesClient:
                     await resource.aclose()
 
         try:
-            return await run_with_retries(self._retry, attempt, method=method, url=log_url)
+            return await run_with_retries(
+                self._retry, attempt, method=method, url=log_url, deadline=deadline
+            )
         except ApiError as exc:
             self.stats.errors[type(exc).__name__] += 1
             raise
+
+    def _attempt_timeout(self, deadline: float) -> httpx.Timeout:
+        """This attempt's timeouts: the configured ones, never more than the budget left.
+
+        They bound each wait for the network (connect, a read, a write), not a
+        transfer that keeps progressing: a large upload may take longer than
+        the budget, a server that stops answering may not.
+        """
+        left = max(0.01, deadline - trio.current_time())
+        return httpx.Timeout(min(self._timeout, left), connect=min(CONNECT_TIMEOUT, left))
 
     async def _json_call(
         self,
@@ -365,6 +420,7 @@ class FilesClient:
         *,
         params: list[tuple[str, str]] | None = None,
         body: Callable[[], Awaitable[tuple[Any, dict[str, str], Any]]] | None = None,
+        deadline: float | None = None,
     ) -> object:
         url = self._api_url(path)
 
@@ -373,7 +429,13 @@ class FilesClient:
             return _parse_json(data, response, method, url)
 
         return await self._call(
-            method, url, handle, params=params, headers={"Accept": "application/json"}, body=body
+            method,
+            url,
+            handle,
+            params=params,
+            headers={"Accept": "application/json"},
+            body=body,
+            deadline=deadline,
         )
 
     # ------------------------------------------------------------ operations
@@ -498,12 +560,44 @@ class FilesClient:
         filename: str,
         purpose: str,
         progress: Callable[[int], None] | None = None,
+        dedupe: bool = True,
     ) -> RemoteFile:
         """``POST /v1/files`` streaming ``path`` from disk; reopened on every attempt.
 
         ``progress`` is called with the bytes of the file sent so far (from 0 again
         when an attempt is retried).
+
+        The service has no idempotency keys, so a retry after an attempt whose
+        outcome is unknown (the whole body went out, then the answer was a 5xx,
+        a reset, a timeout, a cut or unreadable body) could store the file
+        twice. With ``dedupe`` (the default), the ids of files with this name
+        and purpose are noted before the first attempt (one listing call), and
+        before any such retry the files with this name are listed again: a file
+        that was not there before, with this purpose, this size, the MD5 of
+        the bytes that attempt sent (when the service gives a signature) and
+        created no earlier than ``CLOCK_SKEW`` seconds before that attempt
+        began is the one it stored, and is returned instead of uploading
+        again. Look-ups share the retry budget of the upload.
         """
+        api_path = "/v1/files"
+        url = self._api_url(api_path)
+        deadline = trio.current_time() + self._retry.total_budget
+        attempts: list[_UploadAttempt] = []
+
+        known: set[str] | None = None
+        if dedupe and self._retry.max_attempts > 1:
+            try:
+                known = await self._snapshot(filename, purpose, deadline)
+            except ApiError as exc:
+                if trio.current_time() >= deadline:
+                    raise
+                logger.warning(
+                    "POST %s: cannot list %r first (%s); no dedupe", api_path, filename, exc
+                )
+            if known is None:
+                logger.debug(
+                    "POST %s: retries of %r will not look for a stored copy", api_path, filename
+                )
 
         async def open_body() -> tuple[Any, dict[str, str], Any]:
             file = await trio.open_file(path, "rb")
@@ -515,7 +609,7 @@ class FilesClient:
                     raise TooLarge(
                         f"{size} bytes is over the {self._max_upload}-byte upload limit",
                         method="POST",
-                        url=self._api_url("/v1/files"),
+                        url=url,
                     )
                 boundary = secrets.token_hex(16)
                 head, tail = _multipart_parts(filename, purpose, boundary)
@@ -526,13 +620,150 @@ class FilesClient:
                 if progress is not None:
                     progress(0)
                 body = _MultipartBody(file, size, head, tail, progress)
+                attempts.append(_UploadAttempt(started=time.time(), body=body))
                 return body, headers, file
             except BaseException:
                 await file.aclose()
                 raise
 
-        data = await self._json_call("POST", "/v1/files", body=open_body)
-        return self._file_from(data, "POST", "/v1/files")
+        async def find_stored() -> RemoteFile | None:
+            if known is None:
+                return None
+            return await self._find_stored(filename, purpose, attempts, known, deadline)
+
+        async def handle(response: httpx.Response, n: int) -> RemoteFile:
+            data = await _read_bounded(response, MAX_JSON_BODY)
+            try:
+                return self._file_from(_parse_json(data, response, "POST", url), "POST", api_path)
+            except ProtocolError:
+                # Stored, most likely, with an answer we cannot read: find it, or fail
+                # rather than store it again.
+                found = await find_stored()
+                if found is not None:
+                    return found
+                raise
+
+        async def resume(n: int) -> RemoteFile | None:
+            return await find_stored()
+
+        try:
+            return await self._call(
+                "POST",
+                url,
+                handle,
+                headers={"Accept": "application/json"},
+                body=open_body,
+                deadline=deadline,
+                resume=resume,
+            )
+        except Unavailable:
+            # Out of attempts after an ambiguous one: one last look, if time is left.
+            if known is None or not attempts or not attempts[-1].body.complete:
+                raise
+            if trio.current_time() >= deadline:
+                raise
+            try:
+                found = await find_stored()
+            except ApiError:
+                found = None
+            if found is None:
+                raise
+            return found
+
+    async def _same_name(
+        self, filename: str, purpose: str, deadline: float
+    ) -> tuple[set[str], list[RemoteFile]] | None:
+        """Every file the service finds for ``search=filename`` in ``purpose``.
+
+        Returns the ids of all files listed (any name) and the parsed files whose
+        name and purpose are exactly these; None when there are too many pages to
+        be sure of having seen them all. Items that do not parse are skipped
+        (their ids still count as seen).
+        """
+        ids: set[str] = set()
+        files: list[RemoteFile] = []
+        page_size = MATCH_PAGE_SIZE
+        for page in range(MATCH_MAX_PAGES):
+            params = [
+                ("page", str(page)),
+                ("page_size", str(page_size)),
+                ("include_total", "true"),
+                ("purpose", purpose),
+                ("search", filename),
+            ]
+            data = await self._json_call("GET", "/v1/files", params=params, deadline=deadline)
+            items = data.get("data") if isinstance(data, dict) else None
+            if not isinstance(items, list):
+                raise ProtocolError(
+                    "listing is not an object with a 'data' array",
+                    method="GET",
+                    url=self._api_url("/v1/files"),
+                )
+            total = data.get("total") if isinstance(data, dict) else None
+            if not isinstance(total, int) or isinstance(total, bool):
+                total = None
+            new = 0
+            for item in items:
+                file_id = item.get("id") if isinstance(item, dict) else None
+                if not isinstance(file_id, str) or file_id in ids:
+                    continue
+                ids.add(file_id)
+                new += 1
+                try:
+                    f = RemoteFile.from_json(item)
+                except ProtocolError:
+                    continue
+                if f.filename == filename and f.purpose == purpose:
+                    files.append(f)
+            if page == 0 and total is not None and 0 < len(items) < min(page_size, total):
+                page_size = len(items)  # the service capped the page size
+            if not new or (total is not None and len(ids) >= total):
+                return ids, files
+            if total is None and len(items) < page_size:
+                return ids, files
+        return None
+
+    async def _snapshot(self, filename: str, purpose: str, deadline: float) -> set[str] | None:
+        """Ids of the files already there before an upload (None: too many to list)."""
+        listed = await self._same_name(filename, purpose, deadline)
+        return None if listed is None else listed[0]
+
+    async def _find_stored(
+        self,
+        filename: str,
+        purpose: str,
+        attempts: Sequence[_UploadAttempt],
+        known: set[str],
+        deadline: float,
+    ) -> RemoteFile | None:
+        """The file an earlier, ambiguous attempt stored, if the listing shows one."""
+        sent = [a for a in attempts if a.body.complete]
+        if not sent:
+            return None  # no attempt got its whole body out: none can have stored it
+        listed = await self._same_name(filename, purpose, deadline)
+        if listed is None:
+            return None
+        matches = [
+            f
+            for f in listed[1]
+            if f.id not in known and not f.deleted and any(a.stored(f) for a in sent)
+        ]
+        if not matches:
+            return None
+        best = max(matches, key=lambda f: f.created_at)  # ties: the first listed (newest)
+        if len(matches) > 1:
+            logger.warning(
+                "POST /v1/files: %d new files match %r; taking the newest, %s",
+                len(matches),
+                filename,
+                best.id,
+            )
+        logger.info(
+            "POST /v1/files: answer lost, but %r was stored as %s; not uploading again",
+            filename,
+            best.id,
+        )
+        return best
 
     async def retrieve(self, file_id: str) -> RemoteFile:
         """``GET /v1/files/{id}``: metadata of one file (``deleted`` may be set)."""
@@ -672,6 +903,22 @@ class FilesClient:
             return RemoteFile.from_json(data)
         except ProtocolError as exc:
             raise ProtocolError(exc.message, method=method, url=self._api_url(path)) from None
+
+
+@dataclass
+class _UploadAttempt:
+    """One upload attempt: when it began (wall clock, like ``created_at``) and its body."""
+
+    started: float
+    body: _MultipartBody
+
+    def stored(self, f: RemoteFile) -> bool:
+        """Whether ``f`` can be the file this attempt stored (name and purpose checked apart)."""
+        if not self.body.complete or f.bytes != self.body.size:
+            return False
+        if f.signature is not None and f.signature.lower() != self.body.md5():
+            return False
+        return f.created_at >= math.floor(self.started - CLOCK_SKEW)
 
 
 def _content_range_start(value: str | None) -> int | None:

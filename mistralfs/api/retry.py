@@ -84,16 +84,22 @@ async def run_with_retries(
     *,
     method: str,
     url: str,
+    deadline: float | None = None,
 ) -> T:
     """Call ``attempt_fn(attempt)`` until it succeeds, fails for good, or the budget runs out.
 
     ``attempt_fn`` signals a retryable answer by raising :class:`RetryableStatus`;
     retryable httpx transport errors are recognised here. Any other exception
-    propagates at once.
+    propagates at once. ``deadline`` (trio clock) replaces the policy's
+    ``total_budget`` counted from now, so that several calls making up one
+    operation (an upload and the look-ups it needs) share one budget. A wait
+    that would use up the rest of the budget is not waited: the call gives up
+    at once rather than make an attempt with no time left.
     """
     clean_url = strip_query(url)
     path = httpx.URL(clean_url).path if "://" in clean_url else clean_url
-    deadline = trio.current_time() + policy.total_budget
+    if deadline is None:
+        deadline = trio.current_time() + policy.total_budget
     attempt = 0
     while True:
         attempt += 1
@@ -111,12 +117,11 @@ async def run_with_retries(
             retry_after = None
 
         remaining = deadline - trio.current_time()
-        if attempt >= policy.max_attempts or remaining <= 0:
+        delay = retry_after if retry_after is not None else policy.backoff(attempt)
+        if attempt >= policy.max_attempts or remaining <= 0 or delay >= remaining:
             raise _exhausted(failure, method, clean_url, attempt, policy) from (
                 failure if not isinstance(failure, RetryableStatus) else None
             )
-        delay = retry_after if retry_after is not None else policy.backoff(attempt)
-        delay = min(delay, remaining)
         logger.warning(
             "%s %s: %s; retry %d/%d in %.2fs",
             method,

@@ -25,6 +25,7 @@ from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.operations import Operations
 from mistralfs.fs.reader import BlockReader
+from mistralfs.fs.recovery import leftover_spools, recover
 from mistralfs.fs.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 "errors": dict(client.stats.errors),
             }
 
+        leftovers = leftover_spools(config.spool_dir)  # before this mount makes its own
         try:
             pyfuse3.init(Operations(fs), str(config.mountpoint), fuse_options(config))
         except RuntimeError as exc:
@@ -109,8 +111,10 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         stop = _StopRequest()
         unmounted_by_kernel = False
         try:
+            recovered = trio.Event()
+            nursery.start_soon(_recover, client, leftovers, config, namespace, recovered)
             nursery.start_soon(_serve_status, config.control_socket, snapshot)
-            nursery.start_soon(_stop_on_signal, fs, activity, stop)
+            nursery.start_soon(_stop_on_signal, fs, activity, stop, recovered)
             nursery.start_soon(_announce_when_answering, config, activity, on_ready)
             await pyfuse3.main()
             unmounted_by_kernel = not stop.requested
@@ -158,11 +162,31 @@ class _StopRequest:
     requested = False
 
 
-async def _stop_on_signal(fs: Filesystem, activity: Activity, stop: _StopRequest) -> None:
+async def _recover(
+    client: FilesClient,
+    leftovers: list[Path],
+    config: MountConfig,
+    namespace: Namespace,
+    done: trio.Event,
+) -> None:
+    """Deal with what a crashed daemon left, while this one already serves."""
+    try:
+        if leftovers:
+            log.info("recovery: %d spool(s) left by a previous daemon", len(leftovers))
+            await recover(client, leftovers, config.recovery_dir)
+            namespace.invalidate()  # recovered uploads show up at the next listing
+    finally:
+        done.set()
+
+
+async def _stop_on_signal(
+    fs: Filesystem, activity: Activity, stop: _StopRequest, recovered: trio.Event
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s: waiting for uploads in flight, then unmounting", signal.strsignal(signum))
             systemd.notify("STOPPING=1", f"STATUS=stopping: {activity.summary()}")
+            await recovered.wait()
             await fs.wait_for_uploads()
             stop.requested = True
             pyfuse3.terminate()

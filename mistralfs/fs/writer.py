@@ -55,6 +55,8 @@ class Spool:
     oversize: bool = False
     handles: int = 0
     closed_since_write: bool = False  # a descriptor was closed after the last write
+    upload_started: float | None = None  # wall clock, for recovery after a crash
+    meta_written: tuple[object, ...] = ()
     # Remote files to delete after the next upload (a rename's replaced target).
     replaces: list[RemoteFile] = field(default_factory=list)
 
@@ -149,14 +151,25 @@ class Writer:
         return spool
 
     def _write_meta(self, spool: Spool) -> None:
-        """What the spool is, so that a kept spool can be told apart and recovered."""
+        """What the spool is and how far it got, so that a crash loses nothing.
+
+        At the next mount a spool whose file was closed after its last write (`complete`)
+        and not uploaded yet is uploaded; one still being written is kept for recovery.
+        """
         node = spool.node
         meta = {
             "purpose": node.folder.purpose,
             "filename": node.filename,
-            "replaces": node.remote.id if node.remote is not None else None,
+            "complete": spool.closed_since_write,
+            "uploaded": not spool.changed,
+            "upload_started": spool.upload_started,
+            "replaces": [r.id for r in spool.replaces]
+            + ([node.remote.id] if node.remote is not None else []),
         }
-        spool.meta_path.write_text(json.dumps(meta), encoding="utf-8")
+        state = tuple(meta.values())
+        if state != spool.meta_written:
+            spool.meta_path.write_text(json.dumps(meta), encoding="utf-8")
+            spool.meta_written = state
 
     def _discard(self, spool: Spool) -> None:
         self._spools.pop(spool.node.inode, None)
@@ -176,6 +189,7 @@ class Writer:
         spool.node.local_size = spool.size
         spool.unflushed = spool.changed = True
         spool.closed_since_write = False
+        self._write_meta(spool)  # rewritten only when its state changes
         return written
 
     def read(self, spool: Spool, offset: int, size: int) -> bytes:
@@ -193,6 +207,7 @@ class Writer:
         if size != spool.size:
             spool.changed = True
         spool.size = spool.node.local_size = size
+        self._write_meta(spool)
 
     def touched(self, spool: Spool) -> None:
         """The program acted on the file after opening it (`futimens`, `fchmod`, ...).
@@ -226,6 +241,7 @@ class Writer:
         """
         node = spool.node
         spool.closed_since_write = True
+        self._write_meta(spool)
         if spool.oversize:
             raise FsError(errno.EFBIG, f"{node.name}: not uploaded, {TOO_LARGE}")
         async with node.lock:
@@ -303,6 +319,7 @@ class Writer:
                 old = [node.remote] if node.remote is not None else []
                 self._namespace.uploaded(node, remote)
                 spool.unflushed = spool.changed = False
+                self._write_meta(spool)
                 await self._delete_replaced(node, [*old, *spool.replaces, *replaced])
                 spool.replaces = []
             finally:
@@ -335,10 +352,13 @@ class Writer:
         spool.replaces = []
         spool.unflushed = spool.changed = False
         self._namespace.uploaded(node, remote)
+        self._write_meta(spool)
         await self._delete_replaced(node, replaced)
 
     async def _upload_as(self, spool: Spool, *, filename: str, purpose: str) -> RemoteFile:
         node = spool.node
+        spool.upload_started = time.time()
+        self._write_meta(spool)
         key = self._activity.start_upload(filename, purpose, spool.size)
         self._uploads_in_flight += 1
         self._idle = trio.Event()

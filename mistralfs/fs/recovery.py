@@ -1,0 +1,125 @@
+"""After a crash: upload what was closed completely, keep what was half-written.
+
+Each spool has a `.json` note (written by the writer) saying its folder, name, whether
+the file was closed after its last write (`complete`), whether its content is already
+in the account (`uploaded`), and when its last upload began. At the next mount:
+- an uploaded spool is dropped;
+- a complete one is uploaded, unless the upload that was in flight at the crash got
+  through (a file of that name, size and MD5 created since it began, looked for once
+  that upload could no longer be on its way), and the versions it replaced are deleted;
+- anything else goes to the recovery folder.
+Every outcome is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import trio
+
+from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
+
+log = logging.getLogger(__name__)
+
+CLOCK_SKEW = 60.0  # seconds of disagreement tolerated between our clock and the service's
+# An upload in flight at the crash may still land on the service after its client died:
+# look for it only once that much time has passed since it began.
+IN_FLIGHT_GRACE = 10.0
+
+
+def leftover_spools(spool_dir: Path) -> list[Path]:
+    """Spools a previous daemon for this mountpoint left behind, oldest first."""
+    if not spool_dir.is_dir():
+        return []
+    return sorted(spool_dir.glob("*.spool"), key=lambda p: p.stat().st_mtime)
+
+
+async def recover(client: FilesClient, spools: list[Path], recovery_dir: Path) -> None:
+    for spool in spools:
+        meta_path = spool.with_suffix(".json")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        where = f"{meta.get('purpose', '?')}/{meta.get('filename', spool.name)}"
+        if meta.get("uploaded") and meta.get("complete"):
+            log.info("recovery: %s was already uploaded; dropping its spool", where)
+            _remove(spool, meta_path)
+        elif meta.get("complete") and meta.get("purpose") and meta.get("filename"):
+            await _upload(client, spool, meta_path, meta, where, recovery_dir)
+        else:
+            kept = _keep(spool, meta_path, recovery_dir)
+            log.warning("recovery: %s was still being written at the crash; kept at %s",
+                        where, kept)  # fmt: skip
+
+
+async def _upload(
+    client: FilesClient, spool: Path, meta_path: Path, meta: dict, where: str, recovery_dir: Path
+) -> None:
+    try:
+        remote = await _already_uploaded(client, spool, meta)
+        if remote is not None:
+            log.info("recovery: %s had been uploaded as %s before the crash", where, remote.id)
+        else:
+            remote = await client.upload(spool, filename=meta["filename"], purpose=meta["purpose"])
+            log.info("recovery: uploaded %s, closed before the crash, as %s", where, remote.id)
+        for old_id in meta.get("replaces") or []:
+            if old_id != remote.id:
+                try:
+                    await client.delete(old_id)
+                    log.info("recovery: deleted %s, which %s replaces", old_id, where)
+                except NotFound:
+                    pass
+    except ApiError as exc:
+        kept = _keep(spool, meta_path, recovery_dir)
+        log.error("recovery: could not upload %s (%s); kept at %s", where, exc, kept)
+        return
+    _remove(spool, meta_path)
+
+
+async def _already_uploaded(client: FilesClient, spool: Path, meta: dict) -> RemoteFile | None:
+    """The file an upload in flight at the crash may have created, if it got through."""
+    started = meta.get("upload_started")
+    if not started:
+        return None
+    await trio.sleep(max(0.0, started + IN_FLIGHT_GRACE - time.time()))
+    size, digest = await trio.to_thread.run_sync(_size_and_md5, spool)
+    candidates = await client.list_all(purpose=meta["purpose"], search=meta["filename"])
+    matches = [
+        f
+        for f in candidates
+        if f.filename == meta["filename"]
+        and f.bytes == size
+        and f.signature in (None, digest)
+        and f.created_at >= started - CLOCK_SKEW
+    ]
+    return max(matches, key=lambda f: f.created_at, default=None)
+
+
+def _size_and_md5(path: Path) -> tuple[int, str]:
+    digest = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _keep(spool: Path, meta_path: Path, recovery_dir: Path) -> Path:
+    recovery_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    kept = recovery_dir / spool.name
+    shutil.move(spool, kept)
+    if meta_path.exists():
+        shutil.move(meta_path, kept.with_suffix(".json"))
+    return kept
+
+
+def _remove(spool: Path, meta_path: Path) -> None:
+    spool.unlink(missing_ok=True)
+    meta_path.unlink(missing_ok=True)
