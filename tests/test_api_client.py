@@ -7,6 +7,8 @@ to provoke the service behaviours the client must survive.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -677,3 +679,221 @@ async def test_bad_server_url_refused() -> None:
         FilesClient("ftp://example.com", "k")
     async with FilesClient("https://api.mistral.ai/v1/", "k") as c:
         assert c.server_url == "https://api.mistral.ai"
+
+
+# ------------------------------------------------- retried uploads store one file
+
+
+class SpoilUploadAnswers:
+    """The real emulator app, with the answers to the first ``times`` uploads spoiled.
+
+    The upload itself runs to completion in the real app (the file is stored);
+    only what reaches the client changes: ``cut`` sends half the body and then
+    drops the connection, ``502`` answers a gateway error, ``garbage`` a 200
+    that is not JSON, ``stall`` never answers.
+    """
+
+    def __init__(self, app: Any, mode: str, times: int = 1) -> None:
+        self.app = app
+        self.mode = mode
+        self.times = times
+        self.posts = 0
+        self.stored: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) != ("POST", "/v1/files"):
+            await self.app(scope, receive, send)
+            return
+        self.posts += 1
+        if self.times <= 0:
+            await self.app(scope, receive, send)
+            return
+        self.times -= 1
+        messages: list[dict[str, Any]] = []
+
+        async def capture(message: dict[str, Any]) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, capture)
+        start = messages[0]
+        body = b"".join(m.get("body", b"") for m in messages[1:])
+        assert start["status"] == 200, body
+        self.stored.append(json.loads(body)["id"])
+        if self.mode == "cut":
+            await send(start)
+            await send(
+                {"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True}
+            )
+            raise RuntimeError("connection lost mid-answer (test)")
+        if self.mode == "502":
+            await send({"type": "http.response.start", "status": 502, "headers": []})
+            await send({"type": "http.response.body", "body": b"<html>Bad Gateway</html>"})
+        elif self.mode == "garbage":
+            headers = [(b"content-type", b"text/html")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"<html>upstream</html>"})
+        elif self.mode == "stall":
+            await trio.sleep_forever()
+        else:
+            raise AssertionError(self.mode)
+
+
+async def serve_spoiled(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, mode: str, times: int = 1
+) -> tuple[str, SpoilUploadAnswers]:
+    """Serve the real emulator app (fresh data dir) behind SpoilUploadAnswers."""
+    import hypercorn.trio
+
+    from mistralfs.emulator.app import create_app
+    from mistralfs.emulator.server import EmulatorConfig, _hypercorn_config
+    from mistralfs.emulator.storage import Storage
+
+    config = EmulatorConfig(data_dir=tmp_path / f"emu-{mode}", api_key="k", port=0)
+    storage = Storage(config.data_dir)
+    wrapper = SpoilUploadAnswers(create_app(config, storage), mode, times)
+
+    async def run(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as inner:
+                binds = await inner.start(hypercorn.trio.serve, wrapper, _hypercorn_config(config))
+                task_status.started(binds[0])
+        finally:
+            storage.close()
+
+    url = await nursery.start(run)
+    return url, wrapper
+
+
+@pytest.mark.parametrize("mode", ["cut", "502", "garbage", "stall"])
+async def test_upload_whose_answer_was_lost_is_not_stored_twice(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, mode: str
+) -> None:
+    url, server = await serve_spoiled(nursery, tmp_path, mode)
+    data = os.urandom(50_000)
+    async with FilesClient(url, "k", retry=FAST, timeout=0.5) as c:
+        t0 = time.time()
+        up = await c.upload(write(tmp_path, "lost", data), filename="lost.bin", purpose="batch")
+        files = await c.list_all()
+    assert server.posts == 1  # found, not sent again
+    assert [f.id for f in files] == server.stored == [up.id]
+    assert up.bytes == len(data)
+    assert up.signature == hashlib.md5(data).hexdigest()
+    assert up.filename == "lost.bin" and up.purpose == "batch"
+    assert up.created_at >= int(t0) - 1
+
+
+async def test_upload_lost_twice_then_answered_keeps_the_first_copy(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    # The look-up after the first loss finds the file at once; nothing is sent twice.
+    url, server = await serve_spoiled(nursery, tmp_path, "cut", times=2)
+    async with FilesClient(url, "k", retry=FAST) as c:
+        up = await c.upload(write(tmp_path, "x", JSONL), filename="x.jsonl", purpose="batch")
+        assert [f.id for f in await c.list_all()] == [up.id]
+    assert server.posts == 1 and server.stored == [up.id]
+
+
+async def test_upload_503_before_storing_is_sent_again_once(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    await admin.clear_requests()
+    await admin.fault(method="POST", path_prefix="/v1/files", status=503, times=1)
+    up = await client.upload(write(tmp_path, "a", JSONL), filename="a.jsonl", purpose="batch")
+    assert [f.id for f in await client.list_all()] == [up.id]
+    calls = [(r["method"], r["status"]) for r in await admin.requests() if r["path"] == "/v1/files"]
+    # snapshot, lost attempt, look-up (nothing new), the real upload, our list_all
+    assert calls == [("GET", 200), ("POST", 503), ("GET", 200), ("POST", 200), ("GET", 200)]
+
+
+async def test_identical_earlier_file_is_not_taken_for_ours(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    """Same name, purpose, size and MD5, created within the clock-skew window: still not ours."""
+    src = write(tmp_path, "same", JSONL)
+    earlier = await client.upload(src, filename="same.jsonl", purpose="batch")
+    await admin.fault(method="POST", path_prefix="/v1/files", status=503, times=1)
+    ours = await client.upload(src, filename="same.jsonl", purpose="batch")
+    assert ours.id != earlier.id
+    assert ours.signature == earlier.signature and ours.bytes == earlier.bytes
+    assert abs(ours.created_at - earlier.created_at) <= 5  # only the snapshot tells them apart
+    assert {f.id for f in await client.list_all()} == {earlier.id, ours.id}
+
+
+async def test_identical_earlier_file_and_lost_answer_picks_the_new_one(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    url, server = await serve_spoiled(nursery, tmp_path, "cut", times=0)
+    src = write(tmp_path, "same", JSONL)
+    async with FilesClient(url, "k", retry=FAST) as c:
+        earlier = await c.upload(src, filename="same.jsonl", purpose="batch")
+        other = await c.upload(src, filename="other.jsonl", purpose="batch")  # other name
+        elsewhere = await c.upload(src, filename="same.jsonl", purpose="fine-tune")  # other purpose
+        server.times = 1
+        ours = await c.upload(src, filename="same.jsonl", purpose="batch")
+        ids = {f.id for f in await c.list_all()}
+    assert ours.id == server.stored[-1]
+    assert ours.id not in {earlier.id, other.id, elsewhere.id}
+    assert ids == {earlier.id, other.id, elsewhere.id, ours.id}
+    assert server.posts == 4
+
+
+async def test_upload_without_dedupe_makes_no_listing_call(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    await admin.clear_requests()
+    await client.upload(
+        write(tmp_path, "n", JSONL), filename="n.jsonl", purpose="batch", dedupe=False
+    )
+    assert [r["method"] for r in await admin.requests()] == ["POST"]
+
+
+# ------------------------------------------------------------- bounded by the budget
+
+
+async def stalling_server(nursery: trio.Nursery) -> str:
+    """A TCP server that accepts connections and reads them, but never answers."""
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, host="127.0.0.1"), _swallow, 0
+    )
+    port = listeners[0].socket.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def _swallow(stream: trio.SocketStream) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while await stream.receive_some(65536):
+            pass
+
+
+async def test_stalled_server_gives_up_within_budget(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    url = await stalling_server(nursery)
+    policy = RetryPolicy(max_attempts=50, base_delay=0.01, max_delay=0.05, total_budget=1.0)
+    # The configured read timeout (30 s) is far longer than the budget.
+    async with FilesClient(url, "k", retry=policy, timeout=30.0) as c:
+        for call in (
+            c.list_files(),
+            c.retrieve("f"),
+            c.upload(write(tmp_path, "s", JSONL), filename="s", purpose="batch"),
+            c.upload(write(tmp_path, "s", JSONL), filename="s", purpose="batch", dedupe=False),
+            c.download("f", tmp_path / "d"),
+        ):
+            t0 = trio.current_time()
+            with pytest.raises(Unavailable) as info:
+                await call
+            elapsed = trio.current_time() - t0
+            assert 0.9 <= elapsed < 1.5, (info.value, elapsed)
+            assert "Timeout" in info.value.message
+
+
+async def test_retry_after_beyond_budget_gives_up_at_once(emulator: Any, admin: Admin) -> None:
+    await admin.fault(method="GET", path_prefix="/v1/files", status=429, retry_after=30, times=None)
+    policy = RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05, total_budget=2.0)
+    async with FilesClient(emulator.url, emulator.api_key, retry=policy) as c:
+        t0 = trio.current_time()
+        with pytest.raises(RateLimited) as info:
+            await c.list_files()
+        assert trio.current_time() - t0 < 0.5
+    assert "1 attempt" in info.value.message
+    await admin.clear_faults()
