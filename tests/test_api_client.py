@@ -897,3 +897,46 @@ async def test_retry_after_beyond_budget_gives_up_at_once(emulator: Any, admin: 
         assert trio.current_time() - t0 < 0.5
     assert "1 attempt" in info.value.message
     await admin.clear_faults()
+
+
+@pytest.mark.parametrize("kind", ["lost", "badjson", "cut"])
+async def test_emulator_fault_after_storing_gives_one_file(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path, kind: str
+) -> None:
+    """The emulator's own after-store faults, on every upload: found, never sent twice."""
+    r = await admin.http.post(
+        "/v1/_emulator/faults", json={"random": f"seed=1;route=upload;rate=1;kinds={kind}"}
+    )
+    assert r.status_code < 300, r.text
+    await admin.clear_requests()
+    data = os.urandom(10_000)
+    up = await client.upload(write(tmp_path, "f", data), filename="f.bin", purpose="batch")
+    await admin.clear_faults()
+    assert [f.id for f in await client.list_all()] == [up.id]
+    assert up.signature == hashlib.md5(data).hexdigest()
+    posts = [r for r in await admin.requests() if r["method"] == "POST"]
+    assert len(posts) == 1
+
+
+async def test_seeded_upload_faults_leave_exactly_one_file_each(
+    emulator: Any, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    spec = "seed=3;route=upload;rate=0.5;kinds=lost,reset,503,cut,badjson,stall:0.3"
+    r = await admin.http.post("/v1/_emulator/faults", json={"random": spec})
+    assert r.status_code < 300, r.text
+    policy = RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05, total_budget=20.0)
+    uploaded: dict[str, bytes] = {}
+    async with FilesClient(emulator.url, emulator.api_key, retry=policy, timeout=5.0) as c:
+        for i in range(16):
+            data = os.urandom(1000 + i)
+            up = await c.upload(write(tmp_path, f"s{i}", data), filename=f"s{i}", purpose="batch")
+            assert up.filename == f"s{i}" and up.signature == hashlib.md5(data).hexdigest()
+            uploaded[up.id] = data
+        history = (await admin.http.get("/v1/_emulator/faults")).json()["random"]["history"]
+        await admin.clear_faults()
+        remote = await c.list_all()
+    assert len(uploaded) == 16
+    assert sorted(f.id for f in remote) == sorted(uploaded)  # no duplicates, none missing
+    # The seed really did lose stored uploads (and refuse others) along the way.
+    kinds = {h["kind"] for h in history}
+    assert {"lost", "badjson", "cut"} & kinds and {"reset", "503"} & kinds, kinds
