@@ -147,7 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-file-size", type=_size, default="512M", help="largest upload accepted"
     )
     emulator.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    emulator.add_argument(
+        "--faults",
+        type=_fault_plan,
+        metavar="SPEC",
+        help="seeded random faults, the same on every run with the same requests: "
+        "';'-separated seed=N, then per rule route=R[,R] (list, upload, retrieve, delete, "
+        "content, url, storage or *), rate=P (0..1) and kinds=K[,K] (a status 400-599, "
+        "429:S for Retry-After S, reset, cut, stall:S, badjson, lost), e.g. "
+        "'seed=7;route=upload;rate=0.3;kinds=lost,503;route=*;rate=0.1;kinds=500,reset'. "
+        "Also JSON ({\"seed\": 7, \"rules\": [...]}) or @FILE. "
+        "See mistralfs/emulator/faults.py",
+    )
     return parser
+
+
+def _fault_plan(text: str) -> object:
+    from mistralfs.emulator.faults import FaultSpecError, parse_plan
+
+    try:
+        return parse_plan(text)
+    except FaultSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _run_emulator(args: argparse.Namespace) -> int:
@@ -164,6 +185,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             max_file_size=args.max_file_size,
+            faults=args.faults,
         )
     )
     return 0

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from conftest import API_KEY as API_KEY_FOR_TESTS
 from conftest import RunningEmulator, emulator_config, start_emulator
 
 from mistralfs.emulator import signing
@@ -540,13 +541,30 @@ async def test_signed_url_of_deleted_file_is_refused(
     _assert_azure_error(r, 404, "BlobNotFound")
 
 
-async def test_signed_url_ignores_api_key_absence_only(
-    client: httpx.AsyncClient, emulator: RunningEmulator
+@pytest.mark.parametrize(
+    "authorization", [f"Bearer {API_KEY_FOR_TESTS}", "Bearer nonsense", "Basic eDp5", ""]
+)
+async def test_storage_refuses_any_authorization_header(
+    client: httpx.AsyncClient,
+    emulator: RunningEmulator,
+    caplog: pytest.LogCaptureFixture,
+    authorization: str,
 ) -> None:
-    """The storage route does not care about Authorization: a wrong key changes nothing."""
+    """The API key must never reach the storage host: a request carrying one is refused."""
+    caplog.set_level(logging.WARNING, logger="mistralfs.emulator")
     f = await uploaded(client, "a.jsonl", JSONL, "fine-tune")
     url = await _signed(client, f["id"])
-    async with httpx.AsyncClient(headers={"Authorization": "Bearer nonsense"}) as c:
+    async with httpx.AsyncClient(headers={"Authorization": authorization}) as c:
+        r = await c.get(url)
+        _assert_azure_error(r, 403, "InvalidAuthenticationInfo")
+        assert r.headers["x-ms-error-code"] == "InvalidAuthenticationInfo"
+        assert "JSONL" not in r.text and b'"messages"' not in r.content
+        r = await c.head(url)
+        assert r.status_code == 403
+    refused = [rec.getMessage() for rec in caplog.records if "Authorization" in rec.getMessage()]
+    assert len(refused) == 2 and all(f"/storage/{f['id']}" in m for m in refused)
+    assert all(emulator.api_key not in m for m in refused)
+    async with httpx.AsyncClient() as c:  # the same URL without the header works
         assert (await c.get(url)).content == JSONL
 
 

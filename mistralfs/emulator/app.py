@@ -10,18 +10,23 @@ Public routes (all need ``Authorization: Bearer <key>``)::
     GET    /v1/files/{id}/content       download (application/octet-stream)
     GET    /v1/files/{id}/url?expiry=H  signed URL, H in 1..168 hours (default 24)
 
-Signed URL route (no Authorization; HMAC in the query, see signing.py)::
+Signed URL route (HMAC in the query, see signing.py)::
 
     GET|HEAD /storage/{id}?se=..&sp=r&sig=..   Range -> 206, errors as Azure XML
+
+A storage request that carries an ``Authorization`` header is refused (403
+``InvalidAuthenticationInfo``) and logged: the API key must never leave for
+the storage host.
 
 Admin routes for tests and tools (same auth; never faulted, never in the request log)::
 
     POST   /v1/_emulator/batch-outputs  multipart file + sample_type (batch_result|batch_error)
-    POST   /v1/_emulator/faults         JSON rule or list of rules (see faults.py)
-    GET    /v1/_emulator/faults         active rules
-    DELETE /v1/_emulator/faults         clear rules
+    POST   /v1/_emulator/faults         JSON rule or list of rules, or {"random": SPEC|null}
+                                        (seeded random faults; see faults.py)
+    GET    /v1/_emulator/faults         {"faults": [rules]} (+ "random": {...} while set)
+    DELETE /v1/_emulator/faults         clear rules and random faults
     GET    /v1/_emulator/requests       {"count": N, "requests": [{method, path, query, status,
-                                        range, time}, ...]}
+                                        range, time, fault}, ...]}; status 0 = no answer sent
     DELETE /v1/_emulator/requests       clear the log
 """
 
@@ -46,9 +51,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mistralfs.emulator import errors, signing
-from mistralfs.emulator.faults import Fault, FaultInjector, FaultSpecError
+from mistralfs.emulator.faults import (
+    Fault,
+    FaultInjector,
+    FaultSpecError,
+    Kind,
+    parse_plan,
+    route_of,
+    status_body,
+)
 from mistralfs.emulator.requestlog import RequestLog
 from mistralfs.emulator.storage import FileRecord, ListQuery, Storage
+from mistralfs.emulator.transport import reset_connection
 from mistralfs.emulator.upload import MalformedUpload, UploadTooLarge, receive_upload
 from mistralfs.emulator.validation import ContentError, count_jsonl_lines, inspect_upload
 
@@ -294,6 +308,20 @@ async def signed_url(request: Request) -> Response:
 async def storage_blob(request: Request) -> Response:
     """GET/HEAD /storage/{id}: blob-storage semantics, no API key, Range support."""
     storage, _ = _state(request)
+    if "authorization" in request.headers:
+        # Never log the header's value: it is most likely the API key.
+        log.warning(
+            "refused %s %s: it carries an Authorization header (the API key must never "
+            "be sent to the storage host)",
+            request.method,
+            request.url.path,
+        )
+        return errors.azure_error(
+            403,
+            "InvalidAuthenticationInfo",
+            "Authentication information is not given in the correct format. Check the value "
+            "of Authorization header. A signed URL must be used without an Authorization header.",
+        )
     reason = signing.check(
         storage.secret,
         request.url.path,
@@ -403,20 +431,30 @@ async def add_batch_output(request: Request) -> Response:
 
 
 async def faults_route(request: Request) -> Response:
-    """POST adds rules (object or list), DELETE clears, GET shows the active ones."""
+    """POST adds rules (object or list) or sets random faults, DELETE clears, GET shows."""
     injector: FaultInjector = request.app.state.faults
     if request.method == "POST":
         try:
             spec = json.loads(await request.body())
-            specs = spec if isinstance(spec, list) else [spec]
-            new = [Fault.from_json(s) for s in specs]
+            if isinstance(spec, dict) and "random" in spec:
+                if set(spec) != {"random"}:
+                    raise FaultSpecError('"random" must be the only field of its object')
+                plan = None if spec["random"] is None else parse_plan(spec["random"])
+                injector.set_random(plan)
+                log.info("random faults: %s", plan.describe() if plan else "off")
+            else:
+                specs = spec if isinstance(spec, list) else [spec]
+                new = [Fault.from_json(s) for s in specs]
+                for fault in new:
+                    injector.add(fault)
         except (ValueError, FaultSpecError) as exc:
             return errors.detail(422, f"Invalid fault: {exc}")
-        for fault in new:
-            injector.add(fault)
     elif request.method == "DELETE":
         injector.clear()
-    return JSONResponse({"faults": [f.describe() for f in injector.active()]})
+    body: dict[str, Any] = {"faults": [f.describe() for f in injector.active()]}
+    if injector.random is not None:
+        body["random"] = injector.random.describe()
+    return JSONResponse(body)
 
 
 async def requests_route(request: Request) -> Response:
@@ -461,6 +499,18 @@ def _has_body(scope: Scope) -> bool:
     return False
 
 
+FAULT_KEY = "mistralfs.fault"  # scope key: the random fault kind applied to a request
+NO_ANSWER_KEY = "mistralfs.no_answer"  # scope key: a fault dropped the connection on purpose
+BAD_JSON_BODY = b"<!DOCTYPE html><html><body><h1>Service temporarily unavailable</h1></body></html>"
+RESET_WAIT_SECONDS = 5.0
+STORAGE_FAULT_CODES = {
+    403: "AuthenticationFailed",
+    404: "BlobNotFound",
+    429: "ServerBusy",
+    503: "ServerBusy",
+}
+
+
 class ObserveMiddleware:
     """Outermost layer: logs each request and records it in the request log."""
 
@@ -481,15 +531,23 @@ class ObserveMiddleware:
             recorded = True
             path: str = scope["path"]
             method: str = scope["method"]
+            fault: str | None = scope.get(FAULT_KEY)
             is_storage = path.startswith(signing.STORAGE_PREFIX)
             query = "" if is_storage else scope.get("query_string", b"").decode("latin-1")
-            log.info("%s %s%s %d", method, path, f"?{query}" if query else "", status)
+            log.info(
+                "%s %s%s %s%s",
+                method,
+                path,
+                f"?{query}" if query else "",
+                status or "(no answer)",
+                f" [fault {fault}]" if fault else "",
+            )
             if not path.startswith(ADMIN_PREFIX):
                 range_header = None
                 for name, value in scope.get("headers", []):
                     if name == b"range":
                         range_header = value.decode("latin-1")
-                self.requests_log.record(method, path, query, status, range_header)
+                self.requests_log.record(method, path, query, status, range_header, fault)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal body_done
@@ -511,11 +569,34 @@ class ObserveMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             if not recorded:
-                record(500)
+                record(0 if scope.get(NO_ANSWER_KEY) else 500)
+
+
+class _CutShort(Exception):
+    """Raised through the app's send to stop a response the ``cut`` fault truncated."""
+
+
+def _only_cut(exc: BaseException) -> bool:
+    if isinstance(exc, _CutShort):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(_CutShort)
+        return rest is None
+    return False
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 class FaultMiddleware:
-    """Answers (or delays) requests matching an injected fault; admin routes are exempt."""
+    """Applies deterministic rules, else seeded random faults; admin routes are exempt."""
 
     def __init__(self, app: ASGIApp, injector: FaultInjector) -> None:
         self.app = app
@@ -527,7 +608,12 @@ class FaultMiddleware:
             return
         fault = self.injector.take(scope["method"], scope["path"])
         if fault is None:
-            await self.app(scope, receive, send)
+            kind = self.injector.draw(scope["method"], scope["path"])
+            if kind is None:
+                await self.app(scope, receive, send)
+            else:
+                scope[FAULT_KEY] = str(kind)
+                await self._random(kind, scope, receive, send)
             return
         if fault.delay:
             await trio.sleep(fault.delay)
@@ -537,6 +623,130 @@ class FaultMiddleware:
         status, headers, body = fault.response()
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _random(self, kind: Kind, scope: Scope, receive: Receive, send: Send) -> None:
+        if kind.name == "status":
+            assert kind.status is not None
+            await self._status(kind, scope, receive, send)
+        elif kind.name == "stall":
+            assert kind.seconds is not None
+            await trio.sleep(kind.seconds)
+            await self.app(scope, receive, send)
+        elif kind.name == "reset":
+            await _drain(receive)
+            await self._reset(scope, receive)
+        elif kind.name == "lost":
+            await self._lost(scope, receive)
+        elif kind.name == "cut":
+            await self._cut(scope, receive, send)
+        elif kind.name == "badjson":
+            await self._bad_json(scope, receive, send)
+        else:  # pragma: no cover - parse_plan only builds the kinds above
+            raise AssertionError(kind)
+
+    async def _status(self, kind: Kind, scope: Scope, receive: Receive, send: Send) -> None:
+        assert kind.status is not None
+        extra: dict[str, str] = {}
+        if kind.status == 429:
+            extra["retry-after"] = _retry_after(kind.seconds or 0)
+        if route_of(scope["method"], scope["path"]) == "storage":
+            response = errors.azure_error(
+                kind.status,
+                STORAGE_FAULT_CODES.get(kind.status, "InternalError"),
+                "Injected fault.",
+            )
+            response.headers.update(extra)
+            await response(scope, receive, send)
+            return
+        headers, body = status_body(kind.status)
+        headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": kind.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _reset(self, scope: Scope, receive: Receive) -> None:
+        """Drop the connection without an answer, then wait until the server noticed."""
+        scope[NO_ANSWER_KEY] = True
+        if not reset_connection(scope):
+            scope[NO_ANSWER_KEY] = False
+            return  # the server answers 500 for an app that sent nothing
+        with trio.move_on_after(RESET_WAIT_SECONDS):
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+    async def _lost(self, scope: Scope, receive: Receive) -> None:
+        """Process the request completely (side effects happen), then reset."""
+
+        async def swallow(message: Message) -> None:
+            pass
+
+        await self.app(scope, receive, swallow)
+        await self._reset(scope, receive)
+
+    async def _cut(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the headers and about half the body, then close the connection."""
+        state: dict[str, Any] = {"cut_at": None, "sent": 0, "reset": False}
+
+        async def cutting_send(message: Message) -> None:
+            if state["reset"]:
+                return
+            if message["type"] == "http.response.start":
+                length = _content_length(list(message.get("headers", [])))
+                if scope["method"] == "HEAD" or length == 0:
+                    state["reset"] = True  # nothing to cut: drop the connection instead
+                    return
+                state["cut_at"] = None if length is None else length // 2
+                await send(message)
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            body: bytes = message.get("body", b"")
+            if state["cut_at"] is None:
+                if not body:
+                    if not message.get("more_body", False):
+                        raise _CutShort()
+                    return
+                state["cut_at"] = len(body) // 2
+            room = state["cut_at"] - state["sent"]
+            if len(body) < room:
+                state["sent"] += len(body)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                if not message.get("more_body", False):
+                    raise _CutShort()
+                return
+            if room > 0:
+                await send({"type": "http.response.body", "body": body[:room], "more_body": True})
+            raise _CutShort()
+
+        try:
+            await self.app(scope, receive, cutting_send)
+        except BaseException as exc:
+            if not _only_cut(exc):
+                raise
+            # Returning with the body incomplete makes the server close the connection.
+            log.info("cut %s %s after %d bytes", scope["method"], scope["path"], state["sent"])
+            return
+        if state["reset"]:
+            await self._reset(scope, receive)
+
+    async def _bad_json(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Process the request, then answer 200 with a body that is not JSON."""
+
+        async def replacing_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(BAD_JSON_BODY)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": BAD_JSON_BODY})
+
+        await self.app(scope, receive, replacing_send)
+
+
+def _retry_after(seconds: float) -> str:
+    return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))
 
 
 class AuthMiddleware:
@@ -600,7 +810,7 @@ def create_app(config: EmulatorConfig, storage: Storage | None = None) -> Starle
     )
     app.state.config = config
     app.state.storage = storage
-    app.state.faults = FaultInjector()
+    app.state.faults = FaultInjector(parse_plan(config.faults) if config.faults else None)
     app.state.requests = RequestLog()
     app.add_middleware(AuthMiddleware, api_key=config.api_key)
     app.add_middleware(FaultMiddleware, injector=app.state.faults)

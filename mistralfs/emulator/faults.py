@@ -465,11 +465,10 @@ class RandomFaults:
         route = route_of(method, path)
         if route is None:
             return None
-        for index, rule in enumerate(self.plan.rules):
-            if route in rule.routes:
-                break
-        else:
+        index = next((i for i, r in enumerate(self.plan.rules) if route in r.routes), None)
+        if index is None:
             return None
+        rule = self.plan.rules[index]
         stream = self._streams.get((index, route))
         if stream is None:
             # str seeds are hashed with SHA-512: the same on every run and platform.

@@ -24,6 +24,7 @@ class RequestEntry:
     status: int
     range: str | None
     time: float
+    fault: str | None = None
 
 
 class RequestLog:
@@ -33,9 +34,17 @@ class RequestLog:
         self._entries: collections.deque[RequestEntry] = collections.deque(maxlen=maxlen)
         self.count = 0
 
-    def record(self, method: str, path: str, query: str, status: int, range_: str | None) -> None:
-        """Remember one request."""
-        self._entries.append(RequestEntry(method, path, query, status, range_, time.time()))
+    def record(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        status: int,
+        range_: str | None,
+        fault: str | None = None,
+    ) -> None:
+        """Remember one request; ``status`` 0 when a fault dropped the connection unanswered."""
+        self._entries.append(RequestEntry(method, path, query, status, range_, time.time(), fault))
         self.count += 1
 
     def clear(self) -> None:
@@ -44,5 +53,5 @@ class RequestLog:
         self.count = 0
 
     def to_json(self) -> dict[str, Any]:
-        """``{"count": N, "requests": [{method, path, query, status, range, time}, ...]}``."""
+        """``{"count": N, "requests": [{method, path, query, status, range, time, fault}]}``."""
         return {"count": self.count, "requests": [asdict(e) for e in self._entries]}

@@ -14,6 +14,7 @@ import trio
 from starlette.applications import Starlette
 
 from mistralfs.emulator.app import create_app as _create_app
+from mistralfs.emulator.faults import RandomPlan
 from mistralfs.emulator.storage import Storage
 
 log = logging.getLogger("mistralfs.emulator")
@@ -21,13 +22,18 @@ log = logging.getLogger("mistralfs.emulator")
 
 @dataclass
 class EmulatorConfig:
-    """Where the emulator keeps its files, the key it accepts, and where it listens."""
+    """Where the emulator keeps its files, the key it accepts, and where it listens.
+
+    ``faults`` turns on seeded random faults from the start: a parsed plan or a
+    SPEC string (see :mod:`mistralfs.emulator.faults`).
+    """
 
     data_dir: pathlib.Path
     api_key: str
     host: str = "127.0.0.1"
     port: int = 8080
     max_file_size: int = 512 * 1024 * 1024
+    faults: RandomPlan | str | None = None
 
 
 def create_app(config: EmulatorConfig) -> Starlette:
@@ -63,10 +69,14 @@ async def serve(
 
 
 async def _serve_until_signal(config: EmulatorConfig) -> None:
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(serve, config)
-        print(f"mistralfs emulator listening on {url}", flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # The signal receiver is in place before the "listening" line is printed, so
+    # that a signal sent as soon as that line is read stops the server cleanly.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, config)
+            print(f"mistralfs emulator listening on {url}", flush=True)
+            if isinstance(config.faults, RandomPlan):
+                log.info("random faults: %s", config.faults.describe())
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
