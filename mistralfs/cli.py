@@ -12,7 +12,9 @@ from mistralfs import __version__
 from mistralfs.config import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_DIR_CACHE_TIME,
+    DEFAULT_RETRY_TIME,
     DEFAULT_SERVER_URL,
+    DEFAULT_STOP_TIMEOUT,
     ConfigError,
     options_to_args,
     parse_size,
@@ -76,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         help="where uploads are spooled and logs kept (default $XDG_CACHE_HOME/mistralfs)",
+    )
+    mount.add_argument(
+        "--retry-time",
+        type=_seconds,
+        default=DEFAULT_RETRY_TIME,
+        help="how long a failing request is retried before the operation fails with EIO "
+        f"(default {DEFAULT_RETRY_TIME:g})",
+    )
+    mount.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        default=DEFAULT_STOP_TIMEOUT,
+        help="how long SIGTERM waits for uploads in flight; what is cut off is uploaded "
+        f"at the next mount (default {DEFAULT_STOP_TIMEOUT:g})",
     )
     mount.add_argument("--read-only", action="store_true", help="refuse every change")
     mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
@@ -156,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "content, url, storage or *), rate=P (0..1) and kinds=K[,K] (a status 400-599, "
         "429:S for Retry-After S, reset, cut, stall:S, badjson, lost), e.g. "
         "'seed=7;route=upload;rate=0.3;kinds=lost,503;route=*;rate=0.1;kinds=500,reset'. "
-        "Also JSON ({\"seed\": 7, \"rules\": [...]}) or @FILE. "
+        'Also JSON ({"seed": 7, "rules": [...]}) or @FILE. '
         "See mistralfs/emulator/faults.py",
     )
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ DEFAULT_SERVER_URL = "https://api.mistral.ai"
 DEFAULT_CACHE_SIZE = 256 * 1024**2
 DEFAULT_DIR_CACHE_TIME = 30.0
 DEFAULT_BLOCK_SIZE = 1024**2
+DEFAULT_RETRY_TIME = 30.0
+DEFAULT_STOP_TIMEOUT = 600.0
 MAX_FILE_SIZE = 512 * 1024**2
 SYSTEMD_CREDENTIAL = "mistral-api-key"
 
@@ -76,6 +79,12 @@ def read_api_key(api_key_file: Path | None) -> str:
             raise ConfigError(f"cannot read API key file {api_key_file}: {exc.strerror}") from exc
         if not key:
             raise ConfigError(f"API key file {api_key_file} is empty")
+        if api_key_file.stat().st_mode & 0o077:
+            print(
+                f"mistralfs: warning: API key file {api_key_file} can be read by others; "
+                f"chmod 600 {api_key_file}",
+                file=sys.stderr,
+            )
         return key
     key = os.environ.get("MISTRAL_API_KEY", "").strip()
     if key:
@@ -107,6 +116,8 @@ class MountConfig:
     read_only: bool = False
     allow_other: bool = False
     max_file_size: int = MAX_FILE_SIZE
+    retry_time: float = DEFAULT_RETRY_TIME
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
 
     @property
     def pid_file(self) -> Path:
@@ -136,6 +147,8 @@ _VALUE_OPTIONS = {
     "cache_dir": "--cache-dir",
     "log_file": "--log-file",
     "log_level": "--log-level",
+    "retry_time": "--retry-time",
+    "stop_timeout": "--stop-timeout",
 }
 _FLAG_OPTIONS = {
     "read_only": "--read-only",

@@ -59,6 +59,8 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         dir_cache_time=args.dir_cache_time,
         read_only=args.read_only,
         allow_other=args.allow_other,
+        retry_time=args.retry_time,
+        stop_timeout=args.stop_timeout,
     )
 
 
@@ -155,6 +157,7 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
         "--log-level", args.log_level, "--server-url", config.server_url,
         "--cache-dir", str(config.cache_dir), "--cache-size", str(config.cache_size),
         "--dir-cache-time", str(config.dir_cache_time),
+        "--retry-time", str(config.retry_time), "--stop-timeout", str(config.stop_timeout),
     ]  # fmt: skip
     if config.read_only:
         command.append("--read-only")

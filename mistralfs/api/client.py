@@ -233,7 +233,10 @@ class RequestStats:
 
 
 class FilesClient:
-    """Async client for the Mistral Files API (``/v1/files``) and its signed URLs."""
+    """Async client for the Mistral Files API (``/v1/files``) and its signed URLs.
+
+    ``transport`` replaces httpx's network transport (tests: httpx.MockTransport).
+    """
 
     def __init__(
         self,
@@ -244,6 +247,7 @@ class FilesClient:
         timeout: float = 30.0,
         user_agent: str = f"mistralfs/{__version__}",
         max_upload_bytes: int | None = MAX_UPLOAD_BYTES,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         base = httpx.URL(server_url.rstrip("/"))
         if base.scheme not in ("http", "https") or not base.host:
@@ -261,6 +265,7 @@ class FilesClient:
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             headers={"User-Agent": user_agent},
             follow_redirects=False,
+            transport=transport,
         )
 
     @property

@@ -169,12 +169,11 @@ def extract_message(body: bytes, content_type: str | None = None, reason: str = 
     if text[:1] in '{["':
         try:
             data = json.loads(text)
-        except ValueError:
-            data = None
-        if data is not None:
-            message = _message_from_json(data)
-            if message:
-                return _truncate(message, MAX_MESSAGE_CHARS * 4)
+            message = _message_from_json(data) if data is not None else None
+        except (ValueError, RecursionError):  # not JSON, or nested past what json can take
+            message = None
+        if message:
+            return _truncate(message, MAX_MESSAGE_CHARS * 4)
     if "<" in text[:200]:
         match = re.search(r"<Message>(.*?)</Message>", text, re.DOTALL | re.IGNORECASE)
         if match:

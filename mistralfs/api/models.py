@@ -7,6 +7,7 @@ unknown fields are kept in ``extra`` instead of being rejected.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -84,7 +85,7 @@ class RemoteFile:
             raise ProtocolError("file object has a non-string or empty 'id'")
         if not _is_int(size) or size < 0:
             raise ProtocolError(f"file {file_id}: 'bytes' is not a non-negative integer")
-        if isinstance(created, float) and not isinstance(created, bool):
+        if isinstance(created, float) and math.isfinite(created):
             created = int(created)
         if not _is_int(created):
             raise ProtocolError(f"file {file_id}: 'created_at' is not an integer")

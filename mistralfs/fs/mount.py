@@ -68,8 +68,9 @@ async def check_key(config: MountConfig) -> None:
 async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount, call `on_ready` once the mount answers, and serve until unmounted or signalled."""
     await check_key(config)
+    retry = RetryPolicy(total_budget=config.retry_time)
     async with (
-        FilesClient(config.server_url, config.api_key) as client,
+        FilesClient(config.server_url, config.api_key, retry=retry) as client,
         trio.open_nursery() as nursery,
     ):
         activity = Activity()
@@ -114,7 +115,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
             recovered = trio.Event()
             nursery.start_soon(_recover, client, leftovers, config, namespace, recovered)
             nursery.start_soon(_serve_status, config.control_socket, snapshot)
-            nursery.start_soon(_stop_on_signal, fs, activity, stop, recovered)
+            nursery.start_soon(_stop_on_signal, fs, activity, stop, recovered, config.stop_timeout)
             nursery.start_soon(_announce_when_answering, config, activity, on_ready)
             await pyfuse3.main()
             unmounted_by_kernel = not stop.requested
@@ -180,14 +181,22 @@ async def _recover(
 
 
 async def _stop_on_signal(
-    fs: Filesystem, activity: Activity, stop: _StopRequest, recovered: trio.Event
+    fs: Filesystem,
+    activity: Activity,
+    stop: _StopRequest,
+    recovered: trio.Event,
+    stop_timeout: float,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s: waiting for uploads in flight, then unmounting", signal.strsignal(signum))
             systemd.notify("STOPPING=1", f"STATUS=stopping: {activity.summary()}")
-            await recovered.wait()
-            await fs.wait_for_uploads()
+            with trio.move_on_after(stop_timeout) as waited:
+                await recovered.wait()
+                await fs.wait_for_uploads()
+            if waited.cancelled_caught:
+                log.warning("stopping after %g s with uploads in flight; their spools are "
+                            "uploaded at the next mount", stop_timeout)  # fmt: skip
             stop.requested = True
             pyfuse3.terminate()
             return

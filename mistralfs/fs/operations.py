@@ -53,6 +53,8 @@ def _fuse_errors(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
 
 def _name(raw: bytes) -> str:
+    if len(raw) > NAME_MAX:  # the kernel lets FUSE names reach 1024 bytes
+        raise FsError(errno.ENAMETOOLONG, "names are limited to 255 bytes")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

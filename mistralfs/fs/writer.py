@@ -265,8 +265,15 @@ class Writer:
         if spool.changed and node.attached and not spool.oversize:
             with contextlib.suppress(FsError):  # logged by _upload; the spool is kept below
                 await self._upload(spool)
-        if not spool.changed or node.unlinked:
+        if spool.oversize:
+            # The write past the limit failed and nothing was uploaded; the copy the
+            # program was making is incomplete, so nothing worth keeping is left.
+            log.info("%s/%s: dropping the incomplete copy of a file past 512 MB",
+                     node.folder.purpose, node.name)  # fmt: skip
+        if not spool.changed or node.unlinked or spool.oversize:
             self._discard(spool)
+            if node.remote is None:
+                self._namespace.detach(node)
             return
         del self._spools[node.inode]
         os.close(spool.fd)
