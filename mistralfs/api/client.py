@@ -206,7 +206,7 @@ async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
 def _parse_json(body: bytes, response: httpx.Response, method: str, url: str) -> object:
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can take
         ctype = response.headers.get("content-type", "?")
         raise ProtocolError(
             f"expected JSON, got {ctype}: {extract_message(body)[:200]}",
