@@ -422,7 +422,9 @@ def _compact_to_json(text: str) -> dict[str, Any]:
 
 
 def parse_plan(spec: Any) -> RandomPlan:
-    """A plan from a compact SPEC string, ``@FILE``, or the JSON form (str or dict)."""
+    """A plan from a compact SPEC string, ``@FILE``, the JSON form (str or dict), or a plan."""
+    if isinstance(spec, RandomPlan):
+        return spec
     if isinstance(spec, str):
         text = spec.strip()
         if text.startswith("@"):
