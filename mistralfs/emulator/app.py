@@ -226,7 +226,9 @@ async def upload_file(request: Request) -> Response:
             return errors.detail(400, "There was an error parsing the body")
         purpose = form.fields.get("purpose", "")
         problems = []
-        if form.file_path is None:
+        if form.file_path is None and "file" in form.fields:
+            problems.append(errors.not_a_file(["body", "file"], form.fields["file"]))
+        elif form.file_path is None:
             problems.append(errors.missing(["body", "file"]))
         if not purpose:
             problems.append(errors.missing(["body", "purpose"]))

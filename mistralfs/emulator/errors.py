@@ -34,6 +34,17 @@ def missing(loc: list[str]) -> dict[str, Any]:
     return {"type": "missing", "loc": loc, "msg": "Field required", "input": None}
 
 
+def not_a_file(loc: list[str], value: str) -> dict[str, Any]:
+    """FastAPI's entry for a form part sent as text (no filename) where a file is expected."""
+    return {
+        "type": "value_error",
+        "loc": loc,
+        "msg": "Value error, Expected UploadFile, received: <class 'str'>",
+        "input": value,
+        "ctx": {"error": {}},
+    }
+
+
 def int_parsing(loc: list[str], value: str) -> dict[str, Any]:
     """FastAPI's entry for a value that is not an integer."""
     return {

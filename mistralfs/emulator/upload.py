@@ -23,6 +23,14 @@ MAX_FIELD_SIZE = 64 * 1024
 MAX_PARTS = 64
 
 
+def _decode(raw: bytes) -> str:
+    """UTF-8, else Latin-1 (as Starlette, and so FastAPI, decode form parts and names)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 class UploadTooLarge(Exception):
     """The file part exceeded the size limit."""
 
@@ -54,7 +62,8 @@ class _Collector:
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._headers: dict[str, bytes] = {}
-        self._target: str | None = None  # "file", a field name, or None (ignored)
+        self._target: str | None = None  # a field name, or None (the file, or ignored)
+        self._in_file = False
         self._field_data = bytearray()
 
     def callbacks(self) -> dict:
@@ -74,6 +83,7 @@ class _Collector:
             self.error = "too many parts"
         self._headers = {}
         self._target = None
+        self._in_file = False
         self._field_data = bytearray()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -89,16 +99,20 @@ class _Collector:
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get("content-disposition", b""))
-        name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name == "file" and self.form.filename is None:
-            raw = options.get(b"filename", b"")
-            self.form.filename = raw.decode("utf-8", "replace") or "file"
-            self._target = "file"
+        name = _decode(options.get(b"name", b""))
+        if name == "file" and b"filename" not in options:
+            # No filename: a plain text field, which FastAPI refuses as the file (422).
+            if name not in self.form.fields:
+                self._target = name
+        elif name == "file" and self.form.filename is None:
+            # Only ever metadata: blobs are stored under the file's id.
+            self.form.filename = _decode(options[b"filename"]) or "file"
+            self._in_file = True
         elif name and name != "file" and name not in self.form.fields:
             self._target = name
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._target == "file":
+        if self._in_file:
             self.form.file_size += end - start
             if self.form.file_size > self.max_file_size:
                 self.too_large = True
@@ -111,9 +125,10 @@ class _Collector:
             self._field_data += data[start:end]
 
     def on_part_end(self) -> None:
-        if self._target not in (None, "file"):
-            self.form.fields[self._target] = self._field_data.decode("utf-8", "replace")
+        if self._target is not None:
+            self.form.fields[self._target] = _decode(bytes(self._field_data))
         self._target = None
+        self._in_file = False
 
 
 async def _urlencoded(request: Request) -> UploadForm:
@@ -151,7 +166,10 @@ async def receive_upload(
     if boundary is None:
         return UploadForm()
     collector = _Collector(max_file_size)
-    parser = MultipartParser(boundary, collector.callbacks())
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())
+    except FormParserError as exc:  # e.g. a boundary over 256 bytes
+        raise MalformedUpload(str(exc)) from exc
     try:
         async with await trio.open_file(temp_path, "wb") as out:
             async for chunk in request.stream():
