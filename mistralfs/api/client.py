@@ -216,6 +216,7 @@ def _parse_json(body: bytes, response: httpx.Response, method: str, url: str) ->
         ) from None
 
 
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "DELETE"})
 _ID_SEGMENT = re.compile(r"/[0-9a-fA-F-]{36}(?=/|$)")
 
 
@@ -431,7 +432,13 @@ class FilesClient:
 
         async def handle(response: httpx.Response, n: int) -> object:
             data = await _read_bounded(response, MAX_JSON_BODY)
-            return _parse_json(data, response, method, url)
+            try:
+                return _parse_json(data, response, method, url)
+            except ProtocolError as exc:
+                if method in IDEMPOTENT_METHODS:
+                    # A proxy's error page or a cut answer: asking again is harmless.
+                    raise RetryableStatus(exc, None) from exc
+                raise
 
         return await self._call(
             method,

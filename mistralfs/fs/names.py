@@ -46,7 +46,7 @@ def _truncate_utf8(text: str, max_bytes: int) -> str:
 def with_id(name: str, file_id: str) -> str:
     """`stem (id8).ext`, shortened so that it fits in NAME_MAX bytes."""
     stem, ext = split_ext(name)
-    tag = f" ({file_id[:8]})"
+    tag = f" ({_clean(file_id[:8])})"
     if len((tag + ext).encode("utf-8")) > NAME_MAX // 2:
         ext = ""  # an absurd extension is not worth keeping over the stem
     room = NAME_MAX - len((tag + ext).encode("utf-8"))
@@ -60,7 +60,8 @@ def plain_name(filename: str, file_id: str) -> tuple[str, bool]:
     """
     name = _clean(filename)
     if name in ("", ".", ".."):
-        return file_id, False
+        fallback = _clean(file_id)  # ids are UUIDs, but trust nothing from the wire
+        return (fallback if fallback not in ("", ".", "..") else "unnamed"), False
     if len(name.encode("utf-8")) > NAME_MAX:
         return with_id(name, file_id), True
     return name, False
