@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         'Also JSON ({"seed": 7, "rules": [...]}) or @FILE. '
         "See mistralfs/emulator/faults.py",
     )
+    emulator.add_argument(
+        "--storage-url",
+        metavar="BASE",
+        help="signed URLs point at BASE/<id>?se=..&sp=r&sig=.. instead of this server's "
+        "/storage/ route, as the service points at Azure Blob Storage; a static server "
+        "over DATA/blobs (e.g. nginx, ignoring the query) then serves content",
+    )
     return parser
 
 
@@ -202,6 +209,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
             port=args.port,
             max_file_size=args.max_file_size,
             faults=args.faults,
+            storage_url=args.storage_url,
         )
     )
     return 0

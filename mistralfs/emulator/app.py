@@ -294,13 +294,18 @@ async def download_file(request: Request) -> Response:
 
 
 async def signed_url(request: Request) -> Response:
-    """GET /v1/files/{id}/url: a storage URL on the host the request came in on."""
-    storage, _ = _state(request)
+    """GET /v1/files/{id}/url: a storage URL on the host the request came in on.
+
+    With ``config.storage_url`` set, the URL is on that base instead (see signing.py).
+    """
+    storage, config = _state(request)
     file_id = _file_id(request)
     expiry = _int_param(request, "expiry", 24, ge=1, le=MAX_EXPIRY_HOURS)
     record = _record(storage, file_id)
     expires_at = int(time.time()) + expiry * 3600
-    url = signing.signed_url(str(request.base_url), storage.secret, record.id, expires_at)
+    url = signing.signed_url(
+        str(request.base_url), storage.secret, record.id, expires_at, config.storage_url
+    )
     return JSONResponse({"url": url})
 
 

@@ -26,6 +26,11 @@ class EmulatorConfig:
 
     ``faults`` turns on seeded random faults from the start: a parsed plan or a
     SPEC string (see :mod:`mistralfs.emulator.faults`).
+
+    ``storage_url`` (e.g. ``http://127.0.0.1:8081/blobs``) makes signed URLs point
+    at ``<storage_url>/<id>?se=..&sp=r&sig=..`` instead of the emulator's own
+    ``/storage/`` route, as the service points at Azure Blob Storage: a static
+    server over ``data_dir/blobs`` then serves content.
     """
 
     data_dir: pathlib.Path
@@ -34,6 +39,7 @@ class EmulatorConfig:
     port: int = 8080
     max_file_size: int = 512 * 1024 * 1024
     faults: RandomPlan | str | None = None
+    storage_url: str | None = None
 
 
 def create_app(config: EmulatorConfig) -> Starlette:
