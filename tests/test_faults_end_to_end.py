@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import RunningEmulator
+from emulator_admin import clear_faults, set_faults
 from mistralai.client import Mistral
 from mounting import mount, remote_files
 
@@ -67,3 +69,40 @@ def test_one_hundred_files_through_twenty_percent_faults(
     files = remote_files(sdk)
     assert sorted(f.filename for f in files) == names  # exactly one remote file per name
     assert "retry" in log.lower()  # the faults did happen, and were retried
+
+
+def test_a_signed_url_refused_mid_read_is_replaced(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    data = random.Random(1).randbytes(3 * 1024 * 1024)
+    with mount(emulator_process, tmp_path) as m:
+        (m / "batch" / "long.bin").write_bytes(data)
+    with mount(emulator_process, tmp_path / "fresh", "--cache-size", "1M") as m:
+        with open(m / "batch" / "long.bin", "rb") as f:
+            first = f.read(1024 * 1024)
+            set_faults(
+                emulator_process.url,
+                emulator_process.api_key,
+                {"path_prefix": "/storage/", "status": 403, "times": 1},
+            )
+            rest = f.read()
+        assert first + rest == data
+        assert "signed URL" in m.log() and "refused" in m.log()
+
+
+def test_garbage_from_the_server_is_eio_and_the_daemon_answers_the_next_call(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    with mount(emulator_process, tmp_path, "--dir-cache-time", "0", "--retry-time", "1") as m:
+        for body in ("[1, 2]", '{"data": [{"id": 5}], "total": "many"}', "x" * 100_000):
+            set_faults(
+                emulator_process.url,
+                emulator_process.api_key,
+                {"method": "GET", "path_prefix": "/v1/files", "status": 200, "body": body,
+                 "times": None},
+            )  # fmt: skip
+            with pytest.raises(OSError) as raised:
+                os.listdir(m / "batch")
+            assert raised.value.errno == errno.EIO
+            clear_faults(emulator_process.url, emulator_process.api_key)
+            assert os.listdir(m / "batch") == []
