@@ -776,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    # A shell starts background jobs with SIGINT ignored; kill -INT must still clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="mistralfs-bench-"))
     bench = Bench(work, sizes, args.cache_size)
     started = time.time()
