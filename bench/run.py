@@ -778,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     # A shell starts background jobs with SIGINT ignored; kill -INT must still clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="mistralfs-bench-"))
     bench = Bench(work, sizes, args.cache_size)
     started = time.time()
@@ -797,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     text = table(cases, info)
+    text += f"\nload average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f} "
+    text += f"on {os.cpu_count()} CPUs"
     print()
     print(text)
     RESULTS.mkdir(exist_ok=True)
@@ -806,7 +809,13 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes.__dict__,
         "cache_size": args.cache_size,
         "seconds": round(time.time() - started, 1),
-        "host": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
+        "host": {
+            "cpus": os.cpu_count(),
+            "uname": " ".join(os.uname()),
+            # other work on the machine skews the numbers; this says how busy it was
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "versions": {
             "rclone": subprocess.run(
                 ["rclone", "version"], capture_output=True, text=True
