@@ -315,14 +315,27 @@ async def test_refused_content_fails_flush_and_is_kept(stack: Stack) -> None:
 
 
 async def test_server_failure_becomes_eio(stack: Stack) -> None:
-    inode = await stack.write_file("batch", "a.txt", b"hello")
+    data = os.urandom(2 * BLOCK)  # more than a block: read through the signed URL
+    inode = await stack.write_file("batch", "a.bin", data)
     await stack.admin(
         "POST", "faults", json=[{"path_prefix": "/storage/", "status": 503, "times": 10}]
     )
     info = await stack.ops.open(inode, os.O_RDONLY, None)
     await expect_errno(errno.EIO, stack.ops.read(info.fh, 0, 5))
     await stack.admin("DELETE", "faults")
-    assert await stack.ops.read(info.fh, 0, 5) == b"hello"
+    assert await stack.ops.read(info.fh, 0, 5) == data[:5]
+
+
+async def test_a_small_file_is_read_in_one_request(stack: Stack) -> None:
+    """Up to one block, /content in one request beats a signed URL plus a ranged GET."""
+    await upload(stack, "small.txt", b"small content")
+    batch = await stack.folder("batch")
+    inode = (await stack.ops.lookup(batch, b"small.txt")).st_ino
+    await stack.clear_requests()
+    assert await stack.read_file(inode) == b"small content"
+    assert await stack.read_file(inode) == b"small content"
+    calls = [(r["method"], r["path"].rsplit("/", 1)[-1]) for r in await stack.api_requests()]
+    assert calls == [("GET", "content")], calls
 
 
 async def test_shell_redirect_close_before_write_uploads_once(stack: Stack) -> None:
@@ -395,14 +408,14 @@ async def test_read_only_refuses_changes(emulator: RunningEmulator, tmp_path: Pa
 
 
 async def test_refused_signed_url_is_replaced(stack: Stack) -> None:
-    inode = await stack.write_file("batch", "u.txt", b"signed")
-    info = await stack.ops.open(inode, os.O_RDONLY, None)
-    await stack.ops.getxattr(inode, b"user.mistral.signed_url", None)  # caches a URL
+    data = os.urandom(2 * BLOCK)  # more than a block: read through the signed URL
+    inode = await stack.write_file("batch", "u.bin", data)
+    info = await stack.ops.open(inode, os.O_RDONLY, None)  # caches a signed URL
     await stack.clear_requests()
     await stack.admin(
         "POST", "faults", json=[{"path_prefix": "/storage/", "status": 403, "times": 1}]
     )
-    assert await stack.ops.read(info.fh, 0, 6) == b"signed"
+    assert await stack.ops.read(info.fh, 0, 6) == data[:6]
     calls = [
         (r["method"], r["path"].split("/")[1], r["status"]) for r in await stack.api_requests()
     ]
@@ -557,8 +570,10 @@ async def test_edit_of_a_duplicate_keeps_its_remote_filename(stack: Stack) -> No
 
 
 async def test_file_deleted_elsewhere_gives_enoent_on_open_and_mid_read(stack: Stack) -> None:
-    first = await upload(stack, "gone1.txt", b"x" * 100)
-    second = await upload(stack, "gone2.txt", b"y" * 100)
+    # Larger than a block, so reads go through signed URLs (small files are read whole
+    # at open, and a read of one already open is answered from that copy).
+    first = await upload(stack, "gone1.txt", b"x" * 2 * BLOCK)
+    second = await upload(stack, "gone2.txt", b"y" * 2 * BLOCK)
     batch = await stack.folder("batch")
     inode1 = (await stack.ops.lookup(batch, b"gone1.txt")).st_ino
     inode2 = (await stack.ops.lookup(batch, b"gone2.txt")).st_ino

@@ -827,6 +827,28 @@ class FilesClient:
         # drops Authorization when a redirect leaves the API's origin.
         return await self._call("GET", self._api_url(path), handle, follow_redirects=True)
 
+    async def content(self, file_id: str, size: int) -> bytes:
+        """``GET /v1/files/{id}/content`` of a small file, in memory: one request in all.
+
+        ``size`` is the file's listed size; more than that is refused, never read.
+        """
+        path = f"/v1/files/{quote(file_id, safe='')}/content"
+        url = self._api_url(path)
+
+        async def handle(response: httpx.Response, n: int) -> bytes:
+            data = await _read_bounded(response, size + 1)
+            if len(data) != size:
+                raise ProtocolError(
+                    f"expected {size} bytes of content, got {len(data)}"
+                    + (" or more" if len(data) > size else ""),
+                    status=response.status_code,
+                    method="GET",
+                    url=url,
+                )
+            return data
+
+        return await self._call("GET", url, handle, follow_redirects=True)
+
     async def signed_url(self, file_id: str, expiry_hours: int = 24) -> SignedUrl:
         """``GET /v1/files/{id}/url?expiry=H``; ``expires_at`` is estimated from request time."""
         path = f"/v1/files/{quote(file_id, safe='')}/url"

@@ -130,11 +130,12 @@ class Filesystem:
     async def _check_still_there(self, node: FileNode) -> None:
         """Opening a file deleted elsewhere fails with ENOENT, not later with EIO.
 
-        The signed URL fetched for that is the one the first read needs anyway.
+        What is fetched for that (a small file's content, or a signed URL) is what the
+        first read needs anyway.
         """
         assert node.remote is not None
         try:
-            await self._reader.signed_url(node.remote.id)
+            await self._reader.prepare(node.remote)
         except ApiError as exc:
             raise self._fetch_error(node, exc) from exc
 

@@ -1,7 +1,8 @@
 """Reading remote content: signed URLs, a byte-bounded LRU block cache, and prefetch.
 
 Content never changes for a file id, so a block fetched once is good until evicted.
-Blocks are fetched with HTTP Range from the signed URL (another host, no API key).
+Blocks are fetched with HTTP Range from the signed URL (another host, no API key); a
+file no larger than one block is fetched whole from `/content` in a single request.
 Concurrent readers of one block share one request; sequential readers get a prefetch
 window that doubles up to a bound.
 """
@@ -88,6 +89,16 @@ class BlockReader:
         for index in range((remote.bytes + self.block_size - 1) // self.block_size):
             os.pwrite(fd, await self._block(remote, index), index * self.block_size)
 
+    async def prepare(self, remote: RemoteFile) -> None:
+        """Fetch what the first read will need, so that a deleted file fails at open.
+
+        A small file's whole content (one request); a larger file's signed URL.
+        """
+        if 0 < remote.bytes <= self.block_size:
+            await self._block(remote, 0)
+        else:
+            await self.signed_url(remote.id)
+
     async def signed_url(self, file_id: str) -> SignedUrl:
         url = self._urls.get(file_id)
         if url is None:
@@ -170,6 +181,9 @@ class BlockReader:
             fetch.done.set()
 
     async def _fetch(self, remote: RemoteFile, index: int) -> bytes:
+        if remote.bytes <= self.block_size:
+            # One block in all: one request to /content beats a signed URL and a GET.
+            return await self._client.content(remote.id, remote.bytes)
         start = index * self.block_size
         length = min(self.block_size, remote.bytes - start)
         url = await self.signed_url(remote.id)
