@@ -32,6 +32,7 @@ Admin routes for tests and tools (same auth; never faulted, never in the request
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -63,7 +64,12 @@ from mistralfs.emulator.faults import (
 from mistralfs.emulator.requestlog import RequestLog
 from mistralfs.emulator.storage import FileRecord, ListQuery, Storage
 from mistralfs.emulator.transport import reset_connection
-from mistralfs.emulator.upload import MalformedUpload, UploadTooLarge, receive_upload
+from mistralfs.emulator.upload import (
+    MalformedUpload,
+    UploadForm,
+    UploadTooLarge,
+    receive_upload,
+)
 from mistralfs.emulator.validation import ContentError, count_jsonl_lines, inspect_upload
 
 if TYPE_CHECKING:
@@ -209,21 +215,36 @@ async def list_files(request: Request) -> Response:
     return JSONResponse({"data": [r.to_api() for r in records], "object": "list", "total": total})
 
 
-async def upload_file(request: Request) -> Response:
-    """POST /v1/files: stream to a temp file, validate per purpose, then publish atomically."""
+@contextlib.asynccontextmanager
+async def _streamed_form(request: Request) -> AsyncIterator[UploadForm | Response]:
+    """The multipart body, its file part streamed to a temp file removed afterwards.
+
+    Yields the error answer instead (413 past the size limit, 400 if unparsable).
+    """
     storage, config = _state(request)
     temp = storage.new_temp_path()
     try:
         try:
-            form = await receive_upload(request, temp, config.max_file_size)
+            yield await receive_upload(request, temp, config.max_file_size)
         except UploadTooLarge:
-            return errors.detail(
+            yield errors.detail(
                 413,
                 f"File too large: maximum size is {config.max_file_size} bytes",
                 headers={"Connection": "close"},
             )
         except MalformedUpload:
-            return errors.detail(400, "There was an error parsing the body")
+            yield errors.detail(400, "There was an error parsing the body")
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.Path(temp).unlink(missing_ok=True)
+
+
+async def upload_file(request: Request) -> Response:
+    """POST /v1/files: stream to a temp file, validate per purpose, then publish atomically."""
+    storage, _ = _state(request)
+    async with _streamed_form(request) as form:
+        if isinstance(form, Response):
+            return form
         purpose = form.fields.get("purpose", "")
         problems = []
         if form.file_path is None and "file" in form.fields:
@@ -254,9 +275,6 @@ async def upload_file(request: Request) -> Response:
         )
         log.info("stored %s (%d bytes, purpose %s)", record.id, record.bytes, purpose)
         return JSONResponse(record.to_api())
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.Path(temp).unlink(missing_ok=True)
 
 
 async def retrieve_file(request: Request) -> Response:
@@ -394,17 +412,10 @@ async def storage_blob(request: Request) -> Response:
 
 async def add_batch_output(request: Request) -> Response:
     """POST /v1/_emulator/batch-outputs: create a batch job output file (source mistral)."""
-    storage, config = _state(request)
-    temp = storage.new_temp_path()
-    try:
-        try:
-            form = await receive_upload(request, temp, config.max_file_size)
-        except UploadTooLarge:
-            return errors.detail(
-                413, f"File too large: maximum size is {config.max_file_size} bytes"
-            )
-        except MalformedUpload:
-            return errors.detail(400, "There was an error parsing the body")
+    storage, _ = _state(request)
+    async with _streamed_form(request) as form:
+        if isinstance(form, Response):
+            return form
         if form.file_path is None:
             return errors.validation_response([errors.missing(["body", "file"])])
         sample_type = form.fields.get("sample_type") or "batch_result"
@@ -432,9 +443,6 @@ async def add_batch_output(request: Request) -> Response:
             signature=None,
         )
         return JSONResponse(record.to_api())
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.Path(temp).unlink(missing_ok=True)
 
 
 async def faults_route(request: Request) -> Response:
