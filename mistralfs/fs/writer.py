@@ -187,9 +187,11 @@ class Writer:
         written = os.pwrite(spool.fd, data, offset)
         spool.size = max(spool.size, offset + written)
         spool.node.local_size = spool.size
+        state_changes = spool.closed_since_write or not spool.changed
         spool.unflushed = spool.changed = True
         spool.closed_since_write = False
-        self._write_meta(spool)  # rewritten only when its state changes
+        if state_changes:  # the note is rewritten only when what it says changes
+            self._write_meta(spool)
         return written
 
     def read(self, spool: Spool, offset: int, size: int) -> bytes:
