@@ -751,3 +751,35 @@ async def test_changes_are_logged_with_name_purpose_size_id_and_duration(
     line("replaced batch/log.txt", "5 bytes", first.id)
     line("renamed batch/log.txt to batch/moved.txt", "3 bytes", second.id, third.id)
     line("deleted batch/moved.txt", "3 bytes", third.id)
+
+
+async def test_setting_xattrs_is_not_supported(stack: Stack) -> None:
+    inode = await stack.write_file("batch", "x.txt", b"x")
+    await expect_errno(errno.ENOTSUP, stack.ops.setxattr(inode, b"user.tag", b"v", None))
+    await expect_errno(errno.ENOTSUP, stack.ops.removexattr(inode, b"user.mistral.id", None))
+
+
+async def test_kernel_caches_never_outlive_the_folder_cache_time(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        for dir_cache_time, expected in ((30.0, 1.0), (0.25, 0.25), (0.0, 0.0)):
+            stack = await make_stack(
+                emulator, nursery, tmp_path / str(expected), dir_cache_time=dir_cache_time
+            )
+            attrs = await stack.ops.lookup(ROOT, b"batch")
+            assert attrs.entry_timeout == attrs.attr_timeout == expected
+            await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_data_being_written_is_in_a_spool_file_on_disk(stack: Stack) -> None:
+    info, _ = await stack.ops.create(
+        await stack.folder("batch"), b"s.bin", 0o644, os.O_WRONLY, None
+    )
+    await stack.ops.write(info.fh, 0, b"on disk, not in memory")
+    [spool] = (stack.cache_dir / "spool").rglob("*.spool")
+    assert spool.read_bytes() == b"on disk, not in memory"
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    assert list((stack.cache_dir / "spool").rglob("*.spool")) == []
