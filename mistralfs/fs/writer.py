@@ -171,12 +171,16 @@ class Writer:
             spool.meta_path.write_text(json.dumps(meta), encoding="utf-8")
             spool.meta_written = state
 
-    def _discard(self, spool: Spool) -> None:
+    def _close(self, spool: Spool) -> None:
+        """The spool is no longer the file's content: the remote file is, if there is one."""
         self._spools.pop(spool.node.inode, None)
         os.close(spool.fd)
+        spool.node.local_size = None if spool.node.remote is not None else spool.size
+
+    def _discard(self, spool: Spool) -> None:
+        self._close(spool)
         spool.path.unlink(missing_ok=True)
         spool.meta_path.unlink(missing_ok=True)
-        spool.node.local_size = None if spool.node.remote is not None else spool.size
 
     # -- changing -----------------------------------------------------------------
 
@@ -272,17 +276,13 @@ class Writer:
             # program was making is incomplete, so nothing worth keeping is left.
             log.info("%s/%s: dropping the incomplete copy of a file past 512 MB",
                      node.folder.purpose, node.name)  # fmt: skip
-        if not spool.changed or node.unlinked or spool.oversize:
+        if spool.changed and not node.unlinked and not spool.oversize:
+            self._close(spool)
+            self._keep(spool)  # its upload failed: nothing the program wrote is lost
+        else:
             self._discard(spool)
-            if node.remote is None:
-                self._namespace.detach(node)
-            return
-        del self._spools[node.inode]
-        os.close(spool.fd)
-        node.local_size = None if node.remote is not None else spool.size
-        self._keep(spool)
         if node.remote is None:
-            self._namespace.detach(node)
+            self._namespace.detach(node)  # never uploaded: the name goes with the spool
 
     def _keep(self, spool: Spool) -> None:
         self._recovery_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
