@@ -149,7 +149,7 @@ class Filesystem:
         spool = self._writer.create(parent, name)
         return self._new_handle(Handle(node=spool.node, spool=spool)), spool.node
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self._handle(fh)
         if handle.spool is not None:
             return self._writer.read(handle.spool, offset, size)
