@@ -367,6 +367,54 @@ async def test_a_small_file_is_read_in_one_request(stack: Stack) -> None:
     assert calls == [("GET", "content")], calls
 
 
+async def small_files(stack: Stack, count: int) -> tuple[dict[str, bytes], list[int]]:
+    """`count` small files f00.txt.. in batch/, their ids' contents, and their inodes."""
+    contents = {}
+    for i in range(count):
+        file_id = await upload(stack, f"f{i:02d}.txt", b"file %d" % i)
+        contents[file_id] = b"file %d" % i
+    batch = await stack.folder("batch")
+    inodes = [(await stack.ops.lookup(batch, b"f%02d.txt" % i)).st_ino for i in range(count)]
+    await stack.clear_requests()
+    return contents, inodes
+
+
+async def read_whole(stack: Stack, inode: int) -> bytes:
+    info = await stack.ops.open(inode, os.O_RDONLY, None)
+    data = await stack.ops.read(info.fh, 0, 4096)
+    await stack.ops.release(info.fh)
+    return bytes(data)
+
+
+async def contents_fetched(stack: Stack) -> list[str]:
+    await trio.sleep(0.3)  # let background fetches land
+    calls = await stack.api_requests()
+    return [r["path"].split("/")[3] for r in calls if r["path"].endswith("/content")]
+
+
+async def test_files_read_in_name_order_are_fetched_ahead(stack: Stack) -> None:
+    contents, inodes = await small_files(stack, 12)
+    ids = list(contents)
+    for i in range(3):
+        assert await read_whole(stack, inodes[i]) == b"file %d" % i
+    fetched = await contents_fetched(stack)
+    assert len(fetched) == len(set(fetched)), fetched  # each file fetched once
+    assert set(ids[:3]) < set(fetched), fetched
+    assert ids[3] in fetched and ids[4] in fetched, fetched  # ahead, never opened
+    # What was fetched ahead is read without another request.
+    await stack.clear_requests()
+    assert await read_whole(stack, inodes[3]) == b"file 3"
+    assert ids[3] not in await contents_fetched(stack)
+
+
+async def test_files_read_out_of_order_fetch_nothing_ahead(stack: Stack) -> None:
+    contents, inodes = await small_files(stack, 8)
+    ids = list(contents)
+    for i in (5, 1, 7, 3):
+        assert await read_whole(stack, inodes[i]) == b"file %d" % i
+    assert sorted(await contents_fetched(stack)) == sorted(ids[i] for i in (5, 1, 7, 3))
+
+
 async def test_shell_redirect_close_before_write_uploads_once(stack: Stack) -> None:
     """`echo x > f`: open, dup2, close the original (a flush), write, close (a flush)."""
     info, _ = await stack.ops.create(

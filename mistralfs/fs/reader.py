@@ -27,6 +27,7 @@ SIGNED_URL_HOURS = 1
 SIGNED_URL_MARGIN = 300.0  # seconds before expiry at which a cached URL is no longer used
 MAX_PREFETCH_BLOCKS = 8  # per open file
 RUN_BLOCKS = 4  # blocks fetched by one request when prefetching
+MAX_WHOLE_FILES_AHEAD = 8  # small files fetched ahead at once, across the mount
 
 BlockKey = tuple[str, int]
 
@@ -70,6 +71,8 @@ class BlockReader:
             timer=time.time,
         )
         self._max_prefetch = max(1, min(MAX_PREFETCH_BLOCKS, cache_size // (4 * block_size)))
+        # Small files fetched ahead (see readahead.py): a bounded number at a time.
+        self._whole_files_limit = trio.CapacityLimiter(MAX_WHOLE_FILES_AHEAD)
         self.hits = 0
         self.misses = 0
         self._prefetching = 0
@@ -111,6 +114,20 @@ class BlockReader:
             url = await self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS)
             self._urls[file_id] = url
         return url
+
+    def prefetch_whole(self, remote: RemoteFile) -> bool:
+        """Start fetching a small file (at most one block) in the background; False when
+        it is not small, or already cached or on its way."""
+        key = (remote.id, 0)
+        if not 0 < remote.bytes <= self.block_size or key in self._blocks or key in self._inflight:
+            return False
+        fetches = self._register(remote.id, 0, 1)
+        self._nursery.start_soon(self._fetch_whole_in_background, remote, fetches)
+        return True
+
+    async def _fetch_whole_in_background(self, remote: RemoteFile, fetches: list[_Fetch]) -> None:
+        async with self._whole_files_limit:
+            await self._fetch_in_background(remote, 0, fetches)
 
     def forget(self, file_id: str) -> None:
         """Drop what is cached for a file that no longer exists."""
