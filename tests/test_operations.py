@@ -239,8 +239,39 @@ async def test_prefetch_stops_on_a_seek(stack: Stack) -> None:
     for offset in (10 * BLOCK, 2 * BLOCK, 14 * BLOCK):
         assert await stack.ops.read(info.fh, offset, 100) == data[offset : offset + 100]
     ranges = await storage_ranges(stack)
-    # Each read after a seek fetches its own block only.
-    assert sorted(ranges) == sorted(f"bytes={b * BLOCK}-{(b + 1) * BLOCK - 1}" for b in (2, 10, 14))
+    # Each read after a seek fetches its own block only (the first read of the handle
+    # also gets its exact bytes in a request of their own, for time to first byte).
+    blocks = [f"bytes={b * BLOCK}-{(b + 1) * BLOCK - 1}" for b in (2, 10, 14)]
+    assert sorted(ranges) == sorted([*blocks, f"bytes={10 * BLOCK}-{10 * BLOCK + 99}"])
+
+
+async def test_first_read_of_a_large_file_waits_for_its_own_bytes_only(stack: Stack) -> None:
+    data = os.urandom(4 * BLOCK)
+    info = await open_uploaded(stack, "first.bin", data)
+    assert await stack.ops.read(info.fh, 0, 4096) == data[:4096]
+    ranges = await storage_ranges(stack)
+    assert ranges[0] == "bytes=0-4095", ranges  # answered by a request of its own...
+    assert f"bytes=0-{BLOCK - 1}" in ranges, ranges  # ...then its block is fetched
+    await stack.clear_requests()
+    assert await stack.ops.read(info.fh, 4096, 4096) == data[4096:8192]
+    assert await storage_ranges(stack) == []  # from the block fetched after the first read
+    await stack.ops.release(info.fh)
+
+
+async def test_looking_up_a_large_file_fetches_its_signed_url_ahead(stack: Stack) -> None:
+    large_id = await upload(stack, "large.bin", os.urandom(2 * BLOCK))
+    await upload(stack, "small.bin", b"small")
+    batch = await stack.folder("batch")
+    await stack.clear_requests()
+    await stack.ops.lookup(batch, b"large.bin")
+    await stack.ops.lookup(batch, b"small.bin")
+    await trio.sleep(0.3)
+    calls = [r["path"] for r in await stack.api_requests()]
+    assert calls == [f"/v1/files/{large_id}/url"], calls
+    await stack.clear_requests()
+    info = await stack.ops.open((await stack.ops.lookup(batch, b"large.bin")).st_ino, 0, None)
+    assert not [r for r in await stack.api_requests() if r["path"].endswith("/url")]
+    await stack.ops.release(info.fh)
     await stack.ops.release(info.fh)
 
 
@@ -652,22 +683,22 @@ async def test_edit_of_a_duplicate_keeps_its_remote_filename(stack: Stack) -> No
 
 
 async def test_file_deleted_elsewhere_gives_enoent_on_open_and_mid_read(stack: Stack) -> None:
-    # Larger than a block, so reads go through signed URLs (small files are read whole
-    # at open, and a read of one already open is answered from that copy).
-    first = await upload(stack, "gone1.txt", b"x" * 2 * BLOCK)
-    second = await upload(stack, "gone2.txt", b"y" * 2 * BLOCK)
+    # A small file is fetched whole at open; a larger one's signed URL was fetched when
+    # it was looked up, so the first read is where its deletion shows.
+    small = await upload(stack, "gone1.txt", b"x" * 100)
+    large = await upload(stack, "gone2.txt", b"y" * 2 * BLOCK)
     batch = await stack.folder("batch")
     inode1 = (await stack.ops.lookup(batch, b"gone1.txt")).st_ino
     inode2 = (await stack.ops.lookup(batch, b"gone2.txt")).st_ino
-    info2 = await stack.ops.open(inode2, os.O_RDONLY, None)  # the signed URL is now cached
-    await stack.admin("DELETE", "requests")
-    for file_id in (first, second):
+    await trio.sleep(0.3)  # the signed URL fetched on lookup lands
+    for file_id in (small, large):
         async with httpx.AsyncClient(
             base_url=stack.emulator.url,
             headers={"Authorization": f"Bearer {stack.emulator.api_key}"},
         ) as http:
             (await http.delete(f"/v1/files/{file_id}")).raise_for_status()
     await expect_errno(errno.ENOENT, stack.ops.open(inode1, os.O_RDONLY, None))
+    info2 = await stack.ops.open(inode2, os.O_RDONLY, None)
     with trio.fail_after(10):
         await expect_errno(errno.ENOENT, stack.ops.read(info2.fh, 0, 10))
     await stack.ops.release(info2.fh)

@@ -92,6 +92,8 @@ class Filesystem:
             raise FsError(errno.ENOTDIR)
         if found is None:
             raise FsError(errno.ENOENT)
+        if isinstance(found, FileNode) and found.remote is not None:
+            self._reader.prefetch_url(found.remote)
         return found
 
     async def list_dir(self, inode: int) -> list[tuple[str, Node]]:
