@@ -347,6 +347,7 @@ def test_ls_l_and_probes_on_a_listed_folder_make_no_api_call(
         sdk.files.upload(file={"file_name": f"f{i}.jsonl", "content": b"{}\n"}, purpose="batch")
     with mount(emulator_process, tmp_path, "--dir-cache-time", "60") as m:
         assert len(os.listdir(m / "batch")) == 30
+        assert "batch" in os.listdir(m.path)  # the root's listing answers probes of the root
         clear_requests(emulator_process.url, emulator_process.api_key)
         result = subprocess.run(["ls", "-la", str(m / "batch")], capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout.count(".jsonl") == 30
