@@ -351,8 +351,9 @@ async def test_xattrs_show_remote_metadata_and_system_names_cost_nothing(stack: 
     async with httpx.AsyncClient() as http:
         assert (await http.get(url)).content == b'{"x": 1}\n{"y": 2}\n'
     await stack.clear_requests()
-    for name in (b"security.capability", b"system.posix_acl_access", b"user.other"):
-        await expect_errno(errno.ENODATA, stack.ops.getxattr(inode, name, None))
+    await expect_errno(errno.ENODATA, stack.ops.getxattr(inode, b"user.other", None))
+    for name in (b"security.selinux", b"system.posix_acl_access", b"trusted.x"):
+        await expect_errno(errno.ENOTSUP, stack.ops.getxattr(inode, name, None))
     assert await stack.api_requests() == []
 
 

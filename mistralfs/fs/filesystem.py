@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+USER_NAMESPACE = "user."
 XATTR_PREFIX = "user.mistral."
 XATTR_FIELDS = (
     "id",
@@ -272,6 +273,10 @@ class Filesystem:
 
     async def xattr(self, inode: int, name: str) -> bytes:
         node = self.node(inode)
+        if not name.startswith(USER_NAMESPACE):
+            # No security labels, ACLs or trusted attributes here. ENOTSUP (not ENODATA)
+            # lets `ls -l` stop asking for them after the first file of the mount.
+            raise FsError(errno.ENOTSUP)
         if not isinstance(node, FileNode) or node.remote is None:
             raise FsError(errno.ENODATA)
         value: object = None
