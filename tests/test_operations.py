@@ -522,7 +522,10 @@ async def rewrite(stack: Stack, inode: int, flags: int, data: bytes, offset: int
 async def test_overwrite_uploads_new_then_deletes_old(stack: Stack) -> None:
     inode = await stack.write_file("batch", "o.txt", b"old content")
     [old_id] = (await remote_state(stack)).values()
+    changed: list[int] = []
+    stack.ops.fs.namespace.on_attrs_changed = changed.append  # the mount tells the kernel
     await rewrite(stack, inode, os.O_WRONLY | os.O_TRUNC, b"new")
+    assert changed == [inode]
     state = await remote_state(stack)
     assert list(state) == [("batch", "o.txt")] and state["batch", "o.txt"] != old_id
     assert (await stack.ops.lookup(await stack.folder("batch"), b"o.txt")).st_ino == inode
@@ -839,18 +842,35 @@ async def test_setting_xattrs_is_not_supported(stack: Stack) -> None:
     await expect_errno(errno.ENOTSUP, stack.ops.removexattr(inode, b"user.mistral.id", None))
 
 
-async def test_kernel_caches_never_outlive_the_folder_cache_time(
+async def test_kernel_caches_last_while_the_listing_is_trusted(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        for dir_cache_time, expected in ((30.0, 1.0), (0.25, 0.25), (0.0, 0.0)):
-            stack = await make_stack(
-                emulator, nursery, tmp_path / str(expected), dir_cache_time=dir_cache_time
-            )
-            attrs = await stack.ops.lookup(ROOT, b"batch")
-            assert attrs.entry_timeout == attrs.attr_timeout == expected
-            await stack.client.aclose()
-        nursery.cancel_scope.cancel()
+    def timeouts(attrs: pyfuse3.EntryAttributes) -> float:
+        assert attrs.entry_timeout == attrs.attr_timeout
+        return attrs.entry_timeout
+
+    async with stack_caching_for(emulator, tmp_path / "a", 30.0) as stack:
+        await upload(stack, "x.txt", b"x")
+        batch = await stack.folder("batch")
+        assert timeouts(await stack.ops.lookup(ROOT, b"batch")) == 30.0
+        x = await stack.ops.lookup(batch, b"x.txt")  # lists batch/
+        assert 29.0 < timeouts(x) <= 30.0
+        await trio.sleep(0.2)  # what is left of the listing's time, not a new 30 s
+        assert 29.0 < timeouts(await stack.ops.getattr(x.st_ino, None)) <= 29.8
+        # A file being written changes under the kernel: one second at most.
+        info, attrs = await stack.ops.create(batch, b"new.txt", 0o644, os.O_WRONLY, None)
+        assert timeouts(attrs) == 1.0
+        await stack.ops.release(info.fh)
+    async with stack_caching_for(emulator, tmp_path / "b", 0.25) as stack:
+        batch = await stack.folder("batch")
+        x = await stack.ops.lookup(batch, b"x.txt")
+        assert 0.0 < timeouts(x) <= 0.25
+        await trio.sleep(0.3)  # the listing is stale: the kernel must ask again
+        assert timeouts(await stack.ops.getattr(x.st_ino, None)) == 0.0
+    async with stack_caching_for(emulator, tmp_path / "c", 0.0) as stack:
+        batch = await stack.folder("batch")
+        assert timeouts(await stack.ops.lookup(ROOT, b"batch")) == 0.0
+        assert timeouts(await stack.ops.lookup(batch, b"x.txt")) == 0.0
 
 
 async def test_data_being_written_is_in_a_spool_file_on_disk(stack: Stack) -> None:

@@ -95,6 +95,8 @@ class Namespace:
         self._uploading: collections.Counter[tuple[str, str]] = collections.Counter()
         # Called with (folder inode, name) when a name goes, so the kernel forgets it too.
         self.on_name_removed: Callable[[int, str], None] = lambda _inode, _name: None
+        # Called with an inode whose attributes changed (a new upload: size, times).
+        self.on_attrs_changed: Callable[[int], None] = lambda _inode: None
         for purpose in STANDARD_PURPOSES:
             self._folder_for(purpose)
 
@@ -218,6 +220,7 @@ class Namespace:
         node.remote = remote
         self._inode_by_id[remote.id] = node.inode
         self._own_uploads[remote.id] = (remote, trio.current_time())
+        self.on_attrs_changed(node.inode)
 
     def move(self, node: FileNode, folder: Folder, name: str) -> None:
         """Rename: the node keeps its inode; its next upload carries the new name."""
