@@ -287,7 +287,8 @@ class Namespace:
         def covered(remote: RemoteFile) -> bool:
             return purpose is None or remote.purpose == purpose
 
-        # A service that ignored the purpose filter must not empty the other folders.
+        # Files of other purposes (from a service that ignored the filter) are left to
+        # their own folders' listings.
         current = {f.id: f for f in files if covered(f) and f.id not in self._deleted_ids}
         for file_id, (remote, uploaded_at) in list(self._own_uploads.items()):
             if not covered(remote):
