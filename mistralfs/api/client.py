@@ -544,9 +544,11 @@ class FilesClient:
                     nursery.start_soon(fetch, index)
             last_page = max(0, n_pages - 1)
 
-        # Sequential tail: no total, or more files appeared than ``total`` said.
+        # Sequential tail: no total, or more files appeared than ``total`` said. Page 0
+        # alone is one consistent answer: if it holds all ``total`` files, that is all.
+        complete = total is not None and len(first.files) >= total
         seen = {f.id for files in pages.values() for f in files}
-        while len(pages[last_page]) == page_size:
+        while not complete and len(pages[last_page]) == page_size:
             last_page += 1
             result = await self.list_files(
                 page=last_page, page_size=page_size, include_total=False, **filters
