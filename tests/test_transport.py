@@ -14,14 +14,18 @@ from mistralfs.api.transport import READ_BYTES, LargeReadBackend, large_read_tra
 
 
 class RecordingStream(httpcore.AsyncNetworkStream):
-    """An inner stream that answers nothing, only records what it was asked for."""
+    """An inner stream that records what it was asked for and fills `full` reads."""
 
     def __init__(self) -> None:
         self.asked: list[int] = []
+        self.full = 0
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         self.asked.append(max_bytes)
-        return b""
+        if self.full:
+            self.full -= 1
+            return bytes(max_bytes)
+        return b"short"
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
         pass
@@ -38,12 +42,16 @@ class RecordingBackend(httpcore.AsyncNetworkBackend):
         return self.stream
 
 
-async def test_reads_ask_the_socket_for_at_least_a_mebibyte() -> None:
+async def test_reads_grow_while_they_come_back_full() -> None:
     inner = RecordingBackend()
     stream = await LargeReadBackend(inner).connect_tcp("127.0.0.1", 1)
-    await stream.read(64 * 1024)
-    await stream.read(4 * READ_BYTES)
-    assert inner.stream.asked == [READ_BYTES, 4 * READ_BYTES]
+    inner.stream.full = 6
+    for _ in range(8):
+        await stream.read(64 * 1024)
+    KiB = 1024
+    # Doubling while full, up to READ_BYTES; back to httpcore's size after a short read.
+    grown = [64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB, READ_BYTES, READ_BYTES]
+    assert inner.stream.asked == [*grown, READ_BYTES, 64 * KiB]
 
 
 async def test_large_read_transport_serves_whole_bodies(emulator: typing.Any) -> None:
