@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import typing
 
 import httpcore
 import httpx
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mistralfs.api import FilesClient
+from mistralfs.api.client import _cut
 from mistralfs.api.transport import READ_BYTES, LargeReadBackend, large_read_transport
 
 
@@ -73,3 +77,37 @@ async def test_client_reads_multi_mebibyte_ranges_intact(
             assert (
                 await client.read_range(signed.url, start, length) == data[start : start + length]
             )
+
+
+@given(
+    data=st.binary(max_size=300),
+    cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=6),
+    skip=st.integers(min_value=0, max_value=50),
+    length=st.integers(min_value=1, max_value=300),
+    piece_size=st.integers(min_value=1, max_value=120),
+)
+def test_cutting_a_body_into_pieces_keeps_every_byte(
+    data: bytes, cuts: list[int], skip: int, length: int, piece_size: int
+) -> None:
+    """However the body arrived in chunks, the pieces are the range, cut evenly."""
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    pieces = _cut(chunks, skip, length, piece_size)
+    wanted = data[skip : skip + length]
+    assert b"".join(pieces) == wanted
+    assert all(len(p) == piece_size for p in pieces[:-1])
+    assert not pieces or 0 < len(pieces[-1]) <= piece_size
+
+
+async def test_client_reads_ranges_in_block_pieces(
+    emulator: typing.Any, tmp_path: pathlib.Path
+) -> None:
+    data = os.urandom(3 * READ_BYTES + 500)
+    path = tmp_path / "pieces.bin"
+    path.write_bytes(data)
+    async with FilesClient(emulator.url, emulator.api_key) as client:
+        remote = await client.upload(path, filename="pieces.bin", purpose="batch")
+        url = (await client.signed_url(remote.id)).url
+        pieces = await client.read_range_pieces(url, 100, 3 * READ_BYTES + 400, READ_BYTES)
+    assert [len(p) for p in pieces] == [READ_BYTES, READ_BYTES, READ_BYTES, 400]
+    assert b"".join(pieces) == data[100:]

@@ -94,7 +94,7 @@ class BlockReader:
         if exact:
             # Time to first byte: the first read waits for its own bytes only, then the
             # blocks are fetched for the reads that follow.
-            data = await self._read_range(remote, offset, end - offset)
+            [data] = await self._read_range(remote, offset, end - offset, end - offset)
             self._schedule(remote, first, last, self._ahead(offset, end, state))
             return data
         self._schedule(remote, first, last, self._ahead(offset, end, state))
@@ -272,8 +272,7 @@ class BlockReader:
         """The registered blocks from `first` on, in one request; each shared with its waiters."""
         keys = [(remote.id, index) for index in range(first, first + len(fetches))]
         try:
-            data = await self._fetch(remote, first, len(fetches))
-            blocks = [data] if len(fetches) == 1 else _split(data, self.block_size)
+            blocks = await self._fetch(remote, first, len(fetches))
             for key, fetch, block in zip(keys, fetches, blocks, strict=True):
                 self._blocks[key] = fetch.data = block
             return blocks
@@ -287,28 +286,31 @@ class BlockReader:
                     del self._inflight[key]
                 fetch.done.set()
 
-    async def _fetch(self, remote: RemoteFile, first: int, count: int) -> bytes:
+    async def _fetch(self, remote: RemoteFile, first: int, count: int) -> list[bytes]:
         if remote.bytes <= self.block_size:
             # One block in all: one request to /content beats a signed URL and a GET.
-            return await self._client.content(remote.id, remote.bytes)
+            return [await self._client.content(remote.id, remote.bytes)]
         start = first * self.block_size
-        return await self._read_range(
-            remote, start, min(count * self.block_size, remote.bytes - start)
-        )
+        length = min(count * self.block_size, remote.bytes - start)
+        return await self._read_range(remote, start, length, self.block_size)
 
-    async def _read_range(self, remote: RemoteFile, start: int, length: int) -> bytes:
+    async def _read_range(
+        self, remote: RemoteFile, start: int, length: int, piece_size: int
+    ) -> list[bytes]:
+        """The range in pieces of `piece_size`, with a fresh URL if the old one is refused."""
         url = await self.signed_url(remote.id)
         try:
-            data = await self._client.read_range(url.url, start, length)
+            pieces = await self._client.read_range_pieces(url.url, start, length, piece_size)
         except UrlExpired:
             log.info("signed URL for %s refused; fetching a fresh one", remote.id)
             if self._urls.get(remote.id) is url:
                 del self._urls[remote.id]
             url = await self.signed_url(remote.id)
-            data = await self._client.read_range(url.url, start, length)
-        if len(data) != length:
-            raise ShortRead(remote.id, start, length, len(data))
-        return data
+            pieces = await self._client.read_range_pieces(url.url, start, length, piece_size)
+        got = sum(len(piece) for piece in pieces)
+        if got != length:
+            raise ShortRead(remote.id, start, length, got)
+        return pieces
 
 
 def _runs(indexes: list[int], longest: int) -> Iterator[tuple[int, int]]:
@@ -323,10 +325,6 @@ def _runs(indexes: list[int], longest: int) -> Iterator[tuple[int, int]]:
         run_first, count = index, 1
     if run_first is not None:
         yield run_first, count
-
-
-def _split(data: bytes, block_size: int) -> list[bytes]:
-    return [data[at : at + block_size] for at in range(0, len(data), block_size)]
 
 
 class ShortRead(Exception):
