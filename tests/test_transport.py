@@ -64,19 +64,22 @@ async def test_large_read_transport_serves_whole_bodies(emulator: typing.Any) ->
     assert response.status_code == 401  # a real answer, parsed through the new backend
 
 
+async def uploaded_url(client: FilesClient, tmp_path: pathlib.Path, size: int) -> tuple[bytes, str]:
+    """Random content of `size` bytes uploaded to batch/, and its signed URL."""
+    data = os.urandom(size)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    remote = await client.upload(path, filename="big.bin", purpose="batch")
+    return data, (await client.signed_url(remote.id)).url
+
+
 async def test_client_reads_multi_mebibyte_ranges_intact(
     emulator: typing.Any, tmp_path: pathlib.Path
 ) -> None:
-    data = os.urandom(5 * READ_BYTES + 12345)
-    path = tmp_path / "big.bin"
-    path.write_bytes(data)
     async with FilesClient(emulator.url, emulator.api_key) as client:
-        remote = await client.upload(path, filename="big.bin", purpose="batch")
-        signed = await client.signed_url(remote.id)
+        data, url = await uploaded_url(client, tmp_path, 5 * READ_BYTES + 12345)
         for start, length in ((0, 4 * READ_BYTES), (READ_BYTES - 7, 3 * READ_BYTES + 99)):
-            assert (
-                await client.read_range(signed.url, start, length) == data[start : start + length]
-            )
+            assert await client.read_range(url, start, length) == data[start : start + length]
 
 
 @given(
@@ -102,12 +105,8 @@ def test_cutting_a_body_into_pieces_keeps_every_byte(
 async def test_client_reads_ranges_in_block_pieces(
     emulator: typing.Any, tmp_path: pathlib.Path
 ) -> None:
-    data = os.urandom(3 * READ_BYTES + 500)
-    path = tmp_path / "pieces.bin"
-    path.write_bytes(data)
     async with FilesClient(emulator.url, emulator.api_key) as client:
-        remote = await client.upload(path, filename="pieces.bin", purpose="batch")
-        url = (await client.signed_url(remote.id)).url
+        data, url = await uploaded_url(client, tmp_path, 3 * READ_BYTES + 500)
         pieces = await client.read_range_pieces(url, 100, 3 * READ_BYTES + 400, READ_BYTES)
     assert [len(p) for p in pieces] == [READ_BYTES, READ_BYTES, READ_BYTES, 400]
     assert b"".join(pieces) == data[100:]
