@@ -792,6 +792,29 @@ async def test_upload_whose_answer_was_lost_is_not_stored_twice(
     assert up.created_at >= int(t0) - 1
 
 
+async def test_bytes_changed_after_a_lost_attempt_are_not_vouched_for(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    """The MD5 is taken from the file only if it is still the version the attempt sent."""
+    url, server = await serve_spoiled(nursery, tmp_path, "cut")
+    src = write(tmp_path, "f", b"a" * 1000)
+
+    def rewrite_once_sent(sent: int) -> None:
+        if sent == 1000 and not rewritten:  # attempt 1 is out: change the file's bytes
+            rewritten.append(True)
+            src.write_bytes(b"b" * 1000)
+            os.utime(src, ns=(0, 0))
+
+    rewritten: list[bool] = []
+
+    async with FilesClient(url, "k", retry=FAST) as c:
+        up = await c.upload(src, filename="f.bin", purpose="batch", progress=rewrite_once_sent)
+        files = await c.list_all()
+    assert server.posts == 2  # not taken for the stored copy of the old bytes
+    assert up.signature == hashlib.md5(b"b" * 1000).hexdigest()
+    assert sorted(f.id for f in files) == sorted([*server.stored, up.id])
+
+
 async def test_upload_lost_twice_then_answered_keeps_the_first_copy(
     nursery: trio.Nursery, tmp_path: pathlib.Path
 ) -> None:
@@ -811,8 +834,23 @@ async def test_upload_503_before_storing_is_sent_again_once(
     up = await client.upload(write(tmp_path, "a", JSONL), filename="a.jsonl", purpose="batch")
     assert [f.id for f in await client.list_all()] == [up.id]
     calls = [(r["method"], r["status"]) for r in await admin.requests() if r["path"] == "/v1/files"]
-    # snapshot, lost attempt, look-up (nothing new), the real upload, our list_all
-    assert calls == [("GET", 200), ("POST", 503), ("GET", 200), ("POST", 200), ("GET", 200)]
+    # the refused attempt, look-up (nothing new), the real upload, our list_all
+    assert calls == [("POST", 503), ("GET", 200), ("POST", 200), ("GET", 200)]
+
+
+async def test_an_answered_upload_makes_one_request(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    """Dedupe costs nothing until an attempt fails: no listing before, no second call."""
+    await admin.clear_requests()
+    big = os.urandom(3 * 1024 * 1024 + 5)  # several chunks, read in a worker thread
+    for name, data in (("small.jsonl", JSONL), ("big.bin", big)):
+        up = await client.upload(write(tmp_path, name, data), filename=name, purpose="batch")
+        assert up.bytes == len(data) and up.signature == hashlib.md5(data).hexdigest()
+    assert [(r["method"], r["path"]) for r in await admin.requests()] == [
+        ("POST", "/v1/files"),
+        ("POST", "/v1/files"),
+    ]
 
 
 async def test_identical_earlier_file_is_not_taken_for_ours(
@@ -825,8 +863,23 @@ async def test_identical_earlier_file_is_not_taken_for_ours(
     ours = await client.upload(src, filename="same.jsonl", purpose="batch")
     assert ours.id != earlier.id
     assert ours.signature == earlier.signature and ours.bytes == earlier.bytes
-    assert abs(ours.created_at - earlier.created_at) <= 5  # only the snapshot tells them apart
+    assert abs(ours.created_at - earlier.created_at) <= 5  # only having seen it tells them apart
     assert {f.id for f in await client.list_all()} == {earlier.id, ours.id}
+
+
+async def test_identical_file_from_elsewhere_seen_in_a_listing_is_not_taken_for_ours(
+    emulator: Any, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    """Another program stored the same bytes under the same name; we listed it before."""
+    src = write(tmp_path, "same", JSONL)
+    async with FilesClient(emulator.url, emulator.api_key, retry=FAST) as other:
+        theirs = await other.upload(src, filename="same.jsonl", purpose="batch")
+    async with FilesClient(emulator.url, emulator.api_key, retry=FAST) as c:
+        assert theirs.id in {f.id for f in await c.list_all(purpose="batch")}
+        await admin.fault(method="POST", path_prefix="/v1/files", status=503, times=1)
+        ours = await c.upload(src, filename="same.jsonl", purpose="batch")
+        assert ours.id != theirs.id
+        assert {f.id for f in await c.list_all()} == {theirs.id, ours.id}
 
 
 async def test_identical_earlier_file_and_lost_answer_picks_the_new_one(

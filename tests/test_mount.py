@@ -91,6 +91,18 @@ def test_copy_in_is_in_the_account_with_its_purpose_and_size(
     )
 
 
+def test_files_advertise_1_mib_io(mounted: Mounted, tmp_path: Path) -> None:
+    """st_blksize is what cp sizes its writes by: 1 MiB, the most one FUSE write carries."""
+    target = mounted / "batch" / "blk.bin"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.fstat(fd).st_blksize == MiB  # while being written
+        assert os.write(fd, os.urandom(MiB)) == MiB
+    finally:
+        os.close(fd)
+    assert os.stat(target).st_blksize == MiB  # once uploaded
+
+
 def test_sdk_upload_appears_and_reads_back(mounted: Mounted, sdk: Mistral) -> None:
     assert os.listdir(mounted / "batch") == []  # the listing is now cached
     content = b'{"custom_id": "1"}\n'

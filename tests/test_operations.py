@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -997,3 +998,21 @@ async def test_data_being_written_is_in_a_spool_file_on_disk(stack: Stack) -> No
     await stack.ops.flush(info.fh)
     await stack.ops.release(info.fh)
     assert list((stack.cache_dir / "spool").rglob("*.spool")) == []
+
+
+async def test_a_spools_note_is_rewritten_in_place_as_its_state_changes(stack: Stack) -> None:
+    """The crash-recovery note is overwritten, never truncated (ext4 flushes truncated files)."""
+    info, _ = await stack.ops.create(
+        await stack.folder("batch"), b"n.bin", 0o644, os.O_WRONLY, None
+    )
+    await stack.ops.write(info.fh, 0, b"x")
+    [note] = (stack.cache_dir / "spool").rglob("*.json")
+    before = note.stat()
+    assert json.loads(note.read_bytes())["complete"] is False
+    await stack.ops.flush(info.fh)
+    meta = json.loads(note.read_bytes())  # trailing padding is valid JSON
+    assert meta["complete"] is True and meta["uploaded"] is True and meta["upload_started"]
+    after = note.stat()
+    assert after.st_ino == before.st_ino and after.st_size >= before.st_size
+    await stack.ops.release(info.fh)
+    assert list((stack.cache_dir / "spool").rglob("*")) == []

@@ -20,7 +20,7 @@ import pathlib
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Generator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -109,64 +109,163 @@ if not any(isinstance(f, _RedactQueryFilter) for f in _httpx_logger.filters):
     _httpx_logger.addFilter(_RedactQueryFilter())
 
 
-class _MultipartBody:
-    """A multipart/form-data body streamed from an open file, chunk by chunk.
+class _SpoolBody:
+    """A multipart/form-data body streamed from a file: head, the file's bytes, tail.
 
     A class rather than an async generator so that an early stop (the server
-    answering 413 mid-upload) leaves no generator to finalise; the file itself
-    is closed by the attempt that opened it. The MD5 of the file's bytes is
-    computed on the way; ``complete`` says whether the whole body was handed
-    to the transport (only then can the server have stored the file).
+    answering 413 mid-upload) leaves no generator to finalise; the attempt that
+    opened it closes it. ``complete`` says whether the whole body was handed to
+    the transport (only then can the server have stored the file). A file of at
+    most one chunk, the common small upload, is read at once and sent as one
+    piece; larger files are read a chunk at a time in a worker thread, so a
+    spool that has left the page cache never stalls the event loop. Nothing is
+    hashed on the way: the MD5 is needed only when an attempt's outcome is
+    unknown, and then it is computed from the file (see ``_FileDigest``).
     """
 
     def __init__(
         self,
-        file: trio.abc.AsyncResource,
-        size: int,
-        head: bytes,
-        tail: bytes,
-        progress: Callable[[int], None] | None = None,
+        path: pathlib.Path,
+        filename: str,
+        purpose: str,
+        max_size: int | None,
+        progress: Callable[[int], None] | None,
+        url: str,
     ) -> None:
-        self._file: Any = file
-        self._size = size
-        self._remaining = size
-        self._parts: list[bytes] = [head]
-        self._tail = tail
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stat = os.fstat(self._fd)
+            self.identity = _identity(stat)
+            self.size = size = stat.st_size
+            if max_size is not None and size > max_size:
+                # Refused locally: a server answering 413 before reading the
+                # body can leave an HTTP/1.1 client stuck writing it.
+                raise TooLarge(
+                    f"{size} bytes is over the {max_size}-byte upload limit",
+                    method="POST",
+                    url=url,
+                )
+            boundary = secrets.token_hex(16)
+            head, self._tail = _multipart_parts(filename, purpose, boundary)
+            self.headers = {
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "Content-Length": str(len(head) + size + len(self._tail)),
+            }
+            self._offset = 0
+            if size <= CHUNK_SIZE:
+                data = self._read_now(size)
+                self._parts = [head + data + self._tail]
+                self._offset = size
+            else:
+                self._parts = [head]
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._done = False
         self._progress = progress
-        self._md5 = hashlib.md5()
+        if progress is not None:
+            progress(0)
 
     @property
     def complete(self) -> bool:
         return self._done
 
-    @property
-    def size(self) -> int:
-        return self._size
+    def _read_now(self, n: int) -> bytes:
+        chunk = os.pread(self._fd, n, self._offset)
+        if len(chunk) < n:
+            raise OSError("file shrank while it was being uploaded")
+        return chunk
 
-    def md5(self) -> str:
-        """Hex MD5 of the file bytes sent so far (all of them once ``complete``)."""
-        return self._md5.hexdigest()
-
-    def __aiter__(self) -> _MultipartBody:
+    def __aiter__(self) -> _SpoolBody:
         return self
 
     async def __anext__(self) -> bytes:
         if self._parts:
-            return self._parts.pop(0)
-        if self._remaining > 0:
-            chunk = await self._file.read(min(CHUNK_SIZE, self._remaining))
-            if not chunk:
-                raise OSError("file shrank while it was being uploaded")
-            self._remaining -= len(chunk)
-            self._md5.update(chunk)
-            if self._progress is not None:
-                self._progress(self._size - self._remaining)
+            part = self._parts.pop(0)
+            if self._offset == self.size and not self._parts and not self._done:
+                self._done = True  # the small file's single piece: head, bytes and tail
+                self._report()
+            return part
+        if self._offset < self.size:
+            n = min(CHUNK_SIZE, self.size - self._offset)
+            chunk = await trio.to_thread.run_sync(self._read_now, n)
+            self._offset += n
+            self._report()
             return chunk
         if not self._done:
             self._done = True
             return self._tail
         raise StopAsyncIteration
+
+    def _report(self) -> None:
+        if self._progress is not None:
+            self._progress(self._offset)
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file's content may have: device, inode, size, mtime."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+class _FileDigest:
+    """The MD5 of an upload's file, computed only if a look-up needs it, once per version.
+
+    An attempt records the file's identity when it opened it; the digest counts for
+    that attempt only if the file still has that identity before and after hashing,
+    so bytes changed since are never vouched for.
+    """
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self._path = path
+        self._digests: dict[tuple[int, int, int, int], str | None] = {}
+
+    async def of(self, identity: tuple[int, int, int, int]) -> str | None:
+        if identity not in self._digests:
+            self._digests[identity] = await trio.to_thread.run_sync(self._md5, identity)
+        return self._digests[identity]
+
+    def _md5(self, identity: tuple[int, int, int, int]) -> str | None:
+        try:
+            with open(self._path, "rb") as f:
+                if _identity(os.fstat(f.fileno())) != identity:
+                    return None
+                digest = hashlib.md5(usedforsecurity=False)
+                while chunk := f.read(CHUNK_SIZE):
+                    digest.update(chunk)
+                if _identity(os.fstat(f.fileno())) != identity:
+                    return None
+        except OSError:
+            return None
+        return digest.hexdigest()
+
+
+class _RecentFiles:
+    """Recently created files this client has seen, by id.
+
+    An upload whose answer was lost looks for the file it stored among files with
+    its name, size and MD5 created since shortly before it began; a file seen
+    before the upload began cannot be that file, however alike. Only files that
+    young can be mistaken, so older ones are not kept.
+    """
+
+    def __init__(self) -> None:
+        self._created: dict[str, int] = {}
+
+    def note(self, files: Iterable[RemoteFile]) -> None:
+        cutoff = math.floor(time.time() - CLOCK_SKEW)
+        for f in files:
+            if f.created_at >= cutoff:
+                self._created[f.id] = f.created_at
+        if self._created:
+            self._created = {i: c for i, c in self._created.items() if c >= cutoff}
+
+    def ids(self) -> frozenset[str]:
+        return frozenset(self._created)
 
 
 def _form_quote(value: str) -> str:
@@ -290,6 +389,7 @@ class FilesClient:
         self._retry = retry or RetryPolicy()
         self.stats = RequestStats()
         self._max_upload = max_upload_bytes
+        self._recent = _RecentFiles()
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
@@ -516,6 +616,7 @@ class FilesClient:
             files = [RemoteFile.from_json(item) for item in data["data"]]
         except ProtocolError as exc:
             raise ProtocolError(exc.message, method="GET", url=url) from None
+        self._recent.note(files)
         total = data.get("total")
         if not isinstance(total, int) or isinstance(total, bool) or total < 0:
             total = None
@@ -613,71 +714,37 @@ class FilesClient:
         The service has no idempotency keys, so a retry after an attempt whose
         outcome is unknown (the whole body went out, then the answer was a 5xx,
         a reset, a timeout, a cut or unreadable body) could store the file
-        twice. With ``dedupe`` (the default), the ids of files with this name
-        and purpose are noted before the first attempt (one listing call), and
-        before any such retry the files with this name are listed again: a file
-        that was not there before, with this purpose, this size, the MD5 of
-        the bytes that attempt sent (when the service gives a signature) and
+        twice. With ``dedupe`` (the default), before any such retry the files
+        with this name are listed: one with this purpose, this size, the MD5 of
+        the bytes that attempt sent (when the service gives a signature),
         created no earlier than ``CLOCK_SKEW`` seconds before that attempt
-        began is the one it stored, and is returned instead of uploading
-        again. Look-ups share the retry budget of the upload.
+        began, and not seen by this client before the upload began, is the one
+        it stored, and is returned instead of uploading again. An upload whose
+        first attempt is answered costs that one request: no listing, no MD5.
+        Look-ups share the retry budget of the upload.
         """
         api_path = "/v1/files"
         url = self._api_url(api_path)
         deadline = trio.current_time() + self._retry.total_budget
         attempts: list[_UploadAttempt] = []
-
-        known: set[str] | None = None
-        if dedupe and self._retry.max_attempts > 1:
-            try:
-                known = await self._snapshot(filename, purpose, deadline)
-            except ApiError as exc:
-                if trio.current_time() >= deadline:
-                    raise
-                logger.warning(
-                    "POST %s: cannot list %r first (%s); no dedupe", api_path, filename, exc
-                )
-            if known is None:
-                logger.debug(
-                    "POST %s: retries of %r will not look for a stored copy", api_path, filename
-                )
+        # Files already seen cannot be the one an attempt of this upload stored.
+        known = self._recent.ids() if dedupe and self._retry.max_attempts > 1 else None
+        digest = _FileDigest(path)
 
         async def open_body() -> tuple[Any, dict[str, str], Any]:
-            file = await trio.open_file(path, "rb")
-            try:
-                size = os.fstat(file.fileno()).st_size
-                if self._max_upload is not None and size > self._max_upload:
-                    # Refused locally: a server answering 413 before reading the
-                    # body can leave an HTTP/1.1 client stuck writing it.
-                    raise TooLarge(
-                        f"{size} bytes is over the {self._max_upload}-byte upload limit",
-                        method="POST",
-                        url=url,
-                    )
-                boundary = secrets.token_hex(16)
-                head, tail = _multipart_parts(filename, purpose, boundary)
-                headers = {
-                    "Content-Type": f"multipart/form-data; boundary={boundary}",
-                    "Content-Length": str(len(head) + size + len(tail)),
-                }
-                if progress is not None:
-                    progress(0)
-                body = _MultipartBody(file, size, head, tail, progress)
-                attempts.append(_UploadAttempt(started=time.time(), body=body))
-                return body, headers, file
-            except BaseException:
-                await file.aclose()
-                raise
+            body = _SpoolBody(path, filename, purpose, self._max_upload, progress, url)
+            attempts.append(_UploadAttempt(started=time.time(), body=body))
+            return body, body.headers, body
 
         async def find_stored() -> RemoteFile | None:
             if known is None:
                 return None
-            return await self._find_stored(filename, purpose, attempts, known, deadline)
+            return await self._find_stored(filename, purpose, attempts, known, digest, deadline)
 
         async def handle(response: httpx.Response, n: int) -> RemoteFile:
             data = await _read_bounded(response, MAX_JSON_BODY)
             try:
-                return self._file_from(_parse_json(data, response, "POST", url), "POST", api_path)
+                stored = self._file_from(_parse_json(data, response, "POST", url), "POST", api_path)
             except ProtocolError:
                 # Stored, most likely, with an answer we cannot read: find it, or fail
                 # rather than store it again.
@@ -685,6 +752,8 @@ class FilesClient:
                 if found is not None:
                     return found
                 raise
+            self._recent.note((stored,))
+            return stored
 
         async def resume(n: int) -> RemoteFile | None:
             return await find_stored()
@@ -715,13 +784,12 @@ class FilesClient:
 
     async def _same_name(
         self, filename: str, purpose: str, deadline: float
-    ) -> tuple[set[str], list[RemoteFile]] | None:
+    ) -> list[RemoteFile] | None:
         """Every file the service finds for ``search=filename`` in ``purpose``.
 
-        Returns the ids of all files listed (any name) and the parsed files whose
-        name and purpose are exactly these; None when there are too many pages to
-        be sure of having seen them all. Items that do not parse are skipped
-        (their ids still count as seen).
+        Returns the parsed files whose name and purpose are exactly these; None
+        when there are too many pages to be sure of having seen them all. Items
+        that do not parse are skipped.
         """
         ids: set[str] = set()
         files: list[RemoteFile] = []
@@ -761,22 +829,18 @@ class FilesClient:
             if page == 0 and total is not None and 0 < len(items) < min(page_size, total):
                 page_size = len(items)  # the service capped the page size
             if not new or (total is not None and len(ids) >= total):
-                return ids, files
+                return files
             if total is None and len(items) < page_size:
-                return ids, files
+                return files
         return None
-
-    async def _snapshot(self, filename: str, purpose: str, deadline: float) -> set[str] | None:
-        """Ids of the files already there before an upload (None: too many to list)."""
-        listed = await self._same_name(filename, purpose, deadline)
-        return None if listed is None else listed[0]
 
     async def _find_stored(
         self,
         filename: str,
         purpose: str,
         attempts: Sequence[_UploadAttempt],
-        known: set[str],
+        known: frozenset[str],
+        digest: _FileDigest,
         deadline: float,
     ) -> RemoteFile | None:
         """The file an earlier, ambiguous attempt stored, if the listing shows one."""
@@ -786,11 +850,17 @@ class FilesClient:
         listed = await self._same_name(filename, purpose, deadline)
         if listed is None:
             return None
-        matches = [
-            f
-            for f in listed[1]
-            if f.id not in known and not f.deleted and any(a.stored(f) for a in sent)
-        ]
+        matches = []
+        for f in listed:
+            if f.id in known or f.deleted:
+                continue
+            for a in sent:
+                if not a.may_have_stored(f):
+                    continue
+                if f.signature is None or f.signature.lower() == await digest.of(a.identity):
+                    matches.append(f)
+                    break
+        self._recent.note(listed)
         if not matches:
             return None
         best = max(matches, key=lambda f: f.created_at)  # ties: the first listed (newest)
@@ -983,13 +1053,18 @@ class _UploadAttempt:
     """One upload attempt: when it began (wall clock, like ``created_at``) and its body."""
 
     started: float
-    body: _MultipartBody
+    body: _SpoolBody
 
-    def stored(self, f: RemoteFile) -> bool:
-        """Whether ``f`` can be the file this attempt stored (name and purpose checked apart)."""
+    @property
+    def identity(self) -> tuple[int, int, int, int]:
+        return self.body.identity
+
+    def may_have_stored(self, f: RemoteFile) -> bool:
+        """Whether ``f`` can be the file this attempt stored, but for its MD5.
+
+        Name and purpose are checked apart.
+        """
         if not self.body.complete or f.bytes != self.body.size:
-            return False
-        if f.signature is not None and f.signature.lower() != self.body.md5():
             return False
         return f.created_at >= math.floor(self.started - CLOCK_SKEW)
 
