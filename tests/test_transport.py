@@ -9,10 +9,11 @@ import typing
 
 import httpcore
 import httpx
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mistralfs.api import FilesClient
+from mistralfs.api import FilesClient, storage
 from mistralfs.api.client import _cut
 from mistralfs.api.transport import READ_BYTES, LargeReadBackend, large_read_transport
 
@@ -110,3 +111,29 @@ async def test_client_reads_ranges_in_block_pieces(
         pieces = await client.read_range_pieces(url, 100, 3 * READ_BYTES + 400, READ_BYTES)
     assert [len(p) for p in pieces] == [READ_BYTES, READ_BYTES, READ_BYTES, 400]
     assert b"".join(pieces) == data[100:]
+
+
+def test_direct_reads_only_where_no_proxy_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    url = "https://account.blob.example/c/f?sig=x"
+    assert storage.applies_to(url)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert not storage.applies_to(url)  # http.client would bypass the proxy: httpx reads it
+    monkeypatch.setenv("no_proxy", "account.blob.example")
+    assert storage.applies_to(url)
+    assert not storage.applies_to("ftp://host/file")
+
+
+async def test_direct_reads_keep_their_connection_and_count_as_storage_requests(
+    emulator: typing.Any, tmp_path: pathlib.Path
+) -> None:
+    async with FilesClient(emulator.url, emulator.api_key) as client:
+        data, url = await uploaded_url(client, tmp_path, 2 * READ_BYTES)
+        before = client.stats.requests["storage"]
+        for start in range(0, 2 * READ_BYTES, READ_BYTES // 2):
+            [piece] = await client.read_range_pieces(url, start, 1000, READ_BYTES)
+            assert piece == data[start : start + 1000]
+        assert client.stats.requests["storage"] - before == 4
+        assert client._direct is not None
+        assert sum(len(c) for c in client._direct._idle.values()) == 1  # one connection, reused

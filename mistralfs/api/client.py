@@ -30,6 +30,7 @@ import httpx
 import trio
 
 from mistralfs import __version__
+from mistralfs.api import storage
 from mistralfs.api.errors import (
     ApiError,
     AuthError,
@@ -397,6 +398,11 @@ class FilesClient:
             follow_redirects=False,
             transport=transport or large_read_transport(),
         )
+        # Signed-URL ranges go through http.client in worker threads (see storage.py),
+        # unless the network is replaced (tests) or a proxy applies.
+        self._direct = (
+            storage.DirectRangeReader(user_agent=user_agent) if transport is None else None
+        )
 
     @property
     def server_url(self) -> str:
@@ -407,6 +413,8 @@ class FilesClient:
         return self._retry
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> Self:
@@ -985,6 +993,11 @@ class FilesClient:
             httpx.URL(url)
         except httpx.InvalidURL as exc:
             raise ProtocolError(f"invalid signed URL: {exc}", method="GET", url=url) from None
+        if self._direct is not None and storage.applies_to(url):
+            try:
+                return await self._direct_range(url, start, length, piece_size)
+            except storage.NotForDirectRead:
+                pass  # httpx follows what http.client would not
         end = start + length - 1
 
         async def handle(response: httpx.Response, n: int) -> list[bytes]:
@@ -1034,6 +1047,49 @@ class FilesClient:
             )
         except httpx.UnsupportedProtocol as exc:
             raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None
+
+    async def _direct_range(
+        self, url: str, start: int, length: int, piece_size: int
+    ) -> list[bytes]:
+        """read_range_pieces through storage.DirectRangeReader, with the same retries,
+        error mapping, statistics and logging as every other call."""
+        assert self._direct is not None
+        direct = self._direct
+        log_url = strip_query(url)
+        deadline = trio.current_time() + self._retry.total_budget
+
+        async def attempt(n: int) -> list[bytes]:
+            self.stats.requests["storage"] += 1
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("GET %s (attempt %d)", log_url, n)
+            timeout = min(self._timeout, max(0.01, deadline - trio.current_time()))
+            answer = await direct.get_range(url, start, length, piece_size, timeout)
+            if answer.ranged:
+                return answer.pieces
+            if answer.status == 416:
+                return []
+            if answer.status < 300:
+                raise ProtocolError(
+                    "206 answer with a missing or wrong Content-Range"
+                    if answer.status == 206
+                    else f"unexpected HTTP status {answer.status}",
+                    status=answer.status,
+                    method="GET",
+                    url=log_url,
+                )
+            response = answer.as_httpx()
+            err = self._error(response, answer.error_body, "GET", log_url, storage=True)
+            if answer.status in RETRY_STATUSES:
+                raise RetryableStatus(err, parse_retry_after(response.headers.get("retry-after")))
+            raise err
+
+        try:
+            return await run_with_retries(
+                self._retry, attempt, method="GET", url=log_url, deadline=deadline
+            )
+        except ApiError as exc:
+            self.stats.errors[type(exc).__name__] += 1
+            raise
 
     async def check_auth(self) -> None:
         """A cheap authenticated call, so ``mount`` fails early on a bad key or no network."""
