@@ -1,0 +1,367 @@
+"""The optional persistent block tier under `--disk-cache DIR`, so a remount reads locally.
+
+Content never changes for a file id and ids are never reused, so a block kept under
+its id stays right for as long as it is kept. Layout: `DIR/<file id>/<block index>`,
+each file a header (magic, offset, length, CRC-32) and the block. A block is written to
+a temp file and renamed into place; one whose header, length or checksum is not what
+the file's listed size expects is never served, and is removed. The total is bounded by
+`--disk-cache-size`, evicting the least recently used block; recency is the block
+file's mtime, touched on every hit, so the order survives restarts. One mount at a time
+uses a DIR: an flock on `DIR/lock` refuses a second. File I/O runs in trio's worker
+threads; writes, evictions and deletions go through one task, in the order asked, so a
+deleted file's blocks never come back. A disk error never fails a read: the block comes
+from the network and the error is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import math
+import os
+import re
+import struct
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MFB1"
+HEADER = struct.Struct("<4sQQI")  # magic, offset in the file, length, CRC-32 of the block
+MAX_PENDING_STORES = 32  # blocks queued for writing; beyond this a block is not kept (memory)
+COMPLAINT_INTERVAL = 60.0  # seconds between two warnings about the same kind of failure
+LOCK_NAME = "lock"
+TEMP_SUFFIX = ".tmp"
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # anything else is not kept
+_BLOCK_NAME = re.compile(r"[0-9]{1,10}")
+
+BlockKey = tuple[str, int]
+Fetch = Callable[[], Awaitable[bytes]]
+
+
+class DiskCacheError(Exception):
+    """The folder cannot serve as a disk cache (in use, not a folder, no permission)."""
+
+
+class NoDiskCache:
+    """The tier when no `--disk-cache` is given: every block comes from the network."""
+
+    async def read_through(self, file_id: str, file_size: int, index: int, fetch: Fetch) -> bytes:
+        return await fetch()
+
+    def forget(self, file_id: str) -> None:
+        """Nothing is kept, so there is nothing to drop."""
+
+    async def run(self) -> None:
+        """No writer task is needed."""
+
+    async def flush(self) -> None:
+        """Nothing is queued."""
+
+    def close(self) -> None:
+        """Nothing is held."""
+
+    async def __aenter__(self) -> NoDiskCache:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, object] | None:
+        return None
+
+
+class DiskCache:
+    """Blocks on local disk by (file id, index), LRU-bounded in bytes, across restarts."""
+
+    def __init__(self, root: Path, max_bytes: int, block_size: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.block_size = block_size
+        self._index: OrderedDict[BlockKey, int] = OrderedDict()  # least recent first; bytes
+        self._bytes = 0
+        self._dropped: set[str] = set()  # ids forgotten: a late store must not bring them back
+        self._pending = 0
+        self._send, self._receive = trio.open_memory_channel[Callable[[], Awaitable[None]]](
+            math.inf
+        )
+        self._lock_fd: int | None = None
+        self._complained: dict[str, float] = {}
+        self.hits = self.misses = self.stored = self.skipped = self.errors = 0
+
+    @classmethod
+    async def open(cls, root: Path, max_bytes: int, block_size: int) -> DiskCache:
+        """Create or reuse `root` (0700), take its lock, and index what a previous run kept."""
+        cache = cls(root, max_bytes, block_size)
+        started = time.monotonic()
+        await trio.to_thread.run_sync(cache._open_sync)
+        log.info("disk cache %s: %d blocks, %.1f MiB of %.1f MiB, indexed in %.2f s", root,
+                 len(cache._index), cache._bytes / 1024**2, max_bytes / 1024**2,
+                 time.monotonic() - started)  # fmt: skip
+        return cache
+
+    # -- what the reader calls ------------------------------------------------------
+
+    async def read_through(self, file_id: str, file_size: int, index: int, fetch: Fetch) -> bytes:
+        """The block from disk when it is kept and sound; else `fetch()`, kept for next time."""
+        if not _SAFE_ID.fullmatch(file_id):
+            return await fetch()
+        key = (file_id, index)
+        length = min(self.block_size, file_size - index * self.block_size)
+        if key in self._index:
+            data = await self._load(key, length)
+            if data is not None:
+                self.hits += 1
+                return data
+        self.misses += 1
+        data = await fetch()
+        if len(data) == length:
+            self._queue_store(key, data)
+        return data
+
+    def forget(self, file_id: str) -> None:
+        """The file is gone: its blocks are no longer served, and are deleted in order."""
+        if not _SAFE_ID.fullmatch(file_id):
+            return
+        self._dropped.add(file_id)
+        for key in [k for k in self._index if k[0] == file_id]:
+            self._bytes -= self._index.pop(key)
+        self._queue(functools.partial(self._drop, file_id))
+
+    # -- lifetime -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The one task that writes, evicts and deletes, in the order these were asked."""
+        async with self._receive:
+            async for operation in self._receive:
+                await operation()
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call is on disk (or has failed)."""
+        done = trio.Event()
+
+        async def mark() -> None:
+            done.set()
+
+        if self._queue(mark):
+            await done.wait()
+
+    def close(self) -> None:
+        """Let another mount use the folder."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def __aenter__(self) -> DiskCache:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "dir": str(self.root),
+            "bytes": self._bytes,
+            "max_bytes": self.max_bytes,
+            "blocks": len(self._index),
+            "hits": self.hits,
+            "misses": self.misses,
+            "stored": self.stored,
+            "skipped": self.skipped,
+            "errors": self.errors,
+        }
+
+    # -- reading --------------------------------------------------------------------
+
+    async def _load(self, key: BlockKey, length: int) -> bytes | None:
+        path = self._path(key)
+        try:
+            data = await trio.to_thread.run_sync(self._read_sync, path, key[1], length)
+        except FileNotFoundError:
+            data = None  # removed behind our back; the network has it
+        except OSError as exc:
+            self._complain("reading a block", exc)
+            data = None
+        if key in self._index:
+            if data is None:
+                self._bytes -= self._index.pop(key)
+            else:
+                self._index.move_to_end(key)
+        return data
+
+    def _read_sync(self, path: Path, index: int, length: int) -> bytes | None:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER.size + length + 1)  # one byte more tells a file too long
+        if len(raw) == HEADER.size + length:
+            magic, offset, stored_length, crc = HEADER.unpack_from(raw)
+            data = raw[HEADER.size :]
+            expected = (MAGIC, index * self.block_size, length)
+            if (magic, offset, stored_length) == expected and zlib.crc32(data) == crc:
+                with contextlib.suppress(OSError):  # recency, for eviction after a restart
+                    os.utime(path)
+                return data
+        log.warning("disk cache: %s is not the block expected (torn, short or damaged); "
+                    "removed, reading from the network", path)  # fmt: skip
+        _unlink_quietly(path)
+        return None
+
+    # -- writing, evicting, deleting (only from the `run` task) ---------------------
+
+    def _queue(self, operation: Callable[[], Awaitable[None]]) -> bool:
+        try:
+            self._send.send_nowait(operation)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # the mount is stopping; what is not on disk is simply not kept
+        return True
+
+    def _queue_store(self, key: BlockKey, data: bytes) -> None:
+        if key[0] in self._dropped:
+            return
+        if self._pending >= MAX_PENDING_STORES:
+            self.skipped += 1  # the disk is slower than the network: keep memory bounded
+            return
+        self._pending += 1
+        if not self._queue(functools.partial(self._store, key, data)):
+            self._pending -= 1
+
+    async def _store(self, key: BlockKey, data: bytes) -> None:
+        try:
+            size = HEADER.size + len(data)
+            if key[0] in self._dropped or key in self._index or size > self.max_bytes:
+                return
+            victims = self._make_room(size)
+            try:
+                await trio.to_thread.run_sync(self._write_sync, key, data, victims)
+            except OSError as exc:
+                self._complain("writing a block", exc)
+                return
+            if key[0] not in self._dropped:  # else the drop queued after us removes the file
+                self._index[key] = size
+                self._bytes += size
+                self.stored += 1
+        finally:
+            self._pending -= 1
+
+    def _make_room(self, size: int) -> list[BlockKey]:
+        """Take least recently used blocks out of the index until `size` more bytes fit."""
+        victims = []
+        while self._index and self._bytes + size > self.max_bytes:
+            key, victim_size = self._index.popitem(last=False)
+            self._bytes -= victim_size
+            victims.append(key)
+        return victims
+
+    def _write_sync(self, key: BlockKey, data: bytes, victims: list[BlockKey]) -> None:
+        for victim in victims:
+            self._remove_block_sync(victim)
+        file_id, index = key
+        folder = self.root / file_id
+        folder.mkdir(mode=0o700, exist_ok=True)
+        temp = folder / f".{index}{TEMP_SUFFIX}"  # one writer per folder: the lock and `run`
+        _unlink_quietly(temp)
+        header = HEADER.pack(MAGIC, index * self.block_size, len(data), zlib.crc32(data))
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(header)
+                f.write(data)
+            os.replace(temp, folder / str(index))
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+
+    def _remove_block_sync(self, key: BlockKey) -> None:
+        path = self._path(key)
+        _unlink_quietly(path)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # the file's last block: its folder goes too
+
+    async def _drop(self, file_id: str) -> None:
+        try:
+            await trio.to_thread.run_sync(self._remove_folder_sync, self.root / file_id)
+        except OSError as exc:
+            self._complain("deleting a file's blocks", exc)
+
+    @staticmethod
+    def _remove_folder_sync(folder: Path) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if _BLOCK_NAME.fullmatch(entry.name) or entry.name.endswith(TEMP_SUFFIX):
+                _unlink_quietly(Path(entry.path))
+        folder.rmdir()
+
+    # -- opening --------------------------------------------------------------------
+
+    def _open_sync(self) -> None:
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)  # content of the account: for the user who mounted only
+            self._lock_sync()
+            self._index_sync()
+        except OSError as exc:
+            self.close()
+            reason = exc.strerror or str(exc)
+            raise DiskCacheError(f"cannot use {self.root} as a disk cache: {reason}") from exc
+
+    def _lock_sync(self) -> None:
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DiskCacheError(
+                f"the disk cache {self.root} is in use by another mistralfs (pid {holder}); "
+                "give each mount its own --disk-cache folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _index_sync(self) -> None:
+        """Index the blocks a previous run kept, oldest mtime first; drop its temp files."""
+        found = []
+        for folder in os.scandir(self.root):
+            if not (folder.is_dir(follow_symlinks=False) and _SAFE_ID.fullmatch(folder.name)):
+                continue
+            for entry in os.scandir(folder.path):
+                if entry.name.endswith(TEMP_SUFFIX):  # a write cut short by a crash
+                    _unlink_quietly(Path(entry.path))
+                elif _BLOCK_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    found.append((st.st_mtime_ns, (folder.name, int(entry.name)), st.st_size))
+        found.sort()
+        for _, key, size in found:
+            self._index[key] = size
+            self._bytes += size
+        for victim in self._make_room(0):  # the size may have been lowered since
+            self._remove_block_sync(victim)
+
+    def _path(self, key: BlockKey) -> Path:
+        return self.root / key[0] / str(key[1])
+
+    def _complain(self, what: str, exc: OSError) -> None:
+        """One warning per kind of failure a minute: a full disk must not flood the log."""
+        self.errors += 1
+        now = time.monotonic()
+        if now - self._complained.get(what, -math.inf) >= COMPLAINT_INTERVAL:
+            self._complained[what] = now
+            log.warning("disk cache %s: %s failed (%s); reading from the network instead",
+                        self.root, what, exc)  # fmt: skip
+        else:
+            log.debug("disk cache %s: %s failed (%s)", self.root, what, exc)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
