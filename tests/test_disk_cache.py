@@ -1,18 +1,29 @@
-"""The disk tier (`--disk-cache`) on its own: small blocks, and a fetch function that
-counts what reaches the "network".
+"""The disk tier (`--disk-cache`): the module on its own, then through real mounts.
+
+The unit tests use small blocks and count what reaches the "network" (a fetch
+function); the mount tests check with the emulator's request log that a re-read after
+a remount downloads nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
+from conftest import RunningEmulator
+from emulator_admin import clear_requests, requests
+from mistralai.client import Mistral
+from mounting import Mounted, is_mounted, mount, mount_command, wait_for
 
 from mistralfs.fs.disk_cache import HEADER, DiskCache, DiskCacheError
 
@@ -206,3 +217,100 @@ async def test_ids_that_are_not_safe_as_names_are_not_kept(tmp_path: Path) -> No
     assert len(origin.fetched) == 2
     assert sorted(p.name for p in root.iterdir()) == ["lock"]
     assert not (tmp_path / "escape").exists()
+
+
+# --- through real mounts --------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def _downloads(emulator: RunningEmulator) -> list[dict]:
+    """Requests that fetched content: the storage route or the API's /content."""
+    return [
+        r
+        for r in requests(emulator.url, emulator.api_key)
+        if r["path"].startswith("/storage/") or r["path"].endswith("/content")
+    ]
+
+
+def _status(m: Mounted) -> dict:
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(m.run_dir))
+    result = subprocess.run(
+        [sys.executable, "-m", "mistralfs", "status", str(m.path), "--json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return json.loads(result.stdout)
+
+
+@pytest.mark.fuse
+def test_a_re_read_after_remount_downloads_nothing(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    big, small = os.urandom(3 * MiB + 12345), os.urandom(10_000)
+    big_id = sdk.files.upload(file={"file_name": "big.bin", "content": big}, purpose="batch").id
+    sdk.files.upload(file={"file_name": "small.bin", "content": small}, purpose="batch")
+    disk = tmp_path / "disk"
+    with mount(emulator_process, tmp_path / "first", "--disk-cache", str(disk)) as m:
+        assert (m / "batch" / "big.bin").read_bytes() == big
+        assert (m / "batch" / "small.bin").read_bytes() == small
+        assert _downloads(emulator_process), "the first read comes from the network"
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o700
+    assert kept(disk, big_id) == [0, 1, 2, 3]  # all on disk once unmount returned
+    with mount(emulator_process, tmp_path / "second", "--disk-cache", str(disk)) as m:
+        clear_requests(emulator_process.url, emulator_process.api_key)
+        assert (m / "batch" / "big.bin").read_bytes() == big
+        assert (m / "batch" / "small.bin").read_bytes() == small
+        assert _downloads(emulator_process) == []
+        assert _status(m)["disk_cache"]["hits"] == 5
+
+
+@pytest.mark.fuse
+def test_rm_through_the_mount_drops_the_files_disk_blocks(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    content = os.urandom(2 * MiB)
+    file_id = sdk.files.upload(
+        file={"file_name": "gone.bin", "content": content}, purpose="batch"
+    ).id
+    disk = tmp_path / "disk"
+    with mount(emulator_process, tmp_path, "--disk-cache", str(disk)) as m:
+        assert (m / "batch" / "gone.bin").read_bytes() == content
+        wait_for(lambda: kept(disk, file_id) == [0, 1])
+        (m / "batch" / "gone.bin").unlink()
+        wait_for(lambda: not (disk / file_id).exists())
+
+
+@pytest.mark.fuse
+def test_disk_cache_options_are_checked_and_one_folder_serves_one_mount(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    command, env, mounted = mount_command(emulator_process, tmp_path / "a")
+
+    def refused(*extra: str) -> str:
+        result = subprocess.run([*command, *extra], env=env, capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert not is_mounted(mounted.path)
+        return result.stderr
+
+    disk = tmp_path / "disk"
+    assert "--disk-cache-size needs --disk-cache DIR" in refused("--disk-cache-size", "1G")
+    assert "invalid size 'lots'" in refused("--disk-cache", str(disk), "--disk-cache-size", "lots")
+    assert "at least 2M" in refused("--disk-cache", str(disk), "--disk-cache-size", "1K")
+    inside = str(mounted.path / "cache")
+    assert "is inside the mountpoint" in refused("--disk-cache", inside)
+    (tmp_path / "file").write_text("x")
+    assert "is not a folder" in refused("--disk-cache", str(tmp_path / "file"))
+    assert "is not a folder" in refused("-o", f"disk_cache={tmp_path / 'file'}")
+    options = f"disk_cache={disk},disk_cache_size=64M"
+    with mount(emulator_process, tmp_path / "a", "-o", options) as m:
+        snapshot = _status(m)["disk_cache"]
+        assert snapshot["dir"] == str(disk) and snapshot["max_bytes"] == 64 * MiB
+        second, env2, other = mount_command(emulator_process, tmp_path / "b")
+        started = time.monotonic()
+        result = subprocess.run(
+            [*second, "--disk-cache", str(disk)], env=env2, capture_output=True, text=True
+        )
+        assert result.returncode == 1
+        assert f"the disk cache {disk} is in use by another mistralfs" in result.stderr
+        assert not is_mounted(other.path)
+        assert time.monotonic() - started < 30

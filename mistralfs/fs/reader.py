@@ -4,11 +4,13 @@ Content never changes for a file id, so a block fetched once is good until evict
 Blocks are fetched with HTTP Range from the signed URL (another host, no API key); a
 file no larger than one block is fetched whole from `/content` in a single request.
 Concurrent readers of one block share one request; sequential readers get a prefetch
-window that doubles up to a bound.
+window that doubles up to a bound. With `--disk-cache`, a block missing from memory is
+looked for on disk before the network, and kept there after (disk_cache.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -18,6 +20,7 @@ import trio
 from cachetools import LRUCache, TLRUCache
 
 from mistralfs.api import FilesClient, RemoteFile, SignedUrl, UrlExpired
+from mistralfs.fs.disk_cache import DiskCache, NoDiskCache
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,10 @@ class BlockReader:
         *,
         cache_size: int,
         block_size: int,
+        disk: DiskCache | NoDiskCache | None = None,
     ) -> None:
         self._client = client
+        self._disk = disk or NoDiskCache()
         self._nursery = nursery
         self.block_size = block_size
         self._blocks: LRUCache[BlockKey, bytes] = LRUCache(maxsize=cache_size, getsizeof=len)
@@ -109,6 +114,7 @@ class BlockReader:
     def forget(self, file_id: str) -> None:
         """Drop what is cached for a file that no longer exists."""
         self._urls.pop(file_id, None)
+        self._disk.forget(file_id)
         for key in [k for k in self._blocks if k[0] == file_id]:
             self._blocks.pop(key, None)
 
@@ -170,7 +176,9 @@ class BlockReader:
         key = (remote.id, index)
         fetch = self._inflight[key] = _Fetch()
         try:
-            fetch.data = await self._fetch(remote, index)
+            fetch.data = await self._disk.read_through(
+                remote.id, remote.bytes, index, functools.partial(self._fetch, remote, index)
+            )
             self._blocks[key] = fetch.data
             return fetch.data
         except BaseException as exc:
