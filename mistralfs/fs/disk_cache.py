@@ -197,16 +197,24 @@ class DiskCache:
         return data
 
     def _read_sync(self, path: Path, index: int, length: int) -> bytes | None:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER.size + length + 1)  # one byte more tells a file too long
-        if len(raw) == HEADER.size + length:
-            magic, offset, stored_length, crc = HEADER.unpack_from(raw)
-            data = raw[HEADER.size :]
-            expected = (MAGIC, index * self.block_size, length)
-            if (magic, offset, stored_length) == expected and zlib.crc32(data) == crc:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sound = False
+            head = os.pread(fd, HEADER.size, 0)
+            if len(head) == HEADER.size and os.fstat(fd).st_size == HEADER.size + length:
+                magic, offset, stored_length, crc = HEADER.unpack(head)
+                data = os.pread(fd, length, HEADER.size)  # straight into its own bytes: no copy
+                sound = (
+                    (magic, offset, stored_length) == (MAGIC, index * self.block_size, length)
+                    and len(data) == length
+                    and zlib.crc32(data) == crc
+                )
+            if sound:
                 with contextlib.suppress(OSError):  # recency, for eviction after a restart
-                    os.utime(path)
+                    os.utime(fd)
                 return data
+        finally:
+            os.close(fd)
         log.warning("disk cache: %s is not the block expected (torn, short or damaged); "
                     "removed, reading from the network", path)  # fmt: skip
         _unlink_quietly(path)
