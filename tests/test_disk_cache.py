@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from emulator_admin import clear_requests, requests
 from mistralai.client import Mistral
 from mounting import Mounted, is_mounted, mount, mount_command, wait_for
 
+from mistralfs.daemon import process_alive
 from mistralfs.fs.disk_cache import HEADER, DiskCache, DiskCacheError
 
 BLOCK = 64 * 1024
@@ -168,6 +170,22 @@ async def test_a_second_user_of_the_folder_is_refused_until_the_first_closes(
     (await DiskCache.open(root, 4 * ENTRY, BLOCK)).close()
 
 
+async def test_the_folder_is_made_private_and_one_others_can_write_to_is_refused(
+    tmp_path: Path,
+) -> None:
+    readable = tmp_path / "readable"
+    readable.mkdir(mode=0o755)
+    readable.chmod(0o755)
+    (await DiskCache.open(readable, 4 * ENTRY, BLOCK)).close()
+    assert stat.S_IMODE(readable.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(DiskCacheError, match="can be written by other users"):
+        await DiskCache.open(shared, 4 * ENTRY, BLOCK)
+    assert list(shared.iterdir()) == []
+
+
 async def test_a_forgotten_file_loses_its_blocks_and_a_late_store_does_not_bring_them_back(
     tmp_path: Path,
 ) -> None:
@@ -262,6 +280,29 @@ def test_a_re_read_after_remount_downloads_nothing(
         assert (m / "batch" / "small.bin").read_bytes() == small
         assert _downloads(emulator_process) == []
         assert _status(m)["disk_cache"]["hits"] == 5
+
+
+@pytest.mark.fuse
+def test_after_a_crash_the_next_mount_uses_the_disk_cache(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    content = os.urandom(3 * MiB)
+    upload = {"file_name": "kept.bin", "content": content}
+    file_id = sdk.files.upload(file=upload, purpose="batch").id
+    disk = tmp_path / "disk"
+    with mount(emulator_process, tmp_path / "first", "--disk-cache", str(disk)) as m:
+        assert (m / "batch" / "kept.bin").read_bytes() == content
+        wait_for(lambda: kept(disk, file_id) == [0, 1, 2])
+        pid = m.daemon_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # the kernel drops the lock with the process
+        wait_for(lambda: not process_alive(pid))
+    (disk / file_id / ".1.tmp").write_bytes(b"a write cut short")
+    with mount(emulator_process, tmp_path / "second", "--disk-cache", str(disk)) as m:
+        clear_requests(emulator_process.url, emulator_process.api_key)
+        assert (m / "batch" / "kept.bin").read_bytes() == content
+        assert _downloads(emulator_process) == []
+        assert not (disk / file_id / ".1.tmp").exists()
 
 
 @pytest.mark.fuse

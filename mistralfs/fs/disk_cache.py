@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import stat
 import struct
 import time
 import zlib
@@ -313,13 +314,32 @@ class DiskCache:
     def _open_sync(self) -> None:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.root, 0o700)  # content of the account: for the user who mounted only
+            self._make_private_sync()
             self._lock_sync()
             self._index_sync()
         except OSError as exc:
             self.close()
             reason = exc.strerror or str(exc)
             raise DiskCacheError(f"cannot use {self.root} as a disk cache: {reason}") from exc
+
+    def _make_private_sync(self) -> None:
+        """The account's content is for the user who mounted only.
+
+        A folder others can write to is refused: they could plant links where blocks are
+        written. One others can only read is made 0700.
+        """
+        st = self.root.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise DiskCacheError(f"the disk cache {self.root} is not a folder")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise DiskCacheError(
+                f"the disk cache {self.root} can be written by other users "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): "
+                "use a folder of your own"
+            )
+        if st.st_mode & 0o077:
+            log.info("disk cache %s: mode %04o made 0700", self.root, stat.S_IMODE(st.st_mode))
+            os.chmod(self.root, 0o700)
 
     def _lock_sync(self) -> None:
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
