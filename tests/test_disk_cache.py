@@ -27,7 +27,7 @@ from mistralai.client import Mistral
 from mounting import Mounted, is_mounted, mount, mount_command, wait_for
 
 from mistralfs.daemon import process_alive
-from mistralfs.fs.disk_cache import HEADER, DiskCache, DiskCacheError
+from mistralfs.fs.disk_cache import HEADER, MAX_PENDING_STORES, DiskCache, DiskCacheError
 
 BLOCK = 64 * 1024
 ENTRY = HEADER.size + BLOCK  # bytes one full block takes on disk
@@ -184,6 +184,11 @@ async def test_the_folder_is_made_private_and_one_others_can_write_to_is_refused
     with pytest.raises(DiskCacheError, match="can be written by other users"):
         await DiskCache.open(shared, 4 * ENTRY, BLOCK)
     assert list(shared.iterdir()) == []
+    others = tmp_path / "others"
+    others.mkdir(mode=0o700)
+    os.chown(others, 65534, 65534)  # another user's folder, even a private one
+    with pytest.raises(DiskCacheError, match="owner uid 65534"):
+        await DiskCache.open(others, 4 * ENTRY, BLOCK)
 
 
 async def test_a_forgotten_file_loses_its_blocks_and_a_late_store_does_not_bring_them_back(
@@ -203,6 +208,18 @@ async def test_a_forgotten_file_loses_its_blocks_and_a_late_store_does_not_bring
         assert not (root / FILE_ID).exists()
         assert kept(root, OTHER_ID) == [0]
         assert cache.stats()["blocks"] == 1
+
+
+async def test_blocks_the_disk_has_not_caught_up_with_are_not_kept_rather_than_held(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "disk"
+    origin = Origin({FILE_ID: os.urandom(40 * BLOCK)})
+    async with running(root, max_bytes=64 * ENTRY) as cache:
+        for index in range(40):  # no checkpoint in between: the writer cannot keep up
+            await origin.read(cache, FILE_ID, index)
+        assert cache.stats()["skipped"] == 40 - MAX_PENDING_STORES
+    assert kept(root) == list(range(MAX_PENDING_STORES))
 
 
 async def test_disk_errors_degrade_to_network_reads_with_a_log_line(
@@ -306,19 +323,23 @@ def test_after_a_crash_the_next_mount_uses_the_disk_cache(
 
 
 @pytest.mark.fuse
-def test_rm_through_the_mount_drops_the_files_disk_blocks(
+def test_rm_or_overwrite_through_the_mount_drops_the_files_disk_blocks(
     emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
 ) -> None:
-    content = os.urandom(2 * MiB)
-    file_id = sdk.files.upload(
-        file={"file_name": "gone.bin", "content": content}, purpose="batch"
-    ).id
+    contents = {name: os.urandom(2 * MiB) for name in ("gone.bin", "replaced.bin")}
+    ids = {
+        name: sdk.files.upload(file={"file_name": name, "content": data}, purpose="batch").id
+        for name, data in contents.items()
+    }
     disk = tmp_path / "disk"
     with mount(emulator_process, tmp_path, "--disk-cache", str(disk)) as m:
-        assert (m / "batch" / "gone.bin").read_bytes() == content
-        wait_for(lambda: kept(disk, file_id) == [0, 1])
+        for name, data in contents.items():
+            assert (m / "batch" / name).read_bytes() == data
+            wait_for(lambda name=name: kept(disk, ids[name]) == [0, 1])
         (m / "batch" / "gone.bin").unlink()
-        wait_for(lambda: not (disk / file_id).exists())
+        (m / "batch" / "replaced.bin").write_bytes(b"new content")  # new upload, old deleted
+        wait_for(lambda: not (disk / ids["gone.bin"]).exists())
+        wait_for(lambda: not (disk / ids["replaced.bin"]).exists())
 
 
 @pytest.mark.fuse
@@ -346,6 +367,11 @@ def test_disk_cache_options_are_checked_and_one_folder_serves_one_mount(
     with mount(emulator_process, tmp_path / "a", "-o", options) as m:
         snapshot = _status(m)["disk_cache"]
         assert snapshot["dir"] == str(disk) and snapshot["max_bytes"] == 64 * MiB
+        shown = subprocess.run(
+            [sys.executable, "-m", "mistralfs", "status", str(m.path)],
+            env=env, capture_output=True, text=True, timeout=60,
+        ).stdout  # fmt: skip
+        assert f"disk cache 0.0 MiB of 64.0 MiB, 0 hits, 0 misses, 0 errors · {disk}" in shown
         second, env2, other = mount_command(emulator_process, tmp_path / "b")
         started = time.monotonic()
         result = subprocess.run(
