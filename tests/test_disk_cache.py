@@ -43,13 +43,14 @@ class Origin:
         self.fetched: list[tuple[str, int]] = []
 
     async def read(self, cache: DiskCache, file_id: str, index: int) -> bytes:
+        """What the reader does: the disk first, else the network, kept for next time."""
         content = self.contents[file_id]
-
-        async def fetch() -> bytes:
+        blocks = await cache.load(file_id, len(content), index, 1)
+        if blocks is None:
             self.fetched.append((file_id, index))
-            return content[index * BLOCK : (index + 1) * BLOCK]
-
-        return await cache.read_through(file_id, len(content), index, fetch)
+            blocks = [content[index * BLOCK : (index + 1) * BLOCK]]
+            cache.store(file_id, len(content), index, blocks)
+        return blocks[0]
 
     async def read_all(self, cache: DiskCache, file_id: str) -> bytes:
         blocks = (len(self.contents[file_id]) + BLOCK - 1) // BLOCK
@@ -92,6 +93,24 @@ async def test_blocks_read_once_are_served_from_disk_after_a_restart(tmp_path: P
         assert await origin.read_all(cache, FILE_ID) == origin.contents[FILE_ID]
         assert cache.stats()["hits"] == 4
     assert origin.fetched == []
+
+
+async def test_a_run_is_served_only_when_every_block_of_it_is_kept(tmp_path: Path) -> None:
+    root = tmp_path / "disk"
+    content = os.urandom(4 * BLOCK)
+    blocks = [content[i * BLOCK : (i + 1) * BLOCK] for i in range(4)]
+    async with running(root) as cache:
+        cache.store(FILE_ID, len(content), 0, blocks[:2])  # a run of two, as the reader has it
+        cache.store(FILE_ID, len(content), 3, blocks[3:])
+        await cache.flush()
+        assert await cache.load(FILE_ID, len(content), 0, 2) == blocks[:2]
+        assert await cache.load(FILE_ID, len(content), 1, 3) is None  # block 2 is missing
+        assert kept(root) == [0, 1, 3]
+        assert cache.stats()["blocks"] == 3  # a run not served loses none of its blocks
+        assert await cache.load(FILE_ID, len(content), 3, 1) == blocks[3:]
+        (root / FILE_ID / "0").unlink()  # gone behind its back: found only when read
+        assert await cache.load(FILE_ID, len(content), 0, 2) is None
+        assert cache.stats()["blocks"] == 2  # block 0 is forgotten, block 1 still kept
 
 
 async def test_the_size_bound_evicts_the_least_recently_used_block_across_restarts(

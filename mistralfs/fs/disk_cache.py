@@ -44,7 +44,6 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # anything else is no
 _BLOCK_NAME = re.compile(r"[0-9]{1,10}")
 
 BlockKey = tuple[str, int]
-Fetch = Callable[[], Awaitable[bytes]]
 
 
 class DiskCacheError(Exception):
@@ -54,8 +53,11 @@ class DiskCacheError(Exception):
 class NoDiskCache:
     """The tier when no `--disk-cache` is given: every block comes from the network."""
 
-    async def read_through(self, file_id: str, file_size: int, index: int, fetch: Fetch) -> bytes:
-        return await fetch()
+    async def load(self, file_id: str, file_size: int, first: int, count: int) -> None:
+        return None
+
+    def store(self, file_id: str, file_size: int, first: int, blocks: list[bytes]) -> None:
+        """Nothing is kept."""
 
     def forget(self, file_id: str) -> None:
         """Nothing is kept, so there is nothing to drop."""
@@ -110,22 +112,44 @@ class DiskCache:
 
     # -- what the reader calls ------------------------------------------------------
 
-    async def read_through(self, file_id: str, file_size: int, index: int, fetch: Fetch) -> bytes:
-        """The block from disk when it is kept and sound; else `fetch()`, kept for next time."""
+    async def load(
+        self, file_id: str, file_size: int, first: int, count: int
+    ) -> list[bytes] | None:
+        """Blocks `first` to `first + count - 1`, when every one of them is kept and sound.
+
+        All or nothing, as the reader fetches a run in one request either way; one thread
+        hop for the whole run.
+        """
+        keys = [(file_id, index) for index in range(first, first + count)]
+        if not _SAFE_ID.fullmatch(file_id) or any(key not in self._index for key in keys):
+            self.misses += count
+            return None
+        lengths = [self._length(file_size, index) for index in range(first, first + count)]
+        found = await trio.to_thread.run_sync(self._read_run_sync, keys, lengths)
+        blocks = []
+        for key, result in zip(keys, found, strict=False):  # `found` stops at a bad one
+            if isinstance(result, bytes):
+                blocks.append(result)
+                if key in self._index:
+                    self._index.move_to_end(key)
+                continue
+            if not isinstance(result, FileNotFoundError | None):  # else removed behind our back
+                self._complain("reading a block", result)
+            if key in self._index:
+                self._bytes -= self._index.pop(key)
+        if len(blocks) < count:
+            self.misses += count
+            return None
+        self.hits += count
+        return blocks
+
+    def store(self, file_id: str, file_size: int, first: int, blocks: list[bytes]) -> None:
+        """Keep blocks fetched from the network, written in the background, in order."""
         if not _SAFE_ID.fullmatch(file_id):
-            return await fetch()
-        key = (file_id, index)
-        length = min(self.block_size, file_size - index * self.block_size)
-        if key in self._index:
-            data = await self._load(key, length)
-            if data is not None:
-                self.hits += 1
-                return data
-        self.misses += 1
-        data = await fetch()
-        if len(data) == length:
-            self._queue_store(key, data)
-        return data
+            return
+        for index, data in enumerate(blocks, start=first):
+            if len(data) == self._length(file_size, index):
+                self._queue_store((file_id, index), data)
 
     def forget(self, file_id: str) -> None:
         """The file is gone: its blocks are no longer served, and are deleted in order."""
@@ -181,21 +205,20 @@ class DiskCache:
 
     # -- reading --------------------------------------------------------------------
 
-    async def _load(self, key: BlockKey, length: int) -> bytes | None:
-        path = self._path(key)
-        try:
-            data = await trio.to_thread.run_sync(self._read_sync, path, key[1], length)
-        except FileNotFoundError:
-            data = None  # removed behind our back; the network has it
-        except OSError as exc:
-            self._complain("reading a block", exc)
-            data = None
-        if key in self._index:
-            if data is None:
-                self._bytes -= self._index.pop(key)
-            else:
-                self._index.move_to_end(key)
-        return data
+    def _read_run_sync(
+        self, keys: list[BlockKey], lengths: list[int]
+    ) -> list[bytes | OSError | None]:
+        """Each block, or None when it is not sound, or the error reading it; stops after
+        the first that is not there, since the run then comes from the network anyway."""
+        found: list[bytes | OSError | None] = []
+        for key, length in zip(keys, lengths, strict=True):
+            try:
+                found.append(self._read_sync(self._path(key), key[1], length))
+            except OSError as exc:
+                found.append(exc)
+            if not isinstance(found[-1], bytes):
+                break
+        return found
 
     def _read_sync(self, path: Path, index: int, length: int) -> bytes | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -374,6 +397,9 @@ class DiskCache:
             self._bytes += size
         for victim in self._make_room(0):  # the size may have been lowered since
             self._remove_block_sync(victim)
+
+    def _length(self, file_size: int, index: int) -> int:
+        return min(self.block_size, file_size - index * self.block_size)
 
     def _path(self, key: BlockKey) -> Path:
         return self.root / key[0] / str(key[1])

@@ -10,7 +10,6 @@ looked for on disk before the network, and kept there after (disk_cache.py).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -176,9 +175,11 @@ class BlockReader:
         key = (remote.id, index)
         fetch = self._inflight[key] = _Fetch()
         try:
-            fetch.data = await self._disk.read_through(
-                remote.id, remote.bytes, index, functools.partial(self._fetch, remote, index)
-            )
+            blocks = await self._disk.load(remote.id, remote.bytes, index, 1)
+            if blocks is None:
+                blocks = [await self._fetch(remote, index)]
+                self._disk.store(remote.id, remote.bytes, index, blocks)
+            fetch.data = blocks[0]
             self._blocks[key] = fetch.data
             return fetch.data
         except BaseException as exc:
