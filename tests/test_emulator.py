@@ -283,8 +283,9 @@ async def test_non_uuid_id_is_422(client: httpx.AsyncClient, suffix: str) -> Non
     assert r.json()["detail"][0]["type"] == "uuid_parsing"
 
 
-async def test_download_streams_octet_stream(client: httpx.AsyncClient) -> None:
-    content = os.urandom(700_000)
+@pytest.mark.parametrize("size", [0, 2048, 256 * 1024, 700_000])  # read at once, or streamed
+async def test_download_streams_octet_stream(client: httpx.AsyncClient, size: int) -> None:
+    content = os.urandom(size)
     f = await uploaded(client, "noise.bin", content, "batch")
     r = await client.get(f"/v1/files/{f['id']}/content")
     assert r.status_code == 200

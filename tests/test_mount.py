@@ -62,6 +62,13 @@ def test_50_mb_random_file_round_trips(
     assert remote.size_bytes == 50 * MiB
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may change a mount's readahead")
+def test_kernel_readahead_is_raised_to_one_block(mounted: Mounted) -> None:
+    device = os.stat(mounted.path).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    assert int(knob.read_text()) == 1024  # the kernel default is 128
+
+
 def test_copy_in_is_in_the_account_with_its_purpose_and_size(
     mounted: Mounted, tmp_path: Path, sdk: Mistral
 ) -> None:

@@ -51,6 +51,7 @@ from mistralfs.api.retry import (
     parse_retry_after,
     run_with_retries,
 )
+from mistralfs.api.transport import large_read_transport
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ class FilesClient:
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             headers={"User-Agent": user_agent},
             follow_redirects=False,
-            transport=transport,
+            transport=transport or large_read_transport(),
         )
 
     @property
@@ -900,18 +901,18 @@ class FilesClient:
                     method="GET",
                     url=url,
                 )
-            buf = bytearray()
+            # A 206 is read to its end, so that the connection goes back to the pool; a
+            # 200 (the whole file) is dropped as soon as the range is in.
+            wanted = skip + length
+            chunks: list[bytes] = []
+            got = 0
             async for chunk in response.aiter_bytes():
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        continue
-                    chunk = chunk[skip:]
-                    skip = 0
-                buf += chunk
-                if len(buf) >= length:
+                chunks.append(chunk)
+                got += len(chunk)
+                if got >= wanted and (response.status_code == 200 or got > wanted):
                     break
-            return bytes(buf[:length])
+            data = b"".join(chunks)  # one copy; none at all for a single chunk
+            return data[skip:wanted] if skip or got > wanted else data
 
         try:
             return await self._call(

@@ -297,17 +297,23 @@ async def download_file(request: Request) -> Response:
     """GET /v1/files/{id}/content: the whole blob, streamed from disk."""
     storage, _ = _state(request)
     record = _record(storage, _file_id(request))
+    headers = {
+        "Content-Length": str(record.bytes),
+        "Content-Disposition": f"attachment; filename*=UTF-8''{quote(record.filename)}",
+    }
     try:
+        if record.bytes <= STREAM_CHUNK:
+            # A small blob is read at once: worker-thread round trips would cost more.
+            with open(storage.blob_path(record.id), "rb") as f:  # noqa: ASYNC230
+                body = f.read(record.bytes)
+            return Response(body, media_type="application/octet-stream", headers=headers)
         blob = await trio.open_file(storage.blob_path(record.id), "rb")
     except FileNotFoundError:
         raise HTTPException(404, "File not found") from None
     return StreamingResponse(
         _blob_stream(blob, 0, record.bytes),
         media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(record.bytes),
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(record.filename)}",
-        },
+        headers=headers,
     )
 
 

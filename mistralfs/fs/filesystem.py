@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from mistralfs.api import ApiError, FilesClient, NotFound
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Root
+from mistralfs.fs.readahead import FolderReadahead
 from mistralfs.fs.reader import BlockReader, ReadState
 from mistralfs.fs.writer import Spool, Writer
 
@@ -60,6 +61,7 @@ class Filesystem:
         self._client = client
         self.namespace = namespace
         self._reader = reader
+        self._readahead = FolderReadahead(reader)
         self._writer = writer
         self.read_only = read_only
         self._handles: dict[int, Handle] = {}
@@ -134,6 +136,7 @@ class Filesystem:
         first read needs anyway.
         """
         assert node.remote is not None
+        self._readahead.opening(node)
         try:
             await self._reader.prepare(node.remote)
         except ApiError as exc:
@@ -149,7 +152,7 @@ class Filesystem:
         spool = self._writer.create(parent, name)
         return self._new_handle(Handle(node=spool.node, spool=spool)), spool.node
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self._handle(fh)
         if handle.spool is not None:
             return self._writer.read(handle.spool, offset, size)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 STARTUP_CHECK_SECONDS = 12.0
 STATUS_INTERVAL = 1.0
 DISK_FLUSH_SECONDS = 10.0  # at a clean stop, how long blocks queued for the disk cache may take
+READAHEAD_KIB = 1024  # the largest request FUSE sends (256 pages)
 STARTUP_RETRY = RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=2.0, total_budget=8.0)
 
 
@@ -147,6 +148,21 @@ async def open_disk_cache(config: MountConfig) -> DiskCache | NoDiskCache:
         raise MountError(str(exc)) from exc
 
 
+def _raise_readahead(device: int, kib: int) -> None:
+    """Let the kernel read ahead `kib` KiB on this mount instead of its default 128.
+
+    FUSE reads then come as 1 MiB requests instead of 128 KiB ones: eight times fewer
+    trips through Python for a sequential read. Only root may change it; anyone else
+    keeps the default, which works, just with more requests.
+    """
+    path = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    try:
+        if int(path.read_text()) < kib:
+            path.write_text(str(kib))
+    except (OSError, ValueError) as exc:
+        log.debug("kernel readahead left as it is (%s): %s", path, exc)
+
+
 async def _serve_status(path: Path, snapshot: Callable[[], dict[str, object]]) -> None:
     """The status channel is a convenience: without it the mount still serves."""
     try:
@@ -159,7 +175,8 @@ async def _announce_when_answering(
     config: MountConfig, activity: Activity, on_ready: Callable[[], None]
 ) -> None:
     """Report ready only once the mountpoint answers, then keep systemd's STATUS current."""
-    await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    device = (await trio.to_thread.run_sync(os.stat, config.mountpoint)).st_dev
+    _raise_readahead(device, READAHEAD_KIB)
     log.info("mounted %s at %s", config.server_url, config.mountpoint)
     on_ready()
     status = activity.summary()

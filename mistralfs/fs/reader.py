@@ -4,8 +4,10 @@ Content never changes for a file id, so a block fetched once is good until evict
 Blocks are fetched with HTTP Range from the signed URL (another host, no API key); a
 file no larger than one block is fetched whole from `/content` in a single request.
 Concurrent readers of one block share one request; sequential readers get a prefetch
-window that doubles up to a bound. With `--disk-cache`, a block missing from memory is
-looked for on disk before the network, and kept there after (disk_cache.py).
+window that doubles up to a bound, fetched as runs of several blocks per request
+(per-request cost, not bandwidth, is what limits a Python client on a fast link). With
+`--disk-cache`, a run missing from memory is looked for on disk before the network, and
+kept there after (disk_cache.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -25,7 +28,9 @@ log = logging.getLogger(__name__)
 
 SIGNED_URL_HOURS = 1
 SIGNED_URL_MARGIN = 300.0  # seconds before expiry at which a cached URL is no longer used
-MAX_PREFETCH_BLOCKS = 8
+MAX_PREFETCH_BLOCKS = 8  # per open file
+RUN_BLOCKS = 4  # blocks fetched by one request when prefetching
+MAX_WHOLE_FILES_AHEAD = 8  # small files fetched ahead at once, across the mount
 
 BlockKey = tuple[str, int]
 
@@ -71,22 +76,27 @@ class BlockReader:
             timer=time.time,
         )
         self._max_prefetch = max(1, min(MAX_PREFETCH_BLOCKS, cache_size // (4 * block_size)))
+        # Small files fetched ahead (see readahead.py): a bounded number at a time.
+        self._whole_files_limit = trio.CapacityLimiter(MAX_WHOLE_FILES_AHEAD)
         self.hits = 0
         self.misses = 0
         self._prefetching = 0
 
-    async def read(self, remote: RemoteFile, offset: int, size: int, state: ReadState) -> bytes:
+    async def read(
+        self, remote: RemoteFile, offset: int, size: int, state: ReadState
+    ) -> bytes | memoryview:
         end = min(offset + size, remote.bytes)
         if offset >= end:
             return b""
         first, last = offset // self.block_size, (end - 1) // self.block_size
+        self._schedule(remote, first, last, self._ahead(offset, end, state))
         parts = []
         for index in range(first, last + 1):
             block = await self._block(remote, index)
             start = index * self.block_size
-            parts.append(block[max(offset - start, 0) : end - start])
-        self._maybe_prefetch(remote, offset, end, state)
-        return b"".join(parts)
+            # A view, not a copy: pyfuse3 takes any buffer.
+            parts.append(memoryview(block)[max(offset - start, 0) : end - start])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def copy_into(self, remote: RemoteFile, fd: int) -> None:
         """Write the whole content to `fd`, one block at a time, for copy-on-write."""
@@ -110,6 +120,20 @@ class BlockReader:
             self._urls[file_id] = url
         return url
 
+    def prefetch_whole(self, remote: RemoteFile) -> bool:
+        """Start fetching a small file (at most one block) in the background; False when
+        it is not small, or already cached or on its way."""
+        key = (remote.id, 0)
+        if not 0 < remote.bytes <= self.block_size or key in self._blocks or key in self._inflight:
+            return False
+        fetches = self._register(remote.id, 0, 1)
+        self._nursery.start_soon(self._fetch_whole_in_background, remote, fetches)
+        return True
+
+    async def _fetch_whole_in_background(self, remote: RemoteFile, fetches: list[_Fetch]) -> None:
+        async with self._whole_files_limit:
+            await self._fetch_in_background(remote, 0, fetches)
+
     def forget(self, file_id: str) -> None:
         """Drop what is cached for a file that no longer exists."""
         self._urls.pop(file_id, None)
@@ -117,28 +141,55 @@ class BlockReader:
         for key in [k for k in self._blocks if k[0] == file_id]:
             self._blocks.pop(key, None)
 
-    def _maybe_prefetch(self, remote: RemoteFile, offset: int, end: int, state: ReadState) -> None:
-        if offset != state.next_offset:
-            state.window = 1  # random access: no prefetch until reads are sequential again
-            state.next_offset = end
-            return
-        state.next_offset = end
-        last_block = (remote.bytes - 1) // self.block_size
-        first = (end - 1) // self.block_size + 1
-        for index in range(first, min(first + state.window, last_block + 1)):
-            key = (remote.id, index)
-            if key not in self._blocks and key not in self._inflight:
-                self._nursery.start_soon(self._prefetch, remote, index)
-        state.window = min(state.window * 2, self._max_prefetch)
+    def _ahead(self, offset: int, end: int, state: ReadState) -> int:
+        """How many blocks past this read to prefetch; the window grows while reads are
+        sequential and closes on a seek.
 
-    async def _prefetch(self, remote: RemoteFile, index: int) -> None:
-        self._prefetching += 1
+        The kernel's readahead sends several reads at once and they may arrive out of
+        order, so "sequential" means near where the reads have got to, not exactly there.
+        """
+        if abs(offset - state.next_offset) <= state.window * self.block_size:
+            state.next_offset = max(state.next_offset, end)
+            ahead = state.window
+            state.window = min(state.window * 2, self._max_prefetch)
+            return ahead
+        state.next_offset = end
+        state.window = 1
+        return 0
+
+    def _schedule(self, remote: RemoteFile, first: int, last: int, ahead: int) -> None:
+        """Start fetching the missing blocks of a read, and `ahead` blocks past it.
+
+        The read's own blocks are fetched one per request, so that it waits for no
+        more than it needs; the blocks ahead go in runs of several per request.
+        """
+        last_block = (remote.bytes - 1) // self.block_size
+        wanted = [
+            index
+            for index in range(first, min(last + ahead, last_block) + 1)
+            if (remote.id, index) not in self._blocks and (remote.id, index) not in self._inflight
+        ]
+        now = [(index, 1) for index in wanted if index <= last]
+        self.misses += len(now)
+        ahead_missing = [index for index in wanted if index > last]
+        if len(ahead_missing) < RUN_BLOCKS and (last + 1) not in ahead_missing:
+            ahead_missing = []  # refill in whole runs, not one block per read
+        later = _runs(ahead_missing, RUN_BLOCKS)
+        for run_first, count in [*now, *later]:
+            # Registered now, not when the task starts, so that no other read fetches them.
+            fetches = self._register(remote.id, run_first, count)
+            self._nursery.start_soon(self._fetch_in_background, remote, run_first, fetches)
+
+    async def _fetch_in_background(
+        self, remote: RemoteFile, first: int, fetches: list[_Fetch]
+    ) -> None:
+        self._prefetching += len(fetches)
         try:
-            await self._block(remote, index)
+            await self._fetch_run(remote, first, fetches)
         except Exception as exc:  # a reader that needs the block will see the error itself
-            log.debug("prefetch of %s block %d failed: %s", remote.id, index, exc)
+            log.debug("fetch of %s blocks %d+%d failed: %s", remote.id, first, len(fetches), exc)
         finally:
-            self._prefetching -= 1
+            self._prefetching -= len(fetches)
 
     def stats(self) -> dict[str, object]:
         looked_up = self.hits + self.misses
@@ -172,29 +223,44 @@ class BlockReader:
             # The fetching task was cancelled: try again as the fetcher.
 
     async def _fetch_shared(self, remote: RemoteFile, index: int) -> bytes:
-        key = (remote.id, index)
-        fetch = self._inflight[key] = _Fetch()
+        return (await self._fetch_run(remote, index, self._register(remote.id, index, 1)))[0]
+
+    def _register(self, file_id: str, first: int, count: int) -> list[_Fetch]:
+        fetches = [_Fetch() for _ in range(count)]
+        for index, fetch in enumerate(fetches, start=first):
+            self._inflight[(file_id, index)] = fetch
+        return fetches
+
+    async def _fetch_run(
+        self, remote: RemoteFile, first: int, fetches: list[_Fetch]
+    ) -> list[bytes]:
+        """The registered blocks from `first` on, in one request; each shared with its waiters."""
+        keys = [(remote.id, index) for index in range(first, first + len(fetches))]
         try:
-            blocks = await self._disk.load(remote.id, remote.bytes, index, 1)
+            blocks = await self._disk.load(remote.id, remote.bytes, first, len(fetches))
             if blocks is None:
-                blocks = [await self._fetch(remote, index)]
-                self._disk.store(remote.id, remote.bytes, index, blocks)
-            fetch.data = blocks[0]
-            self._blocks[key] = fetch.data
-            return fetch.data
+                data = await self._fetch(remote, first, len(fetches))
+                blocks = [data] if len(fetches) == 1 else _split(data, self.block_size)
+                self._disk.store(remote.id, remote.bytes, first, blocks)
+            for key, fetch, block in zip(keys, fetches, blocks, strict=True):
+                self._blocks[key] = fetch.data = block
+            return blocks
         except BaseException as exc:
-            fetch.error = exc
+            for fetch in fetches:
+                fetch.error = exc
             raise
         finally:
-            del self._inflight[key]
-            fetch.done.set()
+            for key, fetch in zip(keys, fetches, strict=True):
+                if self._inflight.get(key) is fetch:
+                    del self._inflight[key]
+                fetch.done.set()
 
-    async def _fetch(self, remote: RemoteFile, index: int) -> bytes:
+    async def _fetch(self, remote: RemoteFile, first: int, count: int) -> bytes:
         if remote.bytes <= self.block_size:
             # One block in all: one request to /content beats a signed URL and a GET.
             return await self._client.content(remote.id, remote.bytes)
-        start = index * self.block_size
-        length = min(self.block_size, remote.bytes - start)
+        start = first * self.block_size
+        length = min(count * self.block_size, remote.bytes - start)
         url = await self.signed_url(remote.id)
         try:
             data = await self._client.read_range(url.url, start, length)
@@ -206,6 +272,24 @@ class BlockReader:
         if len(data) != length:
             raise ShortRead(remote.id, start, length, len(data))
         return data
+
+
+def _runs(indexes: list[int], longest: int) -> Iterator[tuple[int, int]]:
+    """Consecutive indexes grouped as (first, count), no run longer than `longest`."""
+    run_first, count = None, 0
+    for index in indexes:
+        if run_first is not None and index == run_first + count and count < longest:
+            count += 1
+            continue
+        if run_first is not None:
+            yield run_first, count
+        run_first, count = index, 1
+    if run_first is not None:
+        yield run_first, count
+
+
+def _split(data: bytes, block_size: int) -> list[bytes]:
+    return [data[at : at + block_size] for at in range(0, len(data), block_size)]
 
 
 class ShortRead(Exception):
