@@ -117,17 +117,27 @@ class DiskCache:
     ) -> list[bytes] | None:
         """Blocks `first` to `first + count - 1`, when every one of them is kept and sound.
 
-        All or nothing, as the reader fetches a run in one request either way; one thread
-        hop for the whole run.
+        All or nothing, as the reader fetches a run in one request either way. The blocks
+        are read in worker threads at once rather than one after another.
         """
         keys = [(file_id, index) for index in range(first, first + count)]
         if not _SAFE_ID.fullmatch(file_id) or any(key not in self._index for key in keys):
             self.misses += count
             return None
-        lengths = [self._length(file_size, index) for index in range(first, first + count)]
-        found = await trio.to_thread.run_sync(self._read_run_sync, keys, lengths)
+        found: list[bytes | OSError | None] = [None] * count
+
+        async def read_one(at: int, key: BlockKey) -> None:
+            length = self._length(file_size, key[1])
+            try:
+                found[at] = await trio.to_thread.run_sync(self._read_sync, key, length)
+            except OSError as exc:
+                found[at] = exc
+
+        async with trio.open_nursery() as nursery:
+            for at, key in enumerate(keys):
+                nursery.start_soon(read_one, at, key)
         blocks = []
-        for key, result in zip(keys, found, strict=False):  # `found` stops at a bad one
+        for key, result in zip(keys, found, strict=True):
             if isinstance(result, bytes):
                 blocks.append(result)
                 if key in self._index:
@@ -205,22 +215,9 @@ class DiskCache:
 
     # -- reading --------------------------------------------------------------------
 
-    def _read_run_sync(
-        self, keys: list[BlockKey], lengths: list[int]
-    ) -> list[bytes | OSError | None]:
-        """Each block, or None when it is not sound, or the error reading it; stops after
-        the first that is not there, since the run then comes from the network anyway."""
-        found: list[bytes | OSError | None] = []
-        for key, length in zip(keys, lengths, strict=True):
-            try:
-                found.append(self._read_sync(self._path(key), key[1], length))
-            except OSError as exc:
-                found.append(exc)
-            if not isinstance(found[-1], bytes):
-                break
-        return found
-
-    def _read_sync(self, path: Path, index: int, length: int) -> bytes | None:
+    def _read_sync(self, key: BlockKey, length: int) -> bytes | None:
+        """The block if it is sound; else None, and the file is removed."""
+        path = self._path(key)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             sound = False
@@ -229,7 +226,7 @@ class DiskCache:
                 magic, offset, stored_length, crc = HEADER.unpack(head)
                 data = os.pread(fd, length, HEADER.size)  # straight into its own bytes: no copy
                 sound = (
-                    (magic, offset, stored_length) == (MAGIC, index * self.block_size, length)
+                    (magic, offset, stored_length) == (MAGIC, key[1] * self.block_size, length)
                     and len(data) == length
                     and zlib.crc32(data) == crc
                 )
