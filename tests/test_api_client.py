@@ -593,6 +593,14 @@ async def test_list_all_fetches_pages_concurrently_once_each(
     assert elapsed < 1.6, elapsed  # page 0, then 12 pages in two waves of <= 8
 
 
+async def test_list_all_of_one_full_page_is_one_request(client: FilesClient, admin: Admin) -> None:
+    for i in range(5):
+        await admin.batch_output(f'{{"i": {i}}}\n'.encode(), "batch_result")
+    await admin.clear_requests()
+    assert len(await client.list_all(page_size=5)) == 5
+    assert len([r for r in await admin.requests() if r["path"] == "/v1/files"]) == 1
+
+
 async def test_list_all_without_total_walks_until_short_page(
     client: FilesClient, admin: Admin
 ) -> None:

@@ -23,7 +23,7 @@ from conftest import API_KEY as API_KEY_FOR_TESTS
 from conftest import RunningEmulator, emulator_config, start_emulator
 
 from mistralfs.emulator import signing
-from mistralfs.emulator.storage import Storage
+from mistralfs.emulator.storage import ListQuery, Storage
 
 PDF = b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
@@ -727,6 +727,22 @@ async def test_batch_output_python_api(tmp_path: pathlib.Path) -> None:
             assert r.json()["data"] == [record.to_api()]
             assert r.json()["data"][0]["sample_type"] == "batch_result"
         nursery.cancel_scope.cancel()
+
+
+def test_purpose_pages_are_newest_first_each_file_once(tmp_path: pathlib.Path) -> None:
+    """A listing filtered by purpose (its own index) pages in the unfiltered order."""
+    storage = Storage(tmp_path / "emu")
+    for i, created in enumerate([5, 3, 5, 1, 3, 5, 2, 4]):
+        purpose = "a" if i % 3 else "b"
+        storage.add_file(
+            b"x", filename=f"{i}", purpose=purpose, sample_type="x", created_at=created
+        )
+    everything, _ = storage.list(ListQuery(page_size=100))
+    expected = [r.id for r in everything if r.purpose == "a"]
+    pages = [storage.list(ListQuery(page=page, page_size=2, purpose="a")) for page in range(4)]
+    storage.close()
+    assert [r.id for records, _ in pages for r in records] == expected
+    assert {total for _, total in pages} == {len(expected)}
 
 
 # --- faults ---------------------------------------------------------------------------------

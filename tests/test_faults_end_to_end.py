@@ -74,12 +74,14 @@ def test_one_hundred_files_through_twenty_percent_faults(
 def test_a_signed_url_refused_mid_read_is_replaced(
     emulator_process: RunningEmulator, tmp_path: Path
 ) -> None:
-    data = random.Random(1).randbytes(3 * 1024 * 1024)
+    # Long enough that most of it is fetched after the first read (prefetch and the
+    # kernel's readahead stay within a few blocks).
+    data = random.Random(1).randbytes(12 * 1024 * 1024)
     with mount(emulator_process, tmp_path) as m:
         (m / "batch" / "long.bin").write_bytes(data)
     with mount(emulator_process, tmp_path / "fresh", "--cache-size", "1M") as m:
         with open(m / "batch" / "long.bin", "rb") as f:
-            first = f.read(1024 * 1024)
+            first = f.read(4096)
             set_faults(
                 emulator_process.url,
                 emulator_process.api_key,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -107,6 +108,24 @@ def test_batch_outputs_are_listed(mounted: Mounted, emulator_process: RunningEmu
     assert path.read_bytes() == body
     assert os.getxattr(path, "user.mistral.source") == b"mistral"
     assert os.getxattr(path, "user.mistral.sample_type") == b"batch_result"
+
+
+def test_ls_l_asks_for_security_labels_and_acls_once(
+    mounted: Mounted, sdk: Mistral, tmp_path: Path
+) -> None:
+    """`ls -l` asks for every file's SELinux label and ACL unless told they are unsupported."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    for i in range(20):
+        sdk.files.upload(file={"file_name": f"f{i}.jsonl", "content": b"{}\n"}, purpose="batch")
+    wait_for(lambda: len(os.listdir(mounted / "batch")) == 20, timeout=5)
+    trace = tmp_path / "ls.trace"
+    command = ["strace", "-o", str(trace), "-e", "trace=getxattr,lgetxattr", "ls", "-l"]
+    subprocess.run([*command, str(mounted / "batch")], check=True, capture_output=True)
+    calls = [line for line in trace.read_text().splitlines() if "xattr(" in line]
+    assert 0 < len(calls) < 20, calls
+    assert all("EOPNOTSUPP" in line for line in calls), calls
+    assert os.getxattr(mounted / "batch" / "f0.jsonl", "user.mistral.purpose") == b"batch"
 
 
 def test_rm_deletes_remotely(mounted: Mounted, sdk: Mistral) -> None:
@@ -354,6 +373,7 @@ def test_ls_l_and_probes_on_a_listed_folder_make_no_api_call(
         sdk.files.upload(file={"file_name": f"f{i}.jsonl", "content": b"{}\n"}, purpose="batch")
     with mount(emulator_process, tmp_path, "--dir-cache-time", "60") as m:
         assert len(os.listdir(m / "batch")) == 30
+        assert "batch" in os.listdir(m.path)  # the root's listing answers probes of the root
         clear_requests(emulator_process.url, emulator_process.api_key)
         result = subprocess.run(["ls", "-la", str(m / "batch")], capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout.count(".jsonl") == 30

@@ -6,6 +6,7 @@ made or not made) more precisely and faster than a real mount can.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -114,6 +115,18 @@ async def stack(emulator: RunningEmulator, tmp_path: Path) -> AsyncIterator[Stac
         nursery.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def stack_caching_for(
+    emulator: RunningEmulator, cache_dir: Path, dir_cache_time: float
+) -> AsyncIterator[Stack]:
+    """A stack whose listings are trusted for `dir_cache_time` seconds."""
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, cache_dir, dir_cache_time=dir_cache_time)
+        yield stack
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def upload(stack: Stack, name: str, data: bytes, purpose: str = "batch") -> str:
     """Upload as another client would, with the filename sent byte for byte.
 
@@ -158,6 +171,68 @@ async def test_other_purposes_get_a_folder_only_while_they_hold_files(stack: Sta
     await upload(stack, "voice.mp3", b"ID3" + b"\0" * 100, purpose="audio")
     assert "audio" in [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
     assert await stack.names("audio") == ["voice.mp3"]
+
+
+async def test_a_folder_is_listed_by_its_purpose_alone(stack: Stack) -> None:
+    await upload(stack, "a.txt", b"a")
+    await upload(stack, "b.jsonl", b"{}\n", purpose="fine-tune")
+    await upload(stack, "voice.mp3", b"ID3", purpose="audio")
+    await stack.clear_requests()
+    assert await stack.names("batch") == ["a.txt"]
+    [listing] = await stack.api_requests()  # one page: a thousand files per request
+    assert (listing["path"], listing["query"]) == (
+        "/v1/files",
+        "page=0&page_size=1000&include_total=true&purpose=batch",
+    )
+    [(_, a)] = await stack.ops.fs.list_dir(await stack.folder("batch"))
+    assert await stack.names("fine-tune") == ["b.jsonl"]
+    assert a.attached  # the listing of one folder leaves the others alone
+    # Another purpose's folder is found by its name without listing the whole account,
+    # and that one listing is also the one its `ls` needs.
+    await stack.clear_requests()
+    assert await stack.names("audio") == ["voice.mp3"]
+    assert [r["query"] for r in await stack.api_requests()] == [
+        "page=0&page_size=1000&include_total=true&purpose=audio"
+    ]
+    # The root lists the whole account, to find every purpose that holds files.
+    await stack.clear_requests()
+    assert "audio" in [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
+    assert [r["query"] for r in await stack.api_requests()] == [
+        "page=0&page_size=1000&include_total=true"
+    ]
+
+
+async def test_an_emptied_purpose_folder_goes(emulator: RunningEmulator, tmp_path: Path) -> None:
+    async with stack_caching_for(emulator, tmp_path / "c", 0.3) as stack:
+        file_id = await upload(stack, "voice.mp3", b"ID3", purpose="audio")
+        assert "audio" in [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
+        await stack.client.delete(file_id)
+        await trio.sleep(0.35)
+        await expect_errno(errno.ENOENT, stack.ops.lookup(ROOT, b"audio"))
+        assert "audio" not in [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
+
+
+async def test_names_stay_the_same_whichever_listing_brings_them(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with stack_caching_for(emulator, tmp_path / "c", 0.3) as stack:
+        first = await upload(stack, "data.jsonl", b"{}\n")
+        assert await stack.names("batch") == ["data.jsonl"]
+        await trio.sleep(1.1)  # created_at has one-second resolution
+        second = await upload(stack, "data.jsonl", b"{}\n")
+        tagged = f"data ({second[:8]}).jsonl"
+
+        async def ids() -> dict[str, str]:
+            listing = await stack.ops.fs.list_dir(await stack.folder("batch"))
+            return {name: node.remote.id for name, node in listing}
+
+        await stack.ops.fs.list_dir(ROOT)  # the account's listing brings the newer file
+        assert await ids() == {"data.jsonl": first, tagged: second}
+        await trio.sleep(0.35)
+        assert await ids() == {"data.jsonl": first, tagged: second}  # and so does the folder's
+        await stack.client.delete(first)
+        await trio.sleep(0.35)
+        assert await ids() == {tagged: second}  # a name does not change while its file exists
 
 
 async def test_create_write_flush_uploads_with_the_folder_purpose(stack: Stack) -> None:
@@ -239,13 +314,47 @@ async def test_prefetch_stops_on_a_seek(stack: Stack) -> None:
     for offset in (10 * BLOCK, 2 * BLOCK, 14 * BLOCK):
         assert await stack.ops.read(info.fh, offset, 100) == data[offset : offset + 100]
     ranges = await storage_ranges(stack)
-    # Each read after a seek fetches its own block only.
-    assert sorted(ranges) == sorted(f"bytes={b * BLOCK}-{(b + 1) * BLOCK - 1}" for b in (2, 10, 14))
+    # Each read after a seek fetches its own block only (the first read of the handle
+    # also gets its exact bytes in a request of their own, for time to first byte).
+    blocks = [f"bytes={b * BLOCK}-{(b + 1) * BLOCK - 1}" for b in (2, 10, 14)]
+    assert sorted(ranges) == sorted([*blocks, f"bytes={10 * BLOCK}-{10 * BLOCK + 99}"])
+
+
+async def test_first_read_of_a_large_file_waits_for_its_own_bytes_only(stack: Stack) -> None:
+    data = os.urandom(4 * BLOCK)
+    info = await open_uploaded(stack, "first.bin", data)
+    assert await stack.ops.read(info.fh, 0, 4096) == data[:4096]
+    ranges = await storage_ranges(stack)
+    assert ranges[0] == "bytes=0-4095", ranges  # answered by a request of its own...
+    assert f"bytes=0-{BLOCK - 1}" in ranges, ranges  # ...then its block is fetched
+    await stack.clear_requests()
+    assert await stack.ops.read(info.fh, 4096, 4096) == data[4096:8192]
+    assert await storage_ranges(stack) == []  # from the block fetched after the first read
+    await stack.ops.release(info.fh)
+
+
+async def test_looking_up_a_large_file_fetches_its_signed_url_ahead(stack: Stack) -> None:
+    large_id = await upload(stack, "large.bin", os.urandom(2 * BLOCK))
+    await upload(stack, "small.bin", b"small")
+    batch = await stack.folder("batch")
+    assert await stack.names("batch") == ["large.bin", "small.bin"]  # listed: no calls below
+    await stack.clear_requests()
+    await stack.ops.lookup(batch, b"large.bin")
+    await stack.ops.lookup(batch, b"small.bin")
+    await trio.sleep(0.3)
+    calls = [r["path"] for r in await stack.api_requests()]
+    assert calls == [f"/v1/files/{large_id}/url"], calls
+    await stack.clear_requests()
+    info = await stack.ops.open((await stack.ops.lookup(batch, b"large.bin")).st_ino, 0, None)
+    assert not [r for r in await stack.api_requests() if r["path"].endswith("/url")]
+    await stack.ops.release(info.fh)
     await stack.ops.release(info.fh)
 
 
 async def test_probed_names_make_no_api_call(stack: Stack) -> None:
     batch = await stack.folder("batch")
+    await stack.names("batch")  # a file manager lists a folder, then probes it
+    await stack.ops.fs.list_dir(ROOT)
     await stack.clear_requests()
     for probe in (b".hidden", b".directory", b".Trash-1000", b"autorun.inf", b".git", b".DS_Store"):
         await expect_errno(errno.ENOENT, stack.ops.lookup(batch, probe))
@@ -303,8 +412,9 @@ async def test_xattrs_show_remote_metadata_and_system_names_cost_nothing(stack: 
     async with httpx.AsyncClient() as http:
         assert (await http.get(url)).content == b'{"x": 1}\n{"y": 2}\n'
     await stack.clear_requests()
-    for name in (b"security.capability", b"system.posix_acl_access", b"user.other"):
-        await expect_errno(errno.ENODATA, stack.ops.getxattr(inode, name, None))
+    await expect_errno(errno.ENODATA, stack.ops.getxattr(inode, b"user.other", None))
+    for name in (b"security.selinux", b"system.posix_acl_access", b"trusted.x"):
+        await expect_errno(errno.ENOTSUP, stack.ops.getxattr(inode, name, None))
     assert await stack.api_requests() == []
 
 
@@ -526,7 +636,10 @@ async def rewrite(stack: Stack, inode: int, flags: int, data: bytes, offset: int
 async def test_overwrite_uploads_new_then_deletes_old(stack: Stack) -> None:
     inode = await stack.write_file("batch", "o.txt", b"old content")
     [old_id] = (await remote_state(stack)).values()
+    changed: list[int] = []
+    stack.ops.fs.namespace.on_attrs_changed = changed.append  # the mount tells the kernel
     await rewrite(stack, inode, os.O_WRONLY | os.O_TRUNC, b"new")
+    assert changed == [inode]
     state = await remote_state(stack)
     assert list(state) == [("batch", "o.txt")] and state["batch", "o.txt"] != old_id
     assert (await stack.ops.lookup(await stack.folder("batch"), b"o.txt")).st_ino == inode
@@ -652,22 +765,22 @@ async def test_edit_of_a_duplicate_keeps_its_remote_filename(stack: Stack) -> No
 
 
 async def test_file_deleted_elsewhere_gives_enoent_on_open_and_mid_read(stack: Stack) -> None:
-    # Larger than a block, so reads go through signed URLs (small files are read whole
-    # at open, and a read of one already open is answered from that copy).
-    first = await upload(stack, "gone1.txt", b"x" * 2 * BLOCK)
-    second = await upload(stack, "gone2.txt", b"y" * 2 * BLOCK)
+    # A small file is fetched whole at open; a larger one's signed URL was fetched when
+    # it was looked up, so the first read is where its deletion shows.
+    small = await upload(stack, "gone1.txt", b"x" * 100)
+    large = await upload(stack, "gone2.txt", b"y" * 2 * BLOCK)
     batch = await stack.folder("batch")
     inode1 = (await stack.ops.lookup(batch, b"gone1.txt")).st_ino
     inode2 = (await stack.ops.lookup(batch, b"gone2.txt")).st_ino
-    info2 = await stack.ops.open(inode2, os.O_RDONLY, None)  # the signed URL is now cached
-    await stack.admin("DELETE", "requests")
-    for file_id in (first, second):
+    await trio.sleep(0.3)  # the signed URL fetched on lookup lands
+    for file_id in (small, large):
         async with httpx.AsyncClient(
             base_url=stack.emulator.url,
             headers={"Authorization": f"Bearer {stack.emulator.api_key}"},
         ) as http:
             (await http.delete(f"/v1/files/{file_id}")).raise_for_status()
     await expect_errno(errno.ENOENT, stack.ops.open(inode1, os.O_RDONLY, None))
+    info2 = await stack.ops.open(inode2, os.O_RDONLY, None)
     with trio.fail_after(10):
         await expect_errno(errno.ENOENT, stack.ops.read(info2.fh, 0, 10))
     await stack.ops.release(info2.fh)
@@ -700,11 +813,12 @@ async def test_a_body_that_is_not_json_is_eio_and_the_next_call_works(
         stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0)
         fault = {"method": "GET", "path_prefix": "/v1/files", "status": 200, "body": "<html>"}
         await stack.admin("POST", "faults", json=[fault])  # once: retried, not seen
-        assert (await stack.ops.lookup(ROOT, b"batch")).st_ino > ROOT
+        batch = await stack.folder("batch")
+        assert await stack.ops.opendir(batch, None) > 0  # a listing call
         await stack.admin("POST", "faults", json=[{**fault, "times": None}])  # for good
-        await expect_errno(errno.EIO, stack.ops.lookup(ROOT, b"batch"))
+        await expect_errno(errno.EIO, stack.ops.opendir(batch, None))
         await stack.admin("DELETE", "faults")
-        assert (await stack.ops.lookup(ROOT, b"batch")).st_ino > ROOT
+        assert await stack.ops.opendir(batch, None) > 0
         await stack.client.aclose()
         nursery.cancel_scope.cancel()
 
@@ -713,7 +827,8 @@ async def test_a_refused_key_is_eacces(emulator: RunningEmulator, tmp_path: Path
     async with trio.open_nursery() as nursery:
         wrong = RunningEmulator(emulator.url, "wrong-key", emulator.data_dir, emulator.config)
         stack = await make_stack(wrong, nursery, tmp_path / "c")
-        await expect_errno(errno.EACCES, stack.ops.lookup(ROOT, b"batch"))
+        await expect_errno(errno.EACCES, stack.ops.opendir(ROOT, None))
+        await expect_errno(errno.EACCES, stack.ops.lookup(await stack.folder("batch"), b"x"))
         await stack.client.aclose()
         nursery.cancel_scope.cancel()
 
@@ -841,18 +956,35 @@ async def test_setting_xattrs_is_not_supported(stack: Stack) -> None:
     await expect_errno(errno.ENOTSUP, stack.ops.removexattr(inode, b"user.mistral.id", None))
 
 
-async def test_kernel_caches_never_outlive_the_folder_cache_time(
+async def test_kernel_caches_last_while_the_listing_is_trusted(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        for dir_cache_time, expected in ((30.0, 1.0), (0.25, 0.25), (0.0, 0.0)):
-            stack = await make_stack(
-                emulator, nursery, tmp_path / str(expected), dir_cache_time=dir_cache_time
-            )
-            attrs = await stack.ops.lookup(ROOT, b"batch")
-            assert attrs.entry_timeout == attrs.attr_timeout == expected
-            await stack.client.aclose()
-        nursery.cancel_scope.cancel()
+    def timeouts(attrs: pyfuse3.EntryAttributes) -> float:
+        assert attrs.entry_timeout == attrs.attr_timeout
+        return attrs.entry_timeout
+
+    async with stack_caching_for(emulator, tmp_path / "a", 30.0) as stack:
+        await upload(stack, "x.txt", b"x")
+        batch = await stack.folder("batch")
+        assert timeouts(await stack.ops.lookup(ROOT, b"batch")) == 30.0
+        x = await stack.ops.lookup(batch, b"x.txt")  # lists batch/
+        assert 29.0 < timeouts(x) <= 30.0
+        await trio.sleep(0.2)  # what is left of the listing's time, not a new 30 s
+        assert 29.0 < timeouts(await stack.ops.getattr(x.st_ino, None)) <= 29.8
+        # A file being written changes under the kernel: one second at most.
+        info, attrs = await stack.ops.create(batch, b"new.txt", 0o644, os.O_WRONLY, None)
+        assert timeouts(attrs) == 1.0
+        await stack.ops.release(info.fh)
+    async with stack_caching_for(emulator, tmp_path / "b", 0.25) as stack:
+        batch = await stack.folder("batch")
+        x = await stack.ops.lookup(batch, b"x.txt")
+        assert 0.0 < timeouts(x) <= 0.25
+        await trio.sleep(0.3)  # the listing is stale: the kernel must ask again
+        assert timeouts(await stack.ops.getattr(x.st_ino, None)) == 0.0
+    async with stack_caching_for(emulator, tmp_path / "c", 0.0) as stack:
+        batch = await stack.folder("batch")
+        assert timeouts(await stack.ops.lookup(ROOT, b"batch")) == 0.0
+        assert timeouts(await stack.ops.lookup(batch, b"x.txt")) == 0.0
 
 
 async def test_data_being_written_is_in_a_spool_file_on_disk(stack: Stack) -> None:

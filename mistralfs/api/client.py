@@ -194,6 +194,34 @@ def _multipart_parts(filename: str, purpose: str, boundary: str) -> tuple[bytes,
     return head, tail
 
 
+def _cut(chunks: list[bytes], skip: int, length: int, piece_size: int) -> list[bytes]:
+    """`length` bytes after the first `skip` of `chunks`, in pieces of `piece_size`."""
+    if len(chunks) == 1 and not skip and len(chunks[0]) == length <= piece_size:
+        return chunks  # no copy at all
+    pieces: list[bytes] = []
+    parts: list[memoryview] = []
+    filled, remaining = 0, length
+    want = min(piece_size, remaining)
+    for chunk in chunks:
+        view = memoryview(chunk)
+        if skip:
+            if len(view) <= skip:
+                skip -= len(view)
+                continue
+            view, skip = view[skip:], 0
+        while view and remaining:
+            take = min(len(view), want - filled)
+            parts.append(view[:take])
+            view, filled = view[take:], filled + take
+            if filled == want:
+                pieces.append(b"".join(parts))
+                parts, remaining, filled = [], remaining - want, 0
+                want = min(piece_size, remaining)
+    if parts:  # a short body: the caller sees the missing bytes
+        pieces.append(b"".join(parts))
+    return pieces
+
+
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
     """Read at most ``limit`` bytes of a streamed body (error pages can be huge)."""
     buf = bytearray()
@@ -544,9 +572,11 @@ class FilesClient:
                     nursery.start_soon(fetch, index)
             last_page = max(0, n_pages - 1)
 
-        # Sequential tail: no total, or more files appeared than ``total`` said.
+        # Sequential tail: no total, or more files appeared than ``total`` said. Page 0
+        # alone is one consistent answer: if it holds all ``total`` files, that is all.
+        complete = total is not None and len(first.files) >= total
         seen = {f.id for files in pages.values() for f in files}
-        while len(pages[last_page]) == page_size:
+        while not complete and len(pages[last_page]) == page_size:
             last_page += 1
             result = await self.list_files(
                 page=last_page, page_size=page_size, include_total=False, **filters
@@ -868,19 +898,28 @@ class FilesClient:
         206 and 200 (sliced) are accepted; a range past the end gives b"".
         403/401 -> UrlExpired, 404 -> NotFound; transient failures are retried.
         """
-        if start < 0 or length < 0:
-            raise ValueError("start and length must be >= 0")
+        pieces = await self.read_range_pieces(url, start, length, max(length, 1))
+        return pieces[0] if pieces else b""
+
+    async def read_range_pieces(
+        self, url: str, start: int, length: int, piece_size: int
+    ) -> list[bytes]:
+        """Like `read_range`, cut into pieces of `piece_size` bytes (the last may be
+        shorter; all of them shorter than asked if the body is): each byte copied once.
+        """
+        if start < 0 or length < 0 or piece_size < 1:
+            raise ValueError("start and length must be >= 0, piece_size >= 1")
         if length == 0:
-            return b""
+            return []
         try:
             httpx.URL(url)
         except httpx.InvalidURL as exc:
             raise ProtocolError(f"invalid signed URL: {exc}", method="GET", url=url) from None
         end = start + length - 1
 
-        async def handle(response: httpx.Response, n: int) -> bytes:
+        async def handle(response: httpx.Response, n: int) -> list[bytes]:
             if response.status_code == 416:
-                return b""
+                return []
             skip = 0
             if response.status_code == 206:
                 first = _content_range_start(response.headers.get("content-range"))
@@ -911,8 +950,7 @@ class FilesClient:
                 got += len(chunk)
                 if got >= wanted and (response.status_code == 200 or got > wanted):
                     break
-            data = b"".join(chunks)  # one copy; none at all for a single chunk
-            return data[skip:wanted] if skip or got > wanted else data
+            return _cut(chunks, skip, length, piece_size)
 
         try:
             return await self._call(

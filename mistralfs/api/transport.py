@@ -20,13 +20,21 @@ READ_BYTES = 1024 * 1024
 
 
 class LargeReadStream(httpcore.AsyncNetworkStream):
-    """A network stream whose reads ask the socket for at least READ_BYTES."""
+    """A network stream whose reads grow up to READ_BYTES while they come back full.
+
+    Small answers keep small reads: a 1 MiB receive buffer costs an allocation that
+    a 2 KiB answer does not need.
+    """
 
     def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
         self._inner = inner
+        self._size = 0
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max(max_bytes, READ_BYTES), timeout)
+        size = max(max_bytes, self._size)
+        data = await self._inner.read(size, timeout)
+        self._size = min(2 * size, READ_BYTES) if len(data) == size else 0
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         await self._inner.write(buffer, timeout)

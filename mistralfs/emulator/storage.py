@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS files (
     signature TEXT
 );
 CREATE INDEX IF NOT EXISTS files_order ON files (created_at DESC, seq DESC);
+CREATE INDEX IF NOT EXISTS files_purpose_order ON files (purpose, created_at DESC, seq DESC);
 """
 
 _SQL_MAX = 2**62  # SQLite integers are 64-bit; larger pages are simply empty
@@ -82,11 +83,20 @@ class FileRecord:
 
     def to_api(self) -> dict[str, Any]:
         """The JSON object the real service returns (``object`` included)."""
-        data = asdict(self)
+        # Field by field: dataclasses.asdict deep-copies, which a page of a thousand
+        # files pays for a thousand times.
         return {
-            "id": data["id"],
+            "id": self.id,
             "object": "file",
-            **{k: data[k] for k in _COLUMNS if k != "id"},
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "sample_type": self.sample_type,
+            "source": self.source,
+            "num_lines": self.num_lines,
+            "mimetype": self.mimetype,
+            "signature": self.signature,
         }
 
     @property

@@ -11,7 +11,9 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from mistralfs.api import ApiError, FilesClient, NotFound
 from mistralfs.fs.errors import FsError, errno_for
@@ -22,6 +24,9 @@ from mistralfs.fs.writer import Spool, Writer
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+USER_NAMESPACE = "user."
 XATTR_PREFIX = "user.mistral."
 XATTR_FIELDS = (
     "id",
@@ -83,30 +88,34 @@ class Filesystem:
 
     async def lookup(self, parent_inode: int, name: str) -> Node:
         parent = self.node(parent_inode)
-        await self._fresh()
+        found: Node | None
         if isinstance(parent, Root):
-            found: Node | None = self.namespace.folder_named(name)
+            found = await self._listed(self.namespace.find_folder(name))
         elif isinstance(parent, Folder):
+            await self._listed(self.namespace.ensure_folder_fresh(parent))
             found = parent.entries.get(name)
         else:
             raise FsError(errno.ENOTDIR)
         if found is None:
             raise FsError(errno.ENOENT)
+        if isinstance(found, FileNode) and found.remote is not None:
+            self._reader.prefetch_url(found.remote)
         return found
 
     async def list_dir(self, inode: int) -> list[tuple[str, Node]]:
         """A folder's entries at this moment; readdir pages through this snapshot."""
         node = self.node(inode)
-        await self._fresh()
         if isinstance(node, Root):
-            return [(f.name, f) for f in self.namespace.folders()]
+            return [(f.name, f) for f in await self._listed(self.namespace.folders())]
         if isinstance(node, Folder):
+            await self._listed(self.namespace.ensure_folder_fresh(node))
             return sorted(node.entries.items())
         raise FsError(errno.ENOTDIR)
 
-    async def _fresh(self) -> None:
+    async def _listed(self, listing: Awaitable[T]) -> T:
+        """Await a namespace call that may fetch a listing; its API errors become errnos."""
         try:
-            await self.namespace.ensure_fresh()
+            return await listing
         except ApiError as exc:
             log.error("listing the account failed: %s", exc)
             raise FsError(errno_for(exc), str(exc)) from exc
@@ -269,6 +278,10 @@ class Filesystem:
 
     async def xattr(self, inode: int, name: str) -> bytes:
         node = self.node(inode)
+        if not name.startswith(USER_NAMESPACE):
+            # No security labels, ACLs or trusted attributes here. ENOTSUP (not ENODATA)
+            # lets `ls -l` stop asking for them after the first file of the mount.
+            raise FsError(errno.ENOTSUP)
         if not isinstance(node, FileNode) or node.remote is None:
             raise FsError(errno.ENODATA)
         value: object = None

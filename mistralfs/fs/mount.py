@@ -81,6 +81,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         activity = Activity()
         namespace = Namespace(client, config.dir_cache_time)
         namespace.on_name_removed = _forget_in_kernel
+        namespace.on_attrs_changed = _forget_attrs_in_kernel
         reader = BlockReader(
             client, nursery, cache_size=config.cache_size, block_size=config.block_size, disk=disk
         )
@@ -194,6 +195,17 @@ def _forget_in_kernel(folder_inode: int, name: str) -> None:
         pyfuse3.invalidate_entry_async(folder_inode, name.encode("utf-8"), ignore_enoent=True)
     except OSError as exc:
         log.debug("could not invalidate %s in the kernel: %s", name, exc)
+
+
+def _forget_attrs_in_kernel(inode: int) -> None:
+    """Drop the kernel's cached attributes of a file that was uploaded again.
+
+    Without a writeback cache this does not block, so it is safe from a handler.
+    """
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except OSError as exc:  # ENOENT: the kernel does not know the inode
+        log.debug("could not invalidate inode %d in the kernel: %s", inode, exc)
 
 
 class _StopRequest:

@@ -15,6 +15,8 @@ NAME_MAX = 255  # bytes, as statfs reports
 
 def _clean(text: str) -> str:
     """Replace what cannot appear in a Linux file name or would be read as a path."""
+    if "/" not in text and text.isprintable():
+        return text  # the usual name, checked in C: printable excludes Cc and surrogates
     out = []
     for ch in text:
         if ch == "/":

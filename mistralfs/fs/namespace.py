@@ -1,9 +1,11 @@
-"""The tree the mount shows: inodes, purpose folders, names, and the cached account listing.
+"""The tree the mount shows: inodes, purpose folders, names, and the cached listings.
 
-One listing of the whole account is fetched at a time (all pages at once once the
-total is known) and trusted for `dir_cache_time` seconds. Changes made through this
-mount are applied to it at once, and remembered so that a listing fetched while they
-happened cannot undo them.
+Each folder's listing is fetched by itself, filtered by its purpose (all pages at once
+once the total is known), and trusted for `dir_cache_time` seconds: `ls` of one folder
+never waits for the files of the others. Only the root needs the whole account, to
+learn which other purposes (say `audio`) hold files; that listing refreshes every
+folder it covers. Changes made through this mount are applied at once, and remembered
+so that a listing fetched while they happened cannot undo them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from mistralfs.fs.names import folder_name, plain_name, with_id
 log = logging.getLogger(__name__)
 
 STANDARD_PURPOSES = ("fine-tune", "batch", "ocr")
+# Large pages: a folder of a thousand files is one request. The client follows the
+# service if it caps the page size.
+LIST_PAGE_SIZE = 1000
 
 
 @dataclass(eq=False)
@@ -33,6 +38,8 @@ class Folder:
     purpose: str
     name: str
     entries: dict[str, FileNode] = field(default_factory=dict)
+    fetched_at: float | None = None  # when the listing its entries come from was started
+    refresh_lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
 
 @dataclass(eq=False)
@@ -77,8 +84,9 @@ class Namespace:
         self._next_inode = self.root.inode + 1
         self._folders: dict[str, Folder] = {}
         self._inode_by_id: dict[str, int] = {}
-        self._fetched_at: float | None = None
-        self._refresh_lock = trio.Lock()
+        # The account-wide listing, which tells which purposes hold files.
+        self._root_fetched_at: float | None = None
+        self._root_lock = trio.Lock()
         # Own changes, so that a listing fetched while they happened cannot undo them.
         self._deleted_ids: set[str] = set()
         self._own_uploads: dict[str, tuple[RemoteFile, float]] = {}
@@ -87,6 +95,8 @@ class Namespace:
         self._uploading: collections.Counter[tuple[str, str]] = collections.Counter()
         # Called with (folder inode, name) when a name goes, so the kernel forgets it too.
         self.on_name_removed: Callable[[int, str], None] = lambda _inode, _name: None
+        # Called with an inode whose attributes changed (a new upload: size, times).
+        self.on_attrs_changed: Callable[[int], None] = lambda _inode: None
         for purpose in STANDARD_PURPOSES:
             self._folder_for(purpose)
 
@@ -95,34 +105,85 @@ class Namespace:
     def node(self, inode: int) -> Node | None:
         return self._nodes.get(inode)
 
-    def folders(self) -> list[Folder]:
+    async def folders(self) -> list[Folder]:
         """Standard folders always; another purpose's folder while it holds files."""
-        return [f for f in self._folders.values() if f.purpose in STANDARD_PURPOSES or f.entries]
-
-    def folder_named(self, name: str) -> Folder | None:
-        return next((f for f in self.folders() if f.name == name), None)
+        await self.ensure_root_fresh()
+        return [f for f in self._folders.values() if self._shown(f)]
 
     def file_by_id(self, file_id: str) -> FileNode | None:
         inode = self._inode_by_id.get(file_id)
         node = self._nodes.get(inode) if inode is not None else None
         return node if isinstance(node, FileNode) else None
 
-    async def ensure_fresh(self) -> None:
-        """Fetch the account listing again if it is older than the folder cache time."""
-        if not self._is_stale():
+    async def find_folder(self, name: str) -> Folder | None:
+        """The root's entry `name`, with the folder's listing fresh.
+
+        A name no folder is known by costs, while the root's listing is stale, one
+        listing filtered by the purpose of that name (which, for a folder that exists,
+        is the listing its `ls` needs next), and only if that finds nothing the whole
+        account's: a folder's name can differ from its purpose.
+        """
+        folder = self._named(name)
+        if folder is not None and folder.purpose in STANDARD_PURPOSES:
+            return folder  # always there: its listing waits until it is listed or searched
+        if folder is not None:
+            await self.ensure_folder_fresh(folder)
+            if self._shown(folder):
+                return folder
+        if self._root_is_stale() and name not in self._folders and folder_name(name) == name:
+            started = trio.current_time()
+            files = await self._client.list_all(purpose=name, page_size=LIST_PAGE_SIZE)
+            if any(f.purpose == name for f in files):  # else no folder is made for a probe
+                folder = self._folder_for(name)
+                self._apply_folder_listing(folder, files, started)
+                if self._shown(folder):
+                    return folder
+        await self.ensure_root_fresh()
+        folder = self._named(name)
+        return folder if folder is not None and self._shown(folder) else None
+
+    async def ensure_folder_fresh(self, folder: Folder) -> None:
+        """Fetch the folder's listing again if it is older than the folder cache time."""
+        if not self._is_stale(folder.fetched_at):
             return
-        async with self._refresh_lock:
-            if self._is_stale():  # another task may have refreshed while we waited
-                await self._refresh()
+        async with folder.refresh_lock:
+            if self._is_stale(folder.fetched_at):  # refreshed while we waited
+                await self._refresh_folder(folder)
+
+    async def ensure_root_fresh(self) -> None:
+        """Fetch the whole account's listing again if it is older than the cache time."""
+        if not self._root_is_stale():
+            return
+        async with self._root_lock:
+            if self._root_is_stale():
+                await self._refresh_root()
+
+    def fresh_for(self, folder: Folder) -> float:
+        """Seconds for which the folder's listing is still trusted (0 once stale)."""
+        if folder.fetched_at is None:
+            return 0.0
+        return max(0.0, folder.fetched_at + self.dir_cache_time - trio.current_time())
 
     def invalidate(self) -> None:
         """Make the next lookup or listing fetch the account again."""
-        self._fetched_at = None
+        self._root_fetched_at = None
+        for folder in self._folders.values():
+            folder.fetched_at = None
 
-    def _is_stale(self) -> bool:
-        if self._fetched_at is None:
+    def _root_is_stale(self) -> bool:
+        return self._is_stale(self._root_fetched_at)
+
+    def _is_stale(self, fetched_at: float | None) -> bool:
+        if fetched_at is None:
             return True
-        return trio.current_time() - self._fetched_at >= self.dir_cache_time
+        return trio.current_time() - fetched_at >= self.dir_cache_time
+
+    def _named(self, name: str) -> Folder | None:
+        return next((f for f in self._folders.values() if f.name == name), None)
+
+    @staticmethod
+    def _shown(folder: Folder) -> bool:
+        return folder.purpose in STANDARD_PURPOSES or bool(folder.entries)
 
     # -- changes made through this mount ----------------------------------------
 
@@ -159,6 +220,7 @@ class Namespace:
         node.remote = remote
         self._inode_by_id[remote.id] = node.inode
         self._own_uploads[remote.id] = (remote, trio.current_time())
+        self.on_attrs_changed(node.inode)
 
     def move(self, node: FileNode, folder: Folder, name: str) -> None:
         """Rename: the node keeps its inode; its next upload carries the new name."""
@@ -196,26 +258,51 @@ class Namespace:
 
     # -- the listing --------------------------------------------------------------
 
-    async def _refresh(self) -> None:
+    async def _refresh_folder(self, folder: Folder) -> None:
         started = trio.current_time()
-        files = await self._client.list_all()
-        self._apply_listing(files, started)
-        self._fetched_at = started
-        log.debug("listing refreshed: %d files", len(files))
+        files = await self._client.list_all(purpose=folder.purpose, page_size=LIST_PAGE_SIZE)
+        self._apply_folder_listing(folder, files, started)
 
-    def _apply_listing(self, files: Iterable[RemoteFile], started: float) -> None:
-        current = {f.id: f for f in files if f.id not in self._deleted_ids}
+    def _apply_folder_listing(
+        self, folder: Folder, files: list[RemoteFile], started: float
+    ) -> None:
+        self._apply_listing(files, started, folder.purpose)
+        folder.fetched_at = max(folder.fetched_at or started, started)
+        log.debug("listing of %s refreshed: %d files", folder.purpose, len(files))
+
+    async def _refresh_root(self) -> None:
+        started = trio.current_time()
+        files = await self._client.list_all(page_size=LIST_PAGE_SIZE)
+        self._apply_listing(files, started, None)
+        self._root_fetched_at = started
+        for folder in self._folders.values():  # it covered every folder
+            folder.fetched_at = max(folder.fetched_at or started, started)
+        log.debug("account listing refreshed: %d files", len(files))
+
+    def _apply_listing(
+        self, files: Iterable[RemoteFile], started: float, purpose: str | None
+    ) -> None:
+        """Make the folders of `purpose` (every purpose if None) show the listing `files`."""
+
+        def covered(remote: RemoteFile) -> bool:
+            return purpose is None or remote.purpose == purpose
+
+        # Files of other purposes (from a service that ignored the filter) are left to
+        # their own folders' listings.
+        current = {f.id: f for f in files if covered(f) and f.id not in self._deleted_ids}
         for file_id, (remote, uploaded_at) in list(self._own_uploads.items()):
+            if not covered(remote):
+                continue
             if file_id in current or uploaded_at < started:
                 # Listed, or missing from a listing made after the upload: deleted elsewhere.
                 del self._own_uploads[file_id]
             else:
                 current[file_id] = remote
 
-        for file_id in list(self._inode_by_id):
-            if file_id not in current:
-                node = self._nodes[self._inode_by_id[file_id]]
-                assert isinstance(node, FileNode)
+        for file_id, inode in list(self._inode_by_id.items()):
+            node = self._nodes[inode]
+            assert isinstance(node, FileNode) and node.remote is not None
+            if file_id not in current and covered(node.remote):
                 log.info("%s/%s was deleted elsewhere", node.folder.name, node.name)
                 self.detach(node, deleted=False)
 

@@ -9,26 +9,22 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
-import stat
-import time
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 import pyfuse3
 
+from mistralfs.fs.attributes import BLOCK, Attributes
 from mistralfs.fs.errors import FsError
 from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.names import NAME_MAX
-from mistralfs.fs.namespace import FileNode, Node
+from mistralfs.fs.namespace import Node
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-ATTR_TIMEOUT = 1.0  # at most; never longer than the folder cache time
-BLOCK = 4096
 STATFS_BLOCKS = 2**40 // BLOCK  # 1 TiB shown free: uploads are limited per file, not in total
 
 
@@ -71,37 +67,14 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
-        self._uid = os.getuid()
-        self._gid = os.getgid()
-        self._mounted_at_ns = time.time_ns()  # folders have no remote timestamp
-        self._timeout = min(ATTR_TIMEOUT, fs.namespace.dir_cache_time)
-        self._dir_snapshots: dict[int, list[tuple[str, Node]]] = {}
+        self._attributes = Attributes(fs.namespace, read_only=fs.read_only)
+        self._dir_snapshots: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_dir_fh = 1
 
     # -- attributes ---------------------------------------------------------------
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = node.inode
-        entry.st_uid = self._uid
-        entry.st_gid = self._gid
-        entry.st_blksize = BLOCK
-        entry.attr_timeout = entry.entry_timeout = self._timeout
-        if isinstance(node, FileNode):
-            mode = 0o444 if self.fs.read_only else 0o644
-            entry.st_mode = stat.S_IFREG | mode
-            entry.st_nlink = 1
-            entry.st_size = node.size
-            entry.st_blocks = (node.size + 511) // 512
-            seconds = node.remote.created_at if node.remote is not None else node.local_time
-            stamp = seconds * 10**9
-        else:
-            entry.st_mode = stat.S_IFDIR | 0o755
-            entry.st_nlink = 2
-            entry.st_size = 0
-            stamp = self._mounted_at_ns
-        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
-        return entry
+        return self._attributes.of(node)
 
     @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
@@ -123,7 +96,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def opendir(self, inode, ctx):
-        entries = await self.fs.list_dir(inode)
+        entries = [(name.encode("utf-8"), node) for name, node in await self.fs.list_dir(inode)]
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dir_snapshots[fh] = entries
@@ -132,9 +105,10 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def readdir(self, fh, start_id, token):
         entries = self._dir_snapshots.get(fh, [])
+        attrs, reply = self._attributes.of, pyfuse3.readdir_reply
         for index in range(start_id, len(entries)):
             name, node = entries[index]
-            if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attrs(node), index + 1):
+            if not reply(token, name, attrs(node), index + 1):
                 break
 
     async def releasedir(self, fh):

@@ -31,6 +31,8 @@ SIGNED_URL_MARGIN = 300.0  # seconds before expiry at which a cached URL is no l
 MAX_PREFETCH_BLOCKS = 8  # per open file
 RUN_BLOCKS = 4  # blocks fetched by one request when prefetching
 MAX_WHOLE_FILES_AHEAD = 8  # small files fetched ahead at once, across the mount
+MAX_URLS_AHEAD = 4  # signed URLs fetched ahead at once
+FIRST_READ_EXACT = 128 * 1024  # a first read up to this size gets its own exact request
 
 BlockKey = tuple[str, int]
 
@@ -50,6 +52,7 @@ class ReadState:
 
     next_offset: int = 0
     window: int = 1
+    reads: int = 0
 
 
 class BlockReader:
@@ -78,6 +81,8 @@ class BlockReader:
         self._max_prefetch = max(1, min(MAX_PREFETCH_BLOCKS, cache_size // (4 * block_size)))
         # Small files fetched ahead (see readahead.py): a bounded number at a time.
         self._whole_files_limit = trio.CapacityLimiter(MAX_WHOLE_FILES_AHEAD)
+        self._url_fetches: dict[str, trio.Event] = {}
+        self._urls_ahead_limit = trio.CapacityLimiter(MAX_URLS_AHEAD)
         self.hits = 0
         self.misses = 0
         self._prefetching = 0
@@ -89,6 +94,14 @@ class BlockReader:
         if offset >= end:
             return b""
         first, last = offset // self.block_size, (end - 1) // self.block_size
+        exact = state.reads == 0 and self._first_read_exact(remote, offset, end)
+        state.reads += 1
+        if exact:
+            # Time to first byte: the first read waits for its own bytes only, then the
+            # blocks are fetched for the reads that follow.
+            [data] = await self._read_range(remote, offset, end - offset, end - offset)
+            self._schedule(remote, first, last, self._ahead(offset, end, state))
+            return data
         self._schedule(remote, first, last, self._ahead(offset, end, state))
         parts = []
         for index in range(first, last + 1):
@@ -114,11 +127,33 @@ class BlockReader:
             await self.signed_url(remote.id)
 
     async def signed_url(self, file_id: str) -> SignedUrl:
-        url = self._urls.get(file_id)
-        if url is None:
-            url = await self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS)
-            self._urls[file_id] = url
+        """The cached URL, or a fresh one; callers asking at once share one request."""
+        while (url := self._urls.get(file_id)) is None:
+            pending = self._url_fetches.get(file_id)
+            if pending is None:
+                done = self._url_fetches[file_id] = trio.Event()
+                try:
+                    url = await self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS)
+                    self._urls[file_id] = url
+                    return url
+                finally:
+                    del self._url_fetches[file_id]
+                    done.set()
+            await pending.wait()  # then use its URL, or ask again if it failed
         return url
+
+    def prefetch_url(self, remote: RemoteFile) -> None:
+        """Fetch a large file's signed URL in the background, as an open is likely next."""
+        wanted = remote.id not in self._urls and remote.id not in self._url_fetches
+        if remote.bytes > self.block_size and wanted:
+            self._nursery.start_soon(self._fetch_url_in_background, remote.id)
+
+    async def _fetch_url_in_background(self, file_id: str) -> None:
+        async with self._urls_ahead_limit:
+            try:
+                await self.signed_url(file_id)
+            except Exception as exc:  # the open that needs it will ask again and see the error
+                log.debug("signed URL for %s not fetched ahead: %s", file_id, exc)
 
     def prefetch_whole(self, remote: RemoteFile) -> bool:
         """Start fetching a small file (at most one block) in the background; False when
@@ -140,6 +175,12 @@ class BlockReader:
         self._disk.forget(file_id)
         for key in [k for k in self._blocks if k[0] == file_id]:
             self._blocks.pop(key, None)
+
+    def _first_read_exact(self, remote: RemoteFile, offset: int, end: int) -> bool:
+        if remote.bytes <= self.block_size or end - offset > FIRST_READ_EXACT:
+            return False
+        key = (remote.id, offset // self.block_size)
+        return key not in self._blocks and key not in self._inflight
 
     def _ahead(self, offset: int, end: int, state: ReadState) -> int:
         """How many blocks past this read to prefetch; the window grows while reads are
@@ -239,8 +280,7 @@ class BlockReader:
         try:
             blocks = await self._disk.load(remote.id, remote.bytes, first, len(fetches))
             if blocks is None:
-                data = await self._fetch(remote, first, len(fetches))
-                blocks = [data] if len(fetches) == 1 else _split(data, self.block_size)
+                blocks = await self._fetch(remote, first, len(fetches))
                 self._disk.store(remote.id, remote.bytes, first, blocks)
             for key, fetch, block in zip(keys, fetches, blocks, strict=True):
                 self._blocks[key] = fetch.data = block
@@ -255,23 +295,31 @@ class BlockReader:
                     del self._inflight[key]
                 fetch.done.set()
 
-    async def _fetch(self, remote: RemoteFile, first: int, count: int) -> bytes:
+    async def _fetch(self, remote: RemoteFile, first: int, count: int) -> list[bytes]:
         if remote.bytes <= self.block_size:
             # One block in all: one request to /content beats a signed URL and a GET.
-            return await self._client.content(remote.id, remote.bytes)
+            return [await self._client.content(remote.id, remote.bytes)]
         start = first * self.block_size
         length = min(count * self.block_size, remote.bytes - start)
+        return await self._read_range(remote, start, length, self.block_size)
+
+    async def _read_range(
+        self, remote: RemoteFile, start: int, length: int, piece_size: int
+    ) -> list[bytes]:
+        """The range in pieces of `piece_size`, with a fresh URL if the old one is refused."""
         url = await self.signed_url(remote.id)
         try:
-            data = await self._client.read_range(url.url, start, length)
+            pieces = await self._client.read_range_pieces(url.url, start, length, piece_size)
         except UrlExpired:
             log.info("signed URL for %s refused; fetching a fresh one", remote.id)
-            self._urls.pop(remote.id, None)
+            if self._urls.get(remote.id) is url:
+                del self._urls[remote.id]
             url = await self.signed_url(remote.id)
-            data = await self._client.read_range(url.url, start, length)
-        if len(data) != length:
-            raise ShortRead(remote.id, start, length, len(data))
-        return data
+            pieces = await self._client.read_range_pieces(url.url, start, length, piece_size)
+        got = sum(len(piece) for piece in pieces)
+        if got != length:
+            raise ShortRead(remote.id, start, length, got)
+        return pieces
 
 
 def _runs(indexes: list[int], longest: int) -> Iterator[tuple[int, int]]:
@@ -286,10 +334,6 @@ def _runs(indexes: list[int], longest: int) -> Iterator[tuple[int, int]]:
         run_first, count = index, 1
     if run_first is not None:
         yield run_first, count
-
-
-def _split(data: bytes, block_size: int) -> list[bytes]:
-    return [data[at : at + block_size] for at in range(0, len(data), block_size)]
 
 
 class ShortRead(Exception):
