@@ -53,6 +53,9 @@ class DiskCacheError(Exception):
 class NoDiskCache:
     """The tier when no `--disk-cache` is given: every block comes from the network."""
 
+    def __contains__(self, key: BlockKey) -> bool:
+        return False
+
     async def load(self, file_id: str, file_size: int, first: int, count: int) -> None:
         return None
 
@@ -111,6 +114,10 @@ class DiskCache:
         return cache
 
     # -- what the reader calls ------------------------------------------------------
+
+    def __contains__(self, key: BlockKey) -> bool:
+        """Whether the block is kept (it may still turn out unsound when read)."""
+        return key in self._index
 
     async def load(
         self, file_id: str, file_size: int, first: int, count: int

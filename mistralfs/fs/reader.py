@@ -180,7 +180,7 @@ class BlockReader:
         if remote.bytes <= self.block_size or end - offset > FIRST_READ_EXACT:
             return False
         key = (remote.id, offset // self.block_size)
-        return key not in self._blocks and key not in self._inflight
+        return key not in self._blocks and key not in self._inflight and key not in self._disk
 
     def _ahead(self, offset: int, end: int, state: ReadState) -> int:
         """How many blocks past this read to prefetch; the window grows while reads are
