@@ -2,12 +2,14 @@
 
 Content never changes for a file id and ids are never reused, so a block kept under
 its id stays right for as long as it is kept. Layout: `DIR/<file id>/<block index>`,
-each file a header (magic, offset, length) and the block. A block is written to a temp
-file, flushed to the disk (fdatasync) and only then renamed into place, so neither a
-crash nor a power cut leaves part of a block under a block's name; one whose header or
-length is not what the file's listed size expects is never served, and is removed.
-(A checksum checked on every read cost about a sixth of a re-read's CPU; the durable
-write makes a torn block impossible instead.) The total is bounded by
+each file the block between two copies of a small label (magic, offset, length). A
+block is written to a temp file and renamed into place, so a crash of the daemon never
+leaves part of one under a block's name; one whose size or labels are not what the
+file's listed size expects is never served, and is removed. The label at both ends
+catches what a power cut leaves of a file the kernel had not written out yet (nothing,
+or zeros where pages were not written). Neither a checksum checked on every read (a
+sixth of a re-read's CPU) nor an fdatasync per block (the writer then falls behind a
+fast download and blocks go unkept) paid for itself. The total is bounded by
 `--disk-cache-size`, evicting the least recently used block; recency is the block
 file's mtime, touched on every hit, so the order survives restarts. One mount at a time
 uses a DIR: an flock on `DIR/lock` refuses a second. File I/O runs in trio's worker
@@ -37,7 +39,7 @@ import trio
 log = logging.getLogger(__name__)
 
 MAGIC = b"MFB2"
-HEADER = struct.Struct("<4sQQ")  # magic, offset of the block in the file, its length
+LABEL = struct.Struct("<4sQQ")  # magic, offset of the block in the file, its length
 MAX_PENDING_STORES = 32  # blocks queued for writing; beyond this a block is not kept (memory)
 COMPLAINT_INTERVAL = 60.0  # seconds between two warnings about the same kind of failure
 LOCK_NAME = "lock"
@@ -234,13 +236,15 @@ class DiskCache:
         path = self._path(key)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            sound = False
-            head = os.pread(fd, HEADER.size, 0)
-            if len(head) == HEADER.size and os.fstat(fd).st_size == HEADER.size + length:
-                magic, offset, stored_length = HEADER.unpack(head)
-                data = os.pread(fd, length, HEADER.size)  # straight into its own bytes: no copy
-                expected = (MAGIC, key[1] * self.block_size, length)
-                sound = (magic, offset, stored_length) == expected and len(data) == length
+            label = LABEL.pack(MAGIC, key[1] * self.block_size, length)
+            sound = (
+                os.fstat(fd).st_size == length + 2 * LABEL.size
+                and os.pread(fd, LABEL.size, 0) == label
+                and os.pread(fd, LABEL.size, LABEL.size + length) == label
+            )
+            if sound:
+                data = os.pread(fd, length, LABEL.size)  # straight into its own bytes: no copy
+                sound = len(data) == length
             if sound:
                 with contextlib.suppress(OSError):  # recency, for eviction after a restart
                     os.utime(fd)
@@ -273,7 +277,7 @@ class DiskCache:
 
     async def _store(self, key: BlockKey, data: bytes) -> None:
         try:
-            size = HEADER.size + len(data)
+            size = len(data) + 2 * LABEL.size
             if key[0] in self._dropped or key in self._index or size > self.max_bytes:
                 return
             victims = self._make_room(size)
@@ -306,14 +310,13 @@ class DiskCache:
         folder.mkdir(mode=0o700, exist_ok=True)
         temp = folder / f".{index}{TEMP_SUFFIX}"  # one writer per folder: the lock and `run`
         _unlink_quietly(temp)
-        header = HEADER.pack(MAGIC, index * self.block_size, len(data))
+        label = LABEL.pack(MAGIC, index * self.block_size, len(data))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(header)
+                f.write(label)
                 f.write(data)
-                f.flush()
-                os.fdatasync(f.fileno())  # on the disk before it has a block's name
+                f.write(label)
             os.replace(temp, folder / str(index))
         except BaseException:
             _unlink_quietly(temp)
