@@ -231,11 +231,12 @@ async def test_blocks_the_disk_has_not_caught_up_with_are_not_kept_rather_than_h
     tmp_path: Path,
 ) -> None:
     root = tmp_path / "disk"
-    origin = Origin({FILE_ID: os.urandom(40 * BLOCK)})
-    async with running(root, max_bytes=64 * ENTRY) as cache:
-        for index in range(40):  # no checkpoint in between: the writer cannot keep up
+    blocks = MAX_PENDING_STORES + 8
+    origin = Origin({FILE_ID: os.urandom(blocks * BLOCK)})
+    async with running(root, max_bytes=blocks * ENTRY) as cache:
+        for index in range(blocks):  # no checkpoint in between: the writer cannot keep up
             await origin.read(cache, FILE_ID, index)
-        assert cache.stats()["skipped"] == 40 - MAX_PENDING_STORES
+        assert cache.stats()["skipped"] == 8
     assert kept(root) == list(range(MAX_PENDING_STORES))
 
 

@@ -21,6 +21,7 @@ from the network and the error is logged.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"MFB2"
 LABEL = struct.Struct("<4sQQ")  # magic, offset of the block in the file, its length
-MAX_PENDING_STORES = 32  # blocks queued for writing; beyond this a block is not kept (memory)
+MAX_PENDING_STORES = 64  # blocks queued for writing; beyond this a block is not kept (memory)
 COMPLAINT_INTERVAL = 60.0  # seconds between two warnings about the same kind of failure
 LOCK_NAME = "lock"
 TEMP_SUFFIX = ".tmp"
@@ -303,20 +304,26 @@ class DiskCache:
         return victims
 
     def _write_sync(self, key: BlockKey, data: bytes, victims: list[BlockKey]) -> None:
+        """Few system calls: each one lets the busy main thread keep the GIL for a while."""
         for victim in victims:
             self._remove_block_sync(victim)
         file_id, index = key
         folder = self.root / file_id
-        folder.mkdir(mode=0o700, exist_ok=True)
         temp = folder / f".{index}{TEMP_SUFFIX}"  # one writer per folder: the lock and `run`
-        _unlink_quietly(temp)
-        label = LABEL.pack(MAGIC, index * self.block_size, len(data))
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(label)
-                f.write(data)
-                f.write(label)
+            fd = os.open(temp, flags, 0o600)
+        except FileNotFoundError:  # the file's first block
+            folder.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(temp, flags, 0o600)
+        label = LABEL.pack(MAGIC, index * self.block_size, len(data))
+        try:
+            try:
+                written = os.writev(fd, [label, data, label])
+            finally:
+                os.close(fd)
+            if written != len(data) + 2 * LABEL.size:
+                raise OSError(errno.ENOSPC, f"wrote {written} bytes of {temp}")
             os.replace(temp, folder / str(index))
         except BaseException:
             _unlink_quietly(temp)
