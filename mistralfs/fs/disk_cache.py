@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"MFB2"
 LABEL = struct.Struct("<4sQQ")  # magic, offset of the block in the file, its length
-MAX_PENDING_STORES = 64  # blocks queued for writing; beyond this a block is not kept (memory)
+MAX_PENDING_STORES = 64  # blocks queued for writing, by default; beyond, a block is not kept
 COMPLAINT_INTERVAL = 60.0  # seconds between two warnings about the same kind of failure
 LOCK_NAME = "lock"
 TEMP_SUFFIX = ".tmp"
@@ -92,8 +92,11 @@ class NoDiskCache:
 class DiskCache:
     """Blocks on local disk by (file id, index), LRU-bounded in bytes, across restarts."""
 
-    def __init__(self, root: Path, max_bytes: int, block_size: int) -> None:
+    def __init__(
+        self, root: Path, max_bytes: int, block_size: int, max_pending: int = MAX_PENDING_STORES
+    ) -> None:
         self.root = root
+        self.max_pending = max_pending
         self.max_bytes = max_bytes
         self.block_size = block_size
         self._index: OrderedDict[BlockKey, int] = OrderedDict()  # least recent first; bytes
@@ -108,9 +111,11 @@ class DiskCache:
         self.hits = self.misses = self.stored = self.skipped = self.errors = 0
 
     @classmethod
-    async def open(cls, root: Path, max_bytes: int, block_size: int) -> DiskCache:
+    async def open(
+        cls, root: Path, max_bytes: int, block_size: int, max_pending: int = MAX_PENDING_STORES
+    ) -> DiskCache:
         """Create or reuse `root` (0700), take its lock, and index what a previous run kept."""
-        cache = cls(root, max_bytes, block_size)
+        cache = cls(root, max_bytes, block_size, max_pending)
         started = time.monotonic()
         await trio.to_thread.run_sync(cache._open_sync)
         log.info("disk cache %s: %d blocks, %.1f MiB of %.1f MiB, indexed in %.2f s", root,
@@ -269,7 +274,7 @@ class DiskCache:
     def _queue_store(self, key: BlockKey, data: bytes) -> None:
         if key[0] in self._dropped:
             return
-        if self._pending >= MAX_PENDING_STORES:
+        if self._pending >= self.max_pending:
             self.skipped += 1  # the disk is slower than the network: keep memory bounded
             return
         self._pending += 1

@@ -21,7 +21,12 @@ from mistralfs.api import ApiError, AuthError, FilesClient, RetryPolicy
 from mistralfs.config import MountConfig
 from mistralfs.control import serve_status
 from mistralfs.fs.activity import Activity
-from mistralfs.fs.disk_cache import DiskCache, DiskCacheError, NoDiskCache
+from mistralfs.fs.disk_cache import (
+    MAX_PENDING_STORES,
+    DiskCache,
+    DiskCacheError,
+    NoDiskCache,
+)
 from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.operations import Operations
@@ -143,8 +148,13 @@ async def open_disk_cache(config: MountConfig) -> DiskCache | NoDiskCache:
     """The disk tier asked for, locked and indexed; refusing it refuses the mount."""
     if config.disk_cache is None:
         return NoDiskCache()
+    # Blocks waiting to be written are mostly the memory cache's own: let as many wait as
+    # it holds, so that a disk slower than the download still gets them all.
+    waiting = max(MAX_PENDING_STORES, config.cache_size // config.block_size)
     try:
-        return await DiskCache.open(config.disk_cache, config.disk_cache_size, config.block_size)
+        return await DiskCache.open(
+            config.disk_cache, config.disk_cache_size, config.block_size, waiting
+        )
     except DiskCacheError as exc:
         raise MountError(str(exc)) from exc
 
