@@ -11,10 +11,12 @@ mounts read the very same bytes from the same nginx; mistralfs shows file names,
 shows ids.
 
 Each case runs ``--reps`` times (default 3), alternating which side goes first, on fresh
-mounts where the case is cold. Medians, the ratio mistralfs/peer and the issue's target
-are printed as a table and written with every sample to ``bench/results/*.json`` and a
-chart ``*.png``. Mounts are always unmounted (``fusermount3 -u``, then ``-z -u``) and
-every process started is stopped by its pid, on errors and on Ctrl-C too.
+mounts where the case is cold. R5 compares mistralfs with itself: a re-read after a
+remount with ``--disk-cache`` against a cold read. Medians, the ratio mistralfs/peer and
+the issue's target are printed as a table and written with every sample to
+``bench/results/*.json`` and a chart ``*.png``. Mounts are always unmounted
+(``fusermount3 -u``, then ``-z -u``) and every process started is stopped by its pid, on
+errors and on Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -531,6 +533,41 @@ def run_cases(b: Bench, only: set[str] | None) -> tuple[list[Case], dict[str, fl
         info["CPU s/GiB read, mistralfs"] = statistics.median(cpu_read["mfs"])
         info["CPU s/GiB read, rclone"] = statistics.median(cpu_read["peer"])
 
+    if want("R5"):
+        r5 = case(
+            "R5",
+            f"re-read {big_mib:.0f} MiB after remount, --disk-cache",
+            "MiB/s",
+            "mistralfs cold",
+            ">= 2.0x",
+        )
+        r5.extra = {"cold_filling_disk_cache": []}
+        disk_size = f"{2 * s.big // MiB}M"
+
+        def read_big(mnt: Path) -> float:
+            """MiB/s of one dd of the big file; stat first, so the time is the read alone
+            (listing the account at the first lookup is the same cost whatever tier)."""
+            path = mnt / "bench-big" / "big.bin"
+            os.stat(path)
+            return big_mib / timed([*dd, f"if={path}"])
+
+        for rep in range(s.reps):
+            for side in alternate(rep):
+                if side == "peer":  # R1's cold read: a fresh mount, no disk cache
+                    with b.mistralfs() as (mnt, _):
+                        r5.peer.append(read_big(mnt))
+                    continue
+                disk = ["--disk-cache", str(b.fresh_dir("disk")), "--disk-cache-size", disk_size]
+                with b.mistralfs(*disk) as (mnt, _):  # the cold read fills the disk cache
+                    r5.extra["cold_filling_disk_cache"].append(read_big(mnt))
+                with b.mistralfs(*disk) as (mnt, _):  # unmounted and mounted again
+                    r5.mfs.append(read_big(mnt))
+        log(
+            f"R5: re-read after remount {r5.median('mfs'):.0f} MiB/s, cold "
+            f"{r5.median('peer'):.0f} MiB/s (cold filling the disk cache "
+            f"{statistics.median(r5.extra['cold_filling_disk_cache']):.0f} MiB/s)"
+        )
+
     if want("R3"):
         r3 = case("R3", f"first 4 KiB of cold {big_mib:.0f} MiB", "s", "rclone off", "<= 1.0x")
         for rep in range(s.reps):
@@ -762,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes")
     parser.add_argument("--reps", type=int, help="runs per case (default 3)")
     parser.add_argument("--cache-size", default="256M", help="mistralfs --cache-size (256M)")
-    parser.add_argument("--only", help="comma-separated cases: R1,R2,R3,R4,L1,L2,W1,W2,M1")
+    parser.add_argument("--only", help="comma-separated cases: R1,R2,R3,R4,R5,L1,L2,W1,W2,M1")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     check_tools()

@@ -12,6 +12,7 @@ from mistralfs import __version__
 from mistralfs.config import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_DIR_CACHE_TIME,
+    DEFAULT_DISK_CACHE_SIZE,
     DEFAULT_RETRY_TIME,
     DEFAULT_SERVER_URL,
     DEFAULT_STOP_TIMEOUT,
@@ -80,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="where uploads are spooled and logs kept (default $XDG_CACHE_HOME/mistralfs)",
     )
     mount.add_argument(
+        "--disk-cache",
+        type=Path,
+        metavar="DIR",
+        help="also keep read blocks on disk in DIR (created 0700), so that a re-read after "
+        "a remount needs no download; one mount at a time per DIR",
+    )
+    mount.add_argument(
+        "--disk-cache-size",
+        type=_size,
+        metavar="SIZE",
+        help="bytes of blocks kept in --disk-cache, least recently used evicted first "
+        f"(default {DEFAULT_DISK_CACHE_SIZE // 1024**3}G)",
+    )
+    mount.add_argument(
         "--retry-time",
         type=_seconds,
         default=DEFAULT_RETRY_TIME,
@@ -105,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPTIONS",
         help="mount options as mount(8) passes them: server_url=URL, api_key_file=F, "
-        "cache_size=SIZE, dir_cache_time=S, cache_dir=DIR, log_file=F, log_level=L, "
-        "read_only (or ro), allow_other; fstab's _netdev, nofail, noauto, x-* are ignored",
+        "cache_size=SIZE, dir_cache_time=S, cache_dir=DIR, disk_cache=DIR, "
+        "disk_cache_size=SIZE, log_file=F, log_level=L, read_only (or ro), allow_other; "
+        "fstab's _netdev, nofail, noauto, x-* are ignored",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 

@@ -20,6 +20,7 @@ DEFAULT_DIR_CACHE_TIME = 30.0
 DEFAULT_BLOCK_SIZE = 1024**2
 DEFAULT_RETRY_TIME = 30.0
 DEFAULT_STOP_TIMEOUT = 600.0
+DEFAULT_DISK_CACHE_SIZE = 10 * 1024**3
 MAX_FILE_SIZE = 512 * 1024**2
 SYSTEMD_CREDENTIAL = "mistral-api-key"
 
@@ -118,6 +119,8 @@ class MountConfig:
     max_file_size: int = MAX_FILE_SIZE
     retry_time: float = DEFAULT_RETRY_TIME
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    disk_cache: Path | None = None
+    disk_cache_size: int = DEFAULT_DISK_CACHE_SIZE
 
     @property
     def pid_file(self) -> Path:
@@ -149,6 +152,8 @@ _VALUE_OPTIONS = {
     "log_level": "--log-level",
     "retry_time": "--retry-time",
     "stop_timeout": "--stop-timeout",
+    "disk_cache": "--disk-cache",
+    "disk_cache_size": "--disk-cache-size",
 }
 _FLAG_OPTIONS = {
     "read_only": "--read-only",

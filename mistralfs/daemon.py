@@ -23,6 +23,8 @@ from pathlib import Path
 import trio
 
 from mistralfs.config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DISK_CACHE_SIZE,
     ConfigError,
     MountConfig,
     default_cache_dir,
@@ -50,6 +52,7 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
     if any(mountpoint.iterdir()):
         raise ConfigError(f"mountpoint {mountpoint} is not empty: mounting would hide its files")
     cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
+    disk_cache = _disk_cache_dir(args.disk_cache, args.disk_cache_size, mountpoint)
     return MountConfig(
         mountpoint=mountpoint,
         server_url=args.server_url.rstrip("/"),
@@ -61,7 +64,29 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         allow_other=args.allow_other,
         retry_time=args.retry_time,
         stop_timeout=args.stop_timeout,
+        disk_cache=disk_cache,
+        disk_cache_size=args.disk_cache_size or DEFAULT_DISK_CACHE_SIZE,
     )
+
+
+MIN_DISK_CACHE_BLOCKS = 2
+
+
+def _disk_cache_dir(folder: Path | None, size: int | None, mountpoint: Path) -> Path | None:
+    """Check --disk-cache and its size before mounting, so mistakes get one clear line."""
+    if folder is None:
+        if size is not None:
+            raise ConfigError("--disk-cache-size needs --disk-cache DIR")
+        return None
+    folder = folder.expanduser().resolve()
+    if folder == mountpoint or mountpoint in folder.parents:
+        raise ConfigError(f"--disk-cache {folder} is inside the mountpoint {mountpoint}")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--disk-cache {folder} exists and is not a folder")
+    smallest = MIN_DISK_CACHE_BLOCKS * DEFAULT_BLOCK_SIZE
+    if size is not None and size < smallest:
+        raise ConfigError(f"--disk-cache-size must be at least {smallest // 1024**2}M")
+    return folder
 
 
 def _clear_stale_mount(mountpoint: Path) -> None:
@@ -163,6 +188,9 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
         command.append("--read-only")
     if config.allow_other:
         command.append("--allow-other")
+    if config.disk_cache is not None:
+        command += ["--disk-cache", str(config.disk_cache)]
+        command += ["--disk-cache-size", str(config.disk_cache_size)]
     env = dict(os.environ, MISTRAL_API_KEY=config.api_key)  # never on the command line
     with open(log_file, "ab") as stderr:
         child = subprocess.Popen(

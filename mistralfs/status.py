@@ -80,6 +80,13 @@ def render(snapshot: dict) -> str:
         + (f"{hit_rate:.0%}" if hit_rate is not None else "-")
         + f" · prefetch in flight {cache.get('prefetch_in_flight', 0)}"
     )
+    disk = snapshot.get("disk_cache")
+    if disk:
+        lines.append(
+            f" disk cache {_mib(disk['bytes'])} of {_mib(disk['max_bytes'])}, "
+            f"{disk['hits']} hits, {disk['misses']} misses, {disk['errors']} errors"
+            f" · {disk['dir']}"
+        )
     requests = ", ".join(f"{k} {v}" for k, v in sorted(snapshot.get("requests", {}).items()))
     errors = ", ".join(f"{k} {v}" for k, v in sorted(snapshot.get("errors", {}).items()))
     lines.append(f" requests: {requests or 'none'}")

@@ -21,6 +21,12 @@ from mistralfs.api import ApiError, AuthError, FilesClient, RetryPolicy
 from mistralfs.config import MountConfig
 from mistralfs.control import serve_status
 from mistralfs.fs.activity import Activity
+from mistralfs.fs.disk_cache import (
+    MAX_PENDING_STORES,
+    DiskCache,
+    DiskCacheError,
+    NoDiskCache,
+)
 from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.operations import Operations
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STARTUP_CHECK_SECONDS = 12.0
 STATUS_INTERVAL = 1.0
+DISK_FLUSH_SECONDS = 10.0  # at a clean stop, how long blocks queued for the disk cache may take
 READAHEAD_KIB = 1024  # the largest request FUSE sends (256 pages)
 STARTUP_RETRY = RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=2.0, total_budget=8.0)
 
@@ -69,9 +76,11 @@ async def check_key(config: MountConfig) -> None:
 async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount, call `on_ready` once the mount answers, and serve until unmounted or signalled."""
     await check_key(config)
+    disk = await open_disk_cache(config)
     retry = RetryPolicy(total_budget=config.retry_time)
     async with (
         FilesClient(config.server_url, config.api_key, retry=retry) as client,
+        disk,
         trio.open_nursery() as nursery,
     ):
         activity = Activity()
@@ -79,8 +88,9 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         namespace.on_name_removed = _forget_in_kernel
         namespace.on_attrs_changed = _forget_attrs_in_kernel
         reader = BlockReader(
-            client, nursery, cache_size=config.cache_size, block_size=config.block_size
+            client, nursery, cache_size=config.cache_size, block_size=config.block_size, disk=disk
         )
+        nursery.start_soon(disk.run)
         writer = Writer(
             client,
             namespace,
@@ -102,6 +112,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 "pending": writer.pending(),
                 "recovered": len(list(config.recovery_dir.glob("*.spool"))),
                 "cache": reader.stats(),
+                "disk_cache": disk.stats(),
                 "requests": dict(client.stats.requests),
                 "errors": dict(client.stats.errors),
             }
@@ -112,7 +123,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         except RuntimeError as exc:
             raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from exc
         stop = _StopRequest()
-        unmounted_by_kernel = False
+        unmounted_by_kernel = stopped = False
         try:
             recovered = trio.Event()
             nursery.start_soon(_recover, client, leftovers, config, namespace, recovered)
@@ -121,12 +132,31 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
             nursery.start_soon(_announce_when_answering, config, activity, on_ready)
             await pyfuse3.main()
             unmounted_by_kernel = not stop.requested
+            stopped = True
         finally:
             # After `umount` the kernel has unmounted already; after a signal or a crash
             # we unmount, so no dead mount is left behind.
             pyfuse3.close(unmount=not unmounted_by_kernel)
+            if stopped:  # a clean stop: what was read is on disk for the next mount
+                with trio.move_on_after(DISK_FLUSH_SECONDS):
+                    await disk.flush()
             nursery.cancel_scope.cancel()
     log.info("unmounted %s", config.mountpoint)
+
+
+async def open_disk_cache(config: MountConfig) -> DiskCache | NoDiskCache:
+    """The disk tier asked for, locked and indexed; refusing it refuses the mount."""
+    if config.disk_cache is None:
+        return NoDiskCache()
+    # Blocks waiting to be written are mostly the memory cache's own: let as many wait as
+    # it holds, so that a disk slower than the download still gets them all.
+    waiting = max(MAX_PENDING_STORES, config.cache_size // config.block_size)
+    try:
+        return await DiskCache.open(
+            config.disk_cache, config.disk_cache_size, config.block_size, waiting
+        )
+    except DiskCacheError as exc:
+        raise MountError(str(exc)) from exc
 
 
 def _raise_readahead(device: int, kib: int) -> None:

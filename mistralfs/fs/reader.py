@@ -5,7 +5,9 @@ Blocks are fetched with HTTP Range from the signed URL (another host, no API key
 file no larger than one block is fetched whole from `/content` in a single request.
 Concurrent readers of one block share one request; sequential readers get a prefetch
 window that doubles up to a bound, fetched as runs of several blocks per request
-(per-request cost, not bandwidth, is what limits a Python client on a fast link).
+(per-request cost, not bandwidth, is what limits a Python client on a fast link). With
+`--disk-cache`, a run missing from memory is looked for on disk before the network, and
+kept there after (disk_cache.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import trio
 from cachetools import LRUCache, TLRUCache
 
 from mistralfs.api import FilesClient, RemoteFile, SignedUrl, UrlExpired
+from mistralfs.fs.disk_cache import DiskCache, NoDiskCache
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,10 @@ class BlockReader:
         *,
         cache_size: int,
         block_size: int,
+        disk: DiskCache | NoDiskCache | None = None,
     ) -> None:
         self._client = client
+        self._disk = disk or NoDiskCache()
         self._nursery = nursery
         self.block_size = block_size
         self._blocks: LRUCache[BlockKey, bytes] = LRUCache(maxsize=cache_size, getsizeof=len)
@@ -167,6 +172,7 @@ class BlockReader:
     def forget(self, file_id: str) -> None:
         """Drop what is cached for a file that no longer exists."""
         self._urls.pop(file_id, None)
+        self._disk.forget(file_id)
         for key in [k for k in self._blocks if k[0] == file_id]:
             self._blocks.pop(key, None)
 
@@ -174,7 +180,7 @@ class BlockReader:
         if remote.bytes <= self.block_size or end - offset > FIRST_READ_EXACT:
             return False
         key = (remote.id, offset // self.block_size)
-        return key not in self._blocks and key not in self._inflight
+        return key not in self._blocks and key not in self._inflight and key not in self._disk
 
     def _ahead(self, offset: int, end: int, state: ReadState) -> int:
         """How many blocks past this read to prefetch; the window grows while reads are
@@ -272,7 +278,10 @@ class BlockReader:
         """The registered blocks from `first` on, in one request; each shared with its waiters."""
         keys = [(remote.id, index) for index in range(first, first + len(fetches))]
         try:
-            blocks = await self._fetch(remote, first, len(fetches))
+            blocks = await self._disk.load(remote.id, remote.bytes, first, len(fetches))
+            if blocks is None:
+                blocks = await self._fetch(remote, first, len(fetches))
+                self._disk.store(remote.id, remote.bytes, first, blocks)
             for key, fetch, block in zip(keys, fetches, blocks, strict=True):
                 self._blocks[key] = fetch.data = block
             return blocks
