@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -139,6 +140,24 @@ def mount_command(args: argparse.Namespace) -> int:
     return _start_background(config, args)
 
 
+E = TypeVar("E", bound=BaseException)
+
+
+def mount_error_in(raised: BaseException, kind: type[E]) -> E | None:
+    """The `kind` error that stopped the mount, also when a nursery wrapped it in an
+    ExceptionGroup; None if anything else is in there too."""
+    if isinstance(raised, kind):
+        return raised
+    if isinstance(raised, BaseExceptionGroup):
+        found, rest = raised.split(kind)
+        if found is not None and rest is None:
+            leaf: BaseException = found
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf if isinstance(leaf, kind) else None
+    return None
+
+
 def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
     from mistralfs.fs.mount import MountError, serve
 
@@ -157,7 +176,10 @@ def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
 
     try:
         trio.run(serve, config, on_ready)
-    except MountError as exc:
+    except (MountError, ExceptionGroup) as raised:
+        exc = mount_error_in(raised, MountError)
+        if exc is None:
+            raise
         log.error("%s", exc)
         if ready_pipe is not None and not ready_pipe.closed:
             ready_pipe.write(f"error {exc}\n")

@@ -265,3 +265,15 @@ def test_status_watch_refreshes_until_interrupted(mounted: Mounted) -> None:
     out, _ = watch.communicate(timeout=10)
     assert watch.returncode == 0
     assert out.count("\033[H\033[2J") >= 2 and out.count(str(mounted.path)) >= 2
+
+
+def test_a_mount_error_raised_inside_a_nursery_is_still_reported() -> None:
+    """trio wraps an error raised in a nursery in an ExceptionGroup; its one line still shows."""
+    from mistralfs.daemon import mount_error_in
+    from mistralfs.fs.mount import MountError
+
+    error = MountError("cannot mount at /x: bad")
+    assert mount_error_in(error, MountError) is error
+    assert mount_error_in(ExceptionGroup("g", [ExceptionGroup("h", [error])]), MountError) is error
+    assert mount_error_in(ExceptionGroup("g", [error, ValueError()]), MountError) is None
+    assert mount_error_in(ValueError(), MountError) is None
