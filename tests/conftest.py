@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -44,6 +44,37 @@ async def start_emulator(nursery: trio.Nursery, config: EmulatorConfig) -> Runni
     """Serve ``config`` in ``nursery``; cancel the nursery to stop it."""
     url = await nursery.start(serve, config)
     return RunningEmulator(url=url, api_key=config.api_key, data_dir=config.data_dir, config=config)
+
+
+async def serve_asgi(nursery: trio.Nursery, handle: Any) -> str:
+    """Serve an HTTP-only ASGI callable on a free local port (lifespan answered here)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as serve_hypercorn
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await handle(scope, receive, send)
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    return (await nursery.start(serve_hypercorn, app, config))[0]
+
+
+async def answer(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Send one whole HTTP answer from an ASGI app."""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def answer_range(send: Any, range_header: str, body: bytes) -> None:
+    """A 206 with the `bytes=A-B` range of `body`, as storage answers a signed URL."""
+    a, b = range_header.removeprefix("bytes=").split("-")
+    content_range = f"bytes {a}-{b}/{len(body)}".encode()
+    await answer(send, 206, [(b"content-range", content_range)], body[int(a) : int(b) + 1])
 
 
 @pytest.fixture

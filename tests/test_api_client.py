@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import trio
+from conftest import answer, answer_range, serve_asgi
 
 from mistralfs.api import (
     ApiError,
@@ -406,31 +407,15 @@ async def test_range_read_never_sends_api_key(client: FilesClient, emulator: Any
     body = b"0123456789" * 10
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         seen.append({"path": scope["path"], **headers})
         if scope["path"].startswith("/v1/files"):
-            status, payload, extra = 200, b'{"data": [], "total": 0}', []
+            await answer(send, 200, [], b'{"data": [], "total": 0}')
         else:
-            a, b = headers["range"].removeprefix("bytes=").split("-")
-            payload = body[int(a) : int(b) + 1]
-            status, extra = 206, [(b"content-range", f"bytes {a}-{b}/{len(body)}".encode())]
-        await send({"type": "http.response.start", "status": status, "headers": extra})
-        await send({"type": "http.response.body", "body": payload})
+            await answer_range(send, headers["range"], body)
 
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(serve, app, config)
-        url = binds[0]
+        url = await serve_asgi(nursery, app)
         async with FilesClient(url, emulator.api_key, retry=FAST) as c:
             assert await c.read_range(f"{url}/storage/x?sig=s3cret", 10, 5) == body[10:15]
             await c.check_auth()

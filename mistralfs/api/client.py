@@ -52,7 +52,6 @@ from mistralfs.api.retry import (
     parse_retry_after,
     run_with_retries,
 )
-from mistralfs.api.transport import large_read_transport
 
 logger = logging.getLogger(__name__)
 
@@ -396,7 +395,7 @@ class FilesClient:
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             headers={"User-Agent": user_agent},
             follow_redirects=False,
-            transport=transport or large_read_transport(),
+            transport=transport,
         )
         # Signed-URL ranges go through http.client in worker threads (see storage.py),
         # unless the network is replaced (tests) or a proxy applies.

@@ -1,4 +1,4 @@
-"""The large-read transport: the socket is asked for big reads, and bodies stay whole."""
+"""Signed-URL range reads: whole ranges, cut into blocks, on kept-alive connections."""
 
 from __future__ import annotations
 
@@ -7,62 +7,16 @@ import os
 import pathlib
 import typing
 
-import httpcore
-import httpx
 import pytest
+import trio
+from conftest import answer, answer_range, serve_asgi
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mistralfs.api import FilesClient, storage
 from mistralfs.api.client import _cut
-from mistralfs.api.transport import READ_BYTES, LargeReadBackend, large_read_transport
 
-
-class RecordingStream(httpcore.AsyncNetworkStream):
-    """An inner stream that records what it was asked for and fills `full` reads."""
-
-    def __init__(self) -> None:
-        self.asked: list[int] = []
-        self.full = 0
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        self.asked.append(max_bytes)
-        if self.full:
-            self.full -= 1
-            return bytes(max_bytes)
-        return b"short"
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        pass
-
-    async def aclose(self) -> None:
-        pass
-
-
-class RecordingBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self) -> None:
-        self.stream = RecordingStream()
-
-    async def connect_tcp(self, *args: typing.Any, **kwargs: typing.Any) -> RecordingStream:
-        return self.stream
-
-
-async def test_reads_grow_while_they_come_back_full() -> None:
-    inner = RecordingBackend()
-    stream = await LargeReadBackend(inner).connect_tcp("127.0.0.1", 1)
-    inner.stream.full = 6
-    for _ in range(8):
-        await stream.read(64 * 1024)
-    KiB = 1024
-    # Doubling while full, up to READ_BYTES; back to httpcore's size after a short read.
-    grown = [64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB, READ_BYTES, READ_BYTES]
-    assert inner.stream.asked == [*grown, READ_BYTES, 64 * KiB]
-
-
-async def test_large_read_transport_serves_whole_bodies(emulator: typing.Any) -> None:
-    async with httpx.AsyncClient(transport=large_read_transport()) as http:
-        response = await http.get(f"{emulator.url}/v1/files", headers={"Authorization": "x"})
-    assert response.status_code == 401  # a real answer, parsed through the new backend
+MiB = 1024 * 1024
 
 
 async def uploaded_url(client: FilesClient, tmp_path: pathlib.Path, size: int) -> tuple[bytes, str]:
@@ -78,8 +32,8 @@ async def test_client_reads_multi_mebibyte_ranges_intact(
     emulator: typing.Any, tmp_path: pathlib.Path
 ) -> None:
     async with FilesClient(emulator.url, emulator.api_key) as client:
-        data, url = await uploaded_url(client, tmp_path, 5 * READ_BYTES + 12345)
-        for start, length in ((0, 4 * READ_BYTES), (READ_BYTES - 7, 3 * READ_BYTES + 99)):
+        data, url = await uploaded_url(client, tmp_path, 5 * MiB + 12345)
+        for start, length in ((0, 4 * MiB), (MiB - 7, 3 * MiB + 99)):
             assert await client.read_range(url, start, length) == data[start : start + length]
 
 
@@ -107,9 +61,9 @@ async def test_client_reads_ranges_in_block_pieces(
     emulator: typing.Any, tmp_path: pathlib.Path
 ) -> None:
     async with FilesClient(emulator.url, emulator.api_key) as client:
-        data, url = await uploaded_url(client, tmp_path, 3 * READ_BYTES + 500)
-        pieces = await client.read_range_pieces(url, 100, 3 * READ_BYTES + 400, READ_BYTES)
-    assert [len(p) for p in pieces] == [READ_BYTES, READ_BYTES, READ_BYTES, 400]
+        data, url = await uploaded_url(client, tmp_path, 3 * MiB + 500)
+        pieces = await client.read_range_pieces(url, 100, 3 * MiB + 400, MiB)
+    assert [len(p) for p in pieces] == [MiB, MiB, MiB, 400]
     assert b"".join(pieces) == data[100:]
 
 
@@ -129,11 +83,35 @@ async def test_direct_reads_keep_their_connection_and_count_as_storage_requests(
     emulator: typing.Any, tmp_path: pathlib.Path
 ) -> None:
     async with FilesClient(emulator.url, emulator.api_key) as client:
-        data, url = await uploaded_url(client, tmp_path, 2 * READ_BYTES)
+        data, url = await uploaded_url(client, tmp_path, 2 * MiB)
         before = client.stats.requests["storage"]
-        for start in range(0, 2 * READ_BYTES, READ_BYTES // 2):
-            [piece] = await client.read_range_pieces(url, start, 1000, READ_BYTES)
+        for start in range(0, 2 * MiB, MiB // 2):
+            [piece] = await client.read_range_pieces(url, start, 1000, MiB)
             assert piece == data[start : start + 1000]
         assert client.stats.requests["storage"] - before == 4
         assert client._direct is not None
         assert sum(len(c) for c in client._direct._idle.values()) == 1  # one connection, reused
+
+
+async def test_a_redirected_signed_url_is_followed_by_the_httpx_path(emulator: typing.Any) -> None:
+    """http.client follows no redirect; such an answer is read again through httpx."""
+    body = bytes(range(256)) * 8
+    seen: list[tuple[str, bool]] = []
+
+    async def app(scope: dict[str, typing.Any], receive: typing.Any, send: typing.Any) -> None:
+        headers = dict(scope["headers"])
+        seen.append((scope["path"], b"authorization" in headers))
+        if scope["path"] == "/moved":
+            await answer(send, 307, [(b"location", b"/blob?sig=s")], b"")
+        else:
+            await answer_range(send, headers[b"range"].decode(), body)
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, app)
+        async with FilesClient(emulator.url, emulator.api_key) as client:
+            pieces = await client.read_range_pieces(f"{url}/moved?sig=s", 100, 1500, 1024)
+        nursery.cancel_scope.cancel()
+    assert [len(p) for p in pieces] == [1024, 476]
+    assert b"".join(pieces) == body[100:1600]
+    # Tried directly, then through httpx, which followed the redirect; never with the key.
+    assert seen == [("/moved", False), ("/moved", False), ("/blob", False)]
