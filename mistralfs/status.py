@@ -78,7 +78,7 @@ def render(snapshot: dict) -> str:
     lines.append(
         f" cache {_mib(cache.get('bytes', 0))} of {_mib(cache.get('max_bytes', 0))}, hit rate "
         + (f"{hit_rate:.0%}" if hit_rate is not None else "-")
-        + f" · prefetch in flight {cache.get('prefetch_in_flight', 0)}"
+        + f" · blocks being fetched {cache.get('fetches_in_flight', 0)}"
     )
     disk = snapshot.get("disk_cache")
     if disk:

@@ -52,7 +52,7 @@ class ReadState:
 
     next_offset: int = 0
     window: int = 1
-    reads: int = 0
+    started: bool = False  # a first read has been answered
 
 
 class BlockReader:
@@ -85,7 +85,7 @@ class BlockReader:
         self._urls_ahead_limit = trio.CapacityLimiter(MAX_URLS_AHEAD)
         self.hits = 0
         self.misses = 0
-        self._prefetching = 0
+        self._fetching = 0
 
     async def read(
         self, remote: RemoteFile, offset: int, size: int, state: ReadState
@@ -94,8 +94,8 @@ class BlockReader:
         if offset >= end:
             return b""
         first, last = offset // self.block_size, (end - 1) // self.block_size
-        exact = state.reads == 0 and self._first_read_exact(remote, offset, end)
-        state.reads += 1
+        exact = not state.started and self._first_read_exact(remote, offset, end)
+        state.started = True
         if exact:
             # Time to first byte: the first read waits for its own bytes only, then the
             # blocks are fetched for the reads that follow.
@@ -224,13 +224,13 @@ class BlockReader:
     async def _fetch_in_background(
         self, remote: RemoteFile, first: int, fetches: list[_Fetch]
     ) -> None:
-        self._prefetching += len(fetches)
+        self._fetching += len(fetches)
         try:
             await self._fetch_run(remote, first, fetches)
         except Exception as exc:  # a reader that needs the block will see the error itself
             log.debug("fetch of %s blocks %d+%d failed: %s", remote.id, first, len(fetches), exc)
         finally:
-            self._prefetching -= len(fetches)
+            self._fetching -= len(fetches)
 
     def stats(self) -> dict[str, object]:
         looked_up = self.hits + self.misses
@@ -241,7 +241,7 @@ class BlockReader:
             "hits": self.hits,
             "misses": self.misses,
             "hit_rate": self.hits / looked_up if looked_up else None,
-            "prefetch_in_flight": self._prefetching,
+            "fetches_in_flight": self._fetching,
             "signed_urls": len(self._urls),
         }
 
