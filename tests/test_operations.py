@@ -321,6 +321,51 @@ async def test_prefetch_stops_on_a_seek(stack: Stack) -> None:
     assert sorted(ranges) == sorted([*blocks, f"bytes={10 * BLOCK}-{10 * BLOCK + 99}"])
 
 
+async def test_prefetch_is_bounded_across_files(emulator: RunningEmulator, tmp_path: Path) -> None:
+    """Four files read at once with a 16-block cache: at most 4 blocks ahead in all."""
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, tmp_path / "cache", cache_size=16 * BLOCK)
+        contents = [os.urandom(16 * BLOCK) for _ in range(4)]
+        for i, content in enumerate(contents):
+            await upload(stack, f"b{i}.bin", content)
+        batch = await stack.folder("batch")
+        infos = []
+        for i in range(4):
+            inode = (await stack.ops.lookup(batch, b"b%d.bin" % i)).st_ino
+            infos.append(await stack.ops.open(inode, os.O_RDONLY, None))
+        await stack.admin(
+            "POST",
+            "faults",
+            json=[{"path_prefix": "/storage/", "status": None, "delay": 0.3, "times": None}],
+        )
+        reader = stack.ops.fs._reader
+        most = 0
+
+        async def read_sequentially(info: pyfuse3.FileInfo, data: bytes) -> None:
+            for offset in range(0, 4 * BLOCK, BLOCK // 2):
+                assert (
+                    await stack.ops.read(info.fh, offset, BLOCK // 2)
+                    == data[offset : offset + BLOCK // 2]
+                )
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, reader.stats()["fetches_in_flight"])
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as readers:
+            readers.start_soon(watch)
+            async with trio.open_nursery() as files:
+                for info, data in zip(infos, contents, strict=True):
+                    files.start_soon(read_sequentially, info, data)
+            readers.cancel_scope.cancel()
+        # Without the bound: each file's own block and 4 ahead, 20 in all.
+        assert 4 < most <= 4 + 4, most  # 4 ahead at most, plus each file's own block
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_first_read_of_a_large_file_waits_for_its_own_bytes_only(stack: Stack) -> None:
     data = os.urandom(4 * BLOCK)
     info = await open_uploaded(stack, "first.bin", data)

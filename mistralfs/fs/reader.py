@@ -79,13 +79,14 @@ class BlockReader:
             timer=time.time,
         )
         self._max_prefetch = max(1, min(MAX_PREFETCH_BLOCKS, cache_size // (4 * block_size)))
+        # Blocks on their way at once, across files (a read's own blocks always go).
+        self._max_in_flight = max(RUN_BLOCKS, cache_size // (4 * block_size))
         # Small files fetched ahead (see readahead.py): a bounded number at a time.
         self._whole_files_limit = trio.CapacityLimiter(MAX_WHOLE_FILES_AHEAD)
         self._url_fetches: dict[str, trio.Event] = {}
         self._urls_ahead_limit = trio.CapacityLimiter(MAX_URLS_AHEAD)
         self.hits = 0
         self.misses = 0
-        self._fetching = 0
 
     async def read(
         self, remote: RemoteFile, offset: int, size: int, state: ReadState
@@ -215,7 +216,14 @@ class BlockReader:
         ahead_missing = [index for index in wanted if index > last]
         if len(ahead_missing) < RUN_BLOCKS and (last + 1) not in ahead_missing:
             ahead_missing = []  # refill in whole runs, not one block per read
-        later = _runs(ahead_missing, RUN_BLOCKS)
+        # Bounded in total too, however many files are being read at once.
+        room = self._max_in_flight - len(self._inflight) - len(now)
+        later = []
+        for run_first, count in _runs(ahead_missing, RUN_BLOCKS):
+            if count > room:
+                break
+            later.append((run_first, count))
+            room -= count
         for run_first, count in [*now, *later]:
             # Registered now, not when the task starts, so that no other read fetches them.
             fetches = self._register(remote.id, run_first, count)
@@ -224,13 +232,10 @@ class BlockReader:
     async def _fetch_in_background(
         self, remote: RemoteFile, first: int, fetches: list[_Fetch]
     ) -> None:
-        self._fetching += len(fetches)
         try:
             await self._fetch_run(remote, first, fetches)
         except Exception as exc:  # a reader that needs the block will see the error itself
             log.debug("fetch of %s blocks %d+%d failed: %s", remote.id, first, len(fetches), exc)
-        finally:
-            self._fetching -= len(fetches)
 
     def stats(self) -> dict[str, object]:
         looked_up = self.hits + self.misses
@@ -241,7 +246,7 @@ class BlockReader:
             "hits": self.hits,
             "misses": self.misses,
             "hit_rate": self.hits / looked_up if looked_up else None,
-            "fetches_in_flight": self._fetching,
+            "fetches_in_flight": len(self._inflight),
             "signed_urls": len(self._urls),
         }
 
