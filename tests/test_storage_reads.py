@@ -71,12 +71,16 @@ def test_direct_reads_only_where_no_proxy_applies(monkeypatch: pytest.MonkeyPatc
     for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     url = "https://account.blob.example/c/f?sig=x"
-    assert storage.applies_to(url)
+
+    def direct(url: str) -> bool:  # proxy settings are read when the reader is made
+        return storage.DirectRangeReader(user_agent="t").serves(url)
+
+    assert direct(url)
     monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
-    assert not storage.applies_to(url)  # http.client would bypass the proxy: httpx reads it
+    assert not direct(url)  # http.client would bypass the proxy: httpx reads it
     monkeypatch.setenv("no_proxy", "account.blob.example")
-    assert storage.applies_to(url)
-    assert not storage.applies_to("ftp://host/file")
+    assert direct(url)
+    assert not direct("ftp://host/file")
 
 
 async def test_direct_reads_keep_their_connection_and_count_as_storage_requests(

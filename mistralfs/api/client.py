@@ -992,7 +992,7 @@ class FilesClient:
             httpx.URL(url)
         except httpx.InvalidURL as exc:
             raise ProtocolError(f"invalid signed URL: {exc}", method="GET", url=url) from None
-        if self._direct is not None and storage.applies_to(url):
+        if self._direct is not None and self._direct.serves(url):
             try:
                 return await self._direct_range(url, start, length, piece_size)
             except storage.NotForDirectRead:

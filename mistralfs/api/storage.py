@@ -45,16 +45,6 @@ class RangeAnswer:
         return httpx.Response(self.status, headers=self.headers, content=self.error_body)
 
 
-def applies_to(url: str) -> bool:
-    """Whether a URL can be read directly: http(s), and no proxy configured for it."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    return parts.scheme not in urllib.request.getproxies() or bool(
-        urllib.request.proxy_bypass(parts.hostname)
-    )
-
-
 class DirectRangeReader:
     """Keeps a few idle connections per storage host and reads ranges in worker threads."""
 
@@ -63,6 +53,23 @@ class DirectRangeReader:
         self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._ssl = ssl.create_default_context()
+        # Proxy settings are read once (the environment scan costs more than a read's
+        # own work), and the answer kept per host.
+        self._proxies = urllib.request.getproxies()
+        self._direct_hosts: dict[tuple[str, str], bool] = {}
+
+    def serves(self, url: str) -> bool:
+        """Whether a URL can be read directly: http(s), and no proxy configured for it."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return False
+        key = (parts.scheme, parts.hostname)
+        direct = self._direct_hosts.get(key)
+        if direct is None:
+            direct = self._direct_hosts[key] = parts.scheme not in self._proxies or bool(
+                urllib.request.proxy_bypass_environment(parts.hostname, self._proxies)
+            )
+        return direct
 
     async def get_range(
         self, url: str, start: int, length: int, piece_size: int, socket_timeout: float
