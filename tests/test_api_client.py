@@ -29,6 +29,7 @@ from mistralfs.api import (
     ApiError,
     AuthError,
     FilesClient,
+    GrowingFile,
     NotFound,
     ProtocolError,
     RateLimited,
@@ -36,6 +37,7 @@ from mistralfs.api import (
     RemoteFile,
     RetryPolicy,
     ServerError,
+    StreamAbandoned,
     TooLarge,
     Unavailable,
     UrlExpired,
@@ -988,3 +990,142 @@ async def test_seeded_upload_faults_leave_exactly_one_file_each(
     # The seed really did lose stored uploads (and refuse others) along the way.
     kinds = {h["kind"] for h in history}
     assert {"lost", "badjson", "cut"} & kinds and {"reset", "503"} & kinds, kinds
+
+
+# ------------------------------------------------- uploads while the file is written
+
+
+async def feed(path: pathlib.Path, growing: GrowingFile, pieces: list[bytes]) -> None:
+    """Append `pieces` to `path` one by one, reporting each as a writer does."""
+    with open(path, "ab") as f:  # noqa: ASYNC230 (a few small local writes)
+        for piece in pieces:
+            f.write(piece)
+            f.flush()
+            growing.grew(f.tell())
+            await trio.sleep(0.02)
+
+
+async def test_a_growing_upload_sends_while_the_file_is_written_and_stores_it_once(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    pieces = [os.urandom(300_000) for _ in range(4)]
+    path = write(tmp_path, "grow.bin", b"")
+    growing = GrowingFile()
+    sent: list[int] = []
+    upload = client.growing_upload(
+        path, growing, filename="grow.bin", purpose="batch", progress=sent.append
+    )
+    await admin.clear_requests()
+    async with trio.open_nursery() as nursery:
+        result: list[RemoteFile] = []
+        nursery.start_soon(lambda: _collect(upload.run(), result))
+        await feed(path, growing, pieces)
+        sent_before_the_end = max(sent)
+        growing.finish(path.stat().st_size)
+    data = b"".join(pieces)
+    assert sent_before_the_end == len(data)  # every byte went out before the close
+    (stored,) = result
+    assert stored.bytes == len(data) and stored.signature == hashlib.md5(data).hexdigest()
+    assert upload.complete
+    assert [r["method"] for r in await admin.requests()] == ["POST"]
+    await client.download(stored.id, tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == data
+
+
+async def _collect(call: Any, into: list[Any]) -> None:
+    into.append(await call)
+
+
+@pytest.mark.parametrize("how", ["abandoned", "idle"])
+async def test_a_growing_upload_that_is_stopped_stores_nothing(
+    client: FilesClient, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setattr("mistralfs.api.client.GROWING_IDLE_LIMIT", 0.3)
+    path = write(tmp_path, "stop.bin", b"")
+    growing = GrowingFile()
+    upload = client.growing_upload(path, growing, filename="stop.bin", purpose="batch")
+    stopped: list[StreamAbandoned] = []
+
+    async def run() -> None:
+        with pytest.raises(StreamAbandoned) as info:
+            await upload.run()
+        stopped.append(info.value)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await feed(path, growing, [b"x" * 100_000, b"y" * 100_000])
+        if how == "abandoned":
+            growing.abandon("the file was deleted")
+    (reason,) = stopped
+    assert str(reason) == (
+        "the file was deleted" if how == "abandoned" else "nothing was written for 0.3 s"
+    )
+    assert not upload.complete
+    assert await client.list_all() == []
+
+
+@pytest.mark.parametrize("status", [411, 422])
+async def test_a_service_refusing_unknown_lengths_gets_whole_files_from_then_on(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, status: int
+) -> None:
+    """A server that wants a Content-Length answers 411 (as some proxies do) to chunked
+    bodies, or reads no body from them and refuses the form (422)."""
+    from conftest import emulator_config
+
+    from mistralfs.emulator.server import create_app
+
+    config = emulator_config(tmp_path / "emu")
+    app = create_app(config)
+    chunked_refused = []
+
+    async def wants_length(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["method"] == "POST" and b"transfer-encoding" in dict(scope["headers"]):
+            chunked_refused.append(True)
+            await answer(send, status, [], b'{"detail": "Length Required"}')
+            return
+        await app(scope, receive, send)
+
+    url = await serve_asgi(nursery, wants_length)
+    path = write(tmp_path, "len.bin", b"")
+    async with FilesClient(url, config.api_key, retry=FAST) as c:
+        growing = GrowingFile()
+        upload = c.growing_upload(path, growing, filename="len.bin", purpose="batch")
+        await feed(path, growing, [b"z" * 50_000])
+        growing.finish(50_000)
+        with pytest.raises(Rejected, match="Length Required"):
+            await upload.run()
+        assert c.sends_growing_uploads == (status != 411)  # a 411 says so at once
+        stored = await c.upload(path, filename="len.bin", purpose="batch", after=upload)
+        assert not c.sends_growing_uploads
+        assert [f.id for f in await c.list_all()] == [stored.id]
+    assert chunked_refused == [True]
+    assert stored.bytes == 50_000
+
+
+async def test_a_lost_answer_to_a_growing_upload_is_found_not_sent_again(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    url, server = await serve_spoiled(nursery, tmp_path, "cut")
+    data = os.urandom(200_000)
+    path = write(tmp_path, "cut.bin", b"")
+    async with FilesClient(url, "k", retry=FAST, timeout=0.5) as c:
+        growing = GrowingFile()
+        upload = c.growing_upload(path, growing, filename="cut.bin", purpose="batch")
+        async with trio.open_nursery() as inner:
+            failed: list[BaseException] = []
+
+            async def run() -> None:
+                try:
+                    await upload.run()
+                except ApiError as exc:
+                    failed.append(exc)
+
+            inner.start_soon(run)
+            await feed(path, growing, [data[:100_000], data[100_000:]])
+            growing.finish(len(data))
+        assert failed and upload.complete  # the whole body went out, the answer did not
+        stored = await c.upload(path, filename="cut.bin", purpose="batch", after=upload)
+        files = await c.list_all()
+    assert server.posts == 1  # found, not sent again
+    assert [f.id for f in files] == server.stored == [stored.id]
+    assert stored.signature == hashlib.md5(data).hexdigest()

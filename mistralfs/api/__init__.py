@@ -1,6 +1,6 @@
 """Async client for Mistral AI's Files API (httpx under trio): models, errors, retries."""
 
-from mistralfs.api.client import DEFAULT_SERVER_URL, FilesClient
+from mistralfs.api.client import DEFAULT_SERVER_URL, FilesClient, GrowingUpload
 from mistralfs.api.errors import (
     ApiError,
     AuthError,
@@ -15,6 +15,7 @@ from mistralfs.api.errors import (
 )
 from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
 from mistralfs.api.retry import RetryPolicy
+from mistralfs.api.upload_body import GrowingFile, StreamAbandoned
 
 __all__ = [
     "DEFAULT_SERVER_URL",
@@ -22,6 +23,8 @@ __all__ = [
     "AuthError",
     "FilePage",
     "FilesClient",
+    "GrowingFile",
+    "GrowingUpload",
     "NotFound",
     "ProtocolError",
     "RateLimited",
@@ -30,6 +33,7 @@ __all__ = [
     "RetryPolicy",
     "ServerError",
     "SignedUrl",
+    "StreamAbandoned",
     "TooLarge",
     "Unavailable",
     "UrlExpired",

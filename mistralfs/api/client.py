@@ -14,11 +14,9 @@ import hashlib
 import json
 import logging
 import math
-import mimetypes
 import os
 import pathlib
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +50,14 @@ from mistralfs.api.retry import (
     parse_retry_after,
     run_with_retries,
 )
+from mistralfs.api.upload_body import (
+    CHUNK_SIZE,
+    GrowingFile,
+    GrowingSpoolBody,
+    Identity,
+    SpoolBody,
+    file_identity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +65,6 @@ T = TypeVar("T")
 
 DEFAULT_SERVER_URL = "https://api.mistral.ai"
 CONNECT_TIMEOUT = 10.0
-CHUNK_SIZE = 1 << 20
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 64 * 1024 * 1024
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
@@ -67,6 +72,10 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
 # recognising a file an upload attempt created; see FilesClient.upload.
 CLOCK_SKEW = 5.0
 MATCH_PAGE_SIZE = 100
+# A growing upload stops if its file is not written to or closed for this long.
+GROWING_IDLE_LIMIT = 5.0
+# Statuses by which a server says it wants a Content-Length (no chunked bodies).
+LENGTH_REQUIRED_STATUSES = (411, 501)
 MATCH_MAX_PAGES = 20  # past this many pages of same-named files, dedupe gives up (safely)
 
 
@@ -109,109 +118,6 @@ if not any(isinstance(f, _RedactQueryFilter) for f in _httpx_logger.filters):
     _httpx_logger.addFilter(_RedactQueryFilter())
 
 
-class _SpoolBody:
-    """A multipart/form-data body streamed from a file: head, the file's bytes, tail.
-
-    A class rather than an async generator so that an early stop (the server
-    answering 413 mid-upload) leaves no generator to finalise; the attempt that
-    opened it closes it. ``complete`` says whether the whole body was handed to
-    the transport (only then can the server have stored the file). A file of at
-    most one chunk, the common small upload, is read at once and sent as one
-    piece; larger files are read a chunk at a time in a worker thread, so a
-    spool that has left the page cache never stalls the event loop. Nothing is
-    hashed on the way: the MD5 is needed only when an attempt's outcome is
-    unknown, and then it is computed from the file (see ``_FileDigest``).
-    """
-
-    def __init__(
-        self,
-        path: pathlib.Path,
-        filename: str,
-        purpose: str,
-        max_size: int | None,
-        progress: Callable[[int], None] | None,
-        url: str,
-    ) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            stat = os.fstat(self._fd)
-            self.identity = _identity(stat)
-            self.size = size = stat.st_size
-            if max_size is not None and size > max_size:
-                # Refused locally: a server answering 413 before reading the
-                # body can leave an HTTP/1.1 client stuck writing it.
-                raise TooLarge(
-                    f"{size} bytes is over the {max_size}-byte upload limit",
-                    method="POST",
-                    url=url,
-                )
-            boundary = secrets.token_hex(16)
-            head, self._tail = _multipart_parts(filename, purpose, boundary)
-            self.headers = {
-                "Content-Type": f"multipart/form-data; boundary={boundary}",
-                "Content-Length": str(len(head) + size + len(self._tail)),
-            }
-            self._offset = 0
-            if size <= CHUNK_SIZE:
-                data = self._read_now(size)
-                self._parts = [head + data + self._tail]
-                self._offset = size
-            else:
-                self._parts = [head]
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._done = False
-        self._progress = progress
-        if progress is not None:
-            progress(0)
-
-    @property
-    def complete(self) -> bool:
-        return self._done
-
-    def _read_now(self, n: int) -> bytes:
-        chunk = os.pread(self._fd, n, self._offset)
-        if len(chunk) < n:
-            raise OSError("file shrank while it was being uploaded")
-        return chunk
-
-    def __aiter__(self) -> _SpoolBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._parts:
-            part = self._parts.pop(0)
-            if self._offset == self.size and not self._parts and not self._done:
-                self._done = True  # the small file's single piece: head, bytes and tail
-                self._report()
-            return part
-        if self._offset < self.size:
-            n = min(CHUNK_SIZE, self.size - self._offset)
-            chunk = await trio.to_thread.run_sync(self._read_now, n)
-            self._offset += n
-            self._report()
-            return chunk
-        if not self._done:
-            self._done = True
-            return self._tail
-        raise StopAsyncIteration
-
-    def _report(self) -> None:
-        if self._progress is not None:
-            self._progress(self._offset)
-
-    async def aclose(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
-    """What changes when a file's content may have: device, inode, size, mtime."""
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
 class _FileDigest:
     """The MD5 of an upload's file, computed only if a look-up needs it, once per version.
 
@@ -222,22 +128,22 @@ class _FileDigest:
 
     def __init__(self, path: pathlib.Path) -> None:
         self._path = path
-        self._digests: dict[tuple[int, int, int, int], str | None] = {}
+        self._digests: dict[Identity, str | None] = {}
 
-    async def of(self, identity: tuple[int, int, int, int]) -> str | None:
+    async def of(self, identity: Identity) -> str | None:
         if identity not in self._digests:
             self._digests[identity] = await trio.to_thread.run_sync(self._md5, identity)
         return self._digests[identity]
 
-    def _md5(self, identity: tuple[int, int, int, int]) -> str | None:
+    def _md5(self, identity: Identity) -> str | None:
         try:
             with open(self._path, "rb") as f:
-                if _identity(os.fstat(f.fileno())) != identity:
+                if file_identity(os.fstat(f.fileno())) != identity:
                     return None
                 digest = hashlib.md5(usedforsecurity=False)
                 while chunk := f.read(CHUNK_SIZE):
                     digest.update(chunk)
-                if _identity(os.fstat(f.fileno())) != identity:
+                if file_identity(os.fstat(f.fileno())) != identity:
                     return None
         except OSError:
             return None
@@ -266,31 +172,6 @@ class _RecentFiles:
 
     def ids(self) -> frozenset[str]:
         return frozenset(self._created)
-
-
-def _form_quote(value: str) -> str:
-    """Quote a multipart header parameter as an RFC 7230 quoted-string.
-
-    Backslash escapes round-trip through python-multipart (what FastAPI and
-    Starlette servers parse with), unlike the HTML5 ``%22`` form, which would
-    store a literal ``%22`` in the remote filename. CR/LF cannot appear in a
-    header at all, so they are percent-encoded.
-    """
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _multipart_parts(filename: str, purpose: str, boundary: str) -> tuple[bytes, bytes]:
-    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    head = (
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="purpose"\r\n\r\n'
-        f"{purpose}\r\n"
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="file"; filename="{_form_quote(filename)}"\r\n'
-        f"Content-Type: {content_type}\r\n\r\n"
-    ).encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    return head, tail
 
 
 def _cut(chunks: list[bytes], skip: int, length: int, piece_size: int) -> list[bytes]:
@@ -390,6 +271,8 @@ class FilesClient:
         self.stats = RequestStats()
         self._max_upload = max_upload_bytes
         self._recent = _RecentFiles()
+        # Cleared when the service refuses a body of unknown length (see growing_upload).
+        self.sends_growing_uploads = True
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
@@ -472,6 +355,7 @@ class FilesClient:
         follow_redirects: bool = False,
         deadline: float | None = None,
         resume: Callable[[int], Awaitable[T | None]] | None = None,
+        policy: RetryPolicy | None = None,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -484,7 +368,8 @@ class FilesClient:
         what is left of it, so a server that never answers cannot hold a call
         past its budget. ``resume(n)`` runs before attempt ``n`` > 1; a result
         other than None ends the call with that result (an upload that turns
-        out to have been stored by an earlier attempt).
+        out to have been stored by an earlier attempt). ``policy`` replaces the
+        client's retry policy for this call.
         """
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {_route(url)}"
@@ -539,7 +424,7 @@ class FilesClient:
 
         try:
             return await run_with_retries(
-                self._retry, attempt, method=method, url=log_url, deadline=deadline
+                policy or self._retry, attempt, method=method, url=log_url, deadline=deadline
             )
         except ApiError as exc:
             self.stats.errors[type(exc).__name__] += 1
@@ -712,6 +597,7 @@ class FilesClient:
         purpose: str,
         progress: Callable[[int], None] | None = None,
         dedupe: bool = True,
+        after: GrowingUpload | None = None,
     ) -> RemoteFile:
         """``POST /v1/files`` streaming ``path`` from disk; reopened on every attempt.
 
@@ -729,17 +615,24 @@ class FilesClient:
         it stored, and is returned instead of uploading again. An upload whose
         first attempt is answered costs that one request: no listing, no MD5.
         Look-ups share the retry budget of the upload.
+
+        ``after`` is a `GrowingUpload` of the same file that did not succeed: its
+        attempt counts as this upload's first, so if its whole body went out, the
+        file it may have stored is looked for before uploading again.
         """
         api_path = "/v1/files"
         url = self._api_url(api_path)
         deadline = trio.current_time() + self._retry.total_budget
-        attempts: list[_UploadAttempt] = []
+        attempts: list[_UploadAttempt] = list(after.attempts) if after is not None else []
         # Files already seen cannot be the one an attempt of this upload stored.
-        known = self._recent.ids() if dedupe and self._retry.max_attempts > 1 else None
+        if after is not None:
+            known = after.known if dedupe else None
+        else:
+            known = self._recent.ids() if dedupe and self._retry.max_attempts > 1 else None
         digest = _FileDigest(path)
 
         async def open_body() -> tuple[Any, dict[str, str], Any]:
-            body = _SpoolBody(path, filename, purpose, self._max_upload, progress, url)
+            body = SpoolBody(path, filename, purpose, self._max_upload, progress, url)
             attempts.append(_UploadAttempt(started=time.time(), body=body))
             return body, body.headers, body
 
@@ -749,9 +642,8 @@ class FilesClient:
             return await self._find_stored(filename, purpose, attempts, known, digest, deadline)
 
         async def handle(response: httpx.Response, n: int) -> RemoteFile:
-            data = await _read_bounded(response, MAX_JSON_BODY)
             try:
-                stored = self._file_from(_parse_json(data, response, "POST", url), "POST", api_path)
+                return await self._stored_file(response)
             except ProtocolError:
                 # Stored, most likely, with an answer we cannot read: find it, or fail
                 # rather than store it again.
@@ -759,14 +651,16 @@ class FilesClient:
                 if found is not None:
                     return found
                 raise
-            self._recent.note((stored,))
-            return stored
 
         async def resume(n: int) -> RemoteFile | None:
             return await find_stored()
 
+        if any(a.body.complete for a in attempts):  # the growing upload's answer was lost
+            found = await find_stored()
+            if found is not None:
+                return found
         try:
-            return await self._call(
+            stored = await self._call(
                 "POST",
                 url,
                 handle,
@@ -775,6 +669,10 @@ class FilesClient:
                 deadline=deadline,
                 resume=resume,
             )
+            if after is not None and after.refusal is not None:
+                # Refused as it was sent, taken whole: the service wants a length.
+                self._stop_growing_uploads(after.refusal)
+            return stored
         except Unavailable:
             # Out of attempts after an ambiguous one: one last look, if time is left.
             if known is None or not attempts or not attempts[-1].body.complete:
@@ -788,6 +686,78 @@ class FilesClient:
             if found is None:
                 raise
             return found
+
+    async def _stored_file(self, response: httpx.Response) -> RemoteFile:
+        """The file an upload's answer describes (noted as seen, for later dedupes)."""
+        url = str(response.request.url)
+        data = await _read_bounded(response, MAX_JSON_BODY)
+        stored = self._file_from(_parse_json(data, response, "POST", url), "POST", "/v1/files")
+        self._recent.note((stored,))
+        return stored
+
+    def growing_upload(
+        self,
+        path: pathlib.Path,
+        growing: GrowingFile,
+        *,
+        filename: str,
+        purpose: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> GrowingUpload:
+        """An upload of ``path`` that starts while the file is still being appended to.
+
+        Nothing is sent until `GrowingUpload.run`; None of it if this client has
+        found that the service refuses bodies of unknown length.
+        """
+        return GrowingUpload(self, path, growing, filename=filename, purpose=purpose,
+                             progress=progress)  # fmt: skip
+
+    async def _send_growing(self, upload: GrowingUpload) -> RemoteFile:
+        url = self._api_url("/v1/files")
+
+        async def open_body() -> tuple[Any, dict[str, str], Any]:
+            body = GrowingSpoolBody(
+                upload.path,
+                upload.growing,
+                upload.filename,
+                upload.purpose,
+                upload.progress,
+                GROWING_IDLE_LIMIT,
+            )
+            upload.attempts.append(_UploadAttempt(started=time.time(), body=body))
+            return body, body.headers, body
+
+        async def handle(response: httpx.Response, n: int) -> RemoteFile:
+            return await self._stored_file(response)
+
+        try:
+            return await self._call(
+                "POST",
+                url,
+                handle,
+                headers={"Accept": "application/json"},
+                body=open_body,
+                # The file is written at the program's pace: no budget for the call, but
+                # every wait for the network is still bounded by the client's timeout.
+                deadline=math.inf,
+                policy=RetryPolicy(max_attempts=1),
+            )
+        except Rejected as exc:
+            upload.refusal = exc
+            if exc.status in LENGTH_REQUIRED_STATUSES:
+                self._stop_growing_uploads(exc)
+            raise
+
+    def _stop_growing_uploads(self, refusal: ApiError) -> None:
+        """The service turned down a body of unknown length: send only whole files from now."""
+        if self.sends_growing_uploads:
+            self.sends_growing_uploads = False
+            logger.warning(
+                "POST /v1/files: the service refused an upload of unknown length (%s %s) "
+                "and took the same file whole; files are uploaded once closed from now on",
+                refusal.status,
+                refusal.message,
+            )
 
     async def _same_name(
         self, filename: str, purpose: str, deadline: float
@@ -1103,15 +1073,54 @@ class FilesClient:
             raise ProtocolError(exc.message, method=method, url=self._api_url(path)) from None
 
 
+class GrowingUpload:
+    """One attempt at uploading a file while it is still being written, sent chunked.
+
+    `run` sends it; it raises `StreamAbandoned` if the file changed in a way the
+    body cannot follow, and any error the one attempt met (it is never retried:
+    the file is uploaded whole once finished instead, with ``upload(after=...)``,
+    which knows what this attempt may have stored).
+    """
+
+    def __init__(
+        self,
+        client: FilesClient,
+        path: pathlib.Path,
+        growing: GrowingFile,
+        *,
+        filename: str,
+        purpose: str,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        self._client = client
+        self.path = path
+        self.growing = growing
+        self.filename = filename
+        self.purpose = purpose
+        self.progress = progress
+        self.attempts: list[_UploadAttempt] = []
+        self.refusal: Rejected | None = None  # a 4xx answer to it
+        # Files already seen cannot be the one this attempt stored.
+        self.known = client._recent.ids()
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body went out (only then can the service have stored it)."""
+        return any(a.body.complete for a in self.attempts)
+
+    async def run(self) -> RemoteFile:
+        return await self._client._send_growing(self)
+
+
 @dataclass
 class _UploadAttempt:
     """One upload attempt: when it began (wall clock, like ``created_at``) and its body."""
 
     started: float
-    body: _SpoolBody
+    body: SpoolBody | GrowingSpoolBody
 
     @property
-    def identity(self) -> tuple[int, int, int, int]:
+    def identity(self) -> Identity:
         return self.body.identity
 
     def may_have_stored(self, f: RemoteFile) -> bool:

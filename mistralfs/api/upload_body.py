@@ -1,0 +1,261 @@
+"""The multipart/form-data bodies of uploads, read from a spool file.
+
+Two kinds: `SpoolBody` sends a finished file with a `Content-Length`; `GrowingSpoolBody`
+follows a file that is still being appended to (`GrowingFile`) and is sent chunked,
+so that an upload can be under way while the program is still writing.
+
+Both are classes rather than async generators, so that an early stop (the server
+answering 413 mid-upload) leaves no generator to finalise; the attempt that opened
+a body closes it. `complete` says whether the whole body was handed to the
+transport: only then can the server have stored the file.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import pathlib
+import secrets
+from collections.abc import Callable
+
+import trio
+
+from mistralfs.api.errors import TooLarge
+
+CHUNK_SIZE = 1 << 20
+
+Identity = tuple[int, int, int, int]
+
+
+def file_identity(stat: os.stat_result) -> Identity:
+    """What changes when a file's content may have: device, inode, size, mtime."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def form_quote(value: str) -> str:
+    """Quote a multipart header parameter as an RFC 7230 quoted-string.
+
+    Backslash escapes round-trip through python-multipart (what FastAPI and
+    Starlette servers parse with), unlike the HTML5 ``%22`` form, which would
+    store a literal ``%22`` in the remote filename. CR/LF cannot appear in a
+    header at all, so they are percent-encoded.
+    """
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "%0D").replace("\n", "%0A")
+
+
+def multipart_parts(filename: str, purpose: str, boundary: str) -> tuple[bytes, bytes]:
+    """What goes before the file's bytes (the purpose part, the file part's header) and after."""
+    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="purpose"\r\n\r\n'
+        f"{purpose}\r\n"
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{form_quote(filename)}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return head, tail
+
+
+class _FileBody:
+    """What both bodies share: the open file, how much went out, and whether all of it."""
+
+    def __init__(self, path: pathlib.Path, progress: Callable[[int], None] | None) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._offset = 0
+        self._done = False
+        self._progress = progress
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+    def _report(self) -> None:
+        if self._progress is not None:
+            self._progress(self._offset)
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SpoolBody(_FileBody):
+    """A finished file's upload body: head, the file's bytes, tail.
+
+    A file of at most one chunk, the common small upload, is read at once and sent
+    as one piece; larger files are read a chunk at a time in a worker thread, so a
+    spool that has left the page cache never stalls the event loop. Nothing is
+    hashed on the way: the MD5 is needed only when an attempt's outcome is
+    unknown, and then it is computed from the file.
+    """
+
+    def __init__(
+        self,
+        path: pathlib.Path,
+        filename: str,
+        purpose: str,
+        max_size: int | None,
+        progress: Callable[[int], None] | None,
+        url: str,
+    ) -> None:
+        super().__init__(path, progress)
+        try:
+            stat = os.fstat(self._fd)
+            self.identity = file_identity(stat)
+            self.size = size = stat.st_size
+            if max_size is not None and size > max_size:
+                # Refused locally: a server answering 413 before reading the
+                # body can leave an HTTP/1.1 client stuck writing it.
+                raise TooLarge(
+                    f"{size} bytes is over the {max_size}-byte upload limit",
+                    method="POST",
+                    url=url,
+                )
+            boundary = secrets.token_hex(16)
+            head, self._tail = multipart_parts(filename, purpose, boundary)
+            self.headers = {
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "Content-Length": str(len(head) + size + len(self._tail)),
+            }
+            if size <= CHUNK_SIZE:
+                data = self._read_now(size)
+                self._parts = [head + data + self._tail]
+                self._offset = size
+            else:
+                self._parts = [head]
+        except BaseException:
+            os.close(self._fd)
+            raise
+        if progress is not None:
+            progress(0)  # small files are read at once, but not sent yet
+
+    def _read_now(self, n: int) -> bytes:
+        chunk = os.pread(self._fd, n, self._offset)
+        if len(chunk) < n:
+            raise OSError("file shrank while it was being uploaded")
+        return chunk
+
+    def __aiter__(self) -> SpoolBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._parts:
+            part = self._parts.pop(0)
+            if self._offset == self.size and not self._parts and not self._done:
+                self._done = True  # the small file's single piece: head, bytes and tail
+                self._report()
+            return part
+        if self._offset < self.size:
+            n = min(CHUNK_SIZE, self.size - self._offset)
+            chunk = await trio.to_thread.run_sync(self._read_now, n)
+            self._offset += n
+            self._report()
+            return chunk
+        if not self._done:
+            self._done = True
+            return self._tail
+        raise StopAsyncIteration
+
+
+class StreamAbandoned(Exception):
+    """An upload that followed a growing file stopped before the file was finished."""
+
+
+class GrowingFile:
+    """A spool being appended to, as an upload in flight sees it.
+
+    The writer reports each append (`grew`), the end (`finish`, at the program's
+    close), or a change that an upload already under way cannot follow
+    (`abandon`: a write before the end, a truncate, a rename, an unlink). The body
+    following the file then stops, and the file is uploaded whole once finished.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.final = False
+        self.abandoned: str | None = None
+        self._changed = trio.Event()
+
+    def grew(self, size: int) -> None:
+        self.size = size
+        self._changed.set()
+
+    def finish(self, size: int) -> None:
+        self.size = size
+        self.final = True
+        self._changed.set()
+
+    def abandon(self, reason: str) -> None:
+        if self.abandoned is None:
+            self.abandoned = reason
+        self._changed.set()
+
+    async def wait_for_change(self, idle_limit: float) -> None:
+        """Return after the next report; raise if none comes within `idle_limit` seconds.
+
+        A program that stops writing without closing would otherwise hold a request
+        open at the server for as long as it likes.
+        """
+        self._changed = trio.Event()
+        with trio.move_on_after(idle_limit):
+            await self._changed.wait()
+            return
+        self.abandon(f"nothing was written for {idle_limit:g} s")
+
+
+class GrowingSpoolBody(_FileBody):
+    """An upload body that follows a `GrowingFile`: no length known, so sent chunked.
+
+    The bytes come from the page cache the program's writes just went through, so
+    they are read in the event loop. `size` and `identity` are the finished file's,
+    known once the whole body went out.
+    """
+
+    def __init__(
+        self,
+        path: pathlib.Path,
+        growing: GrowingFile,
+        filename: str,
+        purpose: str,
+        progress: Callable[[int], None] | None,
+        idle_limit: float,
+    ) -> None:
+        super().__init__(path, progress)
+        self._growing = growing
+        self._idle_limit = idle_limit
+        boundary = secrets.token_hex(16)
+        self._head, self._tail = multipart_parts(filename, purpose, boundary)
+        self.headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        self.size = -1
+        self.identity: Identity = (0, 0, -1, 0)
+        self._report()
+
+    def __aiter__(self) -> GrowingSpoolBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        growing = self._growing
+        while True:
+            if growing.abandoned is not None:
+                raise StreamAbandoned(growing.abandoned)
+            if self._offset < growing.size:
+                n = min(CHUNK_SIZE, growing.size - self._offset)
+                chunk = os.pread(self._fd, n, self._offset)
+                if len(chunk) < n:
+                    raise StreamAbandoned("the file shrank while it was being uploaded")
+                self._offset += n
+                self._report()
+                if self._head:  # the first piece carries the part headers too
+                    chunk, self._head = self._head + chunk, b""
+                return chunk
+            if growing.final:
+                if self._done:
+                    raise StopAsyncIteration
+                self.size = self._offset
+                self.identity = file_identity(os.fstat(self._fd))
+                self._done = True
+                last, self._head = self._head + self._tail, b""
+                return last
+            await growing.wait_for_change(self._idle_limit)
