@@ -46,7 +46,11 @@ def test_50_mb_random_file_round_trips(
     with open(source, "wb") as f:
         for _ in range(50):
             f.write(os.urandom(MiB))
+    clear_requests(emulator_process.url, emulator_process.api_key)
     subprocess.run(["cp", str(source), str(mounted / "batch")], check=True)
+    # Sent while cp was writing it (docs/SEMANTICS.md), and once.
+    uploads = requests(emulator_process.url, emulator_process.api_key)
+    assert [r["path"] for r in uploads if r["method"] == "POST"] == ["/v1/files"]
     # Read back through a second mount, so the bytes come from the account and not
     # from this mount's spool or the kernel's page cache.
     with mount(emulator_process, tmp_path / "second") as second:

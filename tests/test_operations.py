@@ -31,7 +31,7 @@ from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.operations import Operations
 from mistralfs.fs.reader import BlockReader
-from mistralfs.fs.writer import Writer
+from mistralfs.fs.writer import GROWING_START_BYTES, Writer
 
 ROOT = pyfuse3.ROOT_INODE
 BLOCK = 64 * 1024
@@ -99,6 +99,7 @@ async def make_stack(
         namespace,
         reader,
         Activity(),
+        nursery=nursery,
         spool_dir=cache_dir / "spool",
         recovery_dir=cache_dir / "recovery",
         max_file_size=512 * 1024 * 1024,
@@ -1061,3 +1062,94 @@ async def test_a_spools_note_is_rewritten_in_place_as_its_state_changes(stack: S
     assert after.st_ino == before.st_ino and after.st_size >= before.st_size
     await stack.ops.release(info.fh)
     assert list((stack.cache_dir / "spool").rglob("*")) == []
+
+
+# -------------------------------------------- large new files: uploaded while written
+
+MiB = 1024 * 1024
+GROWING = GROWING_START_BYTES + 2 * MiB  # past the size at which the upload starts
+
+
+async def write_in_order(stack: Stack, fh: int, data: bytes, start: int = 0) -> None:
+    for offset in range(0, len(data), MiB):
+        await stack.ops.write(fh, start + offset, data[offset : offset + MiB])
+    await trio.sleep(0.05)  # let the upload task take what was written
+
+
+async def posts(stack: Stack) -> int:
+    return stack.client.stats.requests["POST /v1/files"]
+
+
+async def test_a_large_new_file_is_uploaded_while_it_is_written(stack: Stack) -> None:
+    data = os.urandom(GROWING)
+    info, attrs = await stack.ops.create(
+        await stack.folder("batch"), b"big.bin", 0o644, os.O_WRONLY, None
+    )
+    first = GROWING_START_BYTES - MiB
+    await write_in_order(stack, info.fh, data[:first])
+    assert await posts(stack) == 0  # not yet: small files are sent whole at close
+    await write_in_order(stack, info.fh, data[first:], first)
+    assert await posts(stack) == 1  # under way before the close
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    assert await posts(stack) == 1
+    assert list(await remote_state(stack)) == [("batch", "big.bin")]
+    assert await stack.read_file(attrs.st_ino) == data
+
+
+async def test_a_write_before_the_end_stops_the_upload_and_the_file_goes_whole(
+    stack: Stack,
+) -> None:
+    data = bytearray(os.urandom(GROWING))
+    info, attrs = await stack.ops.create(
+        await stack.folder("batch"), b"edit.bin", 0o644, os.O_WRONLY, None
+    )
+    await write_in_order(stack, info.fh, bytes(data))
+    await stack.ops.write(info.fh, 10, b"changed")  # like a tool writing a header last
+    data[10:17] = b"changed"
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    assert await posts(stack) == 2  # the stopped one, then the whole file
+    assert list(await remote_state(stack)) == [("batch", "edit.bin")]
+    assert await stack.read_file(attrs.st_ino) == data
+
+
+async def test_a_file_deleted_while_written_is_never_stored(stack: Stack) -> None:
+    batch = await stack.folder("batch")
+    info, _ = await stack.ops.create(batch, b"gone.bin", 0o644, os.O_WRONLY, None)
+    await write_in_order(stack, info.fh, os.urandom(GROWING))
+    assert await posts(stack) == 1
+    await stack.ops.unlink(batch, b"gone.bin", None)
+    await stack.ops.write(info.fh, GROWING, b"more")
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    await trio.sleep(0.1)
+    assert await stack.client.list_all() == []
+
+
+async def test_a_file_renamed_while_written_is_stored_once_under_its_new_name(
+    stack: Stack,
+) -> None:
+    batch = await stack.folder("batch")
+    data = os.urandom(GROWING)
+    info, attrs = await stack.ops.create(batch, b".part", 0o644, os.O_WRONLY, None)
+    await write_in_order(stack, info.fh, data[: GROWING - MiB])
+    await stack.ops.rename(batch, b".part", batch, b"done.bin", 0, None)
+    await write_in_order(stack, info.fh, data[GROWING - MiB :], GROWING - MiB)
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    assert list(await remote_state(stack)) == [("batch", "done.bin")]
+    assert await stack.read_file(attrs.st_ino) == data
+
+
+async def test_content_refused_as_it_was_written_is_refused_whole_too(stack: Stack) -> None:
+    """A refusal of a growing upload may be of its chunked body: the whole file gets its say."""
+    folder = await stack.folder("fine-tune")
+    info, _ = await stack.ops.create(folder, b"bad.jsonl", 0o644, os.O_WRONLY, None)
+    await write_in_order(stack, info.fh, b"not json\n" * (GROWING // 9))
+    await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    assert await posts(stack) == 2  # as it was written, then whole
+    assert stack.client.sends_growing_uploads  # refused whole too: the content, not the form
+    await stack.ops.release(info.fh)
+    assert len(list((stack.cache_dir / "recovery").glob("*.spool"))) == 1
+    assert await stack.client.list_all() == []

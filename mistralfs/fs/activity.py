@@ -67,6 +67,10 @@ class Activity:
     def progress(self, key: int) -> UploadProgress:
         return self.uploads[key]
 
+    def drop_upload(self, key: int) -> None:
+        """Forget an upload that was stopped on purpose: neither done nor failed."""
+        del self.uploads[key]
+
     def finish_upload(self, key: int, error: str | None = None) -> float:
         """Forget the upload; return how long it took."""
         upload = self.uploads.pop(key)

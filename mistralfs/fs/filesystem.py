@@ -262,6 +262,7 @@ class Filesystem:
                 raise FsError(errno_for(exc), str(exc)) from exc
             self._reader.forget(node.remote.id)
         node.unlinked = True
+        self._writer.unlinked(node)
         self.namespace.detach(node)
 
     # -- extended attributes -------------------------------------------------------

@@ -96,6 +96,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
             namespace,
             reader,
             activity,
+            nursery=nursery,
             spool_dir=config.spool_dir,
             recovery_dir=config.recovery_dir,
             max_file_size=config.max_file_size,

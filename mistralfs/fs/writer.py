@@ -28,8 +28,16 @@ from pathlib import Path
 
 import trio
 
-from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
-from mistralfs.fs.activity import Activity
+from mistralfs.api import (
+    ApiError,
+    FilesClient,
+    GrowingFile,
+    GrowingUpload,
+    NotFound,
+    RemoteFile,
+    StreamAbandoned,
+)
+from mistralfs.fs.activity import Activity, UploadProgress
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace
 from mistralfs.fs.reader import BlockReader
@@ -37,6 +45,26 @@ from mistralfs.fs.reader import BlockReader
 log = logging.getLogger(__name__)
 
 TOO_LARGE = "files are limited to 512 MB"
+# A new file is uploaded while it is written once it holds this much, written from its
+# first byte on; smaller files are sent whole at close, in one piece.
+GROWING_START_BYTES = 4 << 20
+
+
+@dataclass(eq=False)
+class Growing:
+    """An upload started at a new file's first write, following the spool as it grows.
+
+    Programs that copy a file in write it from start to end and then close it; the
+    upload is under way meanwhile, so the close waits only for what is left of it.
+    """
+
+    file: GrowingFile
+    upload: GrowingUpload
+    progress: UploadProgress
+    activity_key: int
+    done: trio.Event = field(default_factory=trio.Event)
+    remote: RemoteFile | None = None
+    error: BaseException | None = None
 
 
 @dataclass(eq=False)
@@ -60,6 +88,8 @@ class Spool:
     meta_length: int = 0  # bytes of the note on disk: it is overwritten, never shortened
     # Remote files to delete after the next upload (a rename's replaced target).
     replaces: list[RemoteFile] = field(default_factory=list)
+    growing: Growing | None = None  # an upload under way while the file is written
+    appended_only: bool = True  # written from its first byte on, each write at the end
 
     @property
     def meta_path(self) -> Path:
@@ -81,6 +111,7 @@ class Writer:
         reader: BlockReader,
         activity: Activity,
         *,
+        nursery: trio.Nursery,
         spool_dir: Path,
         recovery_dir: Path,
         max_file_size: int,
@@ -89,6 +120,7 @@ class Writer:
         self._namespace = namespace
         self._reader = reader
         self._activity = activity
+        self._nursery = nursery
         self._spool_dir = spool_dir
         self._recovery_dir = recovery_dir
         self._max_file_size = max_file_size
@@ -140,6 +172,7 @@ class Writer:
                 self._discard(spool)
                 raise
             spool.size = node.remote.bytes
+            spool.appended_only = False  # an edit, not a new file written in order
         node.local_size = spool.size
         return spool
 
@@ -176,6 +209,7 @@ class Writer:
 
     def _close(self, spool: Spool) -> None:
         """The spool is no longer the file's content: the remote file is, if there is one."""
+        self._stop_growing(spool, "the file was closed without being uploaded")
         self._spools.pop(spool.node.inode, None)
         os.close(spool.fd)
         spool.node.local_size = None if spool.node.remote is not None else spool.size
@@ -190,9 +224,20 @@ class Writer:
     def write(self, spool: Spool, offset: int, data: bytes) -> int:
         if offset + len(data) > self._max_file_size:
             spool.oversize = True
+            self._stop_growing(spool, TOO_LARGE)
             raise FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}")
+        appending = offset == spool.size
         written = os.pwrite(spool.fd, data, offset)
         spool.size = max(spool.size, offset + written)
+        spool.appended_only = spool.appended_only and appending
+        if spool.growing is not None:
+            if appending:
+                spool.growing.file.grew(spool.size)
+                spool.growing.progress.total = spool.size
+            else:
+                self._stop_growing(spool, "a write before the end of the file")
+        elif spool.size >= GROWING_START_BYTES and self._may_grow(spool):
+            self._start_growing(spool)
         spool.node.local_size = spool.size
         state_changes = spool.closed_since_write or not spool.changed
         spool.unflushed = spool.changed = True
@@ -212,6 +257,10 @@ class Writer:
     def _truncate(self, spool: Spool, size: int) -> None:
         if size > self._max_file_size:
             raise FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}")
+        if size != spool.size:
+            self._stop_growing(spool, "the file was truncated")
+        if size == 0:
+            spool.appended_only = True
         os.ftruncate(spool.fd, size)
         if size != spool.size:
             spool.changed = True
@@ -317,6 +366,7 @@ class Writer:
             replaced = [target.remote] if target is not None and target.remote else []
             spool = self._spools.get(node.inode)
             if spool is not None and node.remote is None and not spool.closed_since_write:
+                self._stop_growing(spool, "the file was renamed")
                 self._replace_name(node, target, folder, name)
                 spool.replaces.extend(replaced)
                 self._write_meta(spool)
@@ -369,20 +419,28 @@ class Writer:
 
     async def _upload_as(self, spool: Spool, *, filename: str, purpose: str) -> RemoteFile:
         node = spool.node
-        spool.upload_started = time.time()
+        growing = self._finish_growing(spool, filename, purpose)
+        if growing is None:
+            spool.upload_started = time.time()
+            key = self._activity.start_upload(filename, purpose, spool.size)
+            self._upload_began()
+        else:
+            key = growing.activity_key
         self._write_meta(spool)
-        key = self._activity.start_upload(filename, purpose, spool.size)
-        self._uploads_in_flight += 1
-        self._idle = trio.Event()
+        progress = self._activity.progress(key)
+        progress.total = spool.size
         error: str | None = "cancelled"
         try:
-            with self._namespace.uploading(purpose, filename):
-                remote = await self._client.upload(
-                    spool.path,
-                    filename=filename,
-                    purpose=purpose,
-                    progress=self._activity.progress(key).update,
-                )
+            remote = await self._growing_outcome(growing) if growing is not None else None
+            if remote is None:
+                with self._namespace.uploading(purpose, filename):
+                    remote = await self._client.upload(
+                        spool.path,
+                        filename=filename,
+                        purpose=purpose,
+                        progress=progress.update,
+                        after=growing.upload if growing is not None else None,
+                    )
             error = None
         except ApiError as exc:
             error = str(exc)
@@ -395,9 +453,7 @@ class Writer:
             raise FsError(errno.EIO, str(exc)) from exc
         finally:
             seconds = self._activity.finish_upload(key, error)
-            self._uploads_in_flight -= 1
-            if self._uploads_in_flight == 0:
-                self._idle.set()
+            self._upload_ended()
         log.info(
             "uploaded %s/%s: %d bytes as %s in %.2f s",
             purpose,
@@ -407,6 +463,107 @@ class Writer:
             seconds,
         )
         return remote
+
+    def _upload_began(self) -> None:
+        self._uploads_in_flight += 1
+        self._idle = trio.Event()
+
+    def _upload_ended(self) -> None:
+        self._uploads_in_flight -= 1
+        if self._uploads_in_flight == 0:
+            self._idle.set()
+
+    # -- uploading while the file is written -----------------------------------------
+
+    def _may_grow(self, spool: Spool) -> bool:
+        """Whether `spool` is a new file being written from start to end, never sent yet."""
+        return (
+            spool.appended_only
+            and spool.upload_started is None
+            and spool.node.attached
+            and not spool.oversize
+            and self._client.sends_growing_uploads
+        )
+
+    def _start_growing(self, spool: Spool) -> None:
+        """Start uploading a new file while it is written, from its first byte."""
+        node = spool.node
+        filename, purpose = node.filename, node.folder.purpose
+        file = GrowingFile()
+        file.grew(spool.size)
+        key = self._activity.start_upload(filename, purpose, spool.size)
+        progress = self._activity.progress(key)
+        upload = self._client.growing_upload(
+            spool.path, file, filename=filename, purpose=purpose, progress=progress.update
+        )
+        spool.growing = Growing(file, upload, progress, key)
+        spool.upload_started = time.time()
+        self._write_meta(spool)
+        self._upload_began()
+        self._nursery.start_soon(self._send_growing, spool.growing)
+
+    async def _send_growing(self, growing: Growing) -> None:
+        upload = growing.upload
+        try:
+            with self._namespace.uploading(upload.purpose, upload.filename):
+                growing.remote = await upload.run()
+        except StreamAbandoned as exc:
+            growing.error = exc
+            log.debug("%s/%s: upload while writing stopped: %s", upload.purpose,
+                      upload.filename, exc)  # fmt: skip
+        except Exception as exc:  # the file is uploaded whole once closed instead
+            growing.error = exc
+            log.info(
+                "%s/%s: the upload started while writing failed (%s); uploading the whole "
+                "file once it is closed",
+                upload.purpose,
+                upload.filename,
+                exc,
+            )
+        finally:
+            growing.done.set()
+
+    def _stop_growing(self, spool: Spool, reason: str) -> None:
+        """The file changed in a way the upload under way cannot follow: stop it.
+
+        Its activity entry and in-flight count are released once it has stopped.
+        The file is uploaded whole at the next close, as any other change.
+        """
+        growing, spool.growing = spool.growing, None
+        if growing is None:
+            return
+        growing.file.abandon(reason)
+        self._nursery.start_soon(self._forget_growing, growing)
+
+    async def _forget_growing(self, growing: Growing) -> None:
+        await growing.done.wait()
+        self._activity.drop_upload(growing.activity_key)
+        self._upload_ended()
+
+    def _finish_growing(self, spool: Spool, filename: str, purpose: str) -> Growing | None:
+        """The upload under way for `spool`, told that the file is complete, if it fits.
+
+        One started under another name or purpose is stopped instead.
+        """
+        growing = spool.growing
+        if growing is None:
+            return None
+        if (growing.upload.filename, growing.upload.purpose) != (filename, purpose):
+            self._stop_growing(spool, "the file was renamed")
+            return None
+        spool.growing = None
+        growing.file.finish(spool.size)
+        return growing
+
+    async def _growing_outcome(self, growing: Growing) -> RemoteFile | None:
+        """The file the growing upload stored; None if it must be uploaded whole again.
+
+        Whatever went wrong, the whole file is sent once more: a refusal may be of the
+        chunked body rather than of the content, and the second answer is the one
+        that reaches the program.
+        """
+        await growing.done.wait()
+        return growing.remote
 
     async def _delete_replaced(self, node: FileNode, replaced: list[RemoteFile]) -> None:
         """The new upload succeeded, so the versions it replaces can go."""
@@ -425,6 +582,12 @@ class Writer:
             log.info("replaced %s/%s: deleted the old %s/%s, %d bytes, %s in %.2f s",
                      node.folder.purpose, node.name, old.purpose, old.filename, old.bytes,
                      old.id, time.monotonic() - started)  # fmt: skip
+
+    def unlinked(self, node: FileNode) -> None:
+        """`node` was deleted while open: an upload under way must not store it."""
+        spool = self._spools.get(node.inode)
+        if spool is not None:
+            self._stop_growing(spool, "the file was deleted")
 
     def pending(self) -> int:
         """Files changed through an open descriptor and not uploaded yet."""
