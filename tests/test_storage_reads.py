@@ -94,7 +94,7 @@ async def test_direct_reads_keep_their_connection_and_count_as_storage_requests(
             assert piece == data[start : start + 1000]
         assert client.stats.requests["storage"] - before == 4
         assert client._direct is not None
-        assert sum(len(c) for c in client._direct._idle.values()) == 1  # one connection, reused
+        assert client._direct.idle_connections() == 1  # one connection, reused
 
 
 async def test_a_redirected_signed_url_is_followed_by_the_httpx_path(emulator: typing.Any) -> None:

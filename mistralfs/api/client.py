@@ -10,6 +10,7 @@ Security rules enforced here rather than left to callers:
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,8 @@ import trio
 
 from mistralfs import __version__
 from mistralfs.api import storage
+from mistralfs.api.direct import DirectConnections
+from mistralfs.api.direct import post as direct_post
 from mistralfs.api.errors import (
     ApiError,
     AuthError,
@@ -72,6 +75,7 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
 # recognising a file an upload attempt created; see FilesClient.upload.
 CLOCK_SKEW = 5.0
 MATCH_PAGE_SIZE = 100
+MAX_DIRECT_UPLOADS = 4  # worker threads sending whole files at once
 # A growing upload stops if its file is not written to or closed for this long.
 GROWING_IDLE_LIMIT = 5.0
 # Statuses by which a server says it wants a Content-Length (no chunked bodies).
@@ -95,6 +99,10 @@ class _ServerOnlyBearerAuth(httpx.Auth):
         if _origin(request.url) == self._origin:
             request.headers["Authorization"] = self._header
         yield request
+
+    def headers_for(self, url: str) -> dict[str, str]:
+        """The same rule for requests sent without httpx."""
+        return {"Authorization": self._header} if _origin(httpx.URL(url)) == self._origin else {}
 
     def __repr__(self) -> str:  # never show the key
         return f"_ServerOnlyBearerAuth(origin={self._origin!r})"
@@ -285,6 +293,9 @@ class FilesClient:
         self._direct = (
             storage.DirectRangeReader(user_agent=user_agent) if transport is None else None
         )
+        # Whole-file uploads too (see direct.py): a small file's upload costs a third of
+        # the CPU it does through httpx, and a large one's bytes go by sendfile(2).
+        self._direct_uploads = DirectConnections(MAX_DIRECT_UPLOADS) if transport is None else None
 
     @property
     def server_url(self) -> str:
@@ -297,6 +308,8 @@ class FilesClient:
     async def aclose(self) -> None:
         if self._direct is not None:
             self._direct.close()
+        if self._direct_uploads is not None:
+            self._direct_uploads.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> Self:
@@ -356,6 +369,7 @@ class FilesClient:
         deadline: float | None = None,
         resume: Callable[[int], Awaitable[T | None]] | None = None,
         policy: RetryPolicy | None = None,
+        direct: bool = False,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -369,7 +383,9 @@ class FilesClient:
         past its budget. ``resume(n)`` runs before attempt ``n`` > 1; a result
         other than None ends the call with that result (an upload that turns
         out to have been stored by an earlier attempt). ``policy`` replaces the
-        client's retry policy for this call.
+        client's retry policy for this call. ``direct`` sends the request with
+        http.client in a worker thread (see direct.py): only for a POST whose body
+        is a `SpoolBody` or `GrowingSpoolBody`, to a URL `_direct_uploads` serves.
         """
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {_route(url)}"
@@ -389,23 +405,27 @@ class FilesClient:
                 if body is not None:
                     content, extra_headers, resource = await body()
                     req_headers.update(extra_headers)
-                request = self._http.build_request(
-                    method,
-                    url,
-                    params=params,
-                    headers=req_headers,
-                    content=content,
-                    timeout=self._attempt_timeout(deadline),
-                )
-                if logger.isEnabledFor(logging.DEBUG):
-                    shown = strip_query(str(request.url)) if storage else str(request.url)
-                    logger.debug("%s %s (attempt %d)", method, shown, n)
-                response = await self._http.send(
-                    request,
-                    auth=None if storage else self._auth,
-                    stream=True,
-                    follow_redirects=follow_redirects,
-                )
+                if direct:
+                    logger.debug("%s %s (attempt %d, direct)", method, url, n)
+                    response = await self._direct_post(url, req_headers, content, deadline)
+                else:
+                    request = self._http.build_request(
+                        method,
+                        url,
+                        params=params,
+                        headers=req_headers,
+                        content=content,
+                        timeout=self._attempt_timeout(deadline),
+                    )
+                    if logger.isEnabledFor(logging.DEBUG):
+                        shown = strip_query(str(request.url)) if storage else str(request.url)
+                        logger.debug("%s %s (attempt %d)", method, shown, n)
+                    response = await self._http.send(
+                        request,
+                        auth=None if storage else self._auth,
+                        stream=True,
+                        follow_redirects=follow_redirects,
+                    )
                 try:
                     status = response.status_code
                     if status >= 300 and status not in pass_statuses:
@@ -429,6 +449,27 @@ class FilesClient:
         except ApiError as exc:
             self.stats.errors[type(exc).__name__] += 1
             raise
+
+    async def _direct_post(
+        self, url: str, headers: dict[str, str], body: SpoolBody | GrowingSpoolBody, deadline: float
+    ) -> httpx.Response:
+        """One POST through http.client; the answer as a read httpx.Response."""
+        assert self._direct_uploads is not None
+        headers = {
+            "User-Agent": self._http.headers["User-Agent"],
+            **headers,
+            **self._auth.headers_for(url),
+        }
+        if "Content-Length" not in headers:
+            headers["Transfer-Encoding"] = "chunked"
+        exchange = functools.partial(
+            direct_post,
+            headers=headers,
+            send_body=body.send_blocking,
+            timeout=self._attempt_timeout(deadline).read or self._timeout,
+            max_answer=MAX_JSON_BODY,
+        )
+        return await self._direct_uploads.exchange(url, exchange)
 
     def _attempt_timeout(self, deadline: float) -> httpx.Timeout:
         """This attempt's timeouts: the configured ones, never more than the budget left.
@@ -643,7 +684,7 @@ class FilesClient:
 
         async def handle(response: httpx.Response, n: int) -> RemoteFile:
             try:
-                return await self._stored_file(response)
+                return await self._stored_file(response, url)
             except ProtocolError:
                 # Stored, most likely, with an answer we cannot read: find it, or fail
                 # rather than store it again.
@@ -668,6 +709,7 @@ class FilesClient:
                 body=open_body,
                 deadline=deadline,
                 resume=resume,
+                direct=self._direct_uploads is not None and self._direct_uploads.serves(url),
             )
             if after is not None and after.refusal is not None:
                 # Refused as it was sent, taken whole: the service wants a length.
@@ -687,9 +729,8 @@ class FilesClient:
                 raise
             return found
 
-    async def _stored_file(self, response: httpx.Response) -> RemoteFile:
+    async def _stored_file(self, response: httpx.Response, url: str) -> RemoteFile:
         """The file an upload's answer describes (noted as seen, for later dedupes)."""
-        url = str(response.request.url)
         data = await _read_bounded(response, MAX_JSON_BODY)
         stored = self._file_from(_parse_json(data, response, "POST", url), "POST", "/v1/files")
         self._recent.note((stored,))
@@ -728,7 +769,7 @@ class FilesClient:
             return body, body.headers, body
 
         async def handle(response: httpx.Response, n: int) -> RemoteFile:
-            return await self._stored_file(response)
+            return await self._stored_file(response, url)
 
         try:
             return await self._call(
@@ -741,6 +782,7 @@ class FilesClient:
                 # every wait for the network is still bounded by the client's timeout.
                 deadline=math.inf,
                 policy=RetryPolicy(max_attempts=1),
+                direct=self._direct_uploads is not None and self._direct_uploads.serves(url),
             )
         except Rejected as exc:
             upload.refusal = exc

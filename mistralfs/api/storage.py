@@ -1,10 +1,9 @@
-"""Signed-URL range reads through the standard library's http.client, in worker threads.
+"""Signed-URL range reads through http.client in worker threads (see direct.py).
 
 A cold sequential read is bound by the daemon's CPU, and on the trio thread most of it
 went to receiving bodies: h11 and httpcore copy each byte several times and do Python
 work per 64 KiB. http.client reads each block straight from the socket into the bytes
-it returns, and does it in a worker thread (trio.to_thread, so structured), with the
-GIL released while it waits on the socket; the trio thread is left to answer FUSE.
+it returns.
 
 Only plain GETs of a byte range go this way, only to hosts no proxy applies to
 (http.client does not read proxy settings), and never with the API key. Anything
@@ -13,14 +12,13 @@ unusual (a redirect) is left to the caller's httpx path.
 
 from __future__ import annotations
 
+import functools
 import http.client
-import ssl
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 
 import httpx
-import trio
+
+from mistralfs.api.direct import DirectConnections, set_timeout
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_CONNECTIONS = 4
@@ -46,77 +44,41 @@ class RangeAnswer:
 
 
 class DirectRangeReader:
-    """Keeps a few idle connections per storage host and reads ranges in worker threads."""
+    """Reads signed-URL ranges over a few kept-alive connections per storage host."""
 
     def __init__(self, *, user_agent: str) -> None:
         self._user_agent = user_agent
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
-        self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
-        self._ssl = ssl.create_default_context()
-        # Proxy settings are read once (the environment scan costs more than a read's
-        # own work), and the answer kept per host.
-        self._proxies = urllib.request.getproxies()
-        self._direct_hosts: dict[tuple[str, str], bool] = {}
+        self._connections = DirectConnections(MAX_CONNECTIONS)
 
     def serves(self, url: str) -> bool:
         """Whether a URL can be read directly: http(s), and no proxy configured for it."""
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return False
-        key = (parts.scheme, parts.hostname)
-        direct = self._direct_hosts.get(key)
-        if direct is None:
-            direct = self._direct_hosts[key] = parts.scheme not in self._proxies or bool(
-                urllib.request.proxy_bypass_environment(parts.hostname, self._proxies)
-            )
-        return direct
+        return self._connections.serves(url)
 
     async def get_range(
         self, url: str, start: int, length: int, piece_size: int, socket_timeout: float
     ) -> RangeAnswer:
         """One attempt. Network failures raise httpx transport errors, so that the
         client's retry policy treats them as it treats httpx's own."""
-        parts = urllib.parse.urlsplit(url)
-        https = parts.scheme == "https"
-        assert parts.hostname is not None
-        key = (parts.scheme, parts.hostname, parts.port or (443 if https else 80))
-        idle = self._idle.get(key)
-        conn = idle.pop() if idle else self._connection(key, https)
-        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         headers = {
             "Range": f"bytes={start}-{start + length - 1}",
             "User-Agent": self._user_agent,
         }
-        try:
-            answer, reusable = await trio.to_thread.run_sync(
-                _get_range, conn, target, headers, start, length, piece_size, socket_timeout,
-                limiter=self._limiter,
-            )  # fmt: skip
-        except BaseException:
-            conn.close()
-            raise
-        if reusable:
-            self._idle.setdefault(key, []).append(conn)
-        else:
-            conn.close()
-        return answer
+        return await self._connections.exchange(
+            url, functools.partial(_get_range, headers=headers, start=start, length=length,
+                                   piece_size=piece_size, timeout=socket_timeout)
+        )  # fmt: skip
+
+    def idle_connections(self) -> int:
+        return self._connections.idle()
 
     def close(self) -> None:
-        for conns in self._idle.values():
-            for conn in conns:
-                conn.close()
-        self._idle.clear()
-
-    def _connection(self, key: tuple[str, str, int], https: bool) -> http.client.HTTPConnection:
-        _, host, port = key
-        if https:
-            return http.client.HTTPSConnection(host, port, context=self._ssl)
-        return http.client.HTTPConnection(host, port)
+        self._connections.close()
 
 
 def _get_range(
     conn: http.client.HTTPConnection,
     target: str,
+    *,
     headers: dict[str, str],
     start: int,
     length: int,
@@ -124,9 +86,7 @@ def _get_range(
     timeout: float,
 ) -> tuple[RangeAnswer, bool]:
     """Blocking: send the GET, read the answer; (answer, whether the connection is reusable)."""
-    conn.timeout = timeout
-    if conn.sock is not None:
-        conn.sock.settimeout(timeout)
+    set_timeout(conn, timeout)
     try:
         conn.request("GET", target, headers=headers)
         response = conn.getresponse()

@@ -12,6 +12,7 @@ transport: only then can the server have stored the file.
 
 from __future__ import annotations
 
+import http.client
 import mimetypes
 import os
 import pathlib
@@ -131,6 +132,29 @@ class SpoolBody(_FileBody):
         if progress is not None:
             progress(0)  # small files are read at once, but not sent yet
 
+    def send_blocking(self, conn: http.client.HTTPConnection) -> None:
+        """Write the whole body to `conn`, its headers sent; in a worker thread.
+
+        The file's bytes go from the page cache to the socket by sendfile(2), never
+        through Python; progress is reported every chunk (the callback only stores
+        a number, so calling it from this thread is safe).
+        """
+        for part in self._parts:
+            conn.send(part)
+        self._parts = []
+        if self._offset < self.size:
+            assert conn.sock is not None
+            with os.fdopen(self._fd, "rb", closefd=False) as file:
+                while self._offset < self.size:
+                    n = min(CHUNK_SIZE, self.size - self._offset)
+                    if conn.sock.sendfile(file, self._offset, n) < n:
+                        raise OSError("file shrank while it was being uploaded")
+                    self._offset += n
+                    self._report()
+            conn.send(self._tail)
+        self._done = True
+        self._report()
+
     def _read_now(self, n: int) -> bytes:
         chunk = os.pread(self._fd, n, self._offset)
         if len(chunk) < n:
@@ -208,9 +232,10 @@ class GrowingFile:
 class GrowingSpoolBody(_FileBody):
     """An upload body that follows a `GrowingFile`: no length known, so sent chunked.
 
-    The bytes come from the page cache the program's writes just went through, so
-    they are read in the event loop. `size` and `identity` are the finished file's,
-    known once the whole body went out.
+    Sent by http.client in a worker thread (`send_blocking`), or by httpx (the async
+    iterator; the bytes come from the page cache the program's writes just went
+    through, so they are read in the event loop). `size` and `identity` are the
+    finished file's, known once the whole body went out.
     """
 
     def __init__(
@@ -259,3 +284,38 @@ class GrowingSpoolBody(_FileBody):
                 last, self._head = self._head + self._tail, b""
                 return last
             await growing.wait_for_change(self._idle_limit)
+
+    def send_blocking(self, conn: http.client.HTTPConnection) -> None:
+        """Write the body to `conn` as chunks, its headers sent; in a worker thread.
+
+        Each chunk's bytes go by sendfile(2). When all that was written is sent, the
+        thread waits on the trio side for the file to grow, finish or be abandoned.
+        """
+        growing = self._growing
+        assert conn.sock is not None
+        with os.fdopen(self._fd, "rb", closefd=False) as file:
+            _send_chunk(conn, self._head)
+            while True:
+                if growing.abandoned is not None:
+                    raise StreamAbandoned(growing.abandoned)
+                if self._offset < growing.size:
+                    n = min(CHUNK_SIZE, growing.size - self._offset)
+                    conn.send(b"%X\r\n" % n)
+                    if conn.sock.sendfile(file, self._offset, n) < n:
+                        raise StreamAbandoned("the file shrank while it was being uploaded")
+                    conn.send(b"\r\n")
+                    self._offset += n
+                    self._report()
+                elif growing.final:
+                    break
+                else:
+                    trio.from_thread.run(growing.wait_for_change, self._idle_limit)
+        self.size = self._offset
+        self.identity = file_identity(os.fstat(self._fd))
+        _send_chunk(conn, self._tail)
+        conn.send(b"0\r\n\r\n")
+        self._done = True
+
+
+def _send_chunk(conn: http.client.HTTPConnection, data: bytes) -> None:
+    conn.send(b"%X\r\n%b\r\n" % (len(data), data))

@@ -1,0 +1,130 @@
+"""Plain HTTP/1.1 through the standard library's http.client, in worker threads.
+
+On the trio thread, h11 and httpcore cost several times the CPU of the transfer
+itself: each request takes milliseconds of Python work, and each body is copied
+several times. http.client reads and writes sockets directly, and does it in a
+worker thread (trio.to_thread, so structured), with the GIL released while it waits;
+the trio thread is left to answer FUSE. httpx remains the client for everything
+else, and for every request a proxy applies to (http.client reads no proxy settings).
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import TypeVar
+
+import httpx
+import trio
+
+T = TypeVar("T")
+
+Origin = tuple[str, str, int]
+# A blocking exchange on one connection: (its result, whether the connection can be reused).
+Exchange = Callable[[http.client.HTTPConnection, str], tuple[T, bool]]
+
+
+class DirectConnections:
+    """Idle connections per origin, a bound on those in use, and which URLs may use them."""
+
+    def __init__(self, max_in_use: int) -> None:
+        self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
+        self._limiter = trio.CapacityLimiter(max_in_use)
+        self._ssl = ssl.create_default_context()
+        # Proxy settings are read once (the environment scan costs more than a request's
+        # own work), and the answer kept per host.
+        self._proxies = urllib.request.getproxies()
+        self._direct_hosts: dict[tuple[str, str], bool] = {}
+
+    def serves(self, url: str) -> bool:
+        """Whether a URL can be fetched directly: http(s), and no proxy configured for it."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return False
+        key = (parts.scheme, parts.hostname)
+        direct = self._direct_hosts.get(key)
+        if direct is None:
+            direct = self._direct_hosts[key] = parts.scheme not in self._proxies or bool(
+                urllib.request.proxy_bypass_environment(parts.hostname, self._proxies)
+            )
+        return direct
+
+    async def exchange(self, url: str, exchange: Exchange[T]) -> T:
+        """Run `exchange` on an idle connection to the URL's origin (or a new one) in a
+        worker thread, with the request target (path and query) it is to send."""
+        parts = urllib.parse.urlsplit(url)
+        https = parts.scheme == "https"
+        assert parts.hostname is not None
+        key = (parts.scheme, parts.hostname, parts.port or (443 if https else 80))
+        idle = self._idle.get(key)
+        conn = idle.pop() if idle else self._connection(key, https)
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        try:
+            result, reusable = await trio.to_thread.run_sync(
+                exchange, conn, target, limiter=self._limiter
+            )
+        except BaseException:
+            conn.close()
+            raise
+        if reusable:
+            self._idle.setdefault(key, []).append(conn)
+        else:
+            conn.close()
+        return result
+
+    def idle(self) -> int:
+        """Connections kept open for reuse."""
+        return sum(len(conns) for conns in self._idle.values())
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    def _connection(self, key: Origin, https: bool) -> http.client.HTTPConnection:
+        _, host, port = key
+        if https:
+            return http.client.HTTPSConnection(host, port, context=self._ssl)
+        return http.client.HTTPConnection(host, port)
+
+
+def set_timeout(conn: http.client.HTTPConnection, timeout: float) -> None:
+    """Every socket wait of the next exchange is bounded by `timeout` seconds."""
+    conn.timeout = timeout
+    if conn.sock is not None:
+        conn.sock.settimeout(timeout)
+
+
+def post(
+    conn: http.client.HTTPConnection,
+    target: str,
+    *,
+    headers: dict[str, str],
+    send_body: Callable[[http.client.HTTPConnection], None],
+    timeout: float,
+    max_answer: int,
+) -> tuple[httpx.Response, bool]:
+    """Blocking: send a POST whose body `send_body` writes, read at most `max_answer`
+    bytes of the answer. Network failures raise httpx transport errors, so that the
+    client's retry policy treats them as it treats httpx's own."""
+    set_timeout(conn, timeout)
+    try:
+        conn.putrequest("POST", target, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        send_body(conn)
+        response = conn.getresponse()
+        body = response.read(max_answer)
+        if response.length and len(body) < max_answer:  # closed before its Content-Length
+            raise http.client.IncompleteRead(body, response.length)
+        answer = httpx.Response(response.status, headers=response.getheaders(), content=body)
+        return answer, not response.will_close and response.isclosed()
+    except TimeoutError as exc:
+        raise httpx.ReadTimeout(f"timed out: {exc}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from None
