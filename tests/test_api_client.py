@@ -1129,3 +1129,21 @@ async def test_a_lost_answer_to_a_growing_upload_is_found_not_sent_again(
     assert server.posts == 1  # found, not sent again
     assert [f.id for f in files] == server.stored == [stored.id]
     assert stored.signature == hashlib.md5(data).hexdigest()
+
+
+async def test_uploads_go_through_the_proxy_named_for_the_api_host(
+    emulator: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads skip httpx only where no proxy applies: http.client reads no proxy settings."""
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+    path = write(tmp_path, "p.bin", b"through the proxy")
+    quick = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, total_budget=2.0)
+    async with FilesClient(emulator.url, emulator.api_key, retry=quick) as c:
+        with pytest.raises(Unavailable, match="ConnectError"):
+            await c.upload(path, filename="p.bin", purpose="batch")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    async with FilesClient(emulator.url, emulator.api_key, retry=quick) as c:
+        stored = await c.upload(path, filename="p.bin", purpose="batch")
+        assert [f.id for f in await c.list_all()] == [stored.id]
