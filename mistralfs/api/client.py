@@ -94,6 +94,7 @@ class _ServerOnlyBearerAuth(httpx.Auth):
     def __init__(self, api_key: str, origin: tuple[str, str, int | None]) -> None:
         self._header = f"Bearer {api_key}"
         self._origin = origin
+        self._ours: dict[str, bool] = {}  # URL -> whether it is on the API's origin
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if _origin(request.url) == self._origin:
@@ -101,8 +102,11 @@ class _ServerOnlyBearerAuth(httpx.Auth):
         yield request
 
     def headers_for(self, url: str) -> dict[str, str]:
-        """The same rule for requests sent without httpx."""
-        return {"Authorization": self._header} if _origin(httpx.URL(url)) == self._origin else {}
+        """The same rule for requests sent without httpx (their few URLs parsed once)."""
+        ours = self._ours.get(url)
+        if ours is None:
+            ours = self._ours[url] = _origin(httpx.URL(url)) == self._origin
+        return {"Authorization": self._header} if ours else {}
 
     def __repr__(self) -> str:  # never show the key
         return f"_ServerOnlyBearerAuth(origin={self._origin!r})"

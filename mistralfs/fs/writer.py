@@ -299,14 +299,16 @@ class Writer:
         """
         node = spool.node
         spool.closed_since_write = True
-        self._write_meta(spool)
         if spool.oversize:
+            self._write_meta(spool)
             raise FsError(errno.EFBIG, f"{node.name}: not uploaded, {TOO_LARGE}")
         async with node.lock:
+            if not spool.unflushed or not node.attached:
+                self._write_meta(spool)
             if not spool.unflushed:
                 return
             if node.attached:
-                await self._upload(spool)
+                await self._upload(spool)  # which notes that it is complete, as it starts
             elif not node.unlinked:
                 raise FsError(errno.EIO, f"{node.name} was deleted elsewhere; not uploaded")
 
