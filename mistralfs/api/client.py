@@ -19,6 +19,7 @@ import os
 import pathlib
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -243,7 +244,7 @@ _ID_SEGMENT = re.compile(r"/[0-9a-fA-F-]{36}(?=/|$)")
 
 def _route(url: str) -> str:
     """`/v1/files/<uuid>/url` -> `/v1/files/{id}/url`, to count requests by kind."""
-    return _ID_SEGMENT.sub("/{id}", httpx.URL(url).path)
+    return _ID_SEGMENT.sub("/{id}", urllib.parse.urlsplit(url).path)  # httpx.URL: 10x slower
 
 
 @dataclass
