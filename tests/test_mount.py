@@ -397,3 +397,19 @@ def test_ls_l_and_probes_on_a_listed_folder_make_no_api_call(
             assert not (m / "batch" / probe).exists()
             assert not (m / probe).exists()
         assert requests(emulator_process.url, emulator_process.api_key) == []
+
+
+def test_a_missing_name_is_remembered_only_while_the_listing_is_trusted(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    with mount(emulator_process, tmp_path, "--dir-cache-time", "2") as m:
+        batch = m / "batch"
+        assert os.listdir(batch) == []
+        assert not (batch / "later.txt").exists()
+        assert not (batch / "made-here.txt").exists()
+        (batch / "made-here.txt").write_bytes(b"here")  # a name remembered missing can be made
+        assert (batch / "made-here.txt").read_bytes() == b"here"
+        sdk.files.upload(file={"file_name": "later.txt", "content": b"x"}, purpose="batch")
+        # Seen once the listing is old, as any remote change: the absence is not kept longer.
+        wait_for(lambda: (batch / "later.txt").exists(), timeout=10)
+        assert (batch / "later.txt").read_bytes() == b"x"

@@ -161,12 +161,23 @@ async def expect_errno(code: int, call: Any) -> None:
     assert raised.value.errno == code
 
 
+async def expect_missing(ops: Operations, parent: int, name: bytes) -> None:
+    """No such name: ENOENT, or (in a folder) an entry of inode 0, an absence the kernel
+    may remember."""
+    try:
+        entry = await ops.lookup(parent, name)
+    except pyfuse3.FUSEError as exc:
+        assert exc.errno == errno.ENOENT
+    else:
+        assert entry.st_ino == 0 and entry.entry_timeout > 0
+
+
 async def test_root_holds_the_purpose_folders(stack: Stack) -> None:
     names = [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
     assert names == ["fine-tune", "batch", "ocr"]
     attrs = await stack.ops.lookup(ROOT, b"batch")
     assert stat.S_ISDIR(attrs.st_mode)
-    await expect_errno(errno.ENOENT, stack.ops.lookup(ROOT, b"nope"))
+    await expect_missing(stack.ops, ROOT, b"nope")
 
 
 async def test_other_purposes_get_a_folder_only_while_they_hold_files(stack: Stack) -> None:
@@ -210,7 +221,7 @@ async def test_an_emptied_purpose_folder_goes(emulator: RunningEmulator, tmp_pat
         assert "audio" in [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
         await stack.client.delete(file_id)
         await trio.sleep(0.35)
-        await expect_errno(errno.ENOENT, stack.ops.lookup(ROOT, b"audio"))
+        await expect_missing(stack.ops, ROOT, b"audio")
         assert "audio" not in [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
 
 
@@ -404,8 +415,8 @@ async def test_probed_names_make_no_api_call(stack: Stack) -> None:
     await stack.ops.fs.list_dir(ROOT)
     await stack.clear_requests()
     for probe in (b".hidden", b".directory", b".Trash-1000", b"autorun.inf", b".git", b".DS_Store"):
-        await expect_errno(errno.ENOENT, stack.ops.lookup(batch, probe))
-        await expect_errno(errno.ENOENT, stack.ops.lookup(ROOT, probe))
+        await expect_missing(stack.ops, batch, probe)
+        await expect_missing(stack.ops, ROOT, probe)
     assert await stack.api_requests() == []
 
 
@@ -494,7 +505,7 @@ async def test_refused_content_fails_flush_and_is_kept(stack: Stack) -> None:
     await stack.ops.write(info.fh, 0, b"not json\n")
     await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
     await stack.ops.release(info.fh)
-    await expect_errno(errno.ENOENT, stack.ops.lookup(folder, b"bad.jsonl"))
+    await expect_missing(stack.ops, folder, b"bad.jsonl")
     kept = list((stack.cache_dir / "recovery").glob("*.spool"))
     assert [p.read_bytes() for p in kept] == [b"not json\n"]
     assert await stack.client.list_all() == []
@@ -614,7 +625,7 @@ async def test_remote_changes_show_up_after_the_folder_cache_time(
             (await http.delete(f"/v1/files/{file_id}")).raise_for_status()
         await trio.sleep(0.35)
         assert await stack.names("batch") == []
-        await expect_errno(errno.ENOENT, stack.ops.lookup(await stack.folder("batch"), b"late.txt"))
+        await expect_missing(stack.ops, await stack.folder("batch"), b"late.txt")
         await stack.client.aclose()
         nursery.cancel_scope.cancel()
 
@@ -623,7 +634,7 @@ async def test_unlink_deletes_remotely_and_at_once(stack: Stack) -> None:
     await stack.write_file("batch", "x.txt", b"x")
     batch = await stack.folder("batch")
     await stack.ops.unlink(batch, b"x.txt", None)
-    await expect_errno(errno.ENOENT, stack.ops.lookup(batch, b"x.txt"))
+    await expect_missing(stack.ops, batch, b"x.txt")
     assert await stack.client.list_all() == []
 
 
@@ -746,7 +757,7 @@ async def test_rename_of_an_uploaded_file_uploads_again_then_deletes(stack: Stac
     await stack.ops.rename(batch, b"s.jsonl", fine_tune, b"s.jsonl", 0, None)
     assert list(await remote_state(stack)) == [("fine-tune", "s.jsonl")]
     assert (await stack.ops.lookup(fine_tune, b"s.jsonl")).st_ino == inode
-    await expect_errno(errno.ENOENT, stack.ops.lookup(batch, b"s.jsonl"))
+    await expect_missing(stack.ops, batch, b"s.jsonl")
     assert await stack.read_file(inode) == b'{"r": 1}\n'
 
 
@@ -910,7 +921,7 @@ async def test_changes_to_a_file_deleted_elsewhere_are_kept(
             base_url=emulator.url, headers={"Authorization": f"Bearer {emulator.api_key}"}
         ) as http:
             (await http.delete(f"/v1/files/{file_id}")).raise_for_status()
-        await expect_errno(errno.ENOENT, stack.ops.lookup(batch, b"shared.txt"))
+        await expect_missing(stack.ops, batch, b"shared.txt")
         await expect_errno(errno.EIO, stack.ops.flush(info.fh))
         await stack.ops.release(info.fh)
         kept = list((tmp_path / "c" / "recovery").glob("*.spool"))
@@ -1153,3 +1164,27 @@ async def test_content_refused_as_it_was_written_is_refused_whole_too(stack: Sta
     await stack.ops.release(info.fh)
     assert len(list((stack.cache_dir / "recovery").glob("*.spool"))) == 1
     assert await stack.client.list_all() == []
+
+
+async def test_a_missing_name_in_a_listed_folder_is_an_absence_the_kernel_may_keep(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with stack_caching_for(emulator, tmp_path / "cache", dir_cache_time=30.0) as stack:
+        batch = await stack.folder("batch")
+        missing = await stack.ops.lookup(batch, b"nope.txt")
+        assert missing.st_ino == 0 and 29 < missing.entry_timeout <= 30  # the listing's time
+        await expect_errno(errno.ENOENT, stack.ops.lookup(ROOT, b"nope"))  # not at the root
+        added: list[tuple[int, str]] = []
+        stack.ops.fs.namespace.on_name_added = lambda inode, name: added.append((inode, name))
+        await stack.client.upload(
+            write_tmp(tmp_path, "nope.txt", b"x"), filename="nope.txt", purpose="batch"
+        )
+        stack.ops.fs.namespace.invalidate()  # as when the listing's time is up
+        assert (await stack.ops.lookup(batch, b"nope.txt")).st_ino != 0
+        assert added == [(batch, "nope.txt")]  # so the kernel drops the absence it kept
+
+
+def write_tmp(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path

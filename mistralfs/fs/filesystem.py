@@ -102,6 +102,15 @@ class Filesystem:
             self._reader.prefetch_url(found.remote)
         return found
 
+    def absent_for(self, parent_inode: int) -> float:
+        """Seconds for which a name found missing in this folder stays missing.
+
+        As long as the folder's listing is trusted: a new remote name shows up only
+        with the next listing anyway, and one the mount adds goes through the kernel.
+        """
+        parent = self.node(parent_inode)
+        return self.namespace.fresh_for(parent) if isinstance(parent, Folder) else 0.0
+
     async def list_dir(self, inode: int) -> list[tuple[str, Node]]:
         """A folder's entries at this moment; readdir pages through this snapshot."""
         node = self.node(inode)

@@ -85,7 +85,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     ):
         activity = Activity()
         namespace = Namespace(client, config.dir_cache_time)
-        namespace.on_name_removed = _forget_in_kernel
+        namespace.on_name_removed = namespace.on_name_added = _forget_in_kernel
         namespace.on_attrs_changed = _forget_attrs_in_kernel
         reader = BlockReader(
             client, nursery, cache_size=config.cache_size, block_size=config.block_size, disk=disk
@@ -201,7 +201,7 @@ async def _announce_when_answering(
 
 
 def _forget_in_kernel(folder_inode: int, name: str) -> None:
-    """Drop the kernel's cached entry for a name that no longer exists."""
+    """Drop the kernel's cached entry for a name: gone, or no longer missing."""
     try:
         pyfuse3.invalidate_entry_async(folder_inode, name.encode("utf-8"), ignore_enoent=True)
     except OSError as exc:

@@ -95,6 +95,9 @@ class Namespace:
         self._uploading: collections.Counter[tuple[str, str]] = collections.Counter()
         # Called with (folder inode, name) when a name goes, so the kernel forgets it too.
         self.on_name_removed: Callable[[int, str], None] = lambda _inode, _name: None
+        # Called with (folder inode, name) when a listing brings a new name, so that the
+        # kernel forgets that it was missing.
+        self.on_name_added: Callable[[int, str], None] = lambda _inode, _name: None
         # Called with an inode whose attributes changed (a new upload: size, times).
         self.on_attrs_changed: Callable[[int], None] = lambda _inode: None
         for purpose in STANDARD_PURPOSES:
@@ -324,6 +327,7 @@ class Namespace:
             self._nodes[node.inode] = node
             folder.entries[node.name] = node
             self._inode_by_id[remote.id] = node.inode
+            self.on_name_added(folder.inode, node.name)
 
     def _free_name(self, folder: Folder, remote: RemoteFile) -> str:
         name, unique = plain_name(remote.filename, remote.id)

@@ -78,7 +78,17 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._attrs(await self.fs.lookup(parent_inode, _name(name)))
+        try:
+            return self._attrs(await self.fs.lookup(parent_inode, _name(name)))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT or (timeout := self.fs.absent_for(parent_inode)) <= 0:
+                raise
+        # The kernel remembers the absence (inode 0): cp's stat, lstat and create of a
+        # new name then cost one request, not three.
+        missing = pyfuse3.EntryAttributes()
+        missing.st_ino = 0
+        missing.entry_timeout = timeout
+        return missing
 
     @_fuse_errors
     async def getattr(self, inode, ctx=None):
