@@ -25,19 +25,24 @@ def kill_daemon(pid: int) -> None:
     wait_for(lambda: not process_alive(pid), timeout=10)
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
 def test_half_written_file_is_kept_for_recovery(
-    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral, size: str
 ) -> None:
+    # A large one has its upload under way (docs/SEMANTICS.md): that request dies too.
+    work = b"half of my work" if size == "small" else os.urandom(6 * 1024 * 1024)
     with mount(emulator_process, tmp_path) as first:
         fd = os.open(first / "batch" / "draft.txt", os.O_WRONLY | os.O_CREAT, 0o644)
-        os.write(fd, b"half of my work")
+        for start in range(0, len(work), 1024 * 1024):
+            os.write(fd, work[start : start + 1024 * 1024])
+        time.sleep(0.2)
         kill_daemon(first.daemon_pid())
         with pytest.raises(OSError):
             os.close(fd)
         with mount(emulator_process, tmp_path) as second:
             assert "draft.txt" not in os.listdir(second / "batch")
             kept = wait_for(lambda: list((second.cache_dir / "recovery").glob("*.spool")))
-            assert [p.read_bytes() for p in kept] == [b"half of my work"]
+            assert [p.read_bytes() for p in kept] == [work]
             meta = json.loads(kept[0].with_suffix(".json").read_text())
             assert (meta["purpose"], meta["filename"]) == ("batch", "draft.txt")
             assert "still being written at the crash" in second.log()
