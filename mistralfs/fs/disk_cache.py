@@ -12,10 +12,12 @@ sixth of a re-read's CPU) nor an fdatasync per block (the writer then falls behi
 fast download and blocks go unkept) paid for itself. The total is bounded by
 `--disk-cache-size`, evicting the least recently used block; recency is the block
 file's mtime, touched on every hit, so the order survives restarts. One mount at a time
-uses a DIR: an flock on `DIR/lock` refuses a second. File I/O runs in trio's worker
-threads; writes, evictions and deletions go through one task, in the order asked, so a
-deleted file's blocks never come back. A disk error never fails a read: the block comes
-from the network and the error is logged.
+uses a DIR: an flock on `DIR/lock` refuses a second. A block whose file is in the page
+cache is mapped on the trio thread (cheap system calls; a worker thread waits for the GIL
+at each of them while FUSE replies keep the main thread busy); anything that may wait
+for the disk runs in trio's worker threads. Writes, evictions and deletions go through
+one task, in the order asked, so a deleted file's blocks never come back. A disk error
+never fails a read: the block comes from the network and the error is logged.
 """
 
 from __future__ import annotations
@@ -135,15 +137,23 @@ class DiskCache:
     ) -> list[memoryview] | None:
         """Blocks `first` to `first + count - 1`, when every one of them is kept and sound.
 
-        All or nothing, as the reader fetches a run in one request either way. The run
-        is read in one worker thread: a thread hop per block costs more CPU than it saves.
+        All or nothing, as the reader fetches a run in one request either way. Blocks
+        whose files are in the page cache are taken right here: a worker thread waits for
+        the GIL at each of its system calls while FUSE replies keep the main thread busy,
+        and fell behind a re-read. From the first block that would wait for the disk on,
+        the run is read in one worker thread.
         """
         keys = [(file_id, index) for index in range(first, first + count)]
         if not _SAFE_ID.fullmatch(file_id) or any(key not in self._index for key in keys):
             self.misses += count
             return None
         lengths = [self._length(file_size, index) for index in range(first, first + count)]
-        found = await trio.to_thread.run_sync(self._read_run_sync, keys, lengths)
+        found = self._read_run_sync(keys, lengths, False)
+        if found[-1] is _ON_DISK_ONLY:
+            at = len(found) - 1
+            found[at:] = await trio.to_thread.run_sync(
+                self._read_run_sync, keys[at:], lengths[at:], True
+            )
         blocks = []
         for key, result in zip(keys, found, strict=False):  # `found` stops at a bad one
             if isinstance(result, memoryview):
@@ -224,43 +234,47 @@ class DiskCache:
     # -- reading --------------------------------------------------------------------
 
     def _read_run_sync(
-        self, keys: list[BlockKey], lengths: list[int]
-    ) -> list[memoryview | OSError | None]:
+        self, keys: list[BlockKey], lengths: list[int], wait: bool
+    ) -> list[memoryview | OSError | _OnDiskOnly | None]:
         """Each block, or None when it is not sound, or the error reading it; stops after
-        the first that is not there, since the run then comes from the network anyway."""
-        found: list[memoryview | OSError | None] = []
+        the first that is not there, since the run then comes from the network anyway.
+        Without `wait`, it also stops at the first block not in the page cache."""
+        found: list[memoryview | OSError | _OnDiskOnly | None] = []
         for key, length in zip(keys, lengths, strict=True):
             try:
-                found.append(self._read_sync(key, length))
+                found.append(self._read_sync(key, length, wait))
             except OSError as exc:
                 found.append(exc)
             if not isinstance(found[-1], memoryview):
                 break
         return found
 
-    def _read_sync(self, key: BlockKey, length: int) -> memoryview | None:
+    def _read_sync(self, key: BlockKey, length: int, wait: bool) -> memoryview | _OnDiskOnly | None:
         """The block if it is sound (a read-only mapping of its file); else None, and the
-        file is removed.
+        file is removed. Without `wait`, `_ON_DISK_ONLY` when its labels are not in the page
+        cache, as its other pages, read after them, most likely are not either.
 
         A mapping, not a read: the bytes are copied once, from the page cache to FUSE,
-        instead of twice. The file is mapped only after its size is checked (touching a
-        mapping past the end of a file is a SIGBUS), and the one mount using the folder
-        never truncates a block file, only renames and unlinks them.
+        instead of twice. Only the kernel touches the mapping (the labels are read with
+        pread), and only after the file's size is checked: the one mount using the folder
+        never truncates a block file, only renames and unlinks them. With `wait` (in a
+        worker thread) the pages are brought in at once; without, as FUSE copies them.
         """
         path = self._path(key)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            label = LABEL.pack(MAGIC, key[1] * self.block_size, length)
             if os.fstat(fd).st_size == length + 2 * LABEL.size:
-                mapped = mmap.mmap(
-                    fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
-                )
-                head, tail = mapped[: LABEL.size], mapped[LABEL.size + length :]
+                head = _read_label(fd, 0, wait)
+                tail = _read_label(fd, LABEL.size + length, wait)
+                if head is None or tail is None:
+                    return _ON_DISK_ONLY
+                label = LABEL.pack(MAGIC, key[1] * self.block_size, length)
                 if head == label and tail == label:
+                    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if wait else 0)
+                    mapped = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
                     with contextlib.suppress(OSError):  # recency, for eviction after a restart
                         os.utime(fd)
                     return memoryview(mapped)[LABEL.size : LABEL.size + length]
-                mapped.close()
         finally:
             os.close(fd)
         log.warning("disk cache: %s is not the block expected (torn, short or damaged); "
@@ -445,6 +459,30 @@ class DiskCache:
                         self.root, what, exc)  # fmt: skip
         else:
             log.debug("disk cache %s: %s failed (%s)", self.root, what, exc)
+
+
+class _OnDiskOnly:
+    """Marks a block whose file is not in the page cache: it is read off the trio thread."""
+
+
+_ON_DISK_ONLY = _OnDiskOnly()
+
+
+def _read_label(fd: int, offset: int, wait: bool) -> bytes | None:
+    """The label at `offset`; without `wait`, None unless all of it is in the page cache
+    (RWF_NOWAIT; a label may straddle two pages, and some file systems cannot tell)."""
+    if wait:
+        return os.pread(fd, LABEL.size, offset)
+    label = bytearray(LABEL.size)
+    try:
+        got = os.preadv(fd, [label], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return None
+        raise
+    return bytes(label) if got == LABEL.size else None
 
 
 def _unlink_quietly(path: Path) -> None:
