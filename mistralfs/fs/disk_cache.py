@@ -99,6 +99,7 @@ class DiskCache:
         self, root: Path, max_bytes: int, block_size: int, max_pending: int = MAX_PENDING_STORES
     ) -> None:
         self.root = root
+        self._root_name = os.fspath(root)  # block paths as strings: pathlib is slow per block
         self.max_pending = max_pending
         self.max_bytes = max_bytes
         self.block_size = block_size
@@ -358,7 +359,7 @@ class DiskCache:
         path = self._path(key)
         _unlink_quietly(path)
         with contextlib.suppress(OSError):
-            path.parent.rmdir()  # the file's last block: its folder goes too
+            os.rmdir(os.path.dirname(path))  # the file's last block: its folder goes too
 
     async def _drop(self, file_id: str) -> None:
         try:
@@ -446,8 +447,8 @@ class DiskCache:
     def _length(self, file_size: int, index: int) -> int:
         return min(self.block_size, file_size - index * self.block_size)
 
-    def _path(self, key: BlockKey) -> Path:
-        return self.root / key[0] / str(key[1])
+    def _path(self, key: BlockKey) -> str:
+        return f"{self._root_name}/{key[0]}/{key[1]}"
 
     def _complain(self, what: str, exc: OSError) -> None:
         """One warning per kind of failure a minute: a full disk must not flood the log."""
@@ -485,6 +486,6 @@ def _read_label(fd: int, offset: int, wait: bool) -> bytes | None:
     return bytes(label) if got == LABEL.size else None
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+        os.unlink(path)
