@@ -64,6 +64,9 @@ class NoDiskCache:
     def __contains__(self, key: BlockKey) -> bool:
         return False
 
+    def take(self, file_id: str, file_size: int, first: int, count: int) -> None:
+        return None
+
     async def load(self, file_id: str, file_size: int, first: int, count: int) -> None:
         return None
 
@@ -133,43 +136,49 @@ class DiskCache:
         """Whether the block is kept (it may still turn out unsound when read)."""
         return key in self._index
 
+    def take(self, file_id: str, file_size: int, first: int, count: int) -> list[memoryview] | None:
+        """The run, right now, when every block of it is kept, sound and in the page cache;
+        else None, and `load` says which (it then reads the rest off the trio thread).
+
+        Mapping a block whose file is in the page cache is a few cheap system calls: a
+        worker thread would wait for the GIL at each of them while FUSE replies keep the
+        main thread busy (it fell behind a re-read), and a task per run costs more than
+        the mapping itself.
+        """
+        run = self._kept_run(file_id, file_size, first, count)
+        if run is None:
+            return None
+        found = self._read_run_sync(*run, False)
+        blocks = None if found[-1] is _ON_DISK_ONLY else self._served(run[0], found)
+        if blocks is not None:
+            self.hits += count
+        return blocks
+
     async def load(
         self, file_id: str, file_size: int, first: int, count: int
     ) -> list[memoryview] | None:
         """Blocks `first` to `first + count - 1`, when every one of them is kept and sound.
 
-        All or nothing, as the reader fetches a run in one request either way. Blocks
-        whose files are in the page cache are taken right here: a worker thread waits for
-        the GIL at each of its system calls while FUSE replies keep the main thread busy,
-        and fell behind a re-read. From the first block that would wait for the disk on,
-        the run is read in one worker thread.
+        All or nothing, as the reader fetches a run in one request either way. What is in
+        the page cache is taken on the trio thread (see `take`); from the first block that
+        would wait for the disk on, the run is read in one worker thread.
         """
-        keys = [(file_id, index) for index in range(first, first + count)]
-        if not _SAFE_ID.fullmatch(file_id) or any(key not in self._index for key in keys):
+        run = self._kept_run(file_id, file_size, first, count)
+        if run is None:
             self.misses += count
             return None
-        lengths = [self._length(file_size, index) for index in range(first, first + count)]
+        keys, lengths = run
         found = self._read_run_sync(keys, lengths, False)
         if found[-1] is _ON_DISK_ONLY:
             at = len(found) - 1
             found[at:] = await trio.to_thread.run_sync(
                 self._read_run_sync, keys[at:], lengths[at:], True
             )
-        blocks = []
-        for key, result in zip(keys, found, strict=False):  # `found` stops at a bad one
-            if isinstance(result, memoryview):
-                blocks.append(result)
-                if key in self._index:
-                    self._index.move_to_end(key)
-                continue
-            if not isinstance(result, FileNotFoundError | None):  # else removed behind our back
-                self._complain("reading a block", result)
-            if key in self._index:
-                self._bytes -= self._index.pop(key)
-        if len(blocks) < count:
+        blocks = self._served(keys, found)
+        if blocks is None:
             self.misses += count
-            return None
-        self.hits += count
+        else:
+            self.hits += count
         return blocks
 
     def store(self, file_id: str, file_size: int, first: int, blocks: list[bytes]) -> None:
@@ -233,6 +242,32 @@ class DiskCache:
         }
 
     # -- reading --------------------------------------------------------------------
+
+    def _kept_run(
+        self, file_id: str, file_size: int, first: int, count: int
+    ) -> tuple[list[BlockKey], list[int]] | None:
+        """The run's keys and block lengths, or None unless every block of it is kept."""
+        keys = [(file_id, index) for index in range(first, first + count)]
+        if not _SAFE_ID.fullmatch(file_id) or any(key not in self._index for key in keys):
+            return None
+        return keys, [self._length(file_size, index) for index in range(first, first + count)]
+
+    def _served(
+        self, keys: list[BlockKey], found: list[memoryview | OSError | _OnDiskOnly | None]
+    ) -> list[memoryview] | None:
+        """The blocks if all were found; unsound or unreadable ones leave the index."""
+        blocks = []
+        for key, result in zip(keys, found, strict=False):  # `found` stops at a bad one
+            if isinstance(result, memoryview):
+                blocks.append(result)
+                if key in self._index:
+                    self._index.move_to_end(key)
+                continue
+            if not isinstance(result, FileNotFoundError | None):  # else removed behind our back
+                self._complain("reading a block", result)
+            if key in self._index:
+                self._bytes -= self._index.pop(key)
+        return blocks if len(blocks) == len(keys) else None
 
     def _read_run_sync(
         self, keys: list[BlockKey], lengths: list[int], wait: bool
