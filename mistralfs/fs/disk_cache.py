@@ -12,10 +12,12 @@ sixth of a re-read's CPU) nor an fdatasync per block (the writer then falls behi
 fast download and blocks go unkept) paid for itself. The total is bounded by
 `--disk-cache-size`, evicting the least recently used block; recency is the block
 file's mtime, touched on every hit, so the order survives restarts. One mount at a time
-uses a DIR: an flock on `DIR/lock` refuses a second. File I/O runs in trio's worker
-threads; writes, evictions and deletions go through one task, in the order asked, so a
-deleted file's blocks never come back. A disk error never fails a read: the block comes
-from the network and the error is logged.
+uses a DIR: an flock on `DIR/lock` refuses a second. A block whose file is in the page
+cache is mapped on the trio thread (cheap system calls; a worker thread waits for the GIL
+at each of them while FUSE replies keep the main thread busy); anything that may wait
+for the disk runs in trio's worker threads. Writes, evictions and deletions go through
+one task, in the order asked, so a deleted file's blocks never come back. A disk error
+never fails a read: the block comes from the network and the error is logged.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class NoDiskCache:
     def __contains__(self, key: BlockKey) -> bool:
         return False
 
+    def take(self, file_id: str, file_size: int, first: int, count: int) -> None:
+        return None
+
     async def load(self, file_id: str, file_size: int, first: int, count: int) -> None:
         return None
 
@@ -97,6 +102,7 @@ class DiskCache:
         self, root: Path, max_bytes: int, block_size: int, max_pending: int = MAX_PENDING_STORES
     ) -> None:
         self.root = root
+        self._root_name = os.fspath(root)  # block paths as strings: pathlib is slow per block
         self.max_pending = max_pending
         self.max_bytes = max_bytes
         self.block_size = block_size
@@ -130,35 +136,49 @@ class DiskCache:
         """Whether the block is kept (it may still turn out unsound when read)."""
         return key in self._index
 
+    def take(self, file_id: str, file_size: int, first: int, count: int) -> list[memoryview] | None:
+        """The run, right now, when every block of it is kept, sound and in the page cache;
+        else None, and `load` says which (it then reads the rest off the trio thread).
+
+        Mapping a block whose file is in the page cache is a few cheap system calls: a
+        worker thread would wait for the GIL at each of them while FUSE replies keep the
+        main thread busy (it fell behind a re-read), and a task per run costs more than
+        the mapping itself.
+        """
+        run = self._kept_run(file_id, file_size, first, count)
+        if run is None:
+            return None
+        found = self._read_run_sync(*run, False)
+        blocks = None if found[-1] is _ON_DISK_ONLY else self._served(run[0], found)
+        if blocks is not None:
+            self.hits += count
+        return blocks
+
     async def load(
         self, file_id: str, file_size: int, first: int, count: int
     ) -> list[memoryview] | None:
         """Blocks `first` to `first + count - 1`, when every one of them is kept and sound.
 
-        All or nothing, as the reader fetches a run in one request either way. The run
-        is read in one worker thread: a thread hop per block costs more CPU than it saves.
+        All or nothing, as the reader fetches a run in one request either way. What is in
+        the page cache is taken on the trio thread (see `take`); from the first block that
+        would wait for the disk on, the run is read in one worker thread.
         """
-        keys = [(file_id, index) for index in range(first, first + count)]
-        if not _SAFE_ID.fullmatch(file_id) or any(key not in self._index for key in keys):
+        run = self._kept_run(file_id, file_size, first, count)
+        if run is None:
             self.misses += count
             return None
-        lengths = [self._length(file_size, index) for index in range(first, first + count)]
-        found = await trio.to_thread.run_sync(self._read_run_sync, keys, lengths)
-        blocks = []
-        for key, result in zip(keys, found, strict=False):  # `found` stops at a bad one
-            if isinstance(result, memoryview):
-                blocks.append(result)
-                if key in self._index:
-                    self._index.move_to_end(key)
-                continue
-            if not isinstance(result, FileNotFoundError | None):  # else removed behind our back
-                self._complain("reading a block", result)
-            if key in self._index:
-                self._bytes -= self._index.pop(key)
-        if len(blocks) < count:
+        keys, lengths = run
+        found = self._read_run_sync(keys, lengths, False)
+        if found[-1] is _ON_DISK_ONLY:
+            at = len(found) - 1
+            found[at:] = await trio.to_thread.run_sync(
+                self._read_run_sync, keys[at:], lengths[at:], True
+            )
+        blocks = self._served(keys, found)
+        if blocks is None:
             self.misses += count
-            return None
-        self.hits += count
+        else:
+            self.hits += count
         return blocks
 
     def store(self, file_id: str, file_size: int, first: int, blocks: list[bytes]) -> None:
@@ -223,44 +243,74 @@ class DiskCache:
 
     # -- reading --------------------------------------------------------------------
 
+    def _kept_run(
+        self, file_id: str, file_size: int, first: int, count: int
+    ) -> tuple[list[BlockKey], list[int]] | None:
+        """The run's keys and block lengths, or None unless every block of it is kept."""
+        keys = [(file_id, index) for index in range(first, first + count)]
+        if not _SAFE_ID.fullmatch(file_id) or any(key not in self._index for key in keys):
+            return None
+        return keys, [self._length(file_size, index) for index in range(first, first + count)]
+
+    def _served(
+        self, keys: list[BlockKey], found: list[memoryview | OSError | _OnDiskOnly | None]
+    ) -> list[memoryview] | None:
+        """The blocks if all were found; unsound or unreadable ones leave the index."""
+        blocks = []
+        for key, result in zip(keys, found, strict=False):  # `found` stops at a bad one
+            if isinstance(result, memoryview):
+                blocks.append(result)
+                if key in self._index:
+                    self._index.move_to_end(key)
+                continue
+            if not isinstance(result, FileNotFoundError | None):  # else removed behind our back
+                self._complain("reading a block", result)
+            if key in self._index:
+                self._bytes -= self._index.pop(key)
+        return blocks if len(blocks) == len(keys) else None
+
     def _read_run_sync(
-        self, keys: list[BlockKey], lengths: list[int]
-    ) -> list[memoryview | OSError | None]:
+        self, keys: list[BlockKey], lengths: list[int], wait: bool
+    ) -> list[memoryview | OSError | _OnDiskOnly | None]:
         """Each block, or None when it is not sound, or the error reading it; stops after
-        the first that is not there, since the run then comes from the network anyway."""
-        found: list[memoryview | OSError | None] = []
+        the first that is not there, since the run then comes from the network anyway.
+        Without `wait`, it also stops at the first block not in the page cache."""
+        found: list[memoryview | OSError | _OnDiskOnly | None] = []
         for key, length in zip(keys, lengths, strict=True):
             try:
-                found.append(self._read_sync(key, length))
+                found.append(self._read_sync(key, length, wait))
             except OSError as exc:
                 found.append(exc)
             if not isinstance(found[-1], memoryview):
                 break
         return found
 
-    def _read_sync(self, key: BlockKey, length: int) -> memoryview | None:
+    def _read_sync(self, key: BlockKey, length: int, wait: bool) -> memoryview | _OnDiskOnly | None:
         """The block if it is sound (a read-only mapping of its file); else None, and the
-        file is removed.
+        file is removed. Without `wait`, `_ON_DISK_ONLY` when its labels are not in the page
+        cache, as its other pages, read after them, most likely are not either.
 
         A mapping, not a read: the bytes are copied once, from the page cache to FUSE,
-        instead of twice. The file is mapped only after its size is checked (touching a
-        mapping past the end of a file is a SIGBUS), and the one mount using the folder
-        never truncates a block file, only renames and unlinks them.
+        instead of twice. Only the kernel touches the mapping (the labels are read with
+        pread), and only after the file's size is checked: the one mount using the folder
+        never truncates a block file, only renames and unlinks them. With `wait` (in a
+        worker thread) the pages are brought in at once; without, as FUSE copies them.
         """
         path = self._path(key)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            label = LABEL.pack(MAGIC, key[1] * self.block_size, length)
             if os.fstat(fd).st_size == length + 2 * LABEL.size:
-                mapped = mmap.mmap(
-                    fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
-                )
-                head, tail = mapped[: LABEL.size], mapped[LABEL.size + length :]
+                head = _read_label(fd, 0, wait)
+                tail = _read_label(fd, LABEL.size + length, wait)
+                if head is None or tail is None:
+                    return _ON_DISK_ONLY
+                label = LABEL.pack(MAGIC, key[1] * self.block_size, length)
                 if head == label and tail == label:
+                    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if wait else 0)
+                    mapped = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
                     with contextlib.suppress(OSError):  # recency, for eviction after a restart
                         os.utime(fd)
                     return memoryview(mapped)[LABEL.size : LABEL.size + length]
-                mapped.close()
         finally:
             os.close(fd)
         log.warning("disk cache: %s is not the block expected (torn, short or damaged); "
@@ -344,7 +394,7 @@ class DiskCache:
         path = self._path(key)
         _unlink_quietly(path)
         with contextlib.suppress(OSError):
-            path.parent.rmdir()  # the file's last block: its folder goes too
+            os.rmdir(os.path.dirname(path))  # the file's last block: its folder goes too
 
     async def _drop(self, file_id: str) -> None:
         try:
@@ -432,8 +482,8 @@ class DiskCache:
     def _length(self, file_size: int, index: int) -> int:
         return min(self.block_size, file_size - index * self.block_size)
 
-    def _path(self, key: BlockKey) -> Path:
-        return self.root / key[0] / str(key[1])
+    def _path(self, key: BlockKey) -> str:
+        return f"{self._root_name}/{key[0]}/{key[1]}"
 
     def _complain(self, what: str, exc: OSError) -> None:
         """One warning per kind of failure a minute: a full disk must not flood the log."""
@@ -447,6 +497,30 @@ class DiskCache:
             log.debug("disk cache %s: %s failed (%s)", self.root, what, exc)
 
 
-def _unlink_quietly(path: Path) -> None:
+class _OnDiskOnly:
+    """Marks a block whose file is not in the page cache: it is read off the trio thread."""
+
+
+_ON_DISK_ONLY = _OnDiskOnly()
+
+
+def _read_label(fd: int, offset: int, wait: bool) -> bytes | None:
+    """The label at `offset`; without `wait`, None unless all of it is in the page cache
+    (RWF_NOWAIT; a label may straddle two pages, and some file systems cannot tell)."""
+    if wait:
+        return os.pread(fd, LABEL.size, offset)
+    label = bytearray(LABEL.size)
+    try:
+        got = os.preadv(fd, [label], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return None
+        raise
+    return bytes(label) if got == LABEL.size else None
+
+
+def _unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+        os.unlink(path)

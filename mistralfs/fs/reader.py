@@ -225,6 +225,11 @@ class BlockReader:
             later.append((run_first, count))
             room -= count
         for run_first, count in [*now, *later]:
+            taken = self._disk.take(remote.id, remote.bytes, run_first, count)
+            if taken is not None:  # in the page cache: mapped at once, no task needed
+                for index, block in enumerate(taken, start=run_first):
+                    self._blocks[(remote.id, index)] = block
+                continue
             # Registered now, not when the task starts, so that no other read fetches them.
             fetches = self._register(remote.id, run_first, count)
             self._nursery.start_soon(self._fetch_in_background, remote, run_first, fetches)
