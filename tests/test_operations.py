@@ -1170,12 +1170,17 @@ async def test_a_missing_name_in_a_listed_folder_is_an_absence_the_kernel_may_ke
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
     async with stack_caching_for(emulator, tmp_path / "cache", dir_cache_time=30.0) as stack:
+        added: list[tuple[int, str]] = []
+        stack.ops.fs.namespace.on_name_added = lambda inode, name: added.append((inode, name))
+        await stack.client.upload(
+            write_tmp(tmp_path, "first.txt", b"1"), filename="first.txt", purpose="batch"
+        )
         batch = await stack.folder("batch")
+        assert await stack.names("batch") == ["first.txt"]
+        assert added == []  # no absence was told yet: a listing tells the kernel nothing
         missing = await stack.ops.lookup(batch, b"nope.txt")
         assert missing.st_ino == 0 and 29 < missing.entry_timeout <= 30  # the listing's time
         await expect_errno(errno.ENOENT, stack.ops.lookup(ROOT, b"nope"))  # not at the root
-        added: list[tuple[int, str]] = []
-        stack.ops.fs.namespace.on_name_added = lambda inode, name: added.append((inode, name))
         await stack.client.upload(
             write_tmp(tmp_path, "nope.txt", b"x"), filename="nope.txt", purpose="batch"
         )

@@ -102,14 +102,18 @@ class Filesystem:
             self._reader.prefetch_url(found.remote)
         return found
 
-    def absent_for(self, parent_inode: int) -> float:
-        """Seconds for which a name found missing in this folder stays missing.
+    def tell_absent(self, parent_inode: int) -> float:
+        """Seconds for which the kernel may remember a name missing from this folder.
 
-        As long as the folder's listing is trusted: a new remote name shows up only
-        with the next listing anyway, and one the mount adds goes through the kernel.
+        As long as the folder's listing is trusted: a new remote name shows up only with
+        a later listing, which then has the kernel forget the absence; one the mount
+        adds goes through the kernel.
         """
         parent = self.node(parent_inode)
-        return self.namespace.fresh_for(parent) if isinstance(parent, Folder) else 0.0
+        if not isinstance(parent, Folder):
+            return 0.0
+        parent.absences_told = True
+        return self.namespace.fresh_for(parent)
 
     async def list_dir(self, inode: int) -> list[tuple[str, Node]]:
         """A folder's entries at this moment; readdir pages through this snapshot."""

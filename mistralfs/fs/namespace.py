@@ -39,6 +39,9 @@ class Folder:
     name: str
     entries: dict[str, FileNode] = field(default_factory=dict)
     fetched_at: float | None = None  # when the listing its entries come from was started
+    # The kernel was told a name is missing here: names later listings bring are
+    # reported (on_name_added), so that it forgets those absences.
+    absences_told: bool = False
     refresh_lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
 
@@ -327,7 +330,8 @@ class Namespace:
             self._nodes[node.inode] = node
             folder.entries[node.name] = node
             self._inode_by_id[remote.id] = node.inode
-            self.on_name_added(folder.inode, node.name)
+            if folder.absences_told:
+                self.on_name_added(folder.inode, node.name)
 
     def _free_name(self, folder: Folder, remote: RemoteFile) -> str:
         name, unique = plain_name(remote.filename, remote.id)

@@ -81,7 +81,7 @@ class Operations(pyfuse3.Operations):
         try:
             return self._attrs(await self.fs.lookup(parent_inode, _name(name)))
         except FsError as exc:
-            if exc.errno != errno.ENOENT or (timeout := self.fs.absent_for(parent_inode)) <= 0:
+            if exc.errno != errno.ENOENT or (timeout := self.fs.tell_absent(parent_inode)) <= 0:
                 raise
         # The kernel remembers the absence (inode 0): cp's stat, lstat and create of a
         # new name then cost one request, not three.
