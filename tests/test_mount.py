@@ -413,3 +413,21 @@ def test_a_missing_name_is_remembered_only_while_the_listing_is_trusted(
         # Seen once the listing is old, as any remote change: the absence is not kept longer.
         wait_for(lambda: (batch / "later.txt").exists(), timeout=10)
         assert (batch / "later.txt").read_bytes() == b"x"
+
+
+def test_the_daemon_may_open_as_many_files_as_the_hard_limit_allows(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    """Each block served from the disk tier keeps its file open (a mapping)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the daemon inherits it
+    try:
+        with mount(emulator_process, tmp_path) as m:
+            limits = Path(f"/proc/{m.daemon_pid()}/limits").read_text()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    [line] = [x for x in limits.splitlines() if x.startswith("Max open files")]
+    daemon_soft, daemon_hard = line.split()[3:5]
+    assert daemon_soft == daemon_hard != "256"

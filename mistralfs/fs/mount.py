@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,7 @@ STARTUP_CHECK_SECONDS = 12.0
 STATUS_INTERVAL = 1.0
 DISK_FLUSH_SECONDS = 10.0  # at a clean stop, how long blocks queued for the disk cache may take
 READAHEAD_KIB = 1024  # the largest request FUSE sends (256 pages)
+MAX_OPEN_FILES = 1 << 20  # when the hard limit is "unlimited": the kernel's usual nr_open
 STARTUP_RETRY = RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=2.0, total_budget=8.0)
 
 
@@ -76,6 +78,7 @@ async def check_key(config: MountConfig) -> None:
 async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount, call `on_ready` once the mount answers, and serve until unmounted or signalled."""
     await check_key(config)
+    _raise_open_file_limit()
     disk = await open_disk_cache(config)
     retry = RetryPolicy(total_budget=config.retry_time)
     async with (
@@ -158,6 +161,22 @@ async def open_disk_cache(config: MountConfig) -> DiskCache | NoDiskCache:
         )
     except DiskCacheError as exc:
         raise MountError(str(exc)) from exc
+
+
+def _raise_open_file_limit() -> None:
+    """Allow as many open files as the hard limit does, not the soft one (often 1024).
+
+    Every block the disk tier serves is a mapping of its file, and a mapping keeps its
+    file open: a memory cache of a few GiB of such blocks needs thousands.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = MAX_OPEN_FILES
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.debug("open file limit left at %d: %s", soft, exc)
 
 
 def _raise_readahead(device: int, kib: int) -> None:
