@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,10 @@ def render(snapshot: dict) -> str:
 
 
 def status_command(mountpoint: Path | None, *, as_json: bool, watch: bool) -> int:
+    if watch:
+        # A shell starts background jobs with SIGINT ignored, and Python then leaves it
+        # so: ^C or kill -INT must still end the watch.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             try:

@@ -256,9 +256,11 @@ def test_logs_under_systemd_carry_priorities_and_no_timestamps(
 
 
 def test_status_watch_refreshes_until_interrupted(mounted: Mounted) -> None:
+    # Started as a shell starts a background job, with SIGINT ignored: ^C must still work.
     watch = subprocess.Popen(
         [*MISTRALFS, "status", "--watch"],
         env=env_for(mounted), stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     time.sleep(2.5)
     watch.send_signal(signal.SIGINT)
