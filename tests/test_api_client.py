@@ -1143,6 +1143,7 @@ async def test_uploads_go_through_the_proxy_named_for_the_api_host(
     async with FilesClient(emulator.url, emulator.api_key, retry=quick) as c:
         with pytest.raises(Unavailable, match="ConnectError"):
             await c.upload(path, filename="p.bin", purpose="batch")
+        assert not c.sends_growing_uploads  # those go through http.client only
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     async with FilesClient(emulator.url, emulator.api_key, retry=quick) as c:
         stored = await c.upload(path, filename="p.bin", purpose="batch")

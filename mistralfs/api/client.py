@@ -284,8 +284,6 @@ class FilesClient:
         self.stats = RequestStats()
         self._max_upload = max_upload_bytes
         self._recent = _RecentFiles()
-        # Cleared when the service refuses a body of unknown length (see growing_upload).
-        self.sends_growing_uploads = True
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
@@ -301,6 +299,11 @@ class FilesClient:
         # Whole-file uploads too (see direct.py): a small file's upload costs a third of
         # the CPU it does through httpx, and a large one's bytes go by sendfile(2).
         self._direct_uploads = DirectConnections(MAX_DIRECT_UPLOADS) if transport is None else None
+        # Uploads that follow a growing file are sent this way only; cleared when the
+        # service refuses a body of unknown length (see growing_upload).
+        self.sends_growing_uploads = self._direct_uploads is not None and (
+            self._direct_uploads.serves(self._api_url("/v1/files"))
+        )
 
     @property
     def server_url(self) -> str:
@@ -752,8 +755,8 @@ class FilesClient:
     ) -> GrowingUpload:
         """An upload of ``path`` that starts while the file is still being appended to.
 
-        Nothing is sent until `GrowingUpload.run`; None of it if this client has
-        found that the service refuses bodies of unknown length.
+        Nothing is sent until `GrowingUpload.run`. Only for a client whose
+        `sends_growing_uploads` is set: such uploads go through http.client only.
         """
         return GrowingUpload(self, path, growing, filename=filename, purpose=purpose,
                              progress=progress)  # fmt: skip
@@ -787,7 +790,7 @@ class FilesClient:
                 # every wait for the network is still bounded by the client's timeout.
                 deadline=math.inf,
                 policy=RetryPolicy(max_attempts=1),
-                direct=self._direct_uploads is not None and self._direct_uploads.serves(url),
+                direct=True,
             )
         except Rejected as exc:
             upload.refusal = exc

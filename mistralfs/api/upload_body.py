@@ -232,10 +232,9 @@ class GrowingFile:
 class GrowingSpoolBody(_FileBody):
     """An upload body that follows a `GrowingFile`: no length known, so sent chunked.
 
-    Sent by http.client in a worker thread (`send_blocking`), or by httpx (the async
-    iterator; the bytes come from the page cache the program's writes just went
-    through, so they are read in the event loop). `size` and `identity` are the
-    finished file's, known once the whole body went out.
+    Sent by http.client in a worker thread (`send_blocking`), the bytes by
+    sendfile(2) from the page cache the program's writes just went through. `size`
+    and `identity` are the finished file's, known once the whole body went out.
     """
 
     def __init__(
@@ -256,34 +255,6 @@ class GrowingSpoolBody(_FileBody):
         self.size = -1
         self.identity: Identity = (0, 0, -1, 0)
         self._report()
-
-    def __aiter__(self) -> GrowingSpoolBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        growing = self._growing
-        while True:
-            if growing.abandoned is not None:
-                raise StreamAbandoned(growing.abandoned)
-            if self._offset < growing.size:
-                n = min(CHUNK_SIZE, growing.size - self._offset)
-                chunk = os.pread(self._fd, n, self._offset)
-                if len(chunk) < n:
-                    raise StreamAbandoned("the file shrank while it was being uploaded")
-                self._offset += n
-                self._report()
-                if self._head:  # the first piece carries the part headers too
-                    chunk, self._head = self._head + chunk, b""
-                return chunk
-            if growing.final:
-                if self._done:
-                    raise StopAsyncIteration
-                self.size = self._offset
-                self.identity = file_identity(os.fstat(self._fd))
-                self._done = True
-                last, self._head = self._head + self._tail, b""
-                return last
-            await growing.wait_for_change(self._idle_limit)
 
     def send_blocking(self, conn: http.client.HTTPConnection) -> None:
         """Write the body to `conn` as chunks, its headers sent; in a worker thread.

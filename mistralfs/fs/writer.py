@@ -63,8 +63,7 @@ class Growing:
     progress: UploadProgress
     activity_key: int
     done: trio.Event = field(default_factory=trio.Event)
-    remote: RemoteFile | None = None
-    error: BaseException | None = None
+    remote: RemoteFile | None = None  # what it stored, once done; None if it did not
 
 
 @dataclass(eq=False)
@@ -510,11 +509,9 @@ class Writer:
             with self._namespace.uploading(upload.purpose, upload.filename):
                 growing.remote = await upload.run()
         except StreamAbandoned as exc:
-            growing.error = exc
             log.debug("%s/%s: upload while writing stopped: %s", upload.purpose,
                       upload.filename, exc)  # fmt: skip
         except Exception as exc:  # the file is uploaded whole once closed instead
-            growing.error = exc
             log.info(
                 "%s/%s: the upload started while writing failed (%s); uploading the whole "
                 "file once it is closed",
