@@ -335,6 +335,26 @@ async def test_too_large_from_emulator_with_small_limit(
         assert [f.id for f in await c.list_all()] == [ok.id]
 
 
+async def test_a_refusal_sent_before_the_body_was_read_is_what_the_caller_hears(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    """A server that answers at once and closes, as a proxy with a size limit does,
+    breaks the pipe under the body still being sent; its answer is still heard."""
+    seen = []
+
+    async def refuse_unread(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["method"])
+        await answer(send, 413, [], b'{"detail": "Request Entity Too Large at the edge"}')
+
+    url = await serve_asgi(nursery, refuse_unread)
+    big = write(tmp_path, "big", os.urandom(16 * 1024 * 1024))
+    async with FilesClient(url, "k", retry=FAST) as c:
+        for _ in range(3):
+            with pytest.raises(TooLarge, match="at the edge"):
+                await c.upload(big, filename="big", purpose="batch")
+    assert seen == ["POST"] * 3  # a refusal is final: never sent again
+
+
 async def test_too_large_refused_locally_before_sending(
     emulator: Any, admin: Admin, tmp_path: pathlib.Path
 ) -> None:

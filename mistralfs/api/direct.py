@@ -117,14 +117,39 @@ def post(
         for name, value in headers.items():
             conn.putheader(name, value)
         conn.endheaders()
-        send_body(conn)
-        response = conn.getresponse()
+        try:
+            send_body(conn)
+        except (BrokenPipeError, ConnectionResetError):
+            early = _early_answer(conn)
+            if early is None:
+                raise
+            response, body_sent = early, False
+        else:
+            response, body_sent = conn.getresponse(), True
         body = response.read(max_answer)
         if response.length and len(body) < max_answer:  # closed before its Content-Length
             raise http.client.IncompleteRead(body, response.length)
         answer = httpx.Response(response.status, headers=response.getheaders(), content=body)
-        return answer, not response.will_close and response.isclosed()
+        return answer, body_sent and not response.will_close and response.isclosed()
     except TimeoutError as exc:
         raise httpx.ReadTimeout(f"timed out: {exc}") from None
     except (OSError, http.client.HTTPException) as exc:
         raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _early_answer(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    """The refusal a server sent before it stopped reading a body, if there is one.
+
+    A server may answer before reading the whole body (411 for a chunked body, 413,
+    a refused form) and close; the next write then fails. Its answer is still in the
+    socket, and it is what the caller needs to hear, not the broken pipe. A success
+    cannot come before the body was sent, so none is taken.
+    """
+    try:
+        response = conn.getresponse()
+    except (OSError, http.client.HTTPException):
+        return None
+    if response.status < 400:
+        response.close()
+        return None
+    return response
