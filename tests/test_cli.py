@@ -269,6 +269,18 @@ def test_status_watch_refreshes_until_interrupted(mounted: Mounted) -> None:
     assert out.count("\033[H\033[2J") >= 2 and out.count(str(mounted.path)) >= 2
 
 
+def test_the_daemon_heap_is_settled_once_it_answers(mounted: Mounted) -> None:
+    """What startup built is frozen out of every later collection, and young collections
+    are rarer than CPython's default (collector.py says why)."""
+    from mistralfs.fs.collector import OLDER_THRESHOLD, YOUNG_THRESHOLD
+
+    (mounted.path / "batch").stat()
+    snapshot = json.loads(cli("status", str(mounted.path), "--json", env=env_for(mounted)).stdout)
+    assert snapshot["gc"]["frozen"] > 10_000  # imports, the HTTP client, trio
+    assert snapshot["gc"]["threshold"] == [YOUNG_THRESHOLD, OLDER_THRESHOLD, OLDER_THRESHOLD]
+    assert snapshot["gc"]["collections"][2] >= 1  # the one that settled it
+
+
 def test_a_mount_error_raised_inside_a_nursery_is_still_reported() -> None:
     """trio wraps an error raised in a nursery in an ExceptionGroup; its one line still shows."""
     from mistralfs.daemon import mount_error_in

@@ -22,6 +22,7 @@ from mistralfs.api import ApiError, AuthError, FilesClient, RetryPolicy
 from mistralfs.config import MountConfig
 from mistralfs.control import serve_status
 from mistralfs.fs.activity import Activity
+from mistralfs.fs.collector import collector_stats, settle_startup_heap
 from mistralfs.fs.disk_cache import (
     MAX_PENDING_STORES,
     DiskCache,
@@ -119,6 +120,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 "disk_cache": disk.stats(),
                 "requests": dict(client.stats.requests),
                 "errors": dict(client.stats.errors),
+                "gc": collector_stats(),
             }
 
         leftovers = leftover_spools(config.spool_dir)  # before this mount makes its own
@@ -208,6 +210,7 @@ async def _announce_when_answering(
     """Report ready only once the mountpoint answers, then keep systemd's STATUS current."""
     device = (await trio.to_thread.run_sync(os.stat, config.mountpoint)).st_dev
     _raise_readahead(device, READAHEAD_KIB)
+    settle_startup_heap()
     log.info("mounted %s at %s", config.server_url, config.mountpoint)
     on_ready()
     status = activity.summary()
