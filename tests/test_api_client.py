@@ -162,6 +162,55 @@ async def test_download_and_delete(client: FilesClient, tmp_path: pathlib.Path) 
         await client.delete(up.id)
 
 
+async def test_small_content_is_one_request_checked_against_the_listed_size(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    data = os.urandom(2048)
+    up = await client.upload(write(tmp_path, "s.bin", data), filename="s.bin", purpose="batch")
+    await admin.clear_requests()
+    assert await client.content(up.id, 2048) == data
+    assert await client.content(up.id, 2048) == data  # on the connection kept open
+    assert client._direct_downloads is not None and client._direct_downloads.idle() == 1
+    with pytest.raises(ProtocolError, match="expected 2000 bytes of content, got 2001 or more"):
+        await client.content(up.id, 2000)  # never reads past what it expects
+    with pytest.raises(ProtocolError, match="expected 3000 bytes of content, got 2048"):
+        await client.content(up.id, 3000)
+    await admin.fault(method="GET", path_prefix=f"/v1/files/{up.id}/content", status=503, times=1)
+    assert await client.content(up.id, 2048) == data  # retried
+    assert [r["status"] for r in await admin.requests()] == [200] * 4 + [503, 200]
+    await client.delete(up.id)
+    with pytest.raises(NotFound) as info:
+        await client.content(up.id, 2048)
+    assert up.id in info.value.url and "not found" in info.value.message.lower()
+
+
+async def test_content_handed_off_by_a_redirect_is_fetched_without_the_key(
+    nursery: trio.Nursery,
+) -> None:
+    """The service may answer /content with a redirect to storage, on another origin."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def storage(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["path"], dict(scope["headers"]).get(b"authorization")))
+        await answer(send, 200, [(b"content-length", b"5")], b"hello")
+
+    storage_url = await serve_asgi(nursery, storage)
+
+    async def api(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["path"], dict(scope["headers"]).get(b"authorization")))
+        location = f"{storage_url}/blob/f1".encode()
+        await answer(send, 302, [(b"location", location), (b"content-length", b"0")], b"")
+
+    api_url = await serve_asgi(nursery, api)
+    api_hit, storage_hit = ("/v1/files/f1/content", b"Bearer secret-key"), ("/blob/f1", None)
+    async with FilesClient(api_url, "secret-key", retry=FAST) as c:
+        assert await c.content("f1", 5) == b"hello"
+        # Asked once more through httpx, which follows redirects; and from then on.
+        assert seen == [api_hit, api_hit, storage_hit]
+        assert await c.content("f1", 5) == b"hello"
+    assert seen == [api_hit, api_hit, storage_hit, api_hit, storage_hit]
+
+
 async def test_not_found_everywhere(client: FilesClient, tmp_path: pathlib.Path) -> None:
     missing = "00000000-0000-4000-8000-000000000000"
     for call in (

@@ -32,7 +32,7 @@ import trio
 from mistralfs import __version__
 from mistralfs.api import storage
 from mistralfs.api.direct import DirectConnections
-from mistralfs.api.direct import post as direct_post
+from mistralfs.api.direct import request as direct_request
 from mistralfs.api.errors import (
     ApiError,
     AuthError,
@@ -77,6 +77,7 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
 CLOCK_SKEW = 5.0
 MATCH_PAGE_SIZE = 100
 MAX_DIRECT_UPLOADS = 4  # worker threads sending whole files at once
+MAX_DIRECT_DOWNLOADS = 8  # worker threads fetching small files' content at once
 # A growing upload stops if its file is not written to or closed for this long.
 GROWING_IDLE_LIMIT = 5.0
 # Statuses by which a server says it wants a Content-Length (no chunked bodies).
@@ -299,6 +300,11 @@ class FilesClient:
         # Whole-file uploads too (see direct.py): a small file's upload costs a third of
         # the CPU it does through httpx, and a large one's bytes go by sendfile(2).
         self._direct_uploads = DirectConnections(MAX_DIRECT_UPLOADS) if transport is None else None
+        # And small files' content: through httpx, the request cost the trio thread more
+        # than the FUSE requests that read the file.
+        self._direct_downloads = (
+            DirectConnections(MAX_DIRECT_DOWNLOADS) if transport is None else None
+        )
         # Uploads that follow a growing file are sent this way only; cleared when the
         # service refuses a body of unknown length (see growing_upload).
         self.sends_growing_uploads = self._direct_uploads is not None and (
@@ -316,8 +322,9 @@ class FilesClient:
     async def aclose(self) -> None:
         if self._direct is not None:
             self._direct.close()
-        if self._direct_uploads is not None:
-            self._direct_uploads.close()
+        for connections in (self._direct_uploads, self._direct_downloads):
+            if connections is not None:
+                connections.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> Self:
@@ -378,6 +385,7 @@ class FilesClient:
         resume: Callable[[int], Awaitable[T | None]] | None = None,
         policy: RetryPolicy | None = None,
         direct: bool = False,
+        max_answer: int = MAX_JSON_BODY,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -392,9 +400,11 @@ class FilesClient:
         other than None ends the call with that result (an upload that turns
         out to have been stored by an earlier attempt). ``policy`` replaces the
         client's retry policy for this call. ``direct`` sends the request with
-        http.client in a worker thread (see direct.py): only for a POST whose body
-        is a `SpoolBody` or `GrowingSpoolBody`, to a URL `_direct_uploads` serves.
+        http.client in a worker thread (see direct.py), to a URL `_direct_uploads`
+        serves: a POST whose body is a `SpoolBody` or `GrowingSpoolBody`, or a GET
+        without ``params``, whose first ``max_answer`` bytes are read at once.
         """
+        assert not (direct and params), "a direct request's URL carries its own query"
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {_route(url)}"
         if deadline is None:
@@ -413,10 +423,20 @@ class FilesClient:
                 if body is not None:
                     content, extra_headers, resource = await body()
                     req_headers.update(extra_headers)
+                response = None
                 if direct:
                     logger.debug("%s %s (attempt %d, direct)", method, url, n)
-                    response = await self._direct_post(url, req_headers, content, deadline)
-                else:
+                    response = await self._direct_send(
+                        method, url, req_headers, content, deadline, max_answer
+                    )
+                    if follow_redirects and response.is_redirect:
+                        # A hand-off elsewhere: httpx follows it (and keeps the key from
+                        # any origin but the API's), this time and every later time.
+                        if self._direct_downloads is not None:
+                            self._direct_downloads.close()
+                            self._direct_downloads = None
+                        response = None
+                if response is None:
                     request = self._http.build_request(
                         method,
                         url,
@@ -458,26 +478,34 @@ class FilesClient:
             self.stats.errors[type(exc).__name__] += 1
             raise
 
-    async def _direct_post(
-        self, url: str, headers: dict[str, str], body: SpoolBody | GrowingSpoolBody, deadline: float
+    async def _direct_send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: SpoolBody | GrowingSpoolBody | None,
+        deadline: float,
+        max_answer: int,
     ) -> httpx.Response:
-        """One POST through http.client; the answer as a read httpx.Response."""
-        assert self._direct_uploads is not None
+        """One request through http.client; the answer as a read httpx.Response."""
+        connections = self._direct_uploads if body is not None else self._direct_downloads
+        assert connections is not None
         headers = {
             "User-Agent": self._http.headers["User-Agent"],
             **headers,
             **self._auth.headers_for(url),
         }
-        if "Content-Length" not in headers:
+        if body is not None and "Content-Length" not in headers:
             headers["Transfer-Encoding"] = "chunked"
         exchange = functools.partial(
-            direct_post,
+            direct_request,
+            method=method,
             headers=headers,
-            send_body=body.send_blocking,
+            send_body=body.send_blocking if body is not None else None,
             timeout=self._attempt_timeout(deadline).read or self._timeout,
-            max_answer=MAX_JSON_BODY,
+            max_answer=max_answer,
         )
-        return await self._direct_uploads.exchange(url, exchange)
+        return await connections.exchange(url, exchange)
 
     def _attempt_timeout(self, deadline: float) -> httpx.Timeout:
         """This attempt's timeouts: the configured ones, never more than the budget left.
@@ -975,7 +1003,15 @@ class FilesClient:
                 )
             return data
 
-        return await self._call("GET", url, handle, follow_redirects=True)
+        direct = self._direct_downloads is not None and self._direct_downloads.serves(url)
+        return await self._call(
+            "GET",
+            url,
+            handle,
+            follow_redirects=True,
+            direct=direct,
+            max_answer=max(size + 1, MAX_ERROR_BODY),
+        )
 
     async def signed_url(self, file_id: str, expiry_hours: int = 24) -> SignedUrl:
         """``GET /v1/files/{id}/url?expiry=H``; ``expires_at`` is estimated from request time."""

@@ -99,26 +99,28 @@ def set_timeout(conn: http.client.HTTPConnection, timeout: float) -> None:
         conn.sock.settimeout(timeout)
 
 
-def post(
+def request(
     conn: http.client.HTTPConnection,
     target: str,
     *,
+    method: str,
     headers: dict[str, str],
-    send_body: Callable[[http.client.HTTPConnection], None],
+    send_body: Callable[[http.client.HTTPConnection], None] | None,
     timeout: float,
     max_answer: int,
 ) -> tuple[httpx.Response, bool]:
-    """Blocking: send a POST whose body `send_body` writes, read at most `max_answer`
-    bytes of the answer. Network failures raise httpx transport errors, so that the
-    client's retry policy treats them as it treats httpx's own."""
+    """Blocking: send a request (with the body `send_body` writes, if any), read at most
+    `max_answer` bytes of the answer. Network failures raise httpx transport errors, so
+    that the client's retry policy treats them as it treats httpx's own."""
     set_timeout(conn, timeout)
     try:
-        conn.putrequest("POST", target, skip_accept_encoding=True)
+        conn.putrequest(method, target, skip_accept_encoding=True)
         for name, value in headers.items():
             conn.putheader(name, value)
         conn.endheaders()
         try:
-            send_body(conn)
+            if send_body is not None:
+                send_body(conn)
         except (BrokenPipeError, ConnectionResetError):
             early = _early_answer(conn)
             if early is None:
