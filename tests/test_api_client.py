@@ -184,6 +184,41 @@ async def test_small_content_is_one_request_checked_against_the_listed_size(
     assert up.id in info.value.url and "not found" in info.value.message.lower()
 
 
+async def test_connections_the_server_closed_while_idle_are_not_used(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Servers close kept-alive connections that stay idle; a request sent on one would
+    fail and then wait for the retry backoff (a quarter second) before going again."""
+    import hypercorn.trio
+
+    from mistralfs.emulator.app import create_app
+    from mistralfs.emulator.server import EmulatorConfig, _hypercorn_config
+    from mistralfs.emulator.storage import Storage
+
+    config = EmulatorConfig(data_dir=tmp_path / "emu", api_key="k", port=0)
+    storage = Storage(config.data_dir)
+    hc = _hypercorn_config(config)
+    hc.keep_alive_timeout = 0.2
+    url = (await nursery.start(hypercorn.trio.serve, create_app(config, storage), hc))[0]
+    data = os.urandom(5000)
+    path = write(tmp_path, "idle.bin", data)
+    try:
+        async with FilesClient(url, "k", retry=FAST) as c:
+            for _ in range(2):
+                up = await c.upload(path, filename="idle.bin", purpose="batch")
+                assert await c.content(up.id, len(data)) == data
+                signed = await c.signed_url(up.id)
+                assert await c.read_range_pieces(signed.url, 10, 100, 100) == [data[10:110]]
+                await trio.sleep(0.5)  # the server closes every connection meanwhile
+            assert dict(c.stats.requests) == {
+                "POST /v1/files": 2, "GET /v1/files/{id}/content": 2,
+                "GET /v1/files/{id}/url": 2, "storage": 2,
+            }  # fmt: skip
+    finally:
+        storage.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def test_content_handed_off_by_a_redirect_is_fetched_without_the_key(
     nursery: trio.Nursery,
 ) -> None:

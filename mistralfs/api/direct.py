@@ -11,6 +11,8 @@ else, and for every request a proxy applies to (http.client reads no proxy setti
 from __future__ import annotations
 
 import http.client
+import select
+import socket
 import ssl
 import urllib.parse
 import urllib.request
@@ -59,8 +61,7 @@ class DirectConnections:
         https = parts.scheme == "https"
         assert parts.hostname is not None
         key = (parts.scheme, parts.hostname, parts.port or (443 if https else 80))
-        idle = self._idle.get(key)
-        conn = idle.pop() if idle else self._connection(key, https)
+        conn = self._take_idle(key) or self._connection(key, https)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         try:
             result, reusable = await trio.to_thread.run_sync(
@@ -85,11 +86,32 @@ class DirectConnections:
                 conn.close()
         self._idle.clear()
 
+    def _take_idle(self, key: Origin) -> http.client.HTTPConnection | None:
+        """The most recently used idle connection that the server has not closed.
+
+        Servers close connections that stay idle (Hypercorn after 5 s, nginx after 75 s).
+        A request sent on one fails, and would then wait for the retry policy's backoff;
+        a closed connection reads as readable (its end of file), so it is seen at once.
+        """
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.sock is not None and not _readable(conn.sock):
+                return conn
+            conn.close()  # closed by the server, or sent something nobody asked for
+        return None
+
     def _connection(self, key: Origin, https: bool) -> http.client.HTTPConnection:
         _, host, port = key
         if https:
             return http.client.HTTPSConnection(host, port, context=self._ssl)
         return http.client.HTTPConnection(host, port)
+
+
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()  # not select(): descriptors may be past FD_SETSIZE here
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def set_timeout(conn: http.client.HTTPConnection, timeout: float) -> None:
