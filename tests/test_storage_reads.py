@@ -97,6 +97,30 @@ async def test_direct_reads_keep_their_connection_and_count_as_storage_requests(
         assert client._direct.idle_connections() == 1  # one connection, reused
 
 
+async def test_a_connection_opened_ahead_serves_the_first_read(
+    nursery: trio.Nursery, emulator: typing.Any, tmp_path: pathlib.Path
+) -> None:
+    """When a large file's signed URL is fetched ahead (at lookup), a connection to its
+    storage is opened too: the first read then waits for neither."""
+    connections = []
+
+    async def storage_host(scope: dict, receive: typing.Any, send: typing.Any) -> None:
+        connections.append(scope["client"])
+        await answer_range(send, dict(scope["headers"])[b"range"].decode(), b"x" * 5000)
+
+    storage_url = await serve_asgi(nursery, storage_host)
+    async with FilesClient(emulator.url, emulator.api_key) as client:
+        assert client._direct is not None
+        await client.connect_ahead(f"{storage_url}/blob?sig=1")
+        assert client._direct.idle_connections() == 1 and connections == []  # no request
+        await client.connect_ahead(f"{storage_url}/other?sig=2")  # one is open already
+        assert client._direct.idle_connections() == 1
+        assert await client.read_range_pieces(f"{storage_url}/blob?sig=1", 0, 10, 10) == [b"x" * 10]
+        assert client._direct.idle_connections() == 1
+        await client.connect_ahead("http://127.0.0.1:9/nothing-listens")  # left to the read
+    assert len(set(connections)) == 1  # the read went on the connection opened ahead
+
+
 async def test_a_redirected_signed_url_is_followed_by_the_httpx_path(emulator: typing.Any) -> None:
     """http.client follows no redirect; such an answer is read again through httpx."""
     body = bytes(range(256)) * 8

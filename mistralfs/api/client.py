@@ -1103,6 +1103,15 @@ class FilesClient:
         except httpx.UnsupportedProtocol as exc:
             raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None
 
+    async def connect_ahead(self, url: str) -> None:
+        """Open a connection for reading the signed URL `url`, if none is open, so that
+        the first read of a file does not also wait for a connection to storage."""
+        if self._direct is not None and self._direct.serves(url):
+            try:
+                await self._direct.connect_ahead(url)
+            except OSError as exc:  # the read will connect, and say what fails
+                logger.debug("no connection ahead to %s: %s", strip_query(url), exc)
+
     async def _direct_range(
         self, url: str, start: int, length: int, piece_size: int
     ) -> list[bytes]:

@@ -58,9 +58,7 @@ class DirectConnections:
         """Run `exchange` on an idle connection to the URL's origin (or a new one) in a
         worker thread, with the request target (path and query) it is to send."""
         parts = urllib.parse.urlsplit(url)
-        https = parts.scheme == "https"
-        assert parts.hostname is not None
-        key = (parts.scheme, parts.hostname, parts.port or (443 if https else 80))
+        key, https = _origin(parts)
         conn = self._take_idle(key) or self._connection(key, https)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         try:
@@ -75,6 +73,20 @@ class DirectConnections:
         else:
             conn.close()
         return result
+
+    async def connect_ahead(self, url: str) -> None:
+        """Open a connection to the URL's origin now, unless one is idle already, so
+        that the request that follows does not wait for the connection."""
+        key, https = _origin(urllib.parse.urlsplit(url))
+        if self._idle.get(key):
+            return
+        conn = self._connection(key, https)
+        try:
+            await trio.to_thread.run_sync(conn.connect, limiter=self._limiter)
+        except BaseException:
+            conn.close()
+            raise
+        self._idle.setdefault(key, []).append(conn)
 
     def idle(self) -> int:
         """Connections kept open for reuse."""
@@ -106,6 +118,13 @@ class DirectConnections:
         if https:
             return http.client.HTTPSConnection(host, port, context=self._ssl)
         return http.client.HTTPConnection(host, port)
+
+
+def _origin(parts: urllib.parse.SplitResult) -> tuple[Origin, bool]:
+    """The pool key of a URL, and whether it is https."""
+    https = parts.scheme == "https"
+    assert parts.hostname is not None
+    return (parts.scheme, parts.hostname, parts.port or (443 if https else 80)), https
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -68,6 +68,9 @@ class DirectRangeReader:
                                    piece_size=piece_size, timeout=socket_timeout)
         )  # fmt: skip
 
+    async def connect_ahead(self, url: str) -> None:
+        await self._connections.connect_ahead(url)
+
     def idle_connections(self) -> int:
         return self._connections.idle()
 

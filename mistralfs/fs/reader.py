@@ -152,9 +152,11 @@ class BlockReader:
     async def _fetch_url_in_background(self, file_id: str) -> None:
         async with self._urls_ahead_limit:
             try:
-                await self.signed_url(file_id)
+                url = await self.signed_url(file_id)
             except Exception as exc:  # the open that needs it will ask again and see the error
                 log.debug("signed URL for %s not fetched ahead: %s", file_id, exc)
+                return
+            await self._client.connect_ahead(url.url)
 
     def prefetch_whole(self, remote: RemoteFile) -> bool:
         """Start fetching a small file (at most one block) in the background; False when
