@@ -170,7 +170,7 @@ async def test_small_content_is_one_request_checked_against_the_listed_size(
     await admin.clear_requests()
     assert await client.content(up.id, 2048) == data
     assert await client.content(up.id, 2048) == data  # on the connection kept open
-    assert client._direct_downloads is not None and client._direct_downloads.idle() == 1
+    assert client._direct_calls is not None and client._direct_calls.idle() == 1
     with pytest.raises(ProtocolError, match="expected 2000 bytes of content, got 2001 or more"):
         await client.content(up.id, 2000)  # never reads past what it expects
     with pytest.raises(ProtocolError, match="expected 3000 bytes of content, got 2048"):

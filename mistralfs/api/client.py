@@ -77,7 +77,7 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
 CLOCK_SKEW = 5.0
 MATCH_PAGE_SIZE = 100
 MAX_DIRECT_UPLOADS = 4  # worker threads sending whole files at once
-MAX_DIRECT_DOWNLOADS = 8  # worker threads fetching small files' content at once
+MAX_DIRECT_CALLS = 8  # worker threads making other API calls (JSON, /content) at once
 # A growing upload stops if its file is not written to or closed for this long.
 GROWING_IDLE_LIMIT = 5.0
 # Statuses by which a server says it wants a Content-Length (no chunked bodies).
@@ -300,11 +300,10 @@ class FilesClient:
         # Whole-file uploads too (see direct.py): a small file's upload costs a third of
         # the CPU it does through httpx, and a large one's bytes go by sendfile(2).
         self._direct_uploads = DirectConnections(MAX_DIRECT_UPLOADS) if transport is None else None
-        # And small files' content: through httpx, the request cost the trio thread more
-        # than the FUSE requests that read the file.
-        self._direct_downloads = (
-            DirectConnections(MAX_DIRECT_DOWNLOADS) if transport is None else None
-        )
+        # And the calls without a body (JSON answers, small files' content): through
+        # httpx, a /content call cost the trio thread more than the FUSE requests that
+        # read the file, and a signed URL's call lies on the path of a first read.
+        self._direct_calls = DirectConnections(MAX_DIRECT_CALLS) if transport is None else None
         # Uploads that follow a growing file are sent this way only; cleared when the
         # service refuses a body of unknown length (see growing_upload).
         self.sends_growing_uploads = self._direct_uploads is not None and (
@@ -322,7 +321,7 @@ class FilesClient:
     async def aclose(self) -> None:
         if self._direct is not None:
             self._direct.close()
-        for connections in (self._direct_uploads, self._direct_downloads):
+        for connections in (self._direct_uploads, self._direct_calls):
             if connections is not None:
                 connections.close()
         await self._http.aclose()
@@ -432,9 +431,9 @@ class FilesClient:
                     if follow_redirects and response.is_redirect:
                         # A hand-off elsewhere: httpx follows it (and keeps the key from
                         # any origin but the API's), this time and every later time.
-                        if self._direct_downloads is not None:
-                            self._direct_downloads.close()
-                            self._direct_downloads = None
+                        if self._direct_calls is not None:
+                            self._direct_calls.close()
+                            self._direct_calls = None
                         response = None
                 if response is None:
                     request = self._http.build_request(
@@ -488,7 +487,7 @@ class FilesClient:
         max_answer: int,
     ) -> httpx.Response:
         """One request through http.client; the answer as a read httpx.Response."""
-        connections = self._direct_uploads if body is not None else self._direct_downloads
+        connections = self._direct_uploads if body is not None else self._direct_calls
         assert connections is not None
         headers = {
             "User-Agent": self._http.headers["User-Agent"],
@@ -527,6 +526,9 @@ class FilesClient:
         deadline: float | None = None,
     ) -> object:
         url = self._api_url(path)
+        direct = body is None and self._direct_calls is not None and self._direct_calls.serves(url)
+        if direct and params:
+            url, params = f"{url}?{urllib.parse.urlencode(params, quote_via=quote)}", None
 
         async def handle(response: httpx.Response, n: int) -> object:
             data = await _read_bounded(response, MAX_JSON_BODY)
@@ -546,6 +548,7 @@ class FilesClient:
             headers={"Accept": "application/json"},
             body=body,
             deadline=deadline,
+            direct=direct,
         )
 
     # ------------------------------------------------------------ operations
@@ -1003,7 +1006,7 @@ class FilesClient:
                 )
             return data
 
-        direct = self._direct_downloads is not None and self._direct_downloads.serves(url)
+        direct = self._direct_calls is not None and self._direct_calls.serves(url)
         return await self._call(
             "GET",
             url,
