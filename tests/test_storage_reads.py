@@ -143,3 +143,30 @@ async def test_a_redirected_signed_url_is_followed_by_the_httpx_path(emulator: t
     assert b"".join(pieces) == body[100:1600]
     # Tried directly, then through httpx, which followed the redirect; never with the key.
     assert seen == [("/moved", False), ("/moved", False), ("/blob", False)]
+
+
+def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the trusted certificates takes tens of milliseconds: once per process, and
+    httpx and http.client trust the same ones."""
+    import ssl
+
+    from mistralfs.api.direct import tls_context
+
+    made = []
+    real = ssl.create_default_context
+
+    def counted(*args: typing.Any, **kwargs: typing.Any) -> ssl.SSLContext:
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    tls_context.cache_clear()
+    try:
+        clients = [FilesClient("https://api.example", "k") for _ in range(3)]
+        assert len(made) == 1
+        assert clients[0]._direct is not None
+        conn = clients[0]._direct._connections._connection(("https", "blob.example", 443), True)
+        assert conn._context is tls_context()  # type: ignore[attr-defined]
+        assert len(made) == 1
+    finally:
+        tls_context.cache_clear()

@@ -31,7 +31,7 @@ import trio
 
 from mistralfs import __version__
 from mistralfs.api import storage
-from mistralfs.api.direct import DirectConnections
+from mistralfs.api.direct import DirectConnections, tls_context
 from mistralfs.api.direct import request as direct_request
 from mistralfs.api.errors import (
     ApiError,
@@ -291,6 +291,7 @@ class FilesClient:
             headers={"User-Agent": user_agent},
             follow_redirects=False,
             transport=transport,
+            verify=tls_context(),
         )
         # Signed-URL ranges go through http.client in worker threads (see storage.py),
         # unless the network is replaced (tests) or a proxy applies.
