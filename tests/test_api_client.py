@@ -537,6 +537,25 @@ async def test_range_read_never_sends_api_key(client: FilesClient, emulator: Any
     assert api[0]["authorization"] == f"Bearer {emulator.api_key}"
 
 
+def test_the_key_goes_to_the_api_origin_only_and_hosts_are_remembered_not_urls() -> None:
+    from mistralfs.api.client import _ServerOnlyBearerAuth
+
+    auth = _ServerOnlyBearerAuth("sk", ("https", "api.example", 443))
+    key = {"Authorization": "Bearer sk"}
+    for n in range(1000):
+        assert auth.headers_for(f"https://api.example/v1/files/{n}/content") == key
+    assert auth.headers_for("https://API.example:443/v1/files?page=2") == key
+    assert auth.headers_for("https://api.example?x=1") == key
+    for elsewhere in (
+        "http://api.example/v1/files",  # not over TLS
+        "https://api.example:8443/v1/files",
+        "https://api.example.evil/v1/files",
+        "https://blob.example/api.example/v1/files",
+    ):
+        assert auth.headers_for(elsewhere) == {}, elsewhere
+    assert len(auth._ours) == 6  # one entry per scheme, host and port as written
+
+
 async def test_signed_url_never_logged_with_query(
     client: FilesClient, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:

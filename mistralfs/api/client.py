@@ -96,7 +96,7 @@ class _ServerOnlyBearerAuth(httpx.Auth):
     def __init__(self, api_key: str, origin: tuple[str, str, int | None]) -> None:
         self._header = f"Bearer {api_key}"
         self._origin = origin
-        self._ours: dict[str, bool] = {}  # URL -> whether it is on the API's origin
+        self._ours: dict[str, bool] = {}  # "scheme://host:port" -> whether it is the API's
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if _origin(request.url) == self._origin:
@@ -104,10 +104,13 @@ class _ServerOnlyBearerAuth(httpx.Auth):
         yield request
 
     def headers_for(self, url: str) -> dict[str, str]:
-        """The same rule for requests sent without httpx (their few URLs parsed once)."""
-        ours = self._ours.get(url)
+        """The same rule for requests sent without httpx; each host is parsed once (by
+        httpx, so that both paths compare hosts alike), not each URL."""
+        scheme, _, rest = url.partition("://")
+        site = f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0]}"
+        ours = self._ours.get(site)
         if ours is None:
-            ours = self._ours[url] = _origin(httpx.URL(url)) == self._origin
+            ours = self._ours[site] = _origin(httpx.URL(site)) == self._origin
         return {"Authorization": self._header} if ours else {}
 
     def __repr__(self) -> str:  # never show the key

@@ -97,7 +97,6 @@ async def run_with_retries(
     at once rather than make an attempt with no time left.
     """
     clean_url = strip_query(url)
-    path = httpx.URL(clean_url).path if "://" in clean_url else clean_url
     if deadline is None:
         deadline = trio.current_time() + policy.total_budget
     attempt = 0
@@ -122,6 +121,7 @@ async def run_with_retries(
             raise _exhausted(failure, method, clean_url, attempt, policy) from (
                 failure if not isinstance(failure, RetryableStatus) else None
             )
+        path = httpx.URL(clean_url).path if "://" in clean_url else clean_url
         logger.warning(
             "%s %s: %s; retry %d/%d in %.2fs",
             method,
