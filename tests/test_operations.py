@@ -615,17 +615,18 @@ async def test_remote_changes_show_up_after_the_folder_cache_time(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
     async with trio.open_nursery() as nursery:
-        stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0.3)
+        # 1 s: long enough that an upload under load still lands within it.
+        stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=1.0)
         assert await stack.names("batch") == []
         file_id = await upload(stack, "late.txt", b"late")
         assert await stack.names("batch") == []  # still the cached listing
-        await trio.sleep(0.35)
+        await trio.sleep(1.05)
         assert await stack.names("batch") == ["late.txt"]
         async with httpx.AsyncClient(
             base_url=emulator.url, headers={"Authorization": f"Bearer {emulator.api_key}"}
         ) as http:
             (await http.delete(f"/v1/files/{file_id}")).raise_for_status()
-        await trio.sleep(0.35)
+        await trio.sleep(1.05)
         assert await stack.names("batch") == []
         await expect_missing(stack.ops, await stack.folder("batch"), b"late.txt")
         await stack.client.aclose()
