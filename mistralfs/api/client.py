@@ -403,9 +403,10 @@ class FilesClient:
         other than None ends the call with that result (an upload that turns
         out to have been stored by an earlier attempt). ``policy`` replaces the
         client's retry policy for this call. ``direct`` sends the request with
-        http.client in a worker thread (see direct.py), to a URL `_direct_uploads`
-        serves: a POST whose body is a `SpoolBody` or `GrowingSpoolBody`, or a GET
-        without ``params``, whose first ``max_answer`` bytes are read at once.
+        http.client in a worker thread (see direct.py), to a URL the direct pools
+        serve: a POST whose body is a `SpoolBody` or `GrowingSpoolBody`, or a request
+        with no body and no ``params``, whose first ``max_answer`` bytes are read at
+        once. Once a direct call meets a redirect, calls without a body go by httpx.
         """
         assert not (direct and params), "a direct request's URL carries its own query"
         log_url = strip_query(url) if storage else url
@@ -427,7 +428,7 @@ class FilesClient:
                     content, extra_headers, resource = await body()
                     req_headers.update(extra_headers)
                 response = None
-                if direct:
+                if direct and (body is not None or self._direct_calls is not None):
                     logger.debug("%s %s (attempt %d, direct)", method, url, n)
                     response = await self._direct_send(
                         method, url, req_headers, content, deadline, max_answer
@@ -1115,7 +1116,7 @@ class FilesClient:
         the first read of a file does not also wait for a connection to storage."""
         if self._direct is not None and self._direct.serves(url):
             try:
-                await self._direct.connect_ahead(url)
+                await self._direct.connect_ahead(url, CONNECT_TIMEOUT)
             except OSError as exc:  # the read will connect, and say what fails
                 logger.debug("no connection ahead to %s: %s", strip_query(url), exc)
 

@@ -74,13 +74,14 @@ class DirectConnections:
             conn.close()
         return result
 
-    async def connect_ahead(self, url: str) -> None:
+    async def connect_ahead(self, url: str, socket_timeout: float) -> None:
         """Open a connection to the URL's origin now, unless one is idle already, so
         that the request that follows does not wait for the connection."""
         key, https = _origin(urllib.parse.urlsplit(url))
         if self._idle.get(key):
             return
         conn = self._connection(key, https)
+        conn.timeout = socket_timeout  # each exchange then sets its own
         try:
             await trio.to_thread.run_sync(conn.connect, limiter=self._limiter)
         except BaseException:

@@ -68,8 +68,8 @@ class DirectRangeReader:
                                    piece_size=piece_size, timeout=socket_timeout)
         )  # fmt: skip
 
-    async def connect_ahead(self, url: str) -> None:
-        await self._connections.connect_ahead(url)
+    async def connect_ahead(self, url: str, socket_timeout: float) -> None:
+        await self._connections.connect_ahead(url, socket_timeout)
 
     def idle_connections(self) -> int:
         return self._connections.idle()
