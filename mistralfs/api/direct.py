@@ -4,8 +4,10 @@ On the trio thread, h11 and httpcore cost several times the CPU of the transfer
 itself: each request takes milliseconds of Python work, and each body is copied
 several times. http.client reads and writes sockets directly, and does it in a
 worker thread (trio.to_thread, so structured), with the GIL released while it waits;
-the trio thread is left to answer FUSE. httpx remains the client for everything
-else, and for every request a proxy applies to (http.client reads no proxy settings).
+the trio thread is left to answer FUSE. Signed-URL reads, uploads and API calls
+without a body go this way; httpx remains the client for every request a proxy
+applies to (http.client reads no proxy settings), for redirects, and where a test
+injects its own transport.
 """
 
 from __future__ import annotations
