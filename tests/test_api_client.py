@@ -219,6 +219,32 @@ async def test_connections_the_server_closed_while_idle_are_not_used(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+async def test_answers_are_never_compressed_behind_the_clients_back(
+    nursery: trio.Nursery,
+) -> None:
+    """A request with no Accept-Encoding accepts any coding, and a server may then
+    compress; requests sent without httpx, which decodes nothing, ask for identity."""
+    import gzip
+
+    asked = []
+
+    async def compressing(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        wanted = dict(scope["headers"]).get(b"accept-encoding", b"")
+        asked.append(wanted)
+        body = b"hello" if scope["path"].endswith("/content") else b'{"data": [], "total": 0}'
+        headers = [(b"content-type", b"application/octet-stream")]
+        if wanted != b"identity":
+            body = gzip.compress(body)
+            headers.append((b"content-encoding", b"gzip"))
+        await answer(send, 200, headers, body)
+
+    url = await serve_asgi(nursery, compressing)
+    async with FilesClient(url, "k", retry=FAST) as c:
+        assert await c.content("f1", 5) == b"hello"
+        assert (await c.list_files()).total == 0
+    assert asked == [b"identity", b"identity"]
+
+
 async def test_content_handed_off_by_a_redirect_is_fetched_without_the_key(
     nursery: trio.Nursery,
 ) -> None:

@@ -166,7 +166,9 @@ def request(
     that the client's retry policy treats them as it treats httpx's own."""
     set_timeout(conn, timeout)
     try:
-        conn.putrequest(method, target, skip_accept_encoding=True)
+        # http.client asks for Accept-Encoding: identity: its answers are not decoded,
+        # and a request with no Accept-Encoding at all accepts any coding.
+        conn.putrequest(method, target)
         for name, value in headers.items():
             conn.putheader(name, value)
         conn.endheaders()
