@@ -310,9 +310,7 @@ class FilesClient:
         self._direct_calls = DirectConnections(MAX_DIRECT_CALLS) if transport is None else None
         # Uploads that follow a growing file are sent this way only; cleared when the
         # service refuses a body of unknown length (see growing_upload).
-        self.sends_growing_uploads = self._direct_uploads is not None and (
-            self._direct_uploads.serves(self._api_url("/v1/files"))
-        )
+        self.sends_growing_uploads = self._direct_pool(self._api_url("/v1/files"), True) is not None
 
     @property
     def server_url(self) -> str:
@@ -387,8 +385,7 @@ class FilesClient:
         deadline: float | None = None,
         resume: Callable[[int], Awaitable[T | None]] | None = None,
         policy: RetryPolicy | None = None,
-        direct: bool = False,
-        max_answer: int = MAX_JSON_BODY,
+        answer_limit: int | None = None,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -402,13 +399,14 @@ class FilesClient:
         past its budget. ``resume(n)`` runs before attempt ``n`` > 1; a result
         other than None ends the call with that result (an upload that turns
         out to have been stored by an earlier attempt). ``policy`` replaces the
-        client's retry policy for this call. ``direct`` sends the request with
-        http.client in a worker thread (see direct.py), to a URL the direct pools
-        serve: a POST whose body is a `SpoolBody` or `GrowingSpoolBody`, or a request
-        with no body and no ``params``, whose first ``max_answer`` bytes are read at
-        once. Once a direct call meets a redirect, calls without a body go by httpx.
+        client's retry policy for this call. ``answer_limit`` says that the answer
+        is read whole, at most that many bytes of it: the request may then go through
+        http.client in a worker thread (see direct.py), wherever a direct pool serves
+        the URL (a body must then be a `SpoolBody` or `GrowingSpoolBody`). Streamed
+        answers and storage requests go by httpx, and so do calls without a body once
+        one of them met a redirect.
         """
-        assert not (direct and params), "a direct request's URL carries its own query"
+        direct_url = f"{url}?{urllib.parse.urlencode(params, quote_via=quote)}" if params else url
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {_route(url)}"
         if deadline is None:
@@ -428,17 +426,19 @@ class FilesClient:
                     content, extra_headers, resource = await body()
                     req_headers.update(extra_headers)
                 response = None
-                if direct and (body is not None or self._direct_calls is not None):
-                    logger.debug("%s %s (attempt %d, direct)", method, url, n)
+                pool = None
+                if answer_limit is not None and not storage:
+                    pool = self._direct_pool(url, body is not None)
+                if pool is not None:
+                    logger.debug("%s %s (attempt %d, direct)", method, direct_url, n)
                     response = await self._direct_send(
-                        method, url, req_headers, content, deadline, max_answer
+                        pool, method, direct_url, req_headers, content, deadline, answer_limit
                     )
                     if follow_redirects and response.is_redirect:
                         # A hand-off elsewhere: httpx follows it (and keeps the key from
                         # any origin but the API's), this time and every later time.
-                        if self._direct_calls is not None:
-                            self._direct_calls.close()
-                            self._direct_calls = None
+                        self._direct_calls = None
+                        pool.close()
                         response = None
                 if response is None:
                     request = self._http.build_request(
@@ -482,18 +482,22 @@ class FilesClient:
             self.stats.errors[type(exc).__name__] += 1
             raise
 
+    def _direct_pool(self, url: str, with_body: bool) -> DirectConnections | None:
+        """The http.client pool for a request to `url`, or None where httpx must send it."""
+        pool = self._direct_uploads if with_body else self._direct_calls
+        return pool if pool is not None and pool.serves(url) else None
+
     async def _direct_send(
         self,
+        pool: DirectConnections,
         method: str,
         url: str,
         headers: dict[str, str],
         body: SpoolBody | GrowingSpoolBody | None,
         deadline: float,
-        max_answer: int,
+        answer_limit: int,
     ) -> httpx.Response:
         """One request through http.client; the answer as a read httpx.Response."""
-        connections = self._direct_uploads if body is not None else self._direct_calls
-        assert connections is not None
         headers = {
             "User-Agent": self._http.headers["User-Agent"],
             **headers,
@@ -507,9 +511,9 @@ class FilesClient:
             headers=headers,
             send_body=body.send_blocking if body is not None else None,
             timeout=self._attempt_timeout(deadline).read or self._timeout,
-            max_answer=max_answer,
+            max_answer=answer_limit,
         )
-        return await connections.exchange(url, exchange)
+        return await pool.exchange(url, exchange)
 
     def _attempt_timeout(self, deadline: float) -> httpx.Timeout:
         """This attempt's timeouts: the configured ones, never more than the budget left.
@@ -527,13 +531,9 @@ class FilesClient:
         path: str,
         *,
         params: list[tuple[str, str]] | None = None,
-        body: Callable[[], Awaitable[tuple[Any, dict[str, str], Any]]] | None = None,
         deadline: float | None = None,
     ) -> object:
         url = self._api_url(path)
-        direct = body is None and self._direct_calls is not None and self._direct_calls.serves(url)
-        if direct and params:
-            url, params = f"{url}?{urllib.parse.urlencode(params, quote_via=quote)}", None
 
         async def handle(response: httpx.Response, n: int) -> object:
             data = await _read_bounded(response, MAX_JSON_BODY)
@@ -551,9 +551,8 @@ class FilesClient:
             handle,
             params=params,
             headers={"Accept": "application/json"},
-            body=body,
             deadline=deadline,
-            direct=direct,
+            answer_limit=MAX_JSON_BODY,
         )
 
     # ------------------------------------------------------------ operations
@@ -740,7 +739,7 @@ class FilesClient:
         async def resume(n: int) -> RemoteFile | None:
             return await find_stored()
 
-        if any(a.body.complete for a in attempts):  # the growing upload's answer was lost
+        if after is not None and after.complete:  # the growing upload's answer was lost
             found = await find_stored()
             if found is not None:
                 return found
@@ -753,7 +752,7 @@ class FilesClient:
                 body=open_body,
                 deadline=deadline,
                 resume=resume,
-                direct=self._direct_uploads is not None and self._direct_uploads.serves(url),
+                answer_limit=MAX_JSON_BODY,
             )
             if after is not None and after.refusal is not None:
                 # Refused as it was sent, taken whole: the service wants a length.
@@ -826,7 +825,7 @@ class FilesClient:
                 # every wait for the network is still bounded by the client's timeout.
                 deadline=math.inf,
                 policy=RetryPolicy(max_attempts=1),
-                direct=True,
+                answer_limit=MAX_JSON_BODY,  # and so through http.client (see growing_upload)
             )
         except Rejected as exc:
             upload.refusal = exc
@@ -967,7 +966,9 @@ class FilesClient:
             return _parse_json(data, response, "DELETE", url)
 
         # 404 reaches ``handle`` so that it can tell a first attempt from a retry.
-        data = await self._call("DELETE", url, handle, pass_statuses=(404,))
+        data = await self._call(
+            "DELETE", url, handle, pass_statuses=(404,), answer_limit=MAX_JSON_BODY
+        )
         if isinstance(data, dict) and data.get("deleted") is False:
             raise ProtocolError("service answered deleted: false", method="DELETE", url=url)
 
@@ -1011,14 +1012,8 @@ class FilesClient:
                 )
             return data
 
-        direct = self._direct_calls is not None and self._direct_calls.serves(url)
         return await self._call(
-            "GET",
-            url,
-            handle,
-            follow_redirects=True,
-            direct=direct,
-            max_answer=max(size + 1, MAX_ERROR_BODY),
+            "GET", url, handle, follow_redirects=True, answer_limit=max(size + 1, MAX_ERROR_BODY)
         )
 
     async def signed_url(self, file_id: str, expiry_hours: int = 24) -> SignedUrl:
