@@ -432,7 +432,13 @@ class Writer:
         progress.total = spool.size
         error: str | None = "cancelled"
         try:
-            remote = await self._growing_outcome(growing) if growing is not None else None
+            remote = None
+            if growing is not None:
+                # Whatever went wrong with it, the whole file is sent once more: a refusal
+                # may be of the chunked body rather than of the content, and the second
+                # answer is the one that reaches the program.
+                await growing.done.wait()
+                remote = growing.remote
             if remote is None:
                 with self._namespace.uploading(purpose, filename):
                     remote = await self._client.upload(
@@ -553,16 +559,6 @@ class Writer:
         spool.growing = None
         growing.file.finish(spool.size)
         return growing
-
-    async def _growing_outcome(self, growing: Growing) -> RemoteFile | None:
-        """The file the growing upload stored; None if it must be uploaded whole again.
-
-        Whatever went wrong, the whole file is sent once more: a refusal may be of the
-        chunked body rather than of the content, and the second answer is the one
-        that reaches the program.
-        """
-        await growing.done.wait()
-        return growing.remote
 
     async def _delete_replaced(self, node: FileNode, replaced: list[RemoteFile]) -> None:
         """The new upload succeeded, so the versions it replaces can go."""
