@@ -1128,6 +1128,26 @@ async def test_a_write_before_the_end_stops_the_upload_and_the_file_goes_whole(
     assert await stack.read_file(attrs.st_ino) == data
 
 
+async def test_a_truncate_while_written_stops_the_upload_and_the_file_goes_whole(
+    stack: Stack,
+) -> None:
+    data = os.urandom(GROWING)
+    info, attrs = await stack.ops.create(
+        await stack.folder("batch"), b"cut.bin", 0o644, os.O_WRONLY, None
+    )
+    await write_in_order(stack, info.fh, data)
+    assert await posts(stack) == 1  # under way
+    size = pyfuse3.EntryAttributes()
+    size.st_size = MiB
+    fields = SimpleNamespace(update_size=True)  # pyfuse3's SetattrFields is read-only
+    assert (await stack.ops.setattr(attrs.st_ino, size, fields, info.fh, None)).st_size == MiB
+    await stack.ops.flush(info.fh)
+    await stack.ops.release(info.fh)
+    assert await posts(stack) == 2  # the stopped one, then the whole file
+    assert list(await remote_state(stack)) == [("batch", "cut.bin")]
+    assert await stack.read_file(attrs.st_ino) == data[:MiB]
+
+
 async def test_a_file_deleted_while_written_is_never_stored(stack: Stack) -> None:
     batch = await stack.folder("batch")
     info, _ = await stack.ops.create(batch, b"gone.bin", 0o644, os.O_WRONLY, None)
