@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import http.client
 import json
 import os
 import shutil
@@ -444,6 +445,26 @@ def timed(cmd: list[str] | Callable[[], object], **kw: object) -> float:
     return time.perf_counter() - t0
 
 
+def content_floor(emu_url: str, ids: list[str]) -> float:
+    """Seconds for a bare http.client to GET every file's /content, one after another
+    on one kept-alive connection: what the emulator alone takes to serve R4's requests."""
+    host, port = emu_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port))
+    t0 = time.perf_counter()
+    try:
+        for file_id in ids:
+            conn.request(
+                "GET", f"/v1/files/{file_id}/content", headers={"Authorization": f"Bearer {KEY}"}
+            )
+            answer = conn.getresponse()
+            body = answer.read()
+            if answer.status != 200 or not body:
+                raise RuntimeError(f"/content of {file_id}: HTTP {answer.status}")
+    finally:
+        conn.close()
+    return time.perf_counter() - t0
+
+
 def alternate(rep: int) -> tuple[str, str]:
     return ("mfs", "peer") if rep % 2 == 0 else ("peer", "mfs")
 
@@ -607,8 +628,15 @@ def run_cases(b: Bench, only: set[str] | None) -> tuple[list[Case], dict[str, fl
                             names = b.names["small"] if side == "mfs" else b.ids["small"]
                             paths = [str(folder / x) for x in names]
                             getattr(r4, side).append(timed(["cat", *paths]))
+        # Each cold small file costs mistralfs one /content request to the emulator, a
+        # Python server; rclone reads nginx. The emulator's own time for those requests:
+        floor = [content_floor(b.emu_url, b.ids["small"]) for _ in range(s.reps)]
+        info["R4 emulator floor s (bare http.client, /content of each file)"] = statistics.median(
+            floor
+        )
         log(
-            f"R4: mfs {r4.median('mfs'):.3f}s rclone {r4.median('peer'):.3f}s; "
+            f"R4: mfs {r4.median('mfs'):.3f}s rclone {r4.median('peer'):.3f}s "
+            f"(emulator floor {statistics.median(floor):.3f}s); "
             f"L1 cold {l1c.median('mfs'):.3f}/{l1c.median('peer'):.3f}s "
             f"warm {l1w.median('mfs'):.3f}/{l1w.median('peer'):.3f}s"
         )
