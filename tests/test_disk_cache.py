@@ -264,6 +264,26 @@ async def test_a_forgotten_file_loses_its_blocks_and_a_late_store_does_not_bring
         assert cache.stats()["blocks"] == 1
 
 
+async def test_a_whole_listing_drops_the_blocks_of_files_no_longer_in_the_account(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "disk"
+    origin = Origin({FILE_ID: os.urandom(2 * BLOCK), OTHER_ID: os.urandom(BLOCK)})
+    async with running(root) as cache:
+        await origin.read_all(cache, FILE_ID)
+        await origin.read(cache, OTHER_ID, 0)
+        await cache.flush()
+    async with running(root) as cache:  # a later mount: the file went meanwhile
+        assert cache.stats()["blocks"] == 3
+        cache.keep_only({OTHER_ID, "an-id-with-nothing-kept"})
+        await origin.read(cache, FILE_ID, 0)  # a read still in flight at the listing
+        await cache.flush()
+        assert not (root / FILE_ID).exists()
+        assert kept(root, OTHER_ID) == [0]
+        assert cache.stats()["blocks"] == 1
+        assert cache.stats()["bytes"] == ENTRY
+
+
 async def test_blocks_the_disk_has_not_caught_up_with_are_not_kept_rather_than_held(
     tmp_path: Path,
 ) -> None:
@@ -397,6 +417,36 @@ def test_rm_or_overwrite_through_the_mount_drops_the_files_disk_blocks(
         (m / "batch" / "replaced.bin").write_bytes(b"new content")  # new upload, old deleted
         wait_for(lambda: not (disk / ids["gone.bin"]).exists())
         wait_for(lambda: not (disk / ids["replaced.bin"]).exists())
+
+
+@pytest.mark.fuse
+def test_files_deleted_elsewhere_lose_their_disk_blocks(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    names = ("stays.bin", "deleted-while-mounted.bin", "deleted-while-unmounted.bin")
+    contents = {name: os.urandom(2 * MiB) for name in names}
+    ids = {
+        name: sdk.files.upload(file={"file_name": name, "content": data}, purpose="batch").id
+        for name, data in contents.items()
+    }
+    disk = tmp_path / "disk"
+    options = ("--disk-cache", str(disk), "--dir-cache-time", "1")
+    with mount(emulator_process, tmp_path / "first", *options) as m:
+        for name, data in contents.items():
+            assert (m / "batch" / name).read_bytes() == data
+    assert all(kept(disk, file_id) == [0, 1] for file_id in ids.values())
+    sdk.files.delete(file_id=ids["deleted-while-unmounted.bin"])
+    with mount(emulator_process, tmp_path / "second", *options) as m:
+        assert (m / "batch" / "stays.bin").read_bytes() == contents["stays.bin"]
+        assert (disk / ids["deleted-while-unmounted.bin"]).exists()  # no whole listing yet
+        assert "batch" in os.listdir(m.path)  # the root's listing is the whole account's
+        wait_for(lambda: not (disk / ids["deleted-while-unmounted.bin"]).exists())
+        sdk.files.delete(file_id=ids["deleted-while-mounted.bin"])
+        time.sleep(1.2)  # the folder cache time
+        assert "deleted-while-mounted.bin" not in os.listdir(m.path / "batch")
+        wait_for(lambda: not (disk / ids["deleted-while-mounted.bin"]).exists())
+        assert kept(disk, ids["stays.bin"]) == [0, 1]
+        assert _status(m)["disk_cache"]["blocks"] == 2
 
 
 @pytest.mark.fuse

@@ -35,7 +35,7 @@ import stat
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 
 import trio
@@ -74,6 +74,9 @@ class NoDiskCache:
         """Nothing is kept."""
 
     def forget(self, file_id: str) -> None:
+        """Nothing is kept, so there is nothing to drop."""
+
+    def keep_only(self, file_ids: Collection[str]) -> None:
         """Nothing is kept, so there is nothing to drop."""
 
     async def run(self) -> None:
@@ -191,12 +194,25 @@ class DiskCache:
 
     def forget(self, file_id: str) -> None:
         """The file is gone: its blocks are no longer served, and are deleted in order."""
-        if not _SAFE_ID.fullmatch(file_id):
-            return
-        self._dropped.add(file_id)
-        for key in [k for k in self._index if k[0] == file_id]:
+        if _SAFE_ID.fullmatch(file_id):
+            self._drop_files({file_id})
+
+    def keep_only(self, file_ids: Collection[str]) -> None:
+        """`file_ids` is every file of the account (a whole listing): the blocks of any
+        other file, deleted since they were read, perhaps while no mount ran, go as
+        `forget` drops them. Content the user deleted is not left on the disk."""
+        gone = {file_id for file_id, _ in self._index}.difference(file_ids)
+        if gone:
+            log.info("disk cache: dropping the blocks of %d files no longer in the account",
+                     len(gone))  # fmt: skip
+            self._drop_files(gone)
+
+    def _drop_files(self, file_ids: set[str]) -> None:
+        self._dropped.update(file_ids)
+        for key in [k for k in self._index if k[0] in file_ids]:
             self._bytes -= self._index.pop(key)
-        self._queue(functools.partial(self._drop, file_id))
+        for file_id in file_ids:
+            self._queue(functools.partial(self._drop, file_id))
 
     # -- lifetime -------------------------------------------------------------------
 

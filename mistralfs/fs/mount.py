@@ -91,6 +91,8 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         namespace = Namespace(client, config.dir_cache_time)
         namespace.on_name_removed = namespace.on_name_added = _forget_in_kernel
         namespace.on_attrs_changed = _forget_attrs_in_kernel
+        namespace.on_deleted_elsewhere = disk.forget
+        namespace.on_account_listed = disk.keep_only
         reader = BlockReader(
             client, nursery, cache_size=config.cache_size, block_size=config.block_size, disk=disk
         )

@@ -103,6 +103,10 @@ class Namespace:
         self.on_name_added: Callable[[int, str], None] = lambda _inode, _name: None
         # Called with an inode whose attributes changed (a new upload: size, times).
         self.on_attrs_changed: Callable[[int], None] = lambda _inode: None
+        # Called with the id of a file that a listing shows deleted elsewhere, and with
+        # every id of the account after a whole listing, so that kept content goes too.
+        self.on_deleted_elsewhere: Callable[[str], None] = lambda _file_id: None
+        self.on_account_listed: Callable[[frozenset[str]], None] = lambda _file_ids: None
         for purpose in STANDARD_PURPOSES:
             self._folder_for(purpose)
 
@@ -279,16 +283,18 @@ class Namespace:
     async def _refresh_root(self) -> None:
         started = trio.current_time()
         files = await self._client.list_all(page_size=LIST_PAGE_SIZE)
-        self._apply_listing(files, started, None)
+        shown = self._apply_listing(files, started, None)
         self._root_fetched_at = started
         for folder in self._folders.values():  # it covered every folder
             folder.fetched_at = max(folder.fetched_at or started, started)
         log.debug("account listing refreshed: %d files", len(files))
+        self.on_account_listed(shown)
 
     def _apply_listing(
         self, files: Iterable[RemoteFile], started: float, purpose: str | None
-    ) -> None:
-        """Make the folders of `purpose` (every purpose if None) show the listing `files`."""
+    ) -> frozenset[str]:
+        """Make the folders of `purpose` (every purpose if None) show the listing `files`;
+        the ids of the files they now show."""
 
         def covered(remote: RemoteFile) -> bool:
             return purpose is None or remote.purpose == purpose
@@ -311,6 +317,7 @@ class Namespace:
             if file_id not in current and covered(node.remote):
                 log.info("%s/%s was deleted elsewhere", node.folder.name, node.name)
                 self.detach(node, deleted=False)
+                self.on_deleted_elsewhere(file_id)
 
         fresh = [
             f
@@ -332,6 +339,7 @@ class Namespace:
             self._inode_by_id[remote.id] = node.inode
             if folder.absences_told:
                 self.on_name_added(folder.inode, node.name)
+        return frozenset(current)
 
     def _free_name(self, folder: Folder, remote: RemoteFile) -> str:
         name, unique = plain_name(remote.filename, remote.id)
