@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 import re
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Collection, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Generator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -46,6 +44,7 @@ from mistralfs.api.errors import (
     extract_message,
     strip_query,
 )
+from mistralfs.api.lost_uploads import FileDigest, StoredFileSearch, UploadAttempt
 from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
 from mistralfs.api.retry import (
     RETRY_STATUSES,
@@ -58,9 +57,7 @@ from mistralfs.api.upload_body import (
     CHUNK_SIZE,
     GrowingFile,
     GrowingSpoolBody,
-    Identity,
     SpoolBody,
-    file_identity,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,17 +69,12 @@ CONNECT_TIMEOUT = 10.0
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 64 * 1024 * 1024
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
-# How far the server's clock (``created_at``, whole seconds) may lag ours when
-# recognising a file an upload attempt created; see FilesClient.upload.
-CLOCK_SKEW = 5.0
-MATCH_PAGE_SIZE = 100
 MAX_DIRECT_UPLOADS = 4  # worker threads sending whole files at once
 MAX_DIRECT_CALLS = 8  # worker threads making other API calls (JSON, /content) at once
 # A growing upload stops if its file is not written to or closed for this long.
 GROWING_IDLE_LIMIT = 5.0
 # Statuses by which a server says it wants a Content-Length (no chunked bodies).
 LENGTH_REQUIRED_STATUSES = (411, 501)
-MATCH_MAX_PAGES = 20  # past this many pages of same-named files, dedupe gives up (safely)
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -133,62 +125,6 @@ class _RedactQueryFilter(logging.Filter):
 _httpx_logger = logging.getLogger("httpx")
 if not any(isinstance(f, _RedactQueryFilter) for f in _httpx_logger.filters):
     _httpx_logger.addFilter(_RedactQueryFilter())
-
-
-class _FileDigest:
-    """The MD5 of an upload's file, computed only if a look-up needs it, once per version.
-
-    An attempt records the file's identity when it opened it; the digest counts for
-    that attempt only if the file still has that identity before and after hashing,
-    so bytes changed since are never vouched for.
-    """
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self._path = path
-        self._digests: dict[Identity, str | None] = {}
-
-    async def of(self, identity: Identity) -> str | None:
-        if identity not in self._digests:
-            self._digests[identity] = await trio.to_thread.run_sync(self._md5, identity)
-        return self._digests[identity]
-
-    def _md5(self, identity: Identity) -> str | None:
-        try:
-            with open(self._path, "rb") as f:
-                if file_identity(os.fstat(f.fileno())) != identity:
-                    return None
-                digest = hashlib.md5(usedforsecurity=False)
-                while chunk := f.read(CHUNK_SIZE):
-                    digest.update(chunk)
-                if file_identity(os.fstat(f.fileno())) != identity:
-                    return None
-        except OSError:
-            return None
-        return digest.hexdigest()
-
-
-class _RecentFiles:
-    """Recently created files this client has seen, by id.
-
-    An upload whose answer was lost looks for the file it stored among files with
-    its name, size and MD5 created since shortly before it began; a file seen
-    before the upload began cannot be that file, however alike. Only files that
-    young can be mistaken, so older ones are not kept.
-    """
-
-    def __init__(self) -> None:
-        self._created: dict[str, int] = {}
-
-    def note(self, files: Iterable[RemoteFile]) -> None:
-        cutoff = math.floor(time.time() - CLOCK_SKEW)
-        for f in files:
-            if f.created_at >= cutoff:
-                self._created[f.id] = f.created_at
-        if self._created:
-            self._created = {i: c for i, c in self._created.items() if c >= cutoff}
-
-    def ids(self) -> frozenset[str]:
-        return frozenset(self._created)
 
 
 def _cut(chunks: list[bytes], skip: int, length: int, piece_size: int) -> list[bytes]:
@@ -287,7 +223,7 @@ class FilesClient:
         self._retry = retry or RetryPolicy()
         self.stats = RequestStats()
         self._max_upload = max_upload_bytes
-        self._recent = _RecentFiles()
+        self._stored_search = StoredFileSearch(self._list_page, self._api_url("/v1/files"))
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
@@ -592,7 +528,7 @@ class FilesClient:
             files = [RemoteFile.from_json(item) for item in data["data"]]
         except ProtocolError as exc:
             raise ProtocolError(exc.message, method="GET", url=url) from None
-        self._recent.note(files)
+        self._stored_search.recent.note(files)
         total = data.get("total")
         if not isinstance(total, int) or isinstance(total, bool) or total < 0:
             total = None
@@ -707,23 +643,29 @@ class FilesClient:
         api_path = "/v1/files"
         url = self._api_url(api_path)
         deadline = trio.current_time() + self._retry.total_budget
-        attempts: list[_UploadAttempt] = list(after.attempts) if after is not None else []
+        attempts: list[UploadAttempt] = list(after.attempts) if after is not None else []
         # Files already seen cannot be the one an attempt of this upload stored.
         if after is not None:
             known = after.known if dedupe else None
         else:
-            known = self._recent.ids() if dedupe and self._retry.max_attempts > 1 else None
-        digest = _FileDigest(path)
+            known = (
+                self._stored_search.recent.ids()
+                if dedupe and self._retry.max_attempts > 1
+                else None
+            )
+        digest = FileDigest(path)
 
         async def open_body() -> tuple[Any, dict[str, str], Any]:
             body = SpoolBody(path, filename, purpose, self._max_upload, progress, url)
-            attempts.append(_UploadAttempt(started=time.time(), body=body))
+            attempts.append(UploadAttempt(started=time.time(), body=body))
             return body, body.headers, body
 
         async def find_stored() -> RemoteFile | None:
             if known is None:
                 return None
-            return await self._find_stored(filename, purpose, attempts, known, digest, deadline)
+            return await self._stored_search.find(
+                filename, purpose, attempts, known, digest, deadline
+            )
 
         async def handle(response: httpx.Response, n: int) -> RemoteFile:
             try:
@@ -776,7 +718,7 @@ class FilesClient:
         """The file an upload's answer describes (noted as seen, for later dedupes)."""
         data = await _read_bounded(response, MAX_JSON_BODY)
         stored = self._file_from(_parse_json(data, response, "POST", url), "POST", "/v1/files")
-        self._recent.note((stored,))
+        self._stored_search.recent.note((stored,))
         return stored
 
     def growing_upload(
@@ -808,7 +750,7 @@ class FilesClient:
                 upload.progress,
                 GROWING_IDLE_LIMIT,
             )
-            upload.attempts.append(_UploadAttempt(started=time.time(), body=body))
+            upload.attempts.append(UploadAttempt(started=time.time(), body=body))
             return body, body.headers, body
 
         async def handle(response: httpx.Response, n: int) -> RemoteFile:
@@ -844,101 +786,8 @@ class FilesClient:
                 refusal.message,
             )
 
-    async def _same_name(
-        self, filename: str, purpose: str, deadline: float
-    ) -> list[RemoteFile] | None:
-        """Every file the service finds for ``search=filename`` in ``purpose``.
-
-        Returns the parsed files whose name and purpose are exactly these; None
-        when there are too many pages to be sure of having seen them all. Items
-        that do not parse are skipped.
-        """
-        ids: set[str] = set()
-        files: list[RemoteFile] = []
-        page_size = MATCH_PAGE_SIZE
-        for page in range(MATCH_MAX_PAGES):
-            params = [
-                ("page", str(page)),
-                ("page_size", str(page_size)),
-                ("include_total", "true"),
-                ("purpose", purpose),
-                ("search", filename),
-            ]
-            data = await self._json_call("GET", "/v1/files", params=params, deadline=deadline)
-            items = data.get("data") if isinstance(data, dict) else None
-            if not isinstance(items, list):
-                raise ProtocolError(
-                    "listing is not an object with a 'data' array",
-                    method="GET",
-                    url=self._api_url("/v1/files"),
-                )
-            total = data.get("total") if isinstance(data, dict) else None
-            if not isinstance(total, int) or isinstance(total, bool):
-                total = None
-            new = 0
-            for item in items:
-                file_id = item.get("id") if isinstance(item, dict) else None
-                if not isinstance(file_id, str) or file_id in ids:
-                    continue
-                ids.add(file_id)
-                new += 1
-                try:
-                    f = RemoteFile.from_json(item)
-                except ProtocolError:
-                    continue
-                if f.filename == filename and f.purpose == purpose:
-                    files.append(f)
-            if page == 0 and total is not None and 0 < len(items) < min(page_size, total):
-                page_size = len(items)  # the service capped the page size
-            if not new or (total is not None and len(ids) >= total):
-                return files
-            if total is None and len(items) < page_size:
-                return files
-        return None
-
-    async def _find_stored(
-        self,
-        filename: str,
-        purpose: str,
-        attempts: Sequence[_UploadAttempt],
-        known: frozenset[str],
-        digest: _FileDigest,
-        deadline: float,
-    ) -> RemoteFile | None:
-        """The file an earlier, ambiguous attempt stored, if the listing shows one."""
-        sent = [a for a in attempts if a.body.complete]
-        if not sent:
-            return None  # no attempt got its whole body out: none can have stored it
-        listed = await self._same_name(filename, purpose, deadline)
-        if listed is None:
-            return None
-        matches = []
-        for f in listed:
-            if f.id in known or f.deleted:
-                continue
-            for a in sent:
-                if not a.may_have_stored(f):
-                    continue
-                if f.signature is None or f.signature.lower() == await digest.of(a.identity):
-                    matches.append(f)
-                    break
-        self._recent.note(listed)
-        if not matches:
-            return None
-        best = max(matches, key=lambda f: f.created_at)  # ties: the first listed (newest)
-        if len(matches) > 1:
-            logger.warning(
-                "POST /v1/files: %d new files match %r; taking the newest, %s",
-                len(matches),
-                filename,
-                best.id,
-            )
-        logger.info(
-            "POST /v1/files: answer lost, but %r was stored as %s; not uploading again",
-            filename,
-            best.id,
-        )
-        return best
+    async def _list_page(self, params: list[tuple[str, str]], deadline: float) -> object:
+        return await self._json_call("GET", "/v1/files", params=params, deadline=deadline)
 
     async def retrieve(self, file_id: str) -> RemoteFile:
         """``GET /v1/files/{id}``: metadata of one file (``deleted`` may be set)."""
@@ -1196,10 +1045,10 @@ class GrowingUpload:
         self.filename = filename
         self.purpose = purpose
         self.progress = progress
-        self.attempts: list[_UploadAttempt] = []
+        self.attempts: list[UploadAttempt] = []
         self.refusal: Rejected | None = None  # a 4xx answer to it
         # Files already seen cannot be the one this attempt stored.
-        self.known = client._recent.ids()
+        self.known = client._stored_search.recent.ids()
 
     @property
     def complete(self) -> bool:
@@ -1208,27 +1057,6 @@ class GrowingUpload:
 
     async def run(self) -> RemoteFile:
         return await self._client._send_growing(self)
-
-
-@dataclass
-class _UploadAttempt:
-    """One upload attempt: when it began (wall clock, like ``created_at``) and its body."""
-
-    started: float
-    body: SpoolBody | GrowingSpoolBody
-
-    @property
-    def identity(self) -> Identity:
-        return self.body.identity
-
-    def may_have_stored(self, f: RemoteFile) -> bool:
-        """Whether ``f`` can be the file this attempt stored, but for its MD5.
-
-        Name and purpose are checked apart.
-        """
-        if not self.body.complete or f.bytes != self.body.size:
-            return False
-        return f.created_at >= math.floor(self.started - CLOCK_SKEW)
 
 
 def _content_range_start(value: str | None) -> int | None:
