@@ -44,7 +44,7 @@ from mistralfs.api.errors import (
     extract_message,
     strip_query,
 )
-from mistralfs.api.lost_uploads import FileDigest, StoredFileSearch, UploadAttempt
+from mistralfs.api.lost_uploads import FileDigest, RecentFiles, StoredFileSearch, UploadAttempt
 from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
 from mistralfs.api.retry import (
     RETRY_STATUSES,
@@ -223,7 +223,10 @@ class FilesClient:
         self._retry = retry or RetryPolicy()
         self.stats = RequestStats()
         self._max_upload = max_upload_bytes
-        self._stored_search = StoredFileSearch(self._list_page, self._api_url("/v1/files"))
+        self._recent = RecentFiles()
+        self._stored_search = StoredFileSearch(
+            self._list_page, self._api_url("/v1/files"), self._recent
+        )
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
@@ -528,7 +531,7 @@ class FilesClient:
             files = [RemoteFile.from_json(item) for item in data["data"]]
         except ProtocolError as exc:
             raise ProtocolError(exc.message, method="GET", url=url) from None
-        self._stored_search.recent.note(files)
+        self._recent.note(files)
         total = data.get("total")
         if not isinstance(total, int) or isinstance(total, bool) or total < 0:
             total = None
@@ -648,11 +651,7 @@ class FilesClient:
         if after is not None:
             known = after.known if dedupe else None
         else:
-            known = (
-                self._stored_search.recent.ids()
-                if dedupe and self._retry.max_attempts > 1
-                else None
-            )
+            known = self._recent.ids() if dedupe and self._retry.max_attempts > 1 else None
         digest = FileDigest(path)
 
         async def open_body() -> tuple[Any, dict[str, str], Any]:
@@ -718,7 +717,7 @@ class FilesClient:
         """The file an upload's answer describes (noted as seen, for later dedupes)."""
         data = await _read_bounded(response, MAX_JSON_BODY)
         stored = self._file_from(_parse_json(data, response, "POST", url), "POST", "/v1/files")
-        self._stored_search.recent.note((stored,))
+        self._recent.note((stored,))
         return stored
 
     def growing_upload(
@@ -1048,7 +1047,7 @@ class GrowingUpload:
         self.attempts: list[UploadAttempt] = []
         self.refusal: Rejected | None = None  # a 4xx answer to it
         # Files already seen cannot be the one this attempt stored.
-        self.known = client._stored_search.recent.ids()
+        self.known = client._recent.ids()
 
     @property
     def complete(self) -> bool:

@@ -123,10 +123,10 @@ class RecentFiles:
 class StoredFileSearch:
     """Looks for the file that an attempt with a lost answer stored."""
 
-    def __init__(self, list_page: ListPage, url: str) -> None:
+    def __init__(self, list_page: ListPage, url: str, recent: RecentFiles) -> None:
         self._list_page = list_page
         self._url = url  # of the listing, for errors
-        self.recent = RecentFiles()
+        self._recent = recent  # what the search lists is noted as seen too
 
     async def find(
         self,
@@ -154,7 +154,7 @@ class StoredFileSearch:
                 if f.signature is None or f.signature.lower() == await digest.of(a.identity):
                     matches.append(f)
                     break
-        self.recent.note(listed)
+        self._recent.note(listed)
         if not matches:
             return None
         best = max(matches, key=lambda f: f.created_at)  # ties: the first listed (newest)
