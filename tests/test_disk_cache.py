@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -245,8 +245,16 @@ async def test_the_folder_is_made_private_and_one_others_can_write_to_is_refused
         await DiskCache.open(others, 4 * ENTRY, BLOCK)
 
 
+@pytest.mark.parametrize(
+    "drop",
+    [
+        lambda cache: cache.forget(FILE_ID),  # deleted through the mount, or a listing saw it go
+        lambda cache: cache.keep_only({OTHER_ID, "an-id-with-nothing-kept"}),  # a whole listing
+    ],
+    ids=["forget", "missing-from-a-whole-listing"],
+)
 async def test_a_forgotten_file_loses_its_blocks_and_a_late_store_does_not_bring_them_back(
-    tmp_path: Path,
+    tmp_path: Path, drop: Callable[[DiskCache], None]
 ) -> None:
     root = tmp_path / "disk"
     origin = Origin({FILE_ID: os.urandom(2 * BLOCK), OTHER_ID: os.urandom(BLOCK)})
@@ -256,27 +264,8 @@ async def test_a_forgotten_file_loses_its_blocks_and_a_late_store_does_not_bring
         assert kept(root) == [0]
         await origin.read(cache, FILE_ID, 1)  # its store is still queued ...
         await origin.read(cache, OTHER_ID, 0)
-        cache.forget(FILE_ID)  # ... when the file is deleted
+        drop(cache)  # ... when the file is deleted
         await origin.read(cache, FILE_ID, 0)  # a read still in flight at the deletion
-        await cache.flush()
-        assert not (root / FILE_ID).exists()
-        assert kept(root, OTHER_ID) == [0]
-        assert cache.stats()["blocks"] == 1
-
-
-async def test_a_whole_listing_drops_the_blocks_of_files_no_longer_in_the_account(
-    tmp_path: Path,
-) -> None:
-    root = tmp_path / "disk"
-    origin = Origin({FILE_ID: os.urandom(2 * BLOCK), OTHER_ID: os.urandom(BLOCK)})
-    async with running(root) as cache:
-        await origin.read_all(cache, FILE_ID)
-        await origin.read(cache, OTHER_ID, 0)
-        await cache.flush()
-    async with running(root) as cache:  # a later mount: the file went meanwhile
-        assert cache.stats()["blocks"] == 3
-        cache.keep_only({OTHER_ID, "an-id-with-nothing-kept"})
-        await origin.read(cache, FILE_ID, 0)  # a read still in flight at the listing
         await cache.flush()
         assert not (root / FILE_ID).exists()
         assert kept(root, OTHER_ID) == [0]
