@@ -294,7 +294,8 @@ class Namespace:
         self, files: Iterable[RemoteFile], started: float, purpose: str | None
     ) -> frozenset[str]:
         """Make the folders of `purpose` (every purpose if None) show the listing `files`;
-        the ids of the files they now show."""
+        the ids of the files that exist for them: those listed, and this mount's uploads
+        too recent to be listed."""
 
         def covered(remote: RemoteFile) -> bool:
             return purpose is None or remote.purpose == purpose
