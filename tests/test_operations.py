@@ -506,11 +506,36 @@ async def test_refused_content_fails_flush_and_is_kept(stack: Stack) -> None:
     info, _ = await stack.ops.create(folder, b"bad.jsonl", 0o644, os.O_WRONLY, None)
     await stack.ops.write(info.fh, 0, b"not json\n")
     await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    assert await upload_attempts(stack) == 1
     await stack.ops.release(info.fh)
     await expect_missing(stack.ops, folder, b"bad.jsonl")
     kept = list((stack.cache_dir / "recovery").glob("*.spool"))
     assert [p.read_bytes() for p in kept] == [b"not json\n"]
     assert await stack.client.list_all() == []
+    # The release keeps the refused bytes; it does not send them a second time.
+    assert await upload_attempts(stack) == 1
+
+
+async def test_content_changed_after_a_refused_close_is_uploaded_at_release(
+    stack: Stack,
+) -> None:
+    folder = await stack.folder("fine-tune")
+    info, _ = await stack.ops.create(folder, b"fixed.jsonl", 0o644, os.O_RDWR, None)
+    await stack.ops.write(info.fh, 0, b"not json\n")
+    await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    # Another descriptor of the same open file goes on and mends the content.
+    await stack.ops.write(info.fh, 0, b'{"a": 1}\n')
+    await stack.ops.release(info.fh)
+    assert [f.filename for f in await stack.client.list_all()] == ["fixed.jsonl"]
+    assert list((stack.cache_dir / "recovery").glob("*.spool")) == []
+
+
+async def upload_attempts(stack: Stack) -> int:
+    """How many uploads the emulator has seen since the test started."""
+    await trio.sleep(0.05)  # it records a request just after answering it
+    return sum(
+        (r["method"], r["path"]) == ("POST", "/v1/files") for r in await stack.api_requests()
+    )
 
 
 async def test_server_failure_becomes_eio(stack: Stack) -> None:
@@ -862,9 +887,13 @@ async def test_unavailable_service_fails_close_with_eio_and_keeps_the_data(stack
     info, _ = await stack.ops.create(batch, b"later.txt", 0o644, os.O_WRONLY, None)
     await stack.ops.write(info.fh, 0, b"precious")
     await expect_errno(errno.EIO, stack.ops.flush(info.fh))
+    attempts = await upload_attempts(stack)
+    assert attempts > 1  # retried before close gave up
     await stack.ops.release(info.fh)
     kept = list((stack.cache_dir / "recovery").glob("*.spool"))
     assert [p.read_bytes() for p in kept] == [b"precious"]
+    # close() reported the failure: the release does not try all over again.
+    assert await upload_attempts(stack) == attempts
 
 
 async def test_a_body_that_is_not_json_is_eio_and_the_next_call_works(

@@ -89,6 +89,9 @@ class Spool:
     replaces: list[RemoteFile] = field(default_factory=list)
     growing: Growing | None = None  # an upload under way while the file is written
     appended_only: bool = True  # written from its first byte on, each write at the end
+    # The upload of the content as it stands failed, and that close reported it: the
+    # last release keeps it for recovery rather than sending the same bytes again.
+    upload_failed: bool = False
 
     @property
     def meta_path(self) -> Path:
@@ -240,7 +243,7 @@ class Writer:
         spool.node.local_size = spool.size
         state_changes = spool.closed_since_write or not spool.changed
         spool.unflushed = spool.changed = True
-        spool.closed_since_write = False
+        spool.closed_since_write = spool.upload_failed = False
         if state_changes:  # the note is rewritten only when what it says changes
             self._write_meta(spool)
         return written
@@ -263,6 +266,7 @@ class Writer:
         os.ftruncate(spool.fd, size)
         if size != spool.size:
             spool.changed = True
+            spool.upload_failed = False
         spool.size = spool.node.local_size = size
         self._write_meta(spool)
 
@@ -321,7 +325,7 @@ class Writer:
         if spool.handles > 0:
             return
         node = spool.node
-        if spool.changed and node.attached and not spool.oversize:
+        if spool.changed and node.attached and not spool.oversize and not spool.upload_failed:
             with contextlib.suppress(FsError):  # logged by _upload; the spool is kept below
                 await self._upload(spool)
         if spool.oversize:
@@ -409,7 +413,13 @@ class Writer:
 
     async def _upload(self, spool: Spool) -> None:
         node = spool.node
-        remote = await self._upload_as(spool, filename=node.filename, purpose=node.folder.purpose)
+        try:
+            remote = await self._upload_as(
+                spool, filename=node.filename, purpose=node.folder.purpose
+            )
+        except FsError:
+            spool.upload_failed = True
+            raise
         replaced = [node.remote] if node.remote is not None else []
         replaced += spool.replaces
         spool.replaces = []
