@@ -1,5 +1,6 @@
 """Real tools against real mounts: cp, mv, rm, shell redirects, truncate, sed -i, rsync,
-tar, find, du, stat, getfattr, gio (GLib's file layer) and Midnight Commander in tmux.
+tar, find, du, stat, getfattr, vim, gio (GLib's file layer) and Midnight Commander in
+tmux.
 
 Each test runs the tool the way a user would, asserts that it succeeded quietly
 (exit status 0, nothing on stderr), and then checks the account through the official
@@ -267,6 +268,19 @@ def test_sed_in_place_on_fine_tune_jsonl(mounted: Mounted, sdk: Mistral) -> None
     expected = b"".join(line.replace(b"a", b"b", 1) + b"\n" for line in JSONL.splitlines())
     assert expected != JSONL
     assert_account(sdk, mounted, {"fine-tune/train.jsonl": expected}, signed=True)
+    assert_gone(sdk, old.id)
+
+
+def test_vim_edit_leaves_no_swap_file_in_the_account(mounted: Mounted, sdk: Mistral) -> None:
+    path = mounted / "batch" / "notes.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    [old] = remote_files(sdk)
+    # vim creates .notes.jsonl.swp and probes .notes.jsonl.swx beside the file, closing
+    # and removing each right away: their uploads (at release, which vim does not wait
+    # for) are still under way when the names go.
+    run(mounted, "vim", "-u", "NONE", "-i", "NONE", "-N", "-es", "-c", "%s/1/2/", "-c", "wq", path)
+    time.sleep(1.0)  # those uploads end well within this; what they stored must be gone
+    assert_account(sdk, mounted, {"batch/notes.jsonl": b'{"n": 2}\n'})
     assert_gone(sdk, old.id)
 
 

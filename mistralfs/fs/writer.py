@@ -420,6 +420,16 @@ class Writer:
         except FsError:
             spool.upload_failed = True
             raise
+        if not node.attached:
+            # Deleted, or replaced by a rename, while the upload was under way (an editor
+            # removes its swap file while the release uploads it): what was stored has
+            # no name any more, so it goes, with what it was to replace.
+            spool.unflushed = spool.changed = False
+            self._write_meta(spool)
+            why = f"{node.folder.purpose}/{node.name} went while it was uploaded"
+            await self._delete_replaced(node, [remote, *spool.replaces], why=why)
+            spool.replaces = []
+            return
         replaced = [node.remote] if node.remote is not None else []
         replaced += spool.replaces
         spool.replaces = []
@@ -570,8 +580,11 @@ class Writer:
         growing.file.finish(spool.size)
         return growing
 
-    async def _delete_replaced(self, node: FileNode, replaced: list[RemoteFile]) -> None:
+    async def _delete_replaced(
+        self, node: FileNode, replaced: list[RemoteFile], *, why: str = ""
+    ) -> None:
         """The new upload succeeded, so the versions it replaces can go."""
+        why = why or f"replaced {node.folder.purpose}/{node.name}"
         for old in replaced:
             started = time.monotonic()
             self._namespace.forget_id(old.id)
@@ -581,12 +594,10 @@ class Writer:
             except NotFound:
                 continue
             except ApiError as exc:
-                log.error("%s/%s: could not delete the replaced %s: %s",
-                          node.folder.purpose, node.name, old.id, exc)  # fmt: skip
+                log.error("%s: could not delete %s: %s", why, old.id, exc)
                 continue
-            log.info("replaced %s/%s: deleted the old %s/%s, %d bytes, %s in %.2f s",
-                     node.folder.purpose, node.name, old.purpose, old.filename, old.bytes,
-                     old.id, time.monotonic() - started)  # fmt: skip
+            log.info("%s: deleted %s/%s, %d bytes, %s in %.2f s", why, old.purpose,
+                     old.filename, old.bytes, old.id, time.monotonic() - started)  # fmt: skip
 
     def unlinked(self, node: FileNode) -> None:
         """`node` was deleted while open: an upload under way must not store it."""
