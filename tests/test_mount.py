@@ -33,6 +33,9 @@ MiB = 1024 * 1024
 
 def test_root_shows_the_purpose_folders(mounted: Mounted) -> None:
     assert sorted(os.listdir(mounted.path)) == ["batch", "fine-tune", "ocr"]
+    root = os.stat(mounted.path)
+    assert stat.S_IMODE(root.st_mode) == 0o555  # nothing can be created in it
+    assert root.st_uid == os.getuid()
     for name in ("batch", "fine-tune", "ocr"):
         st = os.stat(mounted / name)
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
@@ -207,6 +210,7 @@ def test_read_only_mount_refuses_changes(
     with mount(emulator_process, tmp_path, "--read-only") as m:
         path = m / "batch" / "keep.txt"
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o444
+        assert stat.S_IMODE(os.stat(m / "batch").st_mode) == 0o555
         assert path.read_bytes() == b"keep"
         for action in (
             lambda: (m / "batch" / "new.txt").write_bytes(b"x"),

@@ -702,6 +702,8 @@ async def test_read_only_refuses_changes(emulator: RunningEmulator, tmp_path: Pa
         batch = await stack.folder("batch")
         attrs = await stack.ops.lookup(batch, b"r.txt")
         assert stat.S_IMODE(attrs.st_mode) == 0o444
+        assert stat.S_IMODE((await stack.ops.getattr(batch)).st_mode) == 0o555
+        assert stat.S_IMODE((await stack.ops.getattr(ROOT)).st_mode) == 0o555
         await expect_errno(errno.EROFS, stack.ops.create(batch, b"n", 0o644, os.O_WRONLY, None))
         await expect_errno(errno.EROFS, stack.ops.unlink(batch, b"r.txt", None))
         await expect_errno(errno.EROFS, stack.ops.mkdir(batch, b"d", 0o755, None))

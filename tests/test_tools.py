@@ -420,6 +420,25 @@ def test_gio_list_info_copy_remove(mounted: Mounted, tmp_path: Path, sdk: Mistra
     assert_gone(sdk, ids["batch/upload.txt"])
 
 
+def test_gio_offers_deletion_rather_than_a_trash_it_cannot_make(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    """File managers ask GLib whether a file can go to a trash: here it cannot (no
+    `.Trash-UID` folder can be made in the root), so they must offer to delete it for
+    good rather than fail. Run as the mounting user without root's power over modes."""
+    env = gio_env(tmp_path)
+    path = mounted / "batch" / "a.jsonl"
+    path.write_bytes(JSONL)
+    as_owner = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", tool("gio")]
+    info = run(mounted, *as_owner, "info", "-a", "access::*", path, env=env).stdout.decode()
+    assert "access::can-trash: FALSE" in info, info
+    assert "access::can-delete: TRUE" in info, info
+    [remote] = remote_files(sdk)
+    run(mounted, *as_owner, "remove", path, env=env)
+    assert_account(sdk, mounted, {})
+    assert_gone(sdk, remote.id)
+
+
 # -- 8. Midnight Commander in tmux ---------------------------------------------------------
 
 

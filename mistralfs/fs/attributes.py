@@ -35,6 +35,11 @@ class Attributes:
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._file_mode = stat.S_IFREG | (0o444 if read_only else 0o644)
+        # Nothing can be created in the root, so it does not claim to be writable: file
+        # managers (GLib) then see no way to make a trash folder there and offer to
+        # delete for good, instead of failing to move the file to a trash.
+        self._root_mode = stat.S_IFDIR | 0o555
+        self._folder_mode = stat.S_IFDIR | (0o555 if read_only else 0o755)
         self._mounted_at_ns = time.time_ns()  # folders have no remote timestamp
         # inode -> (the remote file they describe, its attributes), for settled files
         self._files: dict[int, tuple[RemoteFile, pyfuse3.EntryAttributes]] = {}
@@ -78,7 +83,7 @@ class Attributes:
 
     def _folder(self, inode: int) -> pyfuse3.EntryAttributes:
         entry = self._common(inode)
-        entry.st_mode = stat.S_IFDIR | 0o755
+        entry.st_mode = self._root_mode if inode == pyfuse3.ROOT_INODE else self._folder_mode
         entry.st_nlink = 2
         entry.st_size = 0
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self._mounted_at_ns
