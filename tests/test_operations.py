@@ -463,9 +463,12 @@ async def test_unsafe_remote_names_are_shown_safely(stack: Stack) -> None:
 async def test_xattrs_show_remote_metadata_and_system_names_cost_nothing(stack: Stack) -> None:
     file_id = await upload(stack, "doc.jsonl", b'{"x": 1}\n{"y": 2}\n')
     inode = (await stack.ops.lookup(await stack.folder("batch"), b"doc.jsonl")).st_ino
+    await stack.clear_requests()
     names = await stack.ops.listxattr(inode, None)
     for field in (b"id", b"purpose", b"sample_type", b"source", b"num_lines", b"signature"):
         assert b"user.mistral." + field in names
+    assert b"user.mistral.signed_url" not in names  # read by name only
+    assert await stack.api_requests() == []
     assert await stack.ops.getxattr(inode, b"user.mistral.id", None) == file_id.encode()
     assert await stack.ops.getxattr(inode, b"user.mistral.num_lines", None) == b"2"
     url = (await stack.ops.getxattr(inode, b"user.mistral.signed_url", None)).decode()

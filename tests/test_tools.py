@@ -381,7 +381,25 @@ def test_tar_extract_then_find_du_stat_getfattr(
     assert f'user.mistral.id="{ids["batch/" + name]}"' in attrs, attrs
     assert 'user.mistral.purpose="batch"' in attrs, attrs
     assert 'user.mistral.source="upload"' in attrs, attrs
-    assert "user.mistral.signed_url=" in attrs, attrs
+    assert "signed_url" not in attrs, attrs  # read by name only
+    url = run(
+        mounted, "getfattr", "--only-values", "-n", "user.mistral.signed_url", name,
+        cwd=mounted / "batch",
+    ).stdout.decode()  # fmt: skip
+    assert httpx.get(url, timeout=30).content == files[name]
+
+
+def test_cp_a_out_keeps_the_metadata_but_no_signed_url(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    (mounted / "batch" / "kept.jsonl").write_bytes(JSONL)
+    [remote] = remote_files(sdk)
+    run(mounted, "cp", "-a", mounted / "batch" / "kept.jsonl", tmp_path)
+    copy = tmp_path / "kept.jsonl"
+    assert copy.read_bytes() == JSONL
+    assert os.getxattr(copy, "user.mistral.id") == remote.id.encode()
+    # A link that reads the file without the key does not travel with copies.
+    assert not [n for n in os.listxattr(copy) if "signed_url" in n]
 
 
 # -- 7. gio --------------------------------------------------------------------------

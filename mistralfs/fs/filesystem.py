@@ -285,7 +285,9 @@ class Filesystem:
         if not isinstance(node, FileNode) or node.remote is None:
             return []
         names = [XATTR_PREFIX + f for f in XATTR_FIELDS if self._xattr_field(node, f) is not None]
-        names.append(XATTR_SIGNED_URL)
+        # Not user.mistral.signed_url: it is read by name. Listed, every tool that copies
+        # metadata (cp -a, rsync -X, tar --xattrs, file managers) would cost an API call
+        # per file and keep a link that reads the file without the key in the copy.
         if node.remote.mimetype:
             names.append(XATTR_MIME)
         return names
