@@ -562,6 +562,35 @@ async def test_a_file_removed_while_its_upload_is_under_way_leaves_nothing_behin
     assert list((stack.cache_dir / "recovery").glob("*")) == []
 
 
+async def test_new_content_of_a_file_deleted_elsewhere_while_uploaded_is_kept(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0)
+        old_id = await upload(stack, "doc.txt", b"old")
+        batch = await stack.folder("batch")
+        inode = (await stack.ops.lookup(batch, b"doc.txt")).st_ino
+        info = await stack.ops.open(inode, os.O_WRONLY | os.O_TRUNC, None)
+        await stack.ops.write(info.fh, 0, b"new content")
+        slow = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.6}
+        await stack.admin("POST", "faults", json=[slow])
+        async with trio.open_nursery() as closing:
+            closing.start_soon(stack.ops.flush, info.fh)
+            await trio.sleep(0.2)  # the upload is held up in the emulator
+            await stack.client.delete(old_id)  # elsewhere
+            await stack.ops.opendir(batch, None)  # a listing that finds it gone
+            await expect_missing(stack.ops, batch, b"doc.txt")
+        await stack.ops.release(info.fh)
+        # What the program wrote, and close() reported stored, is in the account...
+        [stored] = await stack.client.list_all()
+        assert (stored.filename, stored.bytes) == ("doc.txt", len(b"new content"))
+        # ...and shows under its name with the next listing.
+        inode = (await stack.ops.lookup(batch, b"doc.txt")).st_ino
+        assert await stack.read_file(inode) == b"new content"
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def upload_attempts(stack: Stack) -> int:
     """How many uploads the emulator has seen since the test started."""
     await trio.sleep(0.05)  # it records a request just after answering it

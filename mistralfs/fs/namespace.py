@@ -58,6 +58,7 @@ class FileNode:
     local_time: int = 0
     attached: bool = True  # still has its name
     unlinked: bool = False  # removed by the user, so unsaved changes may go too
+    replaced: bool = False  # its name was taken by a rename through this mount
     # Serialises uploads, renames and opening or dropping the spool of this file.
     lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 

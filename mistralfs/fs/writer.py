@@ -406,6 +406,7 @@ class Writer:
         self, node: FileNode, target: FileNode | None, folder: Folder, name: str
     ) -> None:
         if target is not None:
+            target.replaced = True
             self._namespace.detach(target, deleted=False)  # deleted once replaced remotely
         self._namespace.move(node, folder, name)
 
@@ -421,14 +422,7 @@ class Writer:
             spool.upload_failed = True
             raise
         if not node.attached:
-            # Deleted, or replaced by a rename, while the upload was under way (an editor
-            # removes its swap file while the release uploads it): what was stored has
-            # no name any more, so it goes, with what it was to replace.
-            spool.unflushed = spool.changed = False
-            self._write_meta(spool)
-            why = f"{node.folder.purpose}/{node.name} went while it was uploaded"
-            await self._delete_replaced(node, [remote, *spool.replaces], why=why)
-            spool.replaces = []
+            await self._nameless_upload(spool, remote)
             return
         replaced = [node.remote] if node.remote is not None else []
         replaced += spool.replaces
@@ -437,6 +431,27 @@ class Writer:
         self._namespace.uploaded(node, remote)
         self._write_meta(spool)
         await self._delete_replaced(node, replaced)
+
+    async def _nameless_upload(self, spool: Spool, remote: RemoteFile) -> None:
+        """The file lost its name while its upload was under way.
+
+        Removed through this mount (an editor removes its swap file while the release
+        uploads it; a rename takes its name): what was stored goes, with what it was to
+        replace. Deleted elsewhere: what was written is kept, and the next listing shows
+        it; it is not attached to the node the listing dropped.
+        """
+        node = spool.node
+        spool.unflushed = spool.changed = False
+        self._write_meta(spool)
+        where = f"{node.folder.purpose}/{node.name}"
+        if node.unlinked or node.replaced:
+            why = f"{where} went while it was uploaded"
+            await self._delete_replaced(node, [remote, *spool.replaces], why=why)
+        else:
+            log.warning("%s was deleted elsewhere while its new content was uploaded; that "
+                        "content is kept as %s", where, remote.id)  # fmt: skip
+            await self._delete_replaced(node, spool.replaces)
+        spool.replaces = []
 
     async def _upload_as(self, spool: Spool, *, filename: str, purpose: str) -> RemoteFile:
         node = spool.node
