@@ -591,6 +591,28 @@ async def test_new_content_of_a_file_deleted_elsewhere_while_uploaded_is_kept(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_file_removed_while_it_is_renamed_is_gone_under_both_names(
+    stack: Stack,
+) -> None:
+    batch = await stack.folder("batch")
+    await upload(stack, "a.txt", b"content")
+    slow = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.6}
+    await stack.admin("POST", "faults", json=[slow])
+
+    async def rename() -> None:  # uploads the content again as b.txt, held up
+        await expect_errno(
+            errno.ENOENT, stack.ops.rename(batch, b"a.txt", batch, b"b.txt", 0, None)
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rename)
+        await trio.sleep(0.2)
+        await stack.ops.unlink(batch, b"a.txt", None)
+    assert await stack.client.list_all() == []
+    for name in (b"a.txt", b"b.txt"):
+        await expect_missing(stack.ops, batch, name)
+
+
 async def upload_attempts(stack: Stack) -> int:
     """How many uploads the emulator has seen since the test started."""
     await trio.sleep(0.05)  # it records a request just after answering it

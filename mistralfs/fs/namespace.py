@@ -239,6 +239,7 @@ class Namespace:
             del node.folder.entries[node.name]
         node.folder, node.name, node.filename = folder, name, name
         folder.entries[name] = node
+        node.attached = True  # a file a listing dropped while it was renamed has a name again
 
     def detach(self, node: FileNode, *, deleted: bool = True) -> None:
         """Remove a file's name at once.

@@ -382,6 +382,12 @@ class Writer:
             spool.handles += 1
             try:
                 remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
+                if node.unlinked or node.replaced:
+                    # Removed through this mount while it was uploaded under its new name:
+                    # the removal wins, as if it had come first.
+                    why = f"{source} went while it was renamed"
+                    await self._delete_replaced(node, [remote], why=why)
+                    raise FsError(errno.ENOENT, f"{source} was removed while being renamed")
                 self._replace_name(node, target, folder, name)
                 old = [node.remote] if node.remote is not None else []
                 self._namespace.uploaded(node, remote)
