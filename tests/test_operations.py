@@ -613,6 +613,27 @@ async def test_a_file_removed_while_it_is_renamed_is_gone_under_both_names(
         await expect_missing(stack.ops, batch, name)
 
 
+async def test_a_rename_replaces_the_target_as_it_is_when_the_rename_ends(
+    stack: Stack,
+) -> None:
+    batch = await stack.folder("batch")
+    await upload(stack, "s.txt", b"source")
+    await upload(stack, "t.txt", b"old target")
+    target = (await stack.ops.lookup(batch, b"t.txt")).st_ino
+    info = await stack.ops.open(target, os.O_WRONLY | os.O_TRUNC, None)
+    await stack.ops.write(info.fh, 0, b"new target")
+    slow = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.5}
+    await stack.admin("POST", "faults", json=[{**slow, "times": 2}])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stack.ops.flush, info.fh)  # the target's new version, held up
+        await trio.sleep(0.1)
+        # Starts while the target's upload is under way, and ends after it.
+        nursery.start_soon(stack.ops.rename, batch, b"s.txt", batch, b"t.txt", 0, None)
+    await stack.ops.release(info.fh)
+    stored = [(f.filename, f.bytes) for f in await stack.client.list_all()]
+    assert stored == [("t.txt", len(b"source"))]
+
+
 async def upload_attempts(stack: Stack) -> int:
     """How many uploads the emulator has seen since the test started."""
     await trio.sleep(0.05)  # it records a request just after answering it

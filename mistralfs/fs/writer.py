@@ -367,11 +367,10 @@ class Writer:
         async with node.lock:
             started = time.monotonic()
             source = f"{node.folder.purpose}/{node.name}"
-            target = folder.entries.get(name)
-            replaced = [target.remote] if target is not None and target.remote else []
             spool = self._spools.get(node.inode)
             if spool is not None and node.remote is None and not spool.closed_since_write:
                 self._stop_growing(spool, "the file was renamed")
+                target, replaced = self._target(folder, name)
                 self._replace_name(node, target, folder, name)
                 spool.replaces.extend(replaced)
                 self._write_meta(spool)
@@ -388,6 +387,9 @@ class Writer:
                     why = f"{source} went while it was renamed"
                     await self._delete_replaced(node, [remote], why=why)
                     raise FsError(errno.ENOENT, f"{source} was removed while being renamed")
+                # Whatever holds the name now is replaced, not what held it before the
+                # upload: its own upload may have ended meanwhile.
+                target, replaced = self._target(folder, name)
                 self._replace_name(node, target, folder, name)
                 old = [node.remote] if node.remote is not None else []
                 self._namespace.uploaded(node, remote)
@@ -407,6 +409,12 @@ class Writer:
                 remote.id,
                 time.monotonic() - started,
             )
+
+    @staticmethod
+    def _target(folder: Folder, name: str) -> tuple[FileNode | None, list[RemoteFile]]:
+        """The file a rename to `name` replaces, and its remote version."""
+        target = folder.entries.get(name)
+        return target, [target.remote] if target is not None and target.remote else []
 
     def _replace_name(
         self, node: FileNode, target: FileNode | None, folder: Folder, name: str
