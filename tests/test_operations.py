@@ -634,6 +634,25 @@ async def test_a_rename_replaces_the_target_as_it_is_when_the_rename_ends(
     assert stored == [("t.txt", len(b"source"))]
 
 
+async def test_rm_while_a_new_version_is_uploaded_deletes_both_versions(stack: Stack) -> None:
+    batch = await stack.folder("batch")
+    await upload(stack, "f.txt", b"old")
+    inode = (await stack.ops.lookup(batch, b"f.txt")).st_ino
+    info = await stack.ops.open(inode, os.O_WRONLY | os.O_TRUNC, None)
+    await stack.ops.write(info.fh, 0, b"new version")
+    slow_upload = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.3}
+    slow_delete = {"method": "DELETE", "path_prefix": "/v1/files", "status": None, "delay": 0.6}
+    await stack.admin("POST", "faults", json=[slow_upload, slow_delete])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stack.ops.flush, info.fh)  # the new version, held up
+        await trio.sleep(0.1)
+        # The deletion of the old version is held up longer: the upload ends meanwhile.
+        await stack.ops.unlink(batch, b"f.txt", None)
+    await stack.ops.release(info.fh)
+    assert await stack.client.list_all() == []
+    await expect_missing(stack.ops, batch, b"f.txt")
+
+
 async def upload_attempts(stack: Stack) -> int:
     """How many uploads the emulator has seen since the test started."""
     await trio.sleep(0.05)  # it records a request just after answering it

@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from mistralfs.api import ApiError, FilesClient, NotFound
+from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Root
 from mistralfs.fs.readahead import FolderReadahead
@@ -262,21 +262,31 @@ class Filesystem:
         node = await self.lookup(parent_inode, name)
         if not isinstance(node, FileNode):
             raise FsError(errno.EISDIR)
-        if node.remote is not None:
-            started = time.monotonic()
-            try:
-                await self._client.delete(node.remote.id)
-                log.info("deleted %s/%s: %d bytes, %s in %.2f s", node.folder.purpose, name,
-                         node.remote.bytes, node.remote.id, time.monotonic() - started)  # fmt: skip
-            except NotFound:
-                log.info("%s/%s was already deleted elsewhere", node.folder.name, name)
-            except ApiError as exc:
-                log.error("deleting %s/%s failed: %s", node.folder.name, name, exc)
-                raise FsError(errno_for(exc), str(exc)) from exc
-            self._reader.forget(node.remote.id)
+        # An upload of the file may end while a deletion waits (a close, or the release of
+        # a new file): the version it stored is deleted too, not left nameless.
+        deleted: set[str] = set()
+        while node.remote is not None and node.remote.id not in deleted:
+            remote = node.remote
+            await self._delete_remote(node, remote, name)
+            deleted.add(remote.id)
         node.unlinked = True
         self._writer.unlinked(node)
         self.namespace.detach(node)
+        for file_id in deleted:  # no listing fetched before the deletions brings one back
+            self.namespace.forget_id(file_id)
+
+    async def _delete_remote(self, node: FileNode, remote: RemoteFile, name: str) -> None:
+        started = time.monotonic()
+        try:
+            await self._client.delete(remote.id)
+            log.info("deleted %s/%s: %d bytes, %s in %.2f s", node.folder.purpose, name,
+                     remote.bytes, remote.id, time.monotonic() - started)  # fmt: skip
+        except NotFound:
+            log.info("%s/%s was already deleted elsewhere", node.folder.name, name)
+        except ApiError as exc:
+            log.error("deleting %s/%s failed: %s", node.folder.name, name, exc)
+            raise FsError(errno_for(exc), str(exc)) from exc
+        self._reader.forget(remote.id)
 
     # -- extended attributes -------------------------------------------------------
 
