@@ -653,6 +653,22 @@ async def test_rm_while_a_new_version_is_uploaded_deletes_both_versions(stack: S
     await expect_missing(stack.ops, batch, b"f.txt")
 
 
+async def test_changes_to_a_file_a_rename_replaced_are_kept(stack: Stack) -> None:
+    batch = await stack.folder("batch")
+    await upload(stack, "s.txt", b"source")
+    await upload(stack, "t.txt", b"old target")
+    target = (await stack.ops.lookup(batch, b"t.txt")).st_ino
+    info = await stack.ops.open(target, os.O_WRONLY | os.O_TRUNC, None)
+    await stack.ops.write(info.fh, 0, b"written meanwhile")
+    await stack.ops.rename(batch, b"s.txt", batch, b"t.txt", 0, None)
+    await expect_errno(errno.EIO, stack.ops.flush(info.fh))
+    await stack.ops.release(info.fh)
+    stored = [(f.filename, f.bytes) for f in await stack.client.list_all()]
+    assert stored == [("t.txt", len(b"source"))]
+    kept = list((stack.cache_dir / "recovery").glob("*.spool"))
+    assert [p.read_bytes() for p in kept] == [b"written meanwhile"]
+
+
 async def upload_attempts(stack: Stack) -> int:
     """How many uploads the emulator has seen since the test started."""
     await trio.sleep(0.05)  # it records a request just after answering it

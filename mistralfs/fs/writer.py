@@ -313,7 +313,8 @@ class Writer:
             if node.attached:
                 await self._upload(spool)  # which notes that it is complete, as it starts
             elif not node.unlinked:
-                raise FsError(errno.EIO, f"{node.name} was deleted elsewhere; not uploaded")
+                gone = "replaced by a rename" if node.replaced else "deleted elsewhere"
+                raise FsError(errno.EIO, f"{node.name} was {gone}; not uploaded")
 
     async def release(self, spool: Spool) -> None:
         """A handle closed; after the last one, upload what changed and drop the spool."""
