@@ -613,15 +613,23 @@ async def test_a_file_removed_while_it_is_renamed_is_gone_under_both_names(
         await expect_missing(stack.ops, batch, name)
 
 
-async def test_a_rename_replaces_the_target_as_it_is_when_the_rename_ends(
-    stack: Stack,
-) -> None:
+async def source_and_target_being_written(
+    stack: Stack, written: bytes
+) -> tuple[int, pyfuse3.FileInfo]:
+    """batch/s.txt ("source") and batch/t.txt, open with O_TRUNC and `written` written."""
     batch = await stack.folder("batch")
     await upload(stack, "s.txt", b"source")
     await upload(stack, "t.txt", b"old target")
     target = (await stack.ops.lookup(batch, b"t.txt")).st_ino
     info = await stack.ops.open(target, os.O_WRONLY | os.O_TRUNC, None)
-    await stack.ops.write(info.fh, 0, b"new target")
+    await stack.ops.write(info.fh, 0, written)
+    return batch, info
+
+
+async def test_a_rename_replaces_the_target_as_it_is_when_the_rename_ends(
+    stack: Stack,
+) -> None:
+    batch, info = await source_and_target_being_written(stack, b"new target")
     slow = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.5}
     await stack.admin("POST", "faults", json=[{**slow, "times": 2}])
     async with trio.open_nursery() as nursery:
@@ -654,12 +662,7 @@ async def test_rm_while_a_new_version_is_uploaded_deletes_both_versions(stack: S
 
 
 async def test_changes_to_a_file_a_rename_replaced_are_kept(stack: Stack) -> None:
-    batch = await stack.folder("batch")
-    await upload(stack, "s.txt", b"source")
-    await upload(stack, "t.txt", b"old target")
-    target = (await stack.ops.lookup(batch, b"t.txt")).st_ino
-    info = await stack.ops.open(target, os.O_WRONLY | os.O_TRUNC, None)
-    await stack.ops.write(info.fh, 0, b"written meanwhile")
+    batch, info = await source_and_target_being_written(stack, b"written meanwhile")
     await stack.ops.rename(batch, b"s.txt", batch, b"t.txt", 0, None)
     await expect_errno(errno.EIO, stack.ops.flush(info.fh))
     await stack.ops.release(info.fh)
