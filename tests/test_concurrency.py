@@ -30,10 +30,10 @@ NAMES = [f"s{i}.txt" for i in range(5)]
 THREADS = 4
 OPERATIONS_PER_THREAD = 50
 # Every operation may find its name gone or taken by another thread. A program whose
-# file a rename replaced while it wrote gets EIO at close (its data is kept for
-# recovery): only operations that write may see it.
+# file a rename replaced while it was open for writing gets EIO at close (the changes
+# are kept for recovery): only operations that open for writing may see it.
 ALWAYS_ALLOWED = {errno.ENOENT, errno.EEXIST}
-WRITES = {"write", "append", "truncate", "atomic_save", "read_write"}
+WRITES = {"write", "append", "truncate", "atomic_save", "empty", "read_write"}
 
 
 def operations(folder: Path, thread: int) -> dict[str, Callable[[random.Random, Path], None]]:

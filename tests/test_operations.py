@@ -672,6 +672,23 @@ async def test_changes_to_a_file_a_rename_replaced_are_kept(stack: Stack) -> Non
     assert [p.read_bytes() for p in kept] == [b"written meanwhile"]
 
 
+async def test_a_readers_close_neither_uploads_nor_hears_a_writers_changes(
+    stack: Stack,
+) -> None:
+    folder = await stack.folder("fine-tune")
+    writer, _ = await stack.ops.create(folder, b"draft.jsonl", 0o644, os.O_WRONLY, None)
+    await stack.ops.write(writer.fh, 0, b"not json yet\n")
+    inode = (await stack.ops.lookup(folder, b"draft.jsonl")).st_ino
+    reader = await stack.ops.open(inode, os.O_RDONLY, None)
+    assert await stack.ops.read(reader.fh, 0, 100) == b"not json yet\n"  # the local copy
+    await stack.ops.flush(reader.fh)  # no EINVAL: the refusal is the writer's to hear
+    await stack.ops.release(reader.fh)
+    assert await upload_attempts(stack) == 0
+    await expect_errno(errno.EINVAL, stack.ops.flush(writer.fh))
+    await stack.ops.release(writer.fh)
+    assert await upload_attempts(stack) == 1
+
+
 async def upload_attempts(stack: Stack) -> int:
     """How many uploads the emulator has seen since the test started."""
     await trio.sleep(0.05)  # it records a request just after answering it

@@ -49,6 +49,10 @@ class Handle:
     node: FileNode
     spool: Spool | None = None
     read_state: ReadState = field(default_factory=ReadState)
+    # Opened for writing: its close uploads. A reader of a file another program is
+    # changing reads the spool, but its close neither uploads those changes nor hears
+    # their errors; the writer's close does.
+    writes: bool = False
 
 
 class Filesystem:
@@ -149,7 +153,7 @@ class Filesystem:
             )
         except ApiError as exc:
             raise self._fetch_error(node, exc) from exc
-        return self._new_handle(Handle(node=node, spool=spool)), spool is None
+        return self._new_handle(Handle(node=node, spool=spool, writes=write)), spool is None
 
     async def _check_still_there(self, node: FileNode) -> None:
         """Opening a file deleted elsewhere fails with ENOENT, not later with EIO.
@@ -172,7 +176,7 @@ class Filesystem:
         if name in parent.entries:
             raise FsError(errno.EEXIST)
         spool = self._writer.create(parent, name)
-        return self._new_handle(Handle(node=spool.node, spool=spool)), spool.node
+        return self._new_handle(Handle(node=spool.node, spool=spool, writes=True)), spool.node
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self._handle(fh)
@@ -224,7 +228,7 @@ class Filesystem:
 
     async def flush(self, fh: int) -> None:
         handle = self._handle(fh)
-        if handle.spool is not None:
+        if handle.spool is not None and handle.writes:
             await self._writer.flush(handle.spool)
 
     async def release(self, fh: int) -> None:
