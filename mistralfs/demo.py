@@ -102,10 +102,13 @@ def _seed(url: str) -> None:
 
 def demo_command(mountpoint: Path, state: Path, stop: bool) -> int:
     mountpoint = mountpoint.expanduser().resolve()
+    # Absolute: the emulator runs from / (so that it holds no folder busy), and a
+    # relative --state would put its data in /.demo, shared by every demo of the machine.
+    state = state.expanduser().resolve()
     if stop:
         return _stop(mountpoint, state)
     mountpoint.mkdir(parents=True, exist_ok=True)
-    args = ["mount", str(mountpoint), "--cache-dir", str(state.resolve() / "cache")]
+    args = ["mount", str(mountpoint), "--cache-dir", str(state / "cache")]
     env = dict(os.environ)
     if env.get("MISTRAL_API_KEY"):
         target = env.get("MISTRAL_SERVER_URL", "the Mistral API")

@@ -291,3 +291,44 @@ def test_a_mount_error_raised_inside_a_nursery_is_still_reported() -> None:
     assert mount_error_in(ExceptionGroup("g", [ExceptionGroup("h", [error])]), MountError) is error
     assert mount_error_in(ExceptionGroup("g", [error, ValueError()]), MountError) is None
     assert mount_error_in(ValueError(), MountError) is None
+
+
+def test_demo_mounts_a_seeded_emulator_kept_in_its_state_folder_and_stops(
+    tmp_path: Path,
+) -> None:
+    """The README's first command: no key, so a local emulator with example files."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MISTRAL_API_KEY", "MISTRAL_SERVER_URL")
+    }
+    env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    mnt = tmp_path / "mnt"
+    state = tmp_path / ".demo"  # the default, relative to where the command runs
+    started = cli("demo", "mnt", env=env, cwd=tmp_path)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "a local emulator" in started.stdout and "demo --stop" in started.stdout
+        assert is_mounted(mnt)
+        assert "job-results.jsonl" in os.listdir(mnt / "batch")  # a batch job's output
+        (mnt / "batch" / "mine.jsonl").write_bytes(b'{"a": 1}\n')
+        # The data is in the state folder, not shared with another folder's demo.
+        assert (state / "emulator").is_dir()
+        emulator_pid = int((state / "emulator.pid").read_text())
+        stopped = cli("demo", "--stop", "mnt", env=env, cwd=tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not is_mounted(mnt)
+        wait_for(lambda: not process_alive(emulator_pid), timeout=10)
+        # Started again, it shows what was written: the same account.
+        again = cli("demo", "mnt", env=env, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert (mnt / "batch" / "mine.jsonl").read_bytes() == b'{"a": 1}\n'
+    finally:
+        cli("demo", "--stop", "mnt", env=env, cwd=tmp_path)
+        for flags in (["-u"], ["-z", "-u"]):
+            if is_mounted(mnt):
+                subprocess.run(["fusermount3", *flags, str(mnt)], capture_output=True)
+        if (state / "emulator.pid").exists():
+            pid = int((state / "emulator.pid").read_text())
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not is_mounted(mnt)
