@@ -63,6 +63,11 @@ class FileNode:
     lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
     @property
+    def removed_here(self) -> bool:
+        """Its name went through this mount (rm, or a rename over it), not elsewhere."""
+        return self.unlinked or self.replaced
+
+    @property
     def size(self) -> int:
         if self.local_size is not None:
             return self.local_size

@@ -382,7 +382,7 @@ class Writer:
             spool.handles += 1
             try:
                 remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
-                if node.unlinked or node.replaced:
+                if node.removed_here:
                     # Removed through this mount while it was uploaded under its new name:
                     # the removal wins, as if it had come first.
                     why = f"{source} went while it was renamed"
@@ -459,7 +459,7 @@ class Writer:
         spool.unflushed = spool.changed = False
         self._write_meta(spool)
         where = f"{node.folder.purpose}/{node.name}"
-        if node.unlinked or node.replaced:
+        if node.removed_here:
             why = f"{where} went while it was uploaded"
             await self._delete_replaced(node, [remote, *spool.replaces], why=why)
         else:
