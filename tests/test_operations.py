@@ -155,6 +155,32 @@ async def upload(stack: Stack, name: str, data: bytes, purpose: str = "batch") -
         return r.json()["id"]
 
 
+async def posts(stack: Stack) -> int:
+    """Upload attempts the mount's client made (retries included)."""
+    return stack.client.stats.requests["POST /v1/files"]
+
+
+async def hold_up(stack: Stack, method: str, seconds: float, times: int = 1) -> None:
+    """The next `times` API calls of `method` on /v1/files wait `seconds` in the emulator,
+    then go through: a race is then made to happen, not hoped for."""
+    fault = {"method": method, "path_prefix": "/v1/files", "status": None, "delay": seconds}
+    await stack.admin("POST", "faults", json=[{**fault, "times": times}])
+
+
+async def uploaded_then_written(
+    stack: Stack, name: str, old: bytes, flags: int, written: bytes
+) -> tuple[int, pyfuse3.FileInfo, str]:
+    """batch/`name` holding `old`, uploaded elsewhere, then opened with `flags` and
+    `written` written at its end: (batch, the open file, the old version's id)."""
+    file_id = await upload(stack, name, old)
+    batch = await stack.folder("batch")
+    inode = (await stack.ops.lookup(batch, name.encode())).st_ino
+    info = await stack.ops.open(inode, flags, None)
+    offset = 0 if flags & os.O_TRUNC else len(old)
+    await stack.ops.write(info.fh, offset, written)
+    return batch, info, file_id
+
+
 async def expect_errno(code: int, call: Any) -> None:
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await call
@@ -509,14 +535,14 @@ async def test_refused_content_fails_flush_and_is_kept(stack: Stack) -> None:
     info, _ = await stack.ops.create(folder, b"bad.jsonl", 0o644, os.O_WRONLY, None)
     await stack.ops.write(info.fh, 0, b"not json\n")
     await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
-    assert await upload_attempts(stack) == 1
+    assert await posts(stack) == 1
     await stack.ops.release(info.fh)
     await expect_missing(stack.ops, folder, b"bad.jsonl")
     kept = list((stack.cache_dir / "recovery").glob("*.spool"))
     assert [p.read_bytes() for p in kept] == [b"not json\n"]
     assert await stack.client.list_all() == []
     # The release keeps the refused bytes; it does not send them a second time.
-    assert await upload_attempts(stack) == 1
+    assert await posts(stack) == 1
 
 
 async def test_content_changed_after_a_refused_close_is_uploaded_at_release(
@@ -541,8 +567,7 @@ async def test_a_file_removed_while_its_upload_is_under_way_leaves_nothing_behin
     uploads it: the account must not keep a file no name shows."""
     batch = await stack.folder("batch")
     await upload(stack, "other.txt", b"other")
-    slow_upload = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.6}
-    await stack.admin("POST", "faults", json=[slow_upload])
+    await hold_up(stack, "POST", 0.6)
     info, _ = await stack.ops.create(batch, b".f.swp", 0o600, os.O_RDWR, None)
     await stack.ops.flush(info.fh)  # nothing done: the file is uploaded at release
     async with trio.open_nursery() as nursery:
@@ -567,13 +592,11 @@ async def test_new_content_of_a_file_deleted_elsewhere_while_uploaded_is_kept(
 ) -> None:
     async with trio.open_nursery() as nursery:
         stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0)
-        old_id = await upload(stack, "doc.txt", b"old")
-        batch = await stack.folder("batch")
-        inode = (await stack.ops.lookup(batch, b"doc.txt")).st_ino
-        info = await stack.ops.open(inode, os.O_WRONLY | os.O_TRUNC, None)
-        await stack.ops.write(info.fh, 0, b"new content")
-        slow = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.6}
-        await stack.admin("POST", "faults", json=[slow])
+        overwrite = os.O_WRONLY | os.O_TRUNC
+        batch, info, old_id = await uploaded_then_written(
+            stack, "doc.txt", b"old", overwrite, b"new content"
+        )
+        await hold_up(stack, "POST", 0.6)
         async with trio.open_nursery() as closing:
             closing.start_soon(stack.ops.flush, info.fh)
             await trio.sleep(0.2)  # the upload is held up in the emulator
@@ -596,8 +619,7 @@ async def test_a_file_removed_while_it_is_renamed_is_gone_under_both_names(
 ) -> None:
     batch = await stack.folder("batch")
     await upload(stack, "a.txt", b"content")
-    slow = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.6}
-    await stack.admin("POST", "faults", json=[slow])
+    await hold_up(stack, "POST", 0.6)
 
     async def rename() -> None:  # uploads the content again as b.txt, held up
         await expect_errno(
@@ -617,12 +639,9 @@ async def source_and_target_being_written(
     stack: Stack, written: bytes
 ) -> tuple[int, pyfuse3.FileInfo]:
     """batch/s.txt ("source") and batch/t.txt, open with O_TRUNC and `written` written."""
-    batch = await stack.folder("batch")
     await upload(stack, "s.txt", b"source")
-    await upload(stack, "t.txt", b"old target")
-    target = (await stack.ops.lookup(batch, b"t.txt")).st_ino
-    info = await stack.ops.open(target, os.O_WRONLY | os.O_TRUNC, None)
-    await stack.ops.write(info.fh, 0, written)
+    overwrite = os.O_WRONLY | os.O_TRUNC
+    batch, info, _ = await uploaded_then_written(stack, "t.txt", b"old target", overwrite, written)
     return batch, info
 
 
@@ -630,8 +649,7 @@ async def test_a_rename_replaces_the_target_as_it_is_when_the_rename_ends(
     stack: Stack,
 ) -> None:
     batch, info = await source_and_target_being_written(stack, b"new target")
-    slow = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.5}
-    await stack.admin("POST", "faults", json=[{**slow, "times": 2}])
+    await hold_up(stack, "POST", 0.5, times=2)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stack.ops.flush, info.fh)  # the target's new version, held up
         await trio.sleep(0.1)
@@ -643,14 +661,10 @@ async def test_a_rename_replaces_the_target_as_it_is_when_the_rename_ends(
 
 
 async def test_rm_while_a_new_version_is_uploaded_deletes_both_versions(stack: Stack) -> None:
-    batch = await stack.folder("batch")
-    await upload(stack, "f.txt", b"old")
-    inode = (await stack.ops.lookup(batch, b"f.txt")).st_ino
-    info = await stack.ops.open(inode, os.O_WRONLY | os.O_TRUNC, None)
-    await stack.ops.write(info.fh, 0, b"new version")
-    slow_upload = {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 0.3}
-    slow_delete = {"method": "DELETE", "path_prefix": "/v1/files", "status": None, "delay": 0.6}
-    await stack.admin("POST", "faults", json=[slow_upload, slow_delete])
+    overwrite = os.O_WRONLY | os.O_TRUNC
+    batch, info, _ = await uploaded_then_written(stack, "f.txt", b"old", overwrite, b"new version")
+    await hold_up(stack, "POST", 0.3)
+    await hold_up(stack, "DELETE", 0.6)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stack.ops.flush, info.fh)  # the new version, held up
         await trio.sleep(0.1)
@@ -683,18 +697,10 @@ async def test_a_readers_close_neither_uploads_nor_hears_a_writers_changes(
     assert await stack.ops.read(reader.fh, 0, 100) == b"not json yet\n"  # the local copy
     await stack.ops.flush(reader.fh)  # no EINVAL: the refusal is the writer's to hear
     await stack.ops.release(reader.fh)
-    assert await upload_attempts(stack) == 0
+    assert await posts(stack) == 0
     await expect_errno(errno.EINVAL, stack.ops.flush(writer.fh))
     await stack.ops.release(writer.fh)
-    assert await upload_attempts(stack) == 1
-
-
-async def upload_attempts(stack: Stack) -> int:
-    """How many uploads the emulator has seen since the test started."""
-    await trio.sleep(0.05)  # it records a request just after answering it
-    return sum(
-        (r["method"], r["path"]) == ("POST", "/v1/files") for r in await stack.api_requests()
-    )
+    assert await posts(stack) == 1
 
 
 async def test_server_failure_becomes_eio(stack: Stack) -> None:
@@ -1048,13 +1054,13 @@ async def test_unavailable_service_fails_close_with_eio_and_keeps_the_data(stack
     info, _ = await stack.ops.create(batch, b"later.txt", 0o644, os.O_WRONLY, None)
     await stack.ops.write(info.fh, 0, b"precious")
     await expect_errno(errno.EIO, stack.ops.flush(info.fh))
-    attempts = await upload_attempts(stack)
+    attempts = await posts(stack)
     assert attempts > 1  # retried before close gave up
     await stack.ops.release(info.fh)
     kept = list((stack.cache_dir / "recovery").glob("*.spool"))
     assert [p.read_bytes() for p in kept] == [b"precious"]
     # close() reported the failure: the release does not try all over again.
-    assert await upload_attempts(stack) == attempts
+    assert await posts(stack) == attempts
 
 
 async def test_a_body_that_is_not_json_is_eio_and_the_next_call_works(
@@ -1104,11 +1110,10 @@ async def test_changes_to_a_file_deleted_elsewhere_are_kept(
 ) -> None:
     async with trio.open_nursery() as nursery:
         stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0)
-        file_id = await upload(stack, "shared.txt", b"base")
-        batch = await stack.folder("batch")
-        inode = (await stack.ops.lookup(batch, b"shared.txt")).st_ino
-        info = await stack.ops.open(inode, os.O_WRONLY | os.O_APPEND, None)
-        await stack.ops.write(info.fh, 4, b"+mine")
+        append = os.O_WRONLY | os.O_APPEND
+        batch, info, file_id = await uploaded_then_written(
+            stack, "shared.txt", b"base", append, b"+mine"
+        )
         await stack.admin("DELETE", "requests")
         async with httpx.AsyncClient(
             base_url=emulator.url, headers={"Authorization": f"Bearer {emulator.api_key}"}
@@ -1278,10 +1283,6 @@ async def write_in_order(stack: Stack, fh: int, data: bytes, start: int = 0) -> 
     for offset in range(0, len(data), MiB):
         await stack.ops.write(fh, start + offset, data[offset : offset + MiB])
     await trio.sleep(0.05)  # let the upload task take what was written
-
-
-async def posts(stack: Stack) -> int:
-    return stack.client.stats.requests["POST /v1/files"]
 
 
 async def test_a_large_new_file_is_uploaded_while_it_is_written(stack: Stack) -> None:
