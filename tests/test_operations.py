@@ -635,6 +635,32 @@ async def test_a_file_removed_while_it_is_renamed_is_gone_under_both_names(
         await expect_missing(stack.ops, batch, name)
 
 
+async def test_a_file_deleted_elsewhere_while_it_is_renamed_lives_on_under_its_new_name(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, tmp_path / "c", dir_cache_time=0)
+        old_id = await upload(stack, "a.txt", b"content")
+        batch = await stack.folder("batch")
+        await hold_up(stack, "POST", 0.6)
+        async with trio.open_nursery() as renaming:
+            renaming.start_soon(stack.ops.rename, batch, b"a.txt", batch, b"b.txt", 0, None)
+            await trio.sleep(0.2)  # the copy under the new name is held up
+            await stack.client.delete(old_id)  # elsewhere
+            await stack.ops.opendir(batch, None)  # a listing that finds it gone
+        # The rename had the content: the file has its new name, and is a file like any
+        # other there, which a program can overwrite.
+        assert [f.filename for f in await stack.client.list_all()] == ["b.txt"]
+        inode = (await stack.ops.lookup(batch, b"b.txt")).st_ino
+        info = await stack.ops.open(inode, os.O_WRONLY | os.O_TRUNC, None)
+        await stack.ops.write(info.fh, 0, b"rewritten")
+        await stack.ops.flush(info.fh)
+        await stack.ops.release(info.fh)
+        assert [(f.filename, f.bytes) for f in await stack.client.list_all()] == [("b.txt", 9)]
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def source_and_target_being_written(
     stack: Stack, written: bytes
 ) -> tuple[int, pyfuse3.FileInfo]:
