@@ -51,26 +51,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "mistralfs"
 
 
-def runtime_dir() -> Path:
-    """Where a running mount leaves its pid file, so `unmount` can wait for the daemon."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and Path(base).is_dir():
-        return Path(base) / "mistralfs"
-    return Path(f"/tmp/mistralfs-{os.getuid()}")
-
-
-UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
-
-
-def mount_state_file(mountpoint: Path, suffix: str) -> Path:
-    """A running mount's pid file (`pid`) or status socket (`sock`), by mountpoint."""
-    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
-    path = runtime_dir() / f"mount-{digest}.{suffix}"
-    if suffix == "sock" and len(os.fsencode(path)) > UNIX_SOCKET_PATH_MAX:
-        path = Path(f"/tmp/mistralfs-{os.getuid()}") / path.name  # a socket path must be short
-    return path
-
-
 def read_api_key(api_key_file: Path | None) -> str:
     """Find the API key: --api-key-file, then MISTRAL_API_KEY, then the systemd credential."""
     if api_key_file is not None:
@@ -124,10 +104,14 @@ class MountConfig:
 
     @property
     def pid_file(self) -> Path:
+        from mistralfs.runtime import mount_state_file  # which imports ConfigError from here
+
         return mount_state_file(self.mountpoint, "pid")
 
     @property
     def control_socket(self) -> Path:
+        from mistralfs.runtime import mount_state_file
+
         return mount_state_file(self.mountpoint, "sock")
 
     @property

@@ -1,6 +1,7 @@
 """The daemon's status channel: a Unix socket only the mounting user can reach.
 
-The socket lives in the user's runtime folder (mode 0700) and is itself mode 0600.
+The socket lives in the user's runtime folder (private, see `runtime`) and is itself
+mode 0600.
 A client connects and reads one JSON snapshot; nothing is ever read from it, so the
 channel cannot change the daemon.
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import trio
 
+from mistralfs.runtime import remove_socket
+
 log = logging.getLogger(__name__)
 
 MAX_SNAPSHOT = 4 * 1024 * 1024
@@ -29,7 +32,7 @@ async def serve_status(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer every connection on `path` with `snapshot()` as JSON, until cancelled."""
-    _prepare(path)
+    remove_socket(path)  # left by a daemon that died; anything else stays, and we give up
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         old_umask = os.umask(0o177)
@@ -53,18 +56,8 @@ async def serve_status(
                     log.debug("status client went away: %s", exc)
     finally:
         listener.close()
-        _remove(path)
-
-
-def _prepare(path: Path) -> None:
-    """A private folder for the socket, and no stale socket from a crashed daemon."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _remove(path)
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+        with contextlib.suppress(OSError):
+            remove_socket(path)
 
 
 def read_status(path: Path, timeout: float = 5.0) -> dict[str, object]:

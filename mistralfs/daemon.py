@@ -29,9 +29,9 @@ from mistralfs.config import (
     ConfigError,
     MountConfig,
     default_cache_dir,
-    mount_state_file,
     read_api_key,
 )
+from mistralfs.runtime import mount_state_file, write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         raise ConfigError(f"mountpoint {mountpoint} is not empty: mounting would hide its files")
     cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
     disk_cache = _disk_cache_dir(args.disk_cache, args.disk_cache_size, mountpoint)
-    return MountConfig(
+    config = MountConfig(
         mountpoint=mountpoint,
         server_url=args.server_url.rstrip("/"),
         api_key=read_api_key(args.api_key_file),
@@ -68,6 +68,8 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         disk_cache=disk_cache,
         disk_cache_size=args.disk_cache_size or DEFAULT_DISK_CACHE_SIZE,
     )
+    _ = config.pid_file, config.control_socket  # an unsafe runtime folder refuses the mount now
+    return config
 
 
 MIN_DISK_CACHE_BLOCKS = 2
@@ -166,8 +168,7 @@ def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
     pids = config.pid_file
 
     def on_ready() -> None:
-        pids.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pids.write_text(f"{os.getpid()}\n{config.mountpoint}\n", encoding="utf-8")
+        write_private_file(pids, f"{os.getpid()}\n{config.mountpoint}\n")
         if ready_pipe is not None:
             ready_pipe.write("ready\n")
             ready_pipe.close()

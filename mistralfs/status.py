@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from mistralfs.config import mount_state_file, runtime_dir
 from mistralfs.control import read_status
+from mistralfs.runtime import mount_state_file, runtime_dir
 
 BAR_WIDTH = 24
 

@@ -19,6 +19,7 @@ from mistralai.client import Mistral
 from mounting import Mounted, is_mounted, mount, mount_command, remote_files, wait_for
 
 from mistralfs.daemon import process_alive
+from mistralfs.runtime import short_runtime_dir
 
 pytestmark = pytest.mark.fuse
 
@@ -75,7 +76,7 @@ def test_status_shows_uploads_in_flight_with_progress(
         # Only the mounting user can reach the status channel. (Long runtime paths fall
         # back to a short private folder, as a socket path must fit in 108 bytes.)
         found = list(m.run_dir.glob("mistralfs/mount-*.sock")) or list(
-            Path(f"/tmp/mistralfs-{os.getuid()}").glob("mount-*.sock")
+            short_runtime_dir().glob("mount-*.sock")
         )
         assert found
         for path in found:

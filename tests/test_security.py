@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,15 @@ import pytest
 from conftest import RunningEmulator
 from emulator_admin import set_faults
 from mistralai.client import Mistral
-from mounting import Mounted, mount, mount_command, remote_files, wait_for
+from mounting import (
+    Mounted,
+    force_unmount,
+    is_mounted,
+    mount,
+    mount_command,
+    remote_files,
+    wait_for,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -173,3 +183,54 @@ def test_when_retries_run_out_the_call_fails_in_time_and_the_data_is_kept(
         kept = wait_for(lambda: list((m.cache_dir / "recovery").glob("*.spool")), timeout=10)
         assert [p.read_bytes() for p in kept] == [b"keep me"]
     assert remote_files(sdk) == []
+
+
+def state_name(mountpoint: Path, suffix: str) -> str:
+    """The name a mount's pid file or socket has in the runtime folder."""
+    return f"mount-{hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:16]}.{suffix}"
+
+
+def test_a_runtime_folder_another_user_owns_is_refused_and_nothing_is_overwritten(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    command, env, m = mount_command(emulator_process, tmp_path)
+    precious = tmp_path / "precious"
+    precious.write_text("root's own data\n")
+    planted = m.run_dir / "mistralfs"  # what another user made before root's first mount
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)
+    for suffix in ("pid", "sock"):
+        (planted / state_name(m.path, suffix)).symlink_to(precious)
+    os.chown(planted, 65534, 65534)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert str(planted) in line and "uid 65534" in line
+        assert not is_mounted(m.path)
+    finally:
+        force_unmount(m, env)
+    assert precious.read_text() == "root's own data\n"
+
+
+def test_root_without_a_runtime_folder_uses_run_mistralfs(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    command, env, m = mount_command(emulator_process, tmp_path)
+    env.pop("XDG_RUNTIME_DIR")  # fstab, sudo, a root shell
+    pid_file = Path("/run/mistralfs") / state_name(m.path, "pid")
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        folder = os.lstat("/run/mistralfs")
+        assert stat.S_ISDIR(folder.st_mode) and folder.st_uid == 0
+        assert stat.S_IMODE(folder.st_mode) == 0o700
+        assert stat.S_IMODE(os.lstat(pid_file).st_mode) == 0o600
+        pid = int(pid_file.read_text().split()[0])
+        assert f"(pid {pid}," in subprocess.run(
+            [sys.executable, "-m", "mistralfs", "status", str(m.path)],
+            env=env, capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+    finally:
+        force_unmount(m, env)
+    assert not pid_file.exists()
