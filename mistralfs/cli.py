@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -125,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fstab's _netdev, nofail, noauto, x-* are ignored",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--api-key-fd", type=int, help=argparse.SUPPRESS)  # the daemon's key
 
     status = sub.add_parser(
         "status",
@@ -212,10 +212,9 @@ def _fault_plan(text: str) -> object:
 
 def _run_emulator(args: argparse.Namespace) -> int:
     from mistralfs.emulator.server import EmulatorConfig, run
+    from mistralfs.logs import setup_logging
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(None, args.log_level)
     api_key = args.api_key or os.environ.get("MISTRAL_API_KEY") or "emulator-key"
     run(
         EmulatorConfig(

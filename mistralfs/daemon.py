@@ -31,7 +31,9 @@ from mistralfs.config import (
     default_cache_dir,
     read_api_key,
 )
-from mistralfs.runtime import mount_state_file, write_private_file
+from mistralfs.logs import setup_logging
+from mistralfs.private import open_private_append, private_folder, write_private_file
+from mistralfs.runtime import mount_state_file
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
     config = MountConfig(
         mountpoint=mountpoint,
         server_url=args.server_url.rstrip("/"),
-        api_key=read_api_key(args.api_key_file),
+        api_key=_api_key(args),
         cache_dir=cache_dir,
         cache_size=args.cache_size,
         dir_cache_time=args.dir_cache_time,
@@ -70,6 +72,21 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
     )
     _ = config.pid_file, config.control_socket  # an unsafe runtime folder refuses the mount now
     return config
+
+
+def _api_key(args: argparse.Namespace) -> str:
+    """The key, from the pipe `mistralfs mount` handed to its daemon, else as configured.
+
+    The daemon then drops MISTRAL_API_KEY from its environment, so that what it starts
+    (fusermount3) does not get the key either.
+    """
+    if args.api_key_fd is None:
+        return read_api_key(args.api_key_file)
+    with os.fdopen(args.api_key_fd, encoding="utf-8") as pipe:
+        key = pipe.read().strip()
+    if not key:
+        raise ConfigError("no API key came through the pipe from `mistralfs mount`")
+    return key
 
 
 MIN_DISK_CACHE_BLOCKS = 2
@@ -105,38 +122,11 @@ def _clear_stale_mount(mountpoint: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
 
 
-class JournalFormatter(logging.Formatter):
-    """`<priority>name: message`: journald reads the priority and adds the time itself."""
-
-    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = self.PRIORITIES.get(record.levelno, 2 if record.levelno > 40 else 6)
-        return f"<{priority}>{super().format(record)}"
-
-
-def _setup_logging(log_file: Path | None, level: str) -> None:
-    handler: logging.Handler
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log_file is None:
-        handler = logging.StreamHandler(sys.stderr)
-        if os.environ.get("JOURNAL_STREAM"):
-            formatter = JournalFormatter("%(name)s: %(message)s")
-    else:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "hpack"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-
-
 def mount_command(args: argparse.Namespace) -> int:
     config = _config_from(args)
     if args.cache_size < config.block_size:
         raise ConfigError(f"--cache-size must be at least {config.block_size} bytes")
+    private_folder(config.cache_dir, "cache folder")  # spooled content, recovery, the log
     if args.foreground:
         return _run_foreground(config, args)
     return _start_background(config, args)
@@ -163,7 +153,8 @@ def mount_error_in(raised: BaseException, kind: type[E]) -> E | None:
 def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
     from mistralfs.fs.mount import MountError, serve
 
-    _setup_logging(args.log_file, args.log_level)
+    setup_logging(args.log_file, args.log_level)
+    os.environ.pop("MISTRAL_API_KEY", None)  # read already; not for the processes we start
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     pids = config.pid_file
 
@@ -196,12 +187,19 @@ def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
 
 
 def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
+    """Start the daemon and wait for its word; the key goes to it through a pipe.
+
+    Neither its command line nor its environment (`/proc/PID/environ`) holds the key,
+    whether it came from MISTRAL_API_KEY, --api-key-file or a systemd credential.
+    """
     log_file = (args.log_file or config.cache_dir / "mistralfs.log").expanduser().resolve()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     read_fd, write_fd = os.pipe()
+    key_read, key_write = os.pipe()
     command = [
         sys.executable, "-m", "mistralfs", "mount", str(config.mountpoint),
-        "--foreground", "--ready-fd", str(write_fd), "--log-file", str(log_file),
+        "--foreground", "--ready-fd", str(write_fd), "--api-key-fd", str(key_read),
+        "--log-file", str(log_file),
         "--log-level", args.log_level, "--server-url", config.server_url,
         "--cache-dir", str(config.cache_dir), "--cache-size", str(config.cache_size),
         "--dir-cache-time", str(config.dir_cache_time),
@@ -214,11 +212,12 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
     if config.disk_cache is not None:
         command += ["--disk-cache", str(config.disk_cache)]
         command += ["--disk-cache-size", str(config.disk_cache_size)]
-    env = dict(os.environ, MISTRAL_API_KEY=config.api_key)  # never on the command line
-    with open(log_file, "ab") as stderr:
+    env = {name: value for name, value in os.environ.items() if name != "MISTRAL_API_KEY"}
+    stderr = open_private_append(log_file)
+    try:
         child = subprocess.Popen(
             command,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd, key_read),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -226,7 +225,13 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
             env=env,
             start_new_session=True,
         )
-    os.close(write_fd)
+    finally:
+        os.close(stderr)
+        os.close(write_fd)
+        os.close(key_read)
+    # If it died before reading, its log says why; the key is not for anyone else.
+    with contextlib.suppress(BrokenPipeError), os.fdopen(key_write, "w") as key_pipe:
+        key_pipe.write(config.api_key)
     with os.fdopen(read_fd) as pipe:
         ready, _, _ = select.select([pipe], [], [], READY_TIMEOUT)
         answer = pipe.readline().strip() if ready else ""

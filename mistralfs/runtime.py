@@ -90,23 +90,6 @@ def _private_folder(folder: Path, uid: int) -> Path:
     return folder
 
 
-def write_private_file(path: Path, text: str) -> None:
-    """Write `path` (mode 0600) through a new file and a rename: a symlink there is replaced."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    with contextlib.suppress(FileNotFoundError):
-        temporary.unlink()  # left by a daemon of ours that died with this pid
-    fd = os.open(temporary, flags, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-
-
 def remove_socket(path: Path) -> None:
     """Remove a stale socket, but only one that is a socket and ours; nothing there is fine."""
     try:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mistralfs.config import ConfigError
 from mistralfs.control import serve_status
-from mistralfs.runtime import remove_socket, runtime_dir, write_private_file
+from mistralfs.private import write_private_file
+from mistralfs.runtime import remove_socket, runtime_dir
 
 NOBODY = 65534
 
@@ -32,22 +34,41 @@ def test_the_folder_is_made_private_in_xdg_runtime_dir(tmp_path: Path) -> None:
     assert runtime_dir(env_with(XDG_RUNTIME_DIR=tmp_path), uid=os.getuid()) == folder
 
 
+def owned_by_another_user(folder: Path) -> None:
+    folder.mkdir(mode=0o700)
+    os.chown(folder, NOBODY, NOBODY)
+
+
+def open_to_others(folder: Path) -> None:
+    folder.mkdir()
+    folder.chmod(0o755)
+
+
+def a_symlink(folder: Path) -> None:
+    real = folder.parent.parent / "real"
+    real.mkdir(mode=0o700)
+    folder.symlink_to(real)
+
+
+def a_file(folder: Path) -> None:
+    folder.write_text("x")
+
+
 @pytest.mark.parametrize(
     ("plant", "why"),
     [
-        (lambda f, tmp: (os.mkdir(f, 0o700), os.chown(f, NOBODY, NOBODY)), "uid 65534"),
-        (lambda f, tmp: (os.mkdir(f), os.chmod(f, 0o755)), "mode 0755"),
-        (lambda f, tmp: (os.mkdir(tmp / "real", 0o700), f.symlink_to(tmp / "real")), "symlink"),
-        (lambda f, tmp: f.write_text("x"), "not a folder"),
+        (owned_by_another_user, "uid 65534"),
+        (open_to_others, "mode 0755"),
+        (a_symlink, "symlink"),
+        (a_file, "not a folder"),
     ],
-    ids=["owned-by-another-user", "open-to-others", "a-symlink", "a-file"],
 )
 def test_a_folder_that_is_not_private_is_refused_with_one_clear_line(
-    tmp_path: Path, plant, why: str
+    tmp_path: Path, plant: Callable[[Path], None], why: str
 ) -> None:
     folder = tmp_path / "xdg" / "mistralfs"
     folder.parent.mkdir()
-    plant(folder, tmp_path)
+    plant(folder)
     with pytest.raises(ConfigError) as refused:
         runtime_dir(env_with(XDG_RUNTIME_DIR=folder.parent), uid=os.getuid())
     message = str(refused.value)

@@ -234,3 +234,67 @@ def test_root_without_a_runtime_folder_uses_run_mistralfs(
     finally:
         force_unmount(m, env)
     assert not pid_file.exists()
+
+
+def test_the_cache_folder_and_the_log_are_private(
+    emulator_process: RunningEmulator, tmp_path: Path
+) -> None:
+    with mount(emulator_process, tmp_path / "fresh") as m:
+        (m / "batch" / "a.txt").write_bytes(b"content")
+        assert stat.S_IMODE(os.stat(m.cache_dir).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(m.log_file).st_mode) == 0o600
+    # As versions before this one left them: readable by every user.
+    command, env, m = mount_command(emulator_process, tmp_path / "older")
+    m.cache_dir.mkdir(mode=0o755)
+    m.cache_dir.chmod(0o755)
+    m.log_file.write_text("2026-01-01 00:00:00,000 INFO mistralfs: uploaded batch/a.txt\n")
+    m.log_file.chmod(0o644)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert stat.S_IMODE(os.stat(m.cache_dir).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(m.log_file).st_mode) == 0o600
+    finally:
+        force_unmount(m, env)
+
+
+@pytest.mark.parametrize("source", ["env", "key-file", "systemd-credential"])
+def test_the_daemon_environment_holds_no_key(
+    secret_emulator: RunningEmulator, tmp_path: Path, source: str
+) -> None:
+    command, env, m = mount_command(secret_emulator, tmp_path)
+    key_file = tmp_path / "credentials" / "mistral-api-key"
+    key_file.parent.mkdir(mode=0o700)
+    key_file.write_text(SECRET_KEY + "\n")
+    key_file.chmod(0o600)
+    if source != "env":
+        env.pop("MISTRAL_API_KEY")
+    if source == "key-file":
+        command += ["--api-key-file", str(key_file)]
+    if source == "systemd-credential":
+        env["CREDENTIALS_DIRECTORY"] = str(key_file.parent)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        pid = m.daemon_pid()
+        assert pid is not None
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"XDG_RUNTIME_DIR=" in environ  # the environment read is the daemon's
+        assert SECRET_KEY.encode() not in environ and b"MISTRAL_API_KEY" not in environ
+        assert SECRET_KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        (m / "batch" / "a.txt").write_bytes(b"the key works")
+        assert (m / "batch" / "a.txt").read_bytes() == b"the key works"
+    finally:
+        force_unmount(m, env)
+
+
+def test_a_file_name_cannot_forge_a_log_line(mounted: Mounted) -> None:
+    """U+2028 is a line break to many viewers (and to str.splitlines), and a valid name."""
+    forged = "2026-12-06 01:00:00,000 INFO mistralfs.fs.writer: FAKE LOG LINE"
+    name = f"a\u2028{forged}.txt"
+    (mounted / "batch" / name).write_bytes(b"content")
+    assert os.listdir(mounted / "batch") == [name]
+    log = wait_for(lambda: "FAKE LOG LINE" in mounted.log() and mounted.log())
+    lines = log.splitlines()
+    assert not any(line.startswith(forged) for line in lines), log
+    assert any("uploaded batch/a\\u2028" + forged in line for line in lines), log
