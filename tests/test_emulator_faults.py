@@ -495,3 +495,54 @@ def test_cli_refuses_bad_specs(tmp_path: pathlib.Path, spec: str, message: str) 
     assert result.stdout == ""  # never started listening
     assert "argument --faults: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- lies: the request is carried out, its answer falsified (see lies.py) --------------------
+
+
+async def test_lies_falsify_answers_and_nothing_else(client: httpx.AsyncClient) -> None:
+    fields = {"method": "POST", "path_prefix": "/v1/files", "lie": {"fields": {"bytes": 7}}}
+    records = {"method": "GET", "path_prefix": "/v1/files",
+               "lie": {"records": [{"id": "x", "bytes": -5}]}}  # fmt: skip
+    r = await client.post("/v1/_emulator/faults", json=[fields, records])
+    assert r.status_code == 200, r.text
+    answered = (await upload(client, "a.jsonl")).json()
+    assert answered["bytes"] == 7  # the lie
+    listing = (await client.get("/v1/files")).json()
+    assert [f["id"] for f in listing["data"]] == ["x", answered["id"]]
+    assert listing["total"] == 2 and listing["data"][1]["bytes"] == len(JSONL)  # stored as sent
+    # A retrieve is no listing: it goes through untouched.
+    assert (await client.get(f"/v1/files/{answered['id']}")).json()["bytes"] == len(JSONL)
+
+
+async def test_an_endless_listing_and_a_body_longer_than_its_range(
+    client: httpx.AsyncClient,
+) -> None:
+    stored = (await upload(client, "a.jsonl")).json()
+    url = (await client.get(f"/v1/files/{stored['id']}/url")).json()["url"]
+    rules = [
+        {"method": "GET", "path_prefix": "/v1/files", "lie": {"endless": True}, "times": None},
+        {"method": "GET", "path_prefix": "/storage/", "lie": {"extra_bytes": 1000}},
+    ]
+    assert (await client.post("/v1/_emulator/faults", json=rules)).status_code == 200
+    for page in (0, 5):
+        got = (await client.get("/v1/files", params={"page": page, "page_size": 3})).json()
+        assert len(got["data"]) == 3 and got["total"] == (page + 2) * 3
+    r = await client.get(url, headers={"Range": "bytes=0-3"})
+    assert r.status_code == 206 and r.headers["content-range"].startswith("bytes 0-3/")
+    assert "content-length" not in r.headers and len(r.content) == 4 + 1000
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"lie": {"fields": {"id": "x"}}, "status": 200},
+        {"lie": {"endless": True, "extra_bytes": 3}},
+        {"lie": {"extra_bytes": -1}},
+        {"lie": {"records": "x"}},
+        {"lie": {"sizes": 3}},
+    ],
+)
+async def test_malformed_lies_are_refused(client: httpx.AsyncClient, rule: dict[str, Any]) -> None:
+    r = await client.post("/v1/_emulator/faults", json=rule)
+    assert r.status_code == 422 and "Invalid fault" in r.text

@@ -22,7 +22,8 @@ Admin routes for tests and tools (same auth; never faulted, never in the request
 
     POST   /v1/_emulator/batch-outputs  multipart file + sample_type (batch_result|batch_error)
     POST   /v1/_emulator/faults         JSON rule or list of rules, or {"random": SPEC|null}
-                                        (seeded random faults; see faults.py)
+                                        (seeded random faults; see faults.py; answers
+                                        that lie, see lies.py)
     GET    /v1/_emulator/faults         {"faults": [rules]} (+ "random": {...} while set)
     DELETE /v1/_emulator/faults         clear rules and random faults
     GET    /v1/_emulator/requests       {"count": N, "requests": [{method, path, query, status,
@@ -638,6 +639,9 @@ class FaultMiddleware:
             return
         if fault.delay:
             await trio.sleep(fault.delay)
+        if fault.lie is not None:
+            await fault.lie.tell(self.app, scope, receive, send)
+            return
         if fault.status is None:
             await self.app(scope, receive, send)
             return

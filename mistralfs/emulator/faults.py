@@ -14,6 +14,8 @@ A rule answers with ``status`` (after ``delay`` seconds, with ``Retry-After``
 when ``retry_after`` is set) and ``body`` as raw text when given, otherwise a
 JSON body in the shape the real service uses for that status. A rule with a
 ``delay`` but no ``status`` only slows the request down and lets it through.
+A rule with a ``lie`` (and no ``status``) lets the request through and
+falsifies its answer (see lies.py).
 A request that a deterministic rule matches draws no random fault.
 
 Seeded random faults (``mistralfs emulator --faults SPEC``)
@@ -86,6 +88,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from mistralfs.emulator.lies import Lie, LieSpecError
+
 RATE_LIMIT_BODY = {
     "object": "error",
     "message": "Rate limit exceeded",
@@ -157,13 +161,14 @@ class Fault:
     retry_after: float | None = None
     body: str | None = None
     delay: float | None = None
+    lie: Lie | None = None
 
     @classmethod
     def from_json(cls, spec: Any) -> Fault:
         """Build a rule from the admin route's JSON, checking types."""
         if not isinstance(spec, dict):
             raise FaultSpecError("fault must be a JSON object")
-        known = {"method", "path_prefix", "status", "times", "retry_after", "body", "delay"}
+        known = {"method", "path_prefix", "status", "times", "retry_after", "body", "delay", "lie"}
         unknown = set(spec) - known
         if unknown:
             raise FaultSpecError(f"unknown fault fields: {sorted(unknown)}")
@@ -174,6 +179,12 @@ class Fault:
         retry_after = spec.get("retry_after")
         body = spec.get("body")
         delay = spec.get("delay")
+        try:
+            lie = Lie.from_json(spec["lie"]) if spec.get("lie") is not None else None
+        except LieSpecError as exc:
+            raise FaultSpecError(str(exc)) from None
+        if lie is not None:
+            status = spec.get("status")  # a lie answers as the service would, falsified
         if method is not None and not isinstance(method, str):
             raise FaultSpecError("method must be a string or null")
         if path_prefix is not None and not isinstance(path_prefix, str):
@@ -189,8 +200,10 @@ class Fault:
                 raise FaultSpecError(f"{name} must be a non-negative number")
         if body is not None and not isinstance(body, str):
             raise FaultSpecError("body must be a string")
-        if status is None and delay is None:
-            raise FaultSpecError("a fault needs a status, a delay, or both")
+        if lie is not None and status is not None:
+            raise FaultSpecError("a lie falsifies the service's answer: give it no status")
+        if status is None and delay is None and lie is None:
+            raise FaultSpecError("a fault needs a status, a delay, a lie, or a delay and one")
         return cls(
             method=method.upper() if method else None,
             path_prefix=path_prefix,
@@ -199,11 +212,14 @@ class Fault:
             retry_after=retry_after,
             body=body,
             delay=delay,
+            lie=lie,
         )
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this rule applies to a request (ignoring uses left)."""
         if self.method is not None and self.method != method.upper():
+            return False
+        if self.lie is not None and not self.lie.applies_to(route_of(method, path)):
             return False
         return self.path_prefix is None or path.startswith(self.path_prefix)
 
@@ -231,6 +247,7 @@ class Fault:
             "retry_after": self.retry_after,
             "body": self.body,
             "delay": self.delay,
+            "lie": self.lie.describe() if self.lie else None,
         }
 
 
