@@ -3,7 +3,8 @@
 The service lets many files share one `filename` and does not forbid `/`, control
 characters or very long names. Every remote file gets a name here that is valid on
 Linux and unique within its folder; the oldest holder of a name keeps it plain and
-newer ones get `stem (id8).ext`.
+newer ones get `stem (id8).ext`. Names given through the mount are kept as given, so
+only those that come back the same (`storable`) are taken.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def _clean(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def storable(name: str) -> bool:
+    """Whether a name given through the mount shows the same after a remount.
+
+    A control character cannot: a newline or CR cannot stand in a multipart header
+    (the upload sends `%0A`, which the service keeps as is), and any other comes back
+    from the listing as U+FFFD. So such names are refused at create and rename.
+    """
+    return _clean(name) == name
 
 
 def split_ext(name: str) -> tuple[str, str]:
