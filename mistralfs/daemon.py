@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -89,6 +90,22 @@ def _api_key(args: argparse.Namespace) -> str:
     return key
 
 
+def _drop_from_environment(name: str) -> None:
+    """Remove `name` from the environment, and wipe its value where /proc/PID/environ
+    shows it: unsetenv alone leaves the bytes the process was started with in place.
+
+    For a daemon started with the key in its environment (by hand, or through a unit's
+    EnvironmentFile=); the processes it starts (fusermount3) do not get it either.
+    """
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_void_p
+    libc.getenv.argtypes = [ctypes.c_char_p]
+    value = libc.getenv(name.encode())
+    if value:
+        ctypes.memset(value, 0, len(ctypes.string_at(value)))
+    os.environ.pop(name, None)
+
+
 MIN_DISK_CACHE_BLOCKS = 2
 
 
@@ -154,7 +171,7 @@ def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
     from mistralfs.fs.mount import MountError, serve
 
     setup_logging(args.log_file, args.log_level)
-    os.environ.pop("MISTRAL_API_KEY", None)  # read already; not for the processes we start
+    _drop_from_environment("MISTRAL_API_KEY")  # read already
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     pids = config.pid_file
 

@@ -288,6 +288,25 @@ def test_the_daemon_environment_holds_no_key(
         force_unmount(m, env)
 
 
+def test_a_foreground_daemon_wipes_the_key_from_its_environment(
+    secret_emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    """Run by hand or from a unit's EnvironmentFile= with MISTRAL_API_KEY set."""
+    command, env, m = mount_command(secret_emulator, tmp_path)
+    daemon = subprocess.Popen(
+        [*command, "--foreground"], env=env, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_for(lambda: is_mounted(m.path) and m.daemon_pid() == daemon.pid, timeout=30)
+        environ = Path(f"/proc/{daemon.pid}/environ").read_bytes()
+        assert b"XDG_RUNTIME_DIR=" in environ
+        assert SECRET_KEY.encode() not in environ
+        (m / "batch" / "a.txt").write_bytes(b"the key works")
+    finally:
+        force_unmount(m, env)
+        daemon.wait(timeout=30)
+
+
 def test_a_file_name_cannot_forge_a_log_line(mounted: Mounted) -> None:
     """U+2028 is a line break to many viewers (and to str.splitlines), and a valid name."""
     forged = "2026-12-06 01:00:00,000 INFO mistralfs.fs.writer: FAKE LOG LINE"
