@@ -67,12 +67,15 @@ def _owned_by(folder: Path, uid: int) -> bool:
 
 
 def _private_folder(folder: Path, uid: int) -> Path:
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(mode=0o700)
     try:
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
         found = os.lstat(folder)
     except OSError as exc:
-        raise UnsafeRuntimeDir(f"cannot use runtime folder {folder}: {exc.strerror}") from exc
+        raise UnsafeRuntimeDir(
+            f"cannot create runtime folder {folder}: {exc.strerror}; "
+            "set XDG_RUNTIME_DIR to a private folder of yours"
+        ) from exc
     why = None
     if stat.S_ISLNK(found.st_mode):
         why = "it is a symlink"

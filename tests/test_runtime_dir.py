@@ -87,6 +87,12 @@ def test_without_xdg_runtime_dir_a_user_gets_a_private_folder_in_tmp(tmp_path: P
         runtime_dir(env, uid=NOBODY)
 
 
+def test_a_folder_that_cannot_be_made_is_one_clear_line(tmp_path: Path) -> None:
+    env = env_with(TMPDIR=tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"cannot create runtime folder .*No such file"):
+        runtime_dir(env, uid=NOBODY)
+
+
 def test_an_xdg_runtime_dir_of_another_user_is_not_used(tmp_path: Path) -> None:
     """`sudo -E` keeps the user's XDG_RUNTIME_DIR: root must not write into it."""
     theirs = tmp_path / "theirs"
