@@ -528,7 +528,8 @@ async def test_an_endless_listing_and_a_body_longer_than_its_range(
     for page in (0, 5):
         got = (await client.get("/v1/files", params={"page": page, "page_size": 3})).json()
         assert len(got["data"]) == 3 and got["total"] == (page + 2) * 3
-    r = await client.get(url, headers={"Range": "bytes=0-3"})
+    async with httpx.AsyncClient() as storage:  # a signed URL is read without the key
+        r = await storage.get(url, headers={"Range": "bytes=0-3"})
     assert r.status_code == 206 and r.headers["content-range"].startswith("bytes 0-3/")
     assert "content-length" not in r.headers and len(r.content) == 4 + 1000
 

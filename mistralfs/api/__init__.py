@@ -11,6 +11,7 @@ from mistralfs.api.errors import (
     ServerError,
     TooLarge,
     Unavailable,
+    UploadMismatch,
     UrlExpired,
 )
 from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
@@ -36,5 +37,6 @@ __all__ = [
     "StreamAbandoned",
     "TooLarge",
     "Unavailable",
+    "UploadMismatch",
     "UrlExpired",
 ]

@@ -53,6 +53,7 @@ from mistralfs.api.retry import (
     parse_retry_after,
     run_with_retries,
 )
+from mistralfs.api.upload_answer import SeenIds, checked_upload_answer
 from mistralfs.api.upload_body import (
     CHUNK_SIZE,
     GrowingFile,
@@ -68,6 +69,7 @@ DEFAULT_SERVER_URL = "https://api.mistral.ai"
 CONNECT_TIMEOUT = 10.0
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 64 * 1024 * 1024
+MAX_ODD_RECORDS = 10_000  # bad listing records remembered, so that each is warned about once
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
 MAX_DIRECT_UPLOADS = 4  # worker threads sending whole files at once
 MAX_DIRECT_CALLS = 8  # worker threads making other API calls (JSON, /content) at once
@@ -224,6 +226,8 @@ class FilesClient:
         self.stats = RequestStats()
         self._max_upload = max_upload_bytes
         self._recent = RecentFiles()
+        self._seen = SeenIds()  # to refuse an upload answer that names a known file
+        self._odd_records: set[str] = set()  # listed records already warned about
         self._stored_search = StoredFileSearch(
             self._list_page, self._api_url("/v1/files"), self._recent
         )
@@ -527,15 +531,38 @@ class FilesClient:
             raise ProtocolError(
                 "listing is not an object with a 'data' array", method="GET", url=url
             )
-        try:
-            files = [RemoteFile.from_json(item) for item in data["data"]]
-        except ProtocolError as exc:
-            raise ProtocolError(exc.message, method="GET", url=url) from None
+        files = self._listed_files(data["data"])
         self._recent.note(files)
+        self._seen.note(files)
         total = data.get("total")
         if not isinstance(total, int) or isinstance(total, bool) or total < 0:
             total = None
         return FilePage(files=files, total=total)
+
+    def _listed_files(self, items: list[object]) -> list[RemoteFile]:
+        """The files of a listing page. One bad record must not hide the others: it is
+        skipped, or repaired, with one WARNING naming it (the first time it is seen)."""
+        files = []
+        for item in items:
+            notes: list[str] = []
+            try:
+                files.append(RemoteFile.from_json(item, notes))
+            except ProtocolError as exc:
+                self._warn_once(item, f"skipped: {exc.message}")
+                continue
+            if notes:
+                self._warn_once(item, "; ".join(notes))
+        return files
+
+    def _warn_once(self, item: object, what: str) -> None:
+        file_id = item.get("id") if isinstance(item, dict) else None
+        name = file_id if isinstance(file_id, str) else repr(item)[:80]
+        if name in self._odd_records:
+            return
+        if len(self._odd_records) >= MAX_ODD_RECORDS:
+            self._odd_records.clear()
+        self._odd_records.add(name)
+        logger.warning("GET /v1/files: file %s in a listing: %s", name, what)
 
     async def list_all(
         self,
@@ -653,6 +680,7 @@ class FilesClient:
         else:
             known = self._recent.ids() if dedupe and self._retry.max_attempts > 1 else None
         digest = FileDigest(path)
+        mark = after.mark if after is not None else self._seen.mark()
 
         async def open_body() -> tuple[Any, dict[str, str], Any]:
             body = SpoolBody(path, filename, purpose, self._max_upload, progress, url)
@@ -667,8 +695,9 @@ class FilesClient:
             )
 
         async def handle(response: httpx.Response, n: int) -> RemoteFile:
+            sent = (filename, purpose, attempts[-1].body.size, mark)
             try:
-                return await self._stored_file(response, url)
+                return await self._stored_file(response, url, sent)
             except ProtocolError:
                 # Stored, most likely, with an answer we cannot read: find it, or fail
                 # rather than store it again.
@@ -713,11 +742,19 @@ class FilesClient:
                 raise
             return found
 
-    async def _stored_file(self, response: httpx.Response, url: str) -> RemoteFile:
-        """The file an upload's answer describes (noted as seen, for later dedupes)."""
+    async def _stored_file(
+        self, response: httpx.Response, url: str, sent: tuple[str, str, int, int]
+    ) -> RemoteFile:
+        """The file an upload's answer describes, if it is the one `sent` (its filename,
+        purpose, size, and the `SeenIds` mark when the upload began): noted as seen, for
+        later dedupes. `UploadMismatch` otherwise (see upload_answer.py)."""
         data = await _read_bounded(response, MAX_JSON_BODY)
         stored = self._file_from(_parse_json(data, response, "POST", url), "POST", "/v1/files")
+        filename, purpose, size, mark = sent
+        stored = checked_upload_answer(stored, filename=filename, purpose=purpose, size=size,
+                                       seen=self._seen, mark=mark, url=url)  # fmt: skip
         self._recent.note((stored,))
+        self._seen.note((stored,))
         return stored
 
     def growing_upload(
@@ -753,7 +790,8 @@ class FilesClient:
             return body, body.headers, body
 
         async def handle(response: httpx.Response, n: int) -> RemoteFile:
-            return await self._stored_file(response, url)
+            sent = (upload.filename, upload.purpose, upload.attempts[-1].body.size, upload.mark)
+            return await self._stored_file(response, url, sent)
 
         try:
             return await self._call(
@@ -792,7 +830,9 @@ class FilesClient:
         """``GET /v1/files/{id}``: metadata of one file (``deleted`` may be set)."""
         path = f"/v1/files/{quote(file_id, safe='')}"
         data = await self._json_call("GET", path)
-        return self._file_from(data, "GET", path)
+        found = self._file_from(data, "GET", path)
+        self._seen.note((found,))
+        return found
 
     async def delete(self, file_id: str) -> None:
         """``DELETE /v1/files/{id}``.
@@ -1048,6 +1088,7 @@ class GrowingUpload:
         self.refusal: Rejected | None = None  # a 4xx answer to it
         # Files already seen cannot be the one this attempt stored.
         self.known = client._recent.ids()
+        self.mark = client._seen.mark()
 
     @property
     def complete(self) -> bool:

@@ -84,6 +84,16 @@ class ProtocolError(ApiError):
     """The answer was not what the API promises (not JSON, wrong shape) (EIO)."""
 
 
+class UploadMismatch(ApiError):
+    """An upload's answer describes another file than the one sent (another file's id,
+    size, name or purpose) (EIO).
+
+    Never taken for a lost answer and sent again: the service may have stored the
+    upload, and a second copy could not be told apart from it. The caller keeps the
+    content; the name is bound to no id.
+    """
+
+
 class UrlExpired(ApiError):
     """403 (or 401) from the storage host of a signed URL: expired or tampered; fetch a new one."""
 

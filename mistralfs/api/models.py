@@ -31,6 +31,12 @@ _KNOWN_FIELDS = frozenset(
 )
 
 
+# What a stat can carry: st_size is a signed 64-bit count of bytes, and times are
+# signed 64-bit nanoseconds (until 2262).
+MAX_SIZE = 2**63 - 1
+MAX_SECONDS = MAX_SIZE // 10**9
+
+
 def _is_int(value: object) -> bool:
     # bool is an int subclass; a JSON ``true`` is not a size.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -69,10 +75,17 @@ class RemoteFile:
     signature: str | None
     deleted: bool = False
     extra: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+    # False when the service sent `"bytes": null` (its own spec's examples do): `bytes`
+    # is then 0, and means nothing.
+    size_known: bool = True
 
     @classmethod
-    def from_json(cls, data: object) -> RemoteFile:
-        """Build from a decoded JSON object; ProtocolError if it is not a usable File."""
+    def from_json(cls, data: object, notes: list[str] | None = None) -> RemoteFile:
+        """Build from a decoded JSON object; ProtocolError if it is not a usable File.
+
+        A `created_at` out of what a stat can carry is clamped, and a null `bytes` taken
+        for unknown; each such repair is said in `notes`, for the caller to log.
+        """
         if not isinstance(data, dict):
             raise ProtocolError(f"expected a file object, got {type(data).__name__}")
         required = ("id", "bytes", "created_at", "filename", "purpose")
@@ -83,12 +96,22 @@ class RemoteFile:
         filename, purpose = data["filename"], data["purpose"]
         if not isinstance(file_id, str) or not file_id:
             raise ProtocolError("file object has a non-string or empty 'id'")
-        if not _is_int(size) or size < 0:
-            raise ProtocolError(f"file {file_id}: 'bytes' is not a non-negative integer")
+        size_known = size is not None
+        if size is None:
+            size = 0
+            if notes is not None:
+                notes.append("'bytes' is null: its size is not known, and shown as 0")
+        if not _is_int(size) or not 0 <= size <= MAX_SIZE:
+            raise ProtocolError(f"file {file_id}: 'bytes' is not a size: {str(size)[:40]}")
         if isinstance(created, float) and math.isfinite(created):
             created = int(created)
         if not _is_int(created):
             raise ProtocolError(f"file {file_id}: 'created_at' is not an integer")
+        if not 0 <= created <= MAX_SECONDS:
+            clamped = min(max(created, 0), MAX_SECONDS)
+            if notes is not None:
+                notes.append(f"'created_at' {str(created)[:40]} is out of range: {clamped} taken")
+            created = clamped
         if not isinstance(filename, str):
             raise ProtocolError(f"file {file_id}: 'filename' is not a string")
         if not isinstance(purpose, str):
@@ -107,6 +130,7 @@ class RemoteFile:
             signature=_opt_str(data.get("signature")),
             deleted=data.get("deleted") is True,
             extra=MappingProxyType(extra),
+            size_known=size_known,
         )
 
 

@@ -1,0 +1,192 @@
+"""A server that lies: well-formed HTTP whose content is wrong (issue 14, items 3 to 7).
+
+The client and real mounts are pointed at the emulator with one lie switched on at a
+time (tests/lying_server.py): nothing is lost, nothing unsafe follows, and every
+operation ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import pathlib
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import trio
+from conftest import RunningEmulator
+from lying_server import LyingServer
+from mistralai.client import Mistral
+from mounting import Mounted, mount
+
+from mistralfs.api import (
+    FilesClient,
+    GrowingFile,
+    RetryPolicy,
+    UploadMismatch,
+)
+from mistralfs.fs.errors import errno_for
+
+FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05, total_budget=3.0)
+JSONL = b'{"custom_id": "0", "body": {}}\n'
+MINE = b'{"mine": 1}\n' * 100
+RETRY_TIME = 3.0
+MARGIN = 2.0  # a loaded machine's slack; a fault that restarts the budget misses it
+
+
+@pytest.fixture
+async def client(emulator: RunningEmulator) -> AsyncIterator[FilesClient]:
+    async with FilesClient(emulator.url, emulator.api_key, retry=FAST) as c:
+        yield c
+
+
+@pytest.fixture
+def lies(emulator: RunningEmulator) -> LyingServer:
+    return LyingServer(emulator)
+
+
+async def switch(call: Any, *args: Any, **kwargs: Any) -> None:
+    """Throw a switch of the lying server from a trio test (its helpers block)."""
+    await trio.to_thread.run_sync(functools.partial(call, *args, **kwargs))
+
+
+def spool(tmp_path: pathlib.Path, name: str, data: bytes) -> pathlib.Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def lying_mount(emulator_process: RunningEmulator, tmp_path: pathlib.Path) -> Iterator[Mounted]:
+    """A real mount of the emulator process, retrying for RETRY_TIME seconds."""
+    with mount(emulator_process, tmp_path, "--retry-time", str(RETRY_TIME)) as m:
+        yield m
+
+
+# -- 3. an upload answer that does not match what was sent --------------------------------
+
+
+async def test_an_upload_answer_with_another_files_id_is_a_failed_upload(
+    client: FilesClient, lies: LyingServer, tmp_path: pathlib.Path
+) -> None:
+    other = await client.upload(spool(tmp_path, "o", JSONL), filename="other.jsonl",
+                                purpose="batch")  # fmt: skip
+    await switch(lies.upload_answers, id=other.id, times=1)
+    with pytest.raises(UploadMismatch) as raised:
+        await client.upload(spool(tmp_path, "m", MINE), filename="mine.jsonl", purpose="batch")
+    assert other.id in str(raised.value)
+    assert errno_for(raised.value) == errno.EIO
+    assert await client.retrieve(other.id) == other
+
+
+async def test_an_upload_answer_with_another_size_is_a_failed_upload(
+    client: FilesClient, lies: LyingServer, tmp_path: pathlib.Path
+) -> None:
+    await switch(lies.upload_answers, bytes=12345, times=1)
+    with pytest.raises(UploadMismatch, match="12345"):
+        await client.upload(spool(tmp_path, "m", MINE), filename="mine.jsonl", purpose="batch")
+    await switch(lies.upload_answers, filename="yours.jsonl", times=1)
+    with pytest.raises(UploadMismatch, match=r"yours\.jsonl"):
+        await client.upload(spool(tmp_path, "m", MINE), filename="mine.jsonl", purpose="batch")
+    # Not taken for a lost answer: no second copy was sent.
+    posts = client.stats.requests["POST /v1/files"]
+    assert posts == 2
+
+
+async def test_a_growing_upload_answered_with_another_size_fails(
+    client: FilesClient, lies: LyingServer, tmp_path: pathlib.Path
+) -> None:
+    path = spool(tmp_path, "g", b"")
+    growing = GrowingFile()
+    await switch(lies.upload_answers, bytes=12345, times=1)
+    upload = client.growing_upload(path, growing, filename="grow.jsonl", purpose="batch")
+    if not client.sends_growing_uploads:
+        pytest.skip("this client sends no growing uploads")
+    refused: list[UploadMismatch] = []
+
+    async def run() -> None:
+        try:
+            await upload.run()
+        except UploadMismatch as exc:
+            refused.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        path.write_bytes(MINE)
+        growing.finish(len(MINE))
+    assert len(refused) == 1 and "12345" in str(refused[0])
+
+
+def test_a_lying_upload_answer_fails_close_and_rm_spares_the_other_file(
+    lying_mount: Mounted, sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    (lying_mount / "batch" / "other.jsonl").write_bytes(JSONL)
+    [other] = sdk.files.list(page_size=100).data
+    LyingServer(emulator_process).upload_answers(id=other.id, times=1)
+    with pytest.raises(OSError) as raised, open(lying_mount / "batch" / "mine.jsonl", "wb") as f:
+        f.write(MINE)
+    assert raised.value.errno == errno.EIO
+    with pytest.raises(FileNotFoundError):  # the name was never bound to the other file
+        os.unlink(lying_mount / "batch" / "mine.jsonl")
+    assert sdk.files.download(file_id=other.id).read() == JSONL
+    kept = [p.read_bytes() for p in (lying_mount.cache_dir / "recovery").glob("*.spool")]
+    assert kept == [MINE]
+    assert other.id in lying_mount.log()
+
+
+# -- 6. one bad record does not blank the folder -------------------------------------------
+
+BAD = {
+    "object": "file",
+    "created_at": 1_700_000_000,
+    "purpose": "batch",
+    "sample_type": "batch_result",
+    "source": "mistral",
+    "num_lines": 1,
+    "mimetype": "application/jsonl",
+    "signature": None,
+}
+BAD_RECORDS = [
+    {**BAD, "id": "0000000a-0000-4000-8000-000000000001", "filename": "minus.jsonl", "bytes": -5},
+    {**BAD, "id": "0000000a-0000-4000-8000-000000000002", "filename": "huge.jsonl",
+     "bytes": 2**64},
+    {**BAD, "id": "0000000a-0000-4000-8000-000000000003", "filename": "late.jsonl", "bytes": 3,
+     "created_at": 1e300},
+]  # fmt: skip
+NULL_SIZE = {**BAD, "id": "0000000a-0000-4000-8000-000000000004", "filename": "null.jsonl",
+             "bytes": None}  # fmt: skip
+
+
+async def test_bad_records_are_skipped_or_clamped_with_one_warning_each(
+    client: FilesClient, lies: LyingServer, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = await client.upload(spool(tmp_path, "r", JSONL), filename="real.jsonl", purpose="batch")
+    await switch(lies.listings_add, *BAD_RECORDS, NULL_SIZE)
+    caplog.set_level(logging.WARNING, logger="mistralfs")
+    for _ in range(2):
+        files = {f.id: f for f in await client.list_all(purpose="batch")}
+    assert real.id in files and NULL_SIZE["id"] in files
+    for record in BAD_RECORDS:
+        warnings = [r for r in caplog.records if record["id"] in r.getMessage()]
+        assert len(warnings) == 1, (record, caplog.text)
+        assert warnings[0].levelno == logging.WARNING
+        if record["id"] in files:  # clamped, then: a size and time a stat can carry
+            kept = files[record["id"]]
+            assert 0 <= kept.bytes < 2**63 and 0 <= kept.created_at * 10**9 < 2**63
+
+
+def test_ls_lists_the_rest_of_a_folder_with_bad_records(
+    lying_mount: Mounted, sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    sdk.files.upload(file={"file_name": "real.jsonl", "content": JSONL}, purpose="batch")
+    LyingServer(emulator_process).listings_add(*BAD_RECORDS, NULL_SIZE)
+    for folder in (lying_mount.path, lying_mount / "batch"):
+        ls = subprocess.run(["ls", "-l", folder], capture_output=True, text=True, timeout=30)
+        assert ls.returncode == 0, ls
+    names = os.listdir(lying_mount / "batch")
+    assert "real.jsonl" in names and "null.jsonl" in names
+    assert os.stat(lying_mount / "batch" / "real.jsonl").st_size == len(JSONL)
