@@ -13,9 +13,11 @@ import logging
 import os
 import pathlib
 import subprocess
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from conftest import RunningEmulator
@@ -26,6 +28,7 @@ from mounting import Mounted, mount
 from mistralfs.api import (
     FilesClient,
     GrowingFile,
+    ProtocolError,
     RetryPolicy,
     UploadMismatch,
 )
@@ -136,6 +139,70 @@ def test_a_lying_upload_answer_fails_close_and_rm_spares_the_other_file(
     kept = [p.read_bytes() for p in (lying_mount.cache_dir / "recovery").glob("*.spool")]
     assert kept == [MINE]
     assert other.id in lying_mount.log()
+
+
+# -- 5. reads bounded by what was asked ---------------------------------------------------
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+@pytest.mark.parametrize("through", ["http.client", "httpx"])
+async def test_a_range_answer_longer_than_asked_is_a_failed_read_and_not_read(
+    emulator: RunningEmulator,
+    lies: LyingServer,
+    tmp_path: pathlib.Path,
+    with_length: bool,
+    through: str,
+) -> None:
+    # A transport of its own makes the client read storage through httpx.
+    transport = httpx.AsyncHTTPTransport() if through == "httpx" else None
+    async with FilesClient(emulator.url, emulator.api_key, retry=FAST,
+                           transport=transport) as client:  # fmt: skip
+        await _range_answer_longer_than_asked(client, lies, tmp_path, with_length)
+
+
+async def _range_answer_longer_than_asked(
+    client: FilesClient, lies: LyingServer, tmp_path: pathlib.Path, with_length: bool
+) -> None:
+    data = os.urandom(3 << 20)
+    stored = await client.upload(spool(tmp_path, "d", data), filename="d.bin", purpose="batch")
+    url = (await client.signed_url(stored.id)).url
+    await switch(lies.bodies_longer_by, 256 << 20, with_length=with_length)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            await client.read_range(url, 1 << 20, 1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, peak
+    await switch(lies.tell_the_truth)
+    assert await client.read_range(url, 1 << 20, 1 << 20) == data[1 << 20 : 2 << 20]
+
+
+async def test_content_longer_than_listed_is_a_failed_read(
+    client: FilesClient, lies: LyingServer, tmp_path: pathlib.Path
+) -> None:
+    stored = await client.upload(spool(tmp_path, "s", JSONL), filename="s.jsonl", purpose="batch")
+    await switch(lies.bodies_longer_by, 64 << 20)
+    with pytest.raises(ProtocolError):
+        await client.content(stored.id, stored.bytes)
+
+
+def test_a_read_of_a_lying_range_is_eio_and_the_daemon_stays_small(
+    lying_mount: Mounted, sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    sdk.files.upload(file={"file_name": "big.bin", "content": os.urandom(8 << 20)},
+                     purpose="batch")  # fmt: skip
+    LyingServer(emulator_process).bodies_longer_by(1 << 30)
+    with pytest.raises(OSError) as raised:
+        (lying_mount / "batch" / "big.bin").read_bytes()
+    assert raised.value.errno == errno.EIO
+    pid = lying_mount.daemon_pid()
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    peak_kib = int(
+        next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+    )
+    assert peak_kib < 400 * 1024, status
 
 
 # -- 6. one bad record does not blank the folder -------------------------------------------

@@ -949,17 +949,17 @@ class FilesClient:
         async def handle(response: httpx.Response, n: int) -> list[bytes]:
             if response.status_code == 416:
                 return []
-            skip = 0
+            skip, wanted = 0, start + length
             if response.status_code == 206:
-                first = _content_range_start(response.headers.get("content-range"))
-                if first is None or first > start:
-                    raise ProtocolError(
-                        "206 answer with a missing or wrong Content-Range",
-                        status=206,
-                        method="GET",
-                        url=url,
+                try:
+                    wanted = storage.range_length(
+                        response.headers.get("content-range"),
+                        _content_length(response),
+                        start,
+                        length,
                     )
-                skip = start - first
+                except storage.BadRange as exc:
+                    raise ProtocolError(str(exc), status=206, method="GET", url=url) from None
             elif response.status_code == 200:
                 skip = start
             else:
@@ -969,15 +969,22 @@ class FilesClient:
                     method="GET",
                     url=url,
                 )
-            # A 206 is read to its end, so that the connection goes back to the pool; a
-            # 200 (the whole file) is dropped as soon as the range is in.
-            wanted = skip + length
+            # A 206 is read to its end (no further than its Content-Range, so that the
+            # connection goes back to the pool); a 200 (the whole file) is dropped as soon
+            # as the range is in.
             chunks: list[bytes] = []
             got = 0
             async for chunk in response.aiter_bytes():
                 chunks.append(chunk)
                 got += len(chunk)
-                if got >= wanted and (response.status_code == 200 or got > wanted):
+                if got > wanted and response.status_code == 206:
+                    raise ProtocolError(
+                        "206 answer longer than its Content-Range",
+                        status=206,
+                        method="GET",
+                        url=url,
+                    )
+                if got >= wanted and response.status_code == 200:
                     break
             return _cut(chunks, skip, length, piece_size)
 
@@ -1025,9 +1032,7 @@ class FilesClient:
                 return []
             if answer.status < 300:
                 raise ProtocolError(
-                    "206 answer with a missing or wrong Content-Range"
-                    if answer.status == 206
-                    else f"unexpected HTTP status {answer.status}",
+                    answer.problem or f"unexpected HTTP status {answer.status}",
                     status=answer.status,
                     method="GET",
                     url=log_url,
@@ -1099,17 +1104,7 @@ class GrowingUpload:
         return await self._client._send_growing(self)
 
 
-def _content_range_start(value: str | None) -> int | None:
-    """First byte of ``Content-Range: bytes a-b/total``; None if absent or malformed."""
-    if not value:
-        return None
-    unit, _, rest = value.strip().partition(" ")
-    if unit.lower() != "bytes":
-        return None
-    first, dash, _ = rest.partition("-")
-    if not dash:
-        return None
-    try:
-        return int(first)
-    except ValueError:
-        return None
+def _content_length(response: httpx.Response) -> int | None:
+    """The answer's Content-Length, if it gives a number."""
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None

@@ -28,6 +28,43 @@ class NotForDirectRead(Exception):
     """The answer needs what only the httpx path does (a redirect)."""
 
 
+class BadRange(Exception):
+    """A 206 that does not answer the range asked: another start, more bytes than
+    asked, or a Content-Length that disagrees with its Content-Range."""
+
+
+def range_length(
+    content_range: str | None, content_length: int | None, start: int, length: int
+) -> int:
+    """How many bytes a 206 answer to `length` bytes at `start` carries (fewer at the
+    end of the file); `BadRange` unless its headers answer that range and no more.
+
+    A body is never read past this: a server whose 206 carries a gigabyte for a
+    megabyte asked must not make the reader hold a gigabyte.
+    """
+    parsed = _content_range(content_range)
+    last_wanted = start + length - 1
+    if parsed is None:
+        raise BadRange(f"206 answer with a missing or malformed Content-Range {content_range!r}")
+    first, last = parsed
+    if first != start or not first <= last <= last_wanted:
+        raise BadRange(f"206 answer with Content-Range {content_range!r} for {start}-{last_wanted}")
+    size = last - first + 1
+    if content_length is not None and content_length != size:
+        raise BadRange(f"206 answer of {content_length} bytes for Content-Range {content_range!r}")
+    return size
+
+
+def _content_range(value: str | None) -> tuple[int, int] | None:
+    """(first, last) of `Content-Range: bytes first-last/total`; None if malformed."""
+    unit, _, rest = (value or "").strip().partition(" ")
+    first, dash, rest = rest.partition("-")
+    last = rest.partition("/")[0]
+    if unit.lower() != "bytes" or not dash or not first.isdigit() or not last.isdigit():
+        return None
+    return int(first), int(last)
+
+
 @dataclass
 class RangeAnswer:
     """One attempt's answer: the status, and the range in pieces or an error body."""
@@ -37,6 +74,7 @@ class RangeAnswer:
     ranged: bool = False  # the range was read: `pieces` hold it (short if the body was)
     pieces: list[bytes] = field(default_factory=list)
     error_body: bytes = b""
+    problem: str = ""  # why a 206 was not taken (see BadRange)
 
     def as_httpx(self) -> httpx.Response:
         """The answer as an httpx.Response, for the client's error mapping."""
@@ -97,13 +135,19 @@ def _get_range(
         if response.status in (301, 302, 303, 307, 308):
             raise NotForDirectRead(f"redirect ({response.status})")
         if response.status == 206:
-            first = _range_start(response.getheader("content-range"))
-            if first is not None and first <= start:
-                _skip(response, start - first)
-                answer.pieces = _read_pieces(response, length, piece_size)
-                answer.ranged = True
-                response.read()  # the rest, if any: the connection then goes back
-                return answer, not response.will_close
+            try:
+                size = range_length(
+                    response.getheader("content-range"), response.length, start, length
+                )
+            except BadRange as exc:
+                answer.problem = str(exc)
+                return answer, False  # its body is left unread, and the connection dropped
+            answer.pieces = _read_pieces(response, size, piece_size)
+            if response.length is None and response.read(1):  # chunked, and longer
+                answer.pieces, answer.problem = [], "206 answer longer than its Content-Range"
+                return answer, False
+            answer.ranged = True
+            return answer, not response.will_close
         if response.status == 200:  # the whole file: skip to the range, then drop the rest
             _skip(response, start)
             answer.pieces = _read_pieces(response, length, piece_size)
@@ -137,11 +181,3 @@ def _skip(response: http.client.HTTPResponse, count: int) -> None:
         if not chunk:
             return
         count -= len(chunk)
-
-
-def _range_start(header: str | None) -> int | None:
-    """The first byte of a `Content-Range: bytes A-B/N` answer."""
-    if not header or not header.startswith("bytes "):
-        return None
-    first, _, _ = header[len("bytes ") :].partition("-")
-    return int(first) if first.isdigit() else None
