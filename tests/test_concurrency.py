@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -139,3 +140,91 @@ def test_programs_racing_on_the_same_names_leave_the_account_as_the_mount_shows(
                 assert download.read() == content, f"{name}: the mount reads other bytes"
             finally:
                 download.close()
+
+
+CONTENT_SIZE = 2 << 20
+TRIALS = 20
+
+
+def stored_under(sdk: Mistral, name: str) -> list[bytes]:
+    """The content of every file of the account named `name` in batch/."""
+    contents = []
+    for f in remote_files(sdk, purpose="batch"):
+        if f.filename == name:
+            download = sdk.files.download(file_id=f.id)
+            try:
+                contents.append(download.read())
+            finally:
+                download.close()
+    return contents
+
+
+def test_two_cp_to_one_new_name_leave_one_whole_version(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    """Two `cp` of different contents to one new name at once, again and again: the
+    account holds one file of that name with one of the two contents, never empty or a
+    mix, and the mount reads the same bytes."""
+    sources = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    contents = [os.urandom(CONTENT_SIZE), os.urandom(CONTENT_SIZE)]
+    for source, content in zip(sources, contents, strict=True):
+        source.write_bytes(content)
+    rng = random.Random(7)
+    with mount(emulator_process, tmp_path / "m") as mounted:
+        for trial in range(TRIALS):
+            target = mounted / "batch" / f"both-{trial}.bin"
+            copies = []
+            for source in sources:
+                copies.append(
+                    subprocess.Popen(["cp", str(source), str(target)], stderr=subprocess.PIPE)
+                )
+                time.sleep(rng.uniform(0, 0.05))  # the second lands anywhere in the first
+            done = [copy.communicate(timeout=60) for copy in copies]
+            for copy, (_, err) in zip(copies, done, strict=True):
+                # As on any filesystem, a cp that found the name missing creates it
+                # with O_EXCL, and fails if the other cp created it meanwhile.
+                assert copy.returncode == 0 or b"File exists" in err, f"trial {trial}: {err!r}"
+            copied = [c for copy, c in zip(copies, contents, strict=True) if copy.returncode == 0]
+            assert copied, f"trial {trial}: no cp succeeded"
+            stored = stored_under(sdk, target.name)
+            assert len(stored) == 1, f"trial {trial}: {len(stored)} files of that name"
+            assert stored[0] in copied, f"trial {trial}: {len(stored[0])} bytes, not a whole copy"
+            assert target.read_bytes() == stored[0], f"trial {trial}: the mount shows other bytes"
+
+
+def test_two_writers_to_one_name_the_last_close_wins(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    """Threads opening one name with O_TRUNC, writing and closing at once: whichever
+    close() returned last is what the account holds and the mount reads."""
+    contents = [os.urandom(CONTENT_SIZE), os.urandom(CONTENT_SIZE)]
+    with mount(emulator_process, tmp_path / "m") as mounted:
+        for trial in range(TRIALS):
+            target = mounted / "batch" / f"race-{trial}.bin"
+            closed_at = [0.0, 0.0]
+            start = threading.Barrier(2)
+
+            def write(
+                i: int,
+                target: Path = target,
+                closed_at: list[float] = closed_at,
+                start: threading.Barrier = start,
+            ) -> None:
+                start.wait()
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    for offset in range(0, CONTENT_SIZE, 1 << 20):
+                        os.pwrite(fd, contents[i][offset : offset + (1 << 20)], offset)
+                finally:
+                    os.close(fd)
+                closed_at[i] = time.monotonic()
+
+            threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert all(closed_at), f"trial {trial}: a writer failed"
+            last = contents[closed_at.index(max(closed_at))]
+            assert stored_under(sdk, target.name) == [last], f"trial {trial}: not the last close"
+            assert target.read_bytes() == last, f"trial {trial}: the mount shows other bytes"

@@ -200,6 +200,41 @@ class MountMachine(RuleBasedStateMachine):
         if not data:
             self.wait_uploaded(folder, name)
 
+    @rule(
+        where=placed,
+        name=st.sampled_from(NAMES),
+        content=anything,
+        lines=jsonl,
+        second_closes_last=st.booleans(),
+    )
+    def two_writers(
+        self,
+        where: tuple[str, bytes],
+        name: str,
+        content: bytes,
+        lines: bytes,
+        second_closes_last: bool,
+    ) -> None:
+        """Two programs copy to one name at once (`O_TRUNC`, writes in turns): the
+        content of whichever close() came last, whole, is the file."""
+        folder, first = where
+        second = lines if folder == "fine-tune" else content
+        note(f"two writers on {folder}/{name}: {len(first)} and {len(second)} bytes, "
+             f"the {'second' if second_closes_last else 'first'} closing last")  # fmt: skip
+        flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC
+        fds = [os.open(self.path(folder, name), flags, 0o644)]
+        half = len(first) // 2
+        os.write(fds[0], first[:half])
+        fds.append(os.open(self.path(folder, name), flags, 0o644))
+        os.write(fds[1], second)
+        os.write(fds[0], first[half:])
+        for fd in fds if second_closes_last else reversed(fds):
+            os.close(fd)
+        last = second if second_closes_last else first
+        self.model[folder][name] = last
+        if not last:
+            self.wait_uploaded(folder, name)
+
     @precondition(has_files)
     @rule(index=st.integers(0, 50), content=anything, lines=lines)
     def append(self, index: int, content: bytes, lines: bytes) -> None:

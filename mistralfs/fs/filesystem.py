@@ -153,7 +153,8 @@ class Filesystem:
             )
         except ApiError as exc:
             raise self._fetch_error(node, exc) from exc
-        return self._new_handle(Handle(node=node, spool=spool, writes=write)), spool is None
+        keep_pages = spool is None and self._writer.kernel_may_keep_pages(node)
+        return self._new_handle(Handle(node=node, spool=spool, writes=write)), keep_pages
 
     async def _check_still_there(self, node: FileNode) -> None:
         """Opening a file deleted elsewhere fails with ENOENT, not later with EIO.
@@ -201,11 +202,11 @@ class Filesystem:
         code = errno_for(exc)
         return FsError(code if code == errno.EACCES else errno.EIO, str(exc))
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)
         if handle.spool is None:
             raise FsError(errno.EBADF)
-        return self._writer.write(handle.spool, offset, data)
+        return await self._writer.write(handle.spool, offset, data)
 
     async def setattr(self, inode: int, size: int | None, fh: int | None) -> None:
         """Only the size can change; mode, owner and times are accepted with no effect."""
@@ -217,9 +218,8 @@ class Filesystem:
             return
         self._refuse_if_read_only()
         assert isinstance(node, FileNode)
-        spool = spool or self._writer.spool_for(node)
         if spool is not None:
-            self._writer.truncate(spool, size)
+            await self._writer.truncate(spool, size)
             return
         try:
             await self._writer.truncate_closed(node, size)

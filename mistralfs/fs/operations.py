@@ -143,7 +143,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh, off, buf):
-        return self.fs.write(fh, off, buf)
+        return await self.fs.write(fh, off, buf)
 
     @_fuse_errors
     async def flush(self, fh):

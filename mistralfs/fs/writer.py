@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
+import itertools
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from mistralfs.fs.activity import Activity, UploadProgress
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace
 from mistralfs.fs.reader import BlockReader
+from mistralfs.fs.spool import Spool, SpoolState, keep, new_spool, remove, spool_error
 
 log = logging.getLogger(__name__)
 
@@ -64,38 +64,6 @@ class Growing:
     activity_key: int
     done: trio.Event = field(default_factory=trio.Event)
     remote: RemoteFile | None = None  # what it stored, once done; None if it did not
-
-
-@dataclass(eq=False)
-class Spool:
-    """The local copy of a file being changed, shared by every handle open on it."""
-
-    node: FileNode
-    path: Path
-    fd: int
-    size: int = 0
-    # Changed by the program since the last upload: upload at the next close.
-    unflushed: bool = False
-    # Differs from the remote version, perhaps only by how it was opened (a new file,
-    # O_TRUNC): upload at the last close at the latest.
-    changed: bool = False
-    oversize: bool = False
-    handles: int = 0
-    closed_since_write: bool = False  # a descriptor was closed after the last write
-    upload_started: float | None = None  # wall clock, for recovery after a crash
-    meta_written: tuple[object, ...] = ()
-    meta_length: int = 0  # bytes of the note on disk: it is overwritten, never shortened
-    # Remote files to delete after the next upload (a rename's replaced target).
-    replaces: list[RemoteFile] = field(default_factory=list)
-    growing: Growing | None = None  # an upload under way while the file is written
-    appended_only: bool = True  # written from its first byte on, each write at the end
-    # The upload of the content as it stands failed, and that close reported it: the
-    # last release keeps it for recovery rather than sending the same bytes again.
-    upload_failed: bool = False
-
-    @property
-    def meta_path(self) -> Path:
-        return self.path.with_suffix(".json")
 
 
 class Writer:
@@ -126,110 +94,139 @@ class Writer:
         self._spool_dir = spool_dir
         self._recovery_dir = recovery_dir
         self._max_file_size = max_file_size
-        self._spools: dict[int, Spool] = {}
+        # Every spool with a handle on it, and per file the one its name shows.
+        self._open: set[Spool] = set()
+        self._current: dict[int, Spool] = {}
+        # Per file, the `closed_at` of the version whose content the account holds.
+        self._closes = itertools.count(1)
+        self._stored_close: dict[int, int] = {}
+        # Files whose kernel page cache may hold bytes that are not their content.
+        self._stale_pages: set[int] = set()
         self._uploads_in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
         spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def spool_for(self, node: FileNode) -> Spool | None:
-        return self._spools.get(node.inode)
+        """The version of `node` that its name shows and new opens share, if any."""
+        return self._current.get(node.inode)
+
+    def kernel_may_keep_pages(self, node: FileNode) -> bool:
+        """Whether an open of `node` may keep the kernel's cached pages; once per upload.
+
+        Two versions written at once leave the kernel's pages a mix of both programs'
+        writes, whichever upload won: the next open then has the kernel drop them.
+        """
+        if node.inode in self._stale_pages:
+            self._stale_pages.discard(node.inode)
+            return False
+        return True
+
+    def _versions(self, node: FileNode) -> list[Spool]:
+        return [spool for spool in self._open if spool.node is node]
 
     # -- opening ------------------------------------------------------------------
 
     def create(self, folder: Folder, name: str) -> Spool:
         """A new, empty file in `folder`, open once; it exists only locally until uploaded."""
         node = self._namespace.add_local(folder, name, now=int(time.time()))
-        spool = self._new_spool(node)
-        spool.changed = True  # even empty, it is a file to upload
+        try:
+            spool = self._new_version(node, SpoolState.OPENED)  # even empty, it is a file
+        except FsError:
+            self._namespace.detach(node)
+            raise
         spool.handles = 1
         return spool
 
     async def open_handle(self, node: FileNode, *, write: bool, truncate: bool) -> Spool | None:
         """Count a new handle on `node`; the spool it reads and writes, if it needs one.
 
-        A handle that only reads a file with no spool reads the remote content.
+        A handle that only reads a file with no spool reads the remote content. An open
+        that truncates starts a new version of the file, its own: another program
+        still writing the version before (two `cp` to one name) neither loses what it
+        wrote nor mixes it with this one, and whichever closes last is what the
+        account keeps.
         """
         async with node.lock:
-            spool = self._spools.get(node.inode)
-            if spool is None and write:
-                spool = await self._copy_on_write(node, truncate=truncate)
+            spool = self._current.get(node.inode)
+            if write and truncate:
+                spool = self._new_version(node, self._emptied_state(node, spool))
+            elif spool is None and write:
+                spool = await self._copy_on_write(node)
             if spool is None:
                 return None
             spool.handles += 1
-            if truncate:
-                self._truncate(spool, 0)
             return spool
 
-    async def _copy_on_write(self, node: FileNode, *, truncate: bool) -> Spool:
-        """A spool holding the remote content (none if it is about to be truncated)."""
+    @staticmethod
+    def _emptied_state(node: FileNode, current: Spool | None) -> SpoolState:
+        """An empty version is already what the account holds only if that is empty too."""
+        unchanged = current is None and node.remote is not None and node.remote.bytes == 0
+        return SpoolState.CLEAN if unchanged else SpoolState.OPENED
+
+    async def _copy_on_write(self, node: FileNode) -> Spool:
+        """A new current version holding the remote content."""
         assert node.remote is not None, "a local file always has a spool"
-        spool = self._new_spool(node)
-        if truncate:
-            spool.changed = node.remote.bytes != 0
-        else:
-            try:
-                await self._reader.copy_into(node.remote, spool.fd)
-            except BaseException:
-                self._discard(spool)
-                raise
-            spool.size = node.remote.bytes
-            spool.appended_only = False  # an edit, not a new file written in order
-        node.local_size = spool.size
+        spool = self._new_version(node, SpoolState.CLEAN)
+        try:
+            await self._reader.copy_into(node.remote, spool.fd)
+        except BaseException as exc:
+            self._discard(spool)
+            if isinstance(exc, OSError):
+                raise spool_error(node, exc) from exc
+            raise
+        spool.size = node.local_size = node.remote.bytes
+        spool.appended_only = False  # an edit, not a new file written in order
         return spool
 
-    def _new_spool(self, node: FileNode) -> Spool:
-        path = self._spool_dir / f"{uuid.uuid4().hex}.spool"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        spool = Spool(node=node, path=path, fd=fd)
-        self._write_meta(spool)
-        self._spools[node.inode] = spool
+    def _new_version(self, node: FileNode, state: SpoolState) -> Spool:
+        """An empty spool that becomes what `node`'s name shows; older ones keep their handles."""
+        spool = new_spool(self._spool_dir, node, state)
+        others = self._versions(node)
+        for version in [*others, spool] if others else []:
+            version.overlapped = True
+        self._open.add(spool)
+        self._current[node.inode] = spool
+        node.local_size = 0
         return spool
 
-    def _write_meta(self, spool: Spool) -> None:
-        """What the spool is and how far it got, so that a crash loses nothing.
-
-        At the next mount a spool whose file was closed after its last write (`complete`)
-        and not uploaded yet is uploaded; one still being written is kept for recovery.
-        """
-        node = spool.node
-        meta = {
-            "purpose": node.folder.purpose,
-            "filename": node.filename,
-            "complete": spool.closed_since_write,
-            "uploaded": not spool.changed,
-            "upload_started": spool.upload_started,
-            "replaces": [r.id for r in spool.replaces]
-            + ([node.remote.id] if node.remote is not None else []),
-        }
-        state = tuple(meta.values())
-        if state != spool.meta_written:
-            data = json.dumps(meta).encode()
-            _overwrite(spool.meta_path, data.ljust(spool.meta_length))
-            spool.meta_written = state
-            spool.meta_length = max(spool.meta_length, len(data))
+    def _retire(self, spool: Spool) -> None:
+        """`spool` is no longer what the name shows: the remote file is, if there is one."""
+        if self._current.get(spool.node.inode) is spool:
+            del self._current[spool.node.inode]
+            spool.node.local_size = None if spool.node.remote is not None else spool.size
 
     def _close(self, spool: Spool) -> None:
-        """The spool is no longer the file's content: the remote file is, if there is one."""
+        """The last handle on `spool` is gone."""
         self._stop_growing(spool, "the file was closed without being uploaded")
-        self._spools.pop(spool.node.inode, None)
+        self._retire(spool)
+        self._open.discard(spool)
         os.close(spool.fd)
-        spool.node.local_size = None if spool.node.remote is not None else spool.size
 
     def _discard(self, spool: Spool) -> None:
         self._close(spool)
-        spool.path.unlink(missing_ok=True)
-        spool.meta_path.unlink(missing_ok=True)
+        remove(spool.path)
 
     # -- changing -----------------------------------------------------------------
 
-    def write(self, spool: Spool, offset: int, data: bytes) -> int:
+    async def write(self, spool: Spool, offset: int, data: bytes) -> int:
+        await spool.settled()
+        if spool.refused is not None:
+            raise spool.refused
         if offset + len(data) > self._max_file_size:
-            spool.oversize = True
             self._stop_growing(spool, TOO_LARGE)
-            raise FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}")
+            raise spool.refuse(FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}"))
         appending = offset == spool.size
-        written = os.pwrite(spool.fd, data, offset)
+        try:
+            written = os.pwrite(spool.fd, data, offset)
+        except OSError as exc:
+            # Most often a full disk. What was written before is kept, never uploaded
+            # as if it were the whole file, and the version it replaces stays.
+            self._stop_growing(spool, "the spool could not be written")
+            error = spool.refuse(spool_error(spool.node, exc))
+            log.error("%s (after %d bytes)", error, spool.size)
+            spool.write_note()
+            raise error from exc
         spool.size = max(spool.size, offset + written)
         spool.appended_only = spool.appended_only and appending
         if spool.growing is not None:
@@ -240,35 +237,46 @@ class Writer:
                 self._stop_growing(spool, "a write before the end of the file")
         elif spool.size >= GROWING_START_BYTES and self._may_grow(spool):
             self._start_growing(spool)
-        spool.node.local_size = spool.size
-        state_changes = spool.closed_since_write or not spool.changed
-        spool.unflushed = spool.changed = True
-        spool.closed_since_write = spool.upload_failed = False
-        if state_changes:  # the note is rewritten only when what it says changes
-            self._write_meta(spool)
+        self._shown_size(spool)
+        note_changes = spool.closed_since_write or spool.state is not SpoolState.DIRTY
+        spool.become(SpoolState.DIRTY)
+        spool.closed_since_write = False
+        if note_changes:  # the note is rewritten only when what it says changes
+            spool.write_note()
         return written
+
+    def _shown_size(self, spool: Spool) -> None:
+        if self._current.get(spool.node.inode) is spool:
+            spool.node.local_size = spool.size
 
     def read(self, spool: Spool, offset: int, size: int) -> bytes:
         return os.pread(spool.fd, size, offset)
 
-    def truncate(self, spool: Spool, size: int) -> None:
+    async def truncate(self, spool: Spool, size: int) -> None:
         """`ftruncate` by the program: uploaded at the next close."""
+        await spool.settled()
         self._truncate(spool, size)
-        spool.unflushed = spool.unflushed or spool.changed
+        if spool.state is SpoolState.OPENED:
+            spool.become(SpoolState.DIRTY)
 
     def _truncate(self, spool: Spool, size: int) -> None:
+        if spool.refused is not None:
+            raise spool.refused
         if size > self._max_file_size:
             raise FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}")
         if size != spool.size:
             self._stop_growing(spool, "the file was truncated")
         if size == 0:
             spool.appended_only = True
-        os.ftruncate(spool.fd, size)
+        try:
+            os.ftruncate(spool.fd, size)
+        except OSError as exc:
+            raise spool_error(spool.node, exc) from exc
         if size != spool.size:
-            spool.changed = True
-            spool.upload_failed = False
-        spool.size = spool.node.local_size = size
-        self._write_meta(spool)
+            spool.become(SpoolState.DIRTY)
+        spool.size = size
+        self._shown_size(spool)
+        spool.write_note()
 
     def touched(self, spool: Spool) -> None:
         """The program acted on the file after opening it (`futimens`, `fchmod`, ...).
@@ -276,16 +284,20 @@ class Writer:
         So a close that follows is not a shell closing a descriptor it just duplicated,
         and a new or truncated file is uploaded by that close rather than afterwards.
         """
-        spool.unflushed = spool.unflushed or spool.changed
+        if spool.state is SpoolState.OPENED:
+            spool.become(SpoolState.DIRTY)
 
     async def truncate_closed(self, node: FileNode, size: int) -> None:
         """`truncate PATH` with no descriptor open: copy, truncate and upload now."""
         async with node.lock:
-            spool = self._spools.get(node.inode) or await self._copy_on_write(
-                node, truncate=size == 0
-            )
+            spool = self._current.get(node.inode)
+            if spool is None and size == 0:
+                spool = self._new_version(node, self._emptied_state(node, None))
+            elif spool is None:
+                spool = await self._copy_on_write(node)
             spool.handles += 1
             try:
+                await spool.settled()
                 self._truncate(spool, size)
                 if spool.changed:
                     await self._upload(spool)
@@ -302,13 +314,15 @@ class Writer:
         """
         node = spool.node
         spool.closed_since_write = True
-        if spool.oversize:
-            self._write_meta(spool)
-            raise FsError(errno.EFBIG, f"{node.name}: not uploaded, {TOO_LARGE}")
+        spool.closed_at = next(self._closes)
+        if spool.refused is not None:
+            spool.write_note()
+            raise FsError(spool.refused.errno, f"not uploaded: {spool.refused}")
         async with node.lock:
-            if not spool.unflushed or not node.attached:
-                self._write_meta(spool)
-            if not spool.unflushed:
+            dirty = spool.state is SpoolState.DIRTY
+            if not dirty or not node.attached:
+                spool.write_note()
+            if not dirty:
                 return
             if node.attached:
                 await self._upload(spool)  # which notes that it is complete, as it starts
@@ -326,33 +340,32 @@ class Writer:
         if spool.handles > 0:
             return
         node = spool.node
-        if spool.changed and node.attached and not spool.oversize and not spool.upload_failed:
+        unsent = spool.state in (SpoolState.OPENED, SpoolState.DIRTY)
+        if unsent and spool.closed_at < self._stored_close.get(node.inode, 0):
+            log.debug("%s/%s: a version closed later is stored; dropping this one",
+                      node.folder.purpose, node.name)  # fmt: skip
+            spool.become(SpoolState.SUPERSEDED)
+        if spool.state in (SpoolState.OPENED, SpoolState.DIRTY) and node.attached:
             with contextlib.suppress(FsError):  # logged by _upload; the spool is kept below
                 await self._upload(spool)
-        if spool.oversize:
+        if spool.refused is not None and not spool.worth_keeping:
             # The write past the limit failed and nothing was uploaded; the copy the
             # program was making is incomplete, so nothing worth keeping is left.
             log.info("%s/%s: dropping the incomplete copy of a file past 512 MB",
                      node.folder.purpose, node.name)  # fmt: skip
-        if spool.changed and not node.unlinked and not spool.oversize:
+        if spool.worth_keeping and not node.unlinked:
             self._close(spool)
             self._keep(spool)  # its upload failed: nothing the program wrote is lost
         else:
             self._discard(spool)
-        if node.remote is None:
+        if node.remote is None and not self._versions(node):
             self._namespace.detach(node)  # never uploaded: the name goes with the spool
 
     def _keep(self, spool: Spool) -> None:
-        self._recovery_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        kept = self._recovery_dir / spool.path.name
-        spool.path.rename(kept)
-        spool.meta_path.rename(kept.with_suffix(".json"))
-        log.warning(
-            "%s/%s was not uploaded; its content is kept at %s",
-            spool.node.folder.name,
-            spool.node.name,
-            kept,
-        )
+        kept = keep(spool.path, self._recovery_dir)
+        why = f" ({spool.refused})" if spool.refused is not None else ""
+        log.warning("%s/%s was not uploaded%s; its content (%d bytes) is kept at %s",
+                    spool.node.folder.name, spool.node.name, why, spool.size, kept)  # fmt: skip
 
     # -- renaming -----------------------------------------------------------------
 
@@ -368,20 +381,22 @@ class Writer:
         async with node.lock:
             started = time.monotonic()
             source = f"{node.folder.purpose}/{node.name}"
-            spool = self._spools.get(node.inode)
+            spool = self._current.get(node.inode)
             if spool is not None and node.remote is None and not spool.closed_since_write:
                 self._stop_growing(spool, "the file was renamed")
                 target, replaced = self._target(folder, name)
                 self._replace_name(node, target, folder, name)
                 spool.replaces.extend(replaced)
-                self._write_meta(spool)
+                spool.write_note()
                 log.info("renamed %s to %s/%s before its upload", source, folder.purpose, name)
                 return
             if spool is None:
-                spool = await self._copy_on_write(node, truncate=False)
+                spool = await self._copy_on_write(node)
             spool.handles += 1
             try:
-                remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
+                await spool.settled()
+                with spool.uploading():
+                    remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
                 if node.removed_here:
                     # Removed through this mount while it was uploaded under its new name:
                     # the removal wins, as if it had come first.
@@ -394,8 +409,7 @@ class Writer:
                 self._replace_name(node, target, folder, name)
                 old = [node.remote] if node.remote is not None else []
                 self._namespace.uploaded(node, remote)
-                spool.unflushed = spool.changed = False
-                self._write_meta(spool)
+                spool.write_note()
                 await self._delete_replaced(node, [*old, *spool.replaces, *replaced])
                 spool.replaces = []
             finally:
@@ -429,22 +443,27 @@ class Writer:
 
     async def _upload(self, spool: Spool) -> None:
         node = spool.node
-        try:
+        with spool.uploading(on_failure=SpoolState.FAILED):
             remote = await self._upload_as(
                 spool, filename=node.filename, purpose=node.folder.purpose
             )
-        except FsError:
-            spool.upload_failed = True
-            raise
         if not node.attached:
             await self._nameless_upload(spool, remote)
             return
         replaced = [node.remote] if node.remote is not None else []
         replaced += spool.replaces
         spool.replaces = []
-        spool.unflushed = spool.changed = False
         self._namespace.uploaded(node, remote)
-        self._write_meta(spool)
+        if spool.overlapped:
+            self._stale_pages.add(node.inode)
+        stored = self._stored_close.get(node.inode, 0)
+        self._stored_close[node.inode] = max(stored, spool.closed_at)
+        current = self._current.get(node.inode)
+        if current is not None and current is not spool and not current.changed:
+            # An older version, now older than what this close stored: the name shows
+            # this upload. One with changes not sent yet stays: its close comes later.
+            self._retire(current)
+        spool.write_note()
         await self._delete_replaced(node, replaced)
 
     async def _nameless_upload(self, spool: Spool, remote: RemoteFile) -> None:
@@ -456,8 +475,7 @@ class Writer:
         it; it is not attached to the node the listing dropped.
         """
         node = spool.node
-        spool.unflushed = spool.changed = False
-        self._write_meta(spool)
+        spool.write_note()
         where = f"{node.folder.purpose}/{node.name}"
         if node.removed_here:
             why = f"{where} went while it was uploaded"
@@ -477,7 +495,7 @@ class Writer:
             self._upload_began()
         else:
             key = growing.activity_key
-        self._write_meta(spool)
+        spool.write_note()
         progress = self._activity.progress(key)
         progress.total = spool.size
         error: str | None = "cancelled"
@@ -538,7 +556,7 @@ class Writer:
             spool.appended_only
             and spool.upload_started is None
             and spool.node.attached
-            and not spool.oversize
+            and spool.refused is None
             and self._client.sends_growing_uploads
         )
 
@@ -555,7 +573,7 @@ class Writer:
         )
         spool.growing = Growing(file, upload, progress, key)
         spool.upload_started = time.time()
-        self._write_meta(spool)
+        spool.write_note()
         self._upload_began()
         self._nursery.start_soon(self._send_growing, spool.growing)
 
@@ -631,31 +649,14 @@ class Writer:
 
     def unlinked(self, node: FileNode) -> None:
         """`node` was deleted while open: an upload under way must not store it."""
-        spool = self._spools.get(node.inode)
-        if spool is not None:
+        for spool in self._versions(node):
             self._stop_growing(spool, "the file was deleted")
 
     def pending(self) -> int:
         """Files changed through an open descriptor and not uploaded yet."""
-        return sum(1 for spool in self._spools.values() if spool.changed)
+        return sum(1 for spool in self._open if spool.changed)
 
     async def wait_idle(self) -> None:
         """Return once no upload is in flight."""
         while self._uploads_in_flight:
             await self._idle.wait()
-
-
-def _overwrite(path: Path, data: bytes) -> None:
-    """Write `data` over the start of `path` in one `pwrite`, without truncating it.
-
-    Truncating a file that holds data makes ext4 write it out when it is closed
-    (`auto_da_alloc`), which made each rewrite of a spool's note cost as much as a
-    fifth of a small file's upload. Callers pad `data` (JSON allows trailing spaces)
-    to at least the length already there, so no stale bytes remain; and a daemon
-    killed mid-way leaves the old note or the new one, never a mix.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        os.pwrite(fd, data, 0)
-    finally:
-        os.close(fd)
