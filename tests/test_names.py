@@ -74,11 +74,6 @@ def test_only_names_that_come_back_the_same_are_storable() -> None:
 
 
 @pytest.mark.fuse
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs operations.py to refuse names that are not names.storable() with EINVAL "
-    "at create and rename (issue 14 item 10); remove this mark with that change",
-)
 def test_a_name_shows_the_same_before_and_after_a_remount(
     emulator_process: RunningEmulator, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ import pyfuse3
 from mistralfs.fs.attributes import BLOCK, Attributes
 from mistralfs.fs.errors import FsError
 from mistralfs.fs.filesystem import Filesystem
-from mistralfs.fs.names import NAME_MAX
+from mistralfs.fs.names import NAME_MAX, storable
 from mistralfs.fs.namespace import Node
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,14 @@ def _name(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise FsError(errno.EINVAL, "file names must be valid UTF-8") from None
+
+
+def _new_name(raw: bytes) -> str:
+    """A name to create or rename to: only one the service keeps, so a remount shows it."""
+    name = _name(raw)
+    if not storable(name):
+        raise FsError(errno.EINVAL, f"{name!r}: remote file names cannot hold control characters")
+    return name
 
 
 class Operations(pyfuse3.Operations):
@@ -134,7 +142,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, node = self.fs.create(parent_inode, _name(name))
+        fh, node = self.fs.create(parent_inode, _new_name(name))
         return pyfuse3.FileInfo(fh=fh), self._attrs(node)
 
     @_fuse_errors
@@ -186,7 +194,7 @@ class Operations(pyfuse3.Operations):
             parent_inode_old,
             _name(name_old),
             parent_inode_new,
-            _name(name_new),
+            _new_name(name_new),
             replace=not flags & pyfuse3.RENAME_NOREPLACE,
         )
 
