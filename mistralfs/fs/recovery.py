@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import trio
 
 from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
+from mistralfs.fs.spool import keep, remove
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,17 @@ async def recover(client: FilesClient, spools: list[Path], recovery_dir: Path) -
         where = f"{meta.get('purpose', '?')}/{meta.get('filename', spool.name)}"
         if meta.get("uploaded") and meta.get("complete"):
             log.info("recovery: %s was already uploaded; dropping its spool", where)
-            _remove(spool, meta_path)
+            remove(spool)
         elif meta.get("complete") and meta.get("purpose") and meta.get("filename"):
-            await _upload(client, spool, meta_path, meta, where, recovery_dir)
+            await _upload(client, spool, meta, where, recovery_dir)
         else:
-            kept = _keep(spool, meta_path, recovery_dir)
+            kept = keep(spool, recovery_dir)
             log.warning("recovery: %s was still being written at the crash; kept at %s",
                         where, kept)  # fmt: skip
 
 
 async def _upload(
-    client: FilesClient, spool: Path, meta_path: Path, meta: dict, where: str, recovery_dir: Path
+    client: FilesClient, spool: Path, meta: dict, where: str, recovery_dir: Path
 ) -> None:
     try:
         remote = await _already_uploaded(client, spool, meta)
@@ -76,10 +76,10 @@ async def _upload(
                 except NotFound:
                     pass
     except ApiError as exc:
-        kept = _keep(spool, meta_path, recovery_dir)
+        kept = keep(spool, recovery_dir)
         log.error("recovery: could not upload %s (%s); kept at %s", where, exc, kept)
         return
-    _remove(spool, meta_path)
+    remove(spool)
 
 
 async def _already_uploaded(client: FilesClient, spool: Path, meta: dict) -> RemoteFile | None:
@@ -109,17 +109,3 @@ def _size_and_md5(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
-
-
-def _keep(spool: Path, meta_path: Path, recovery_dir: Path) -> Path:
-    recovery_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    kept = recovery_dir / spool.name
-    shutil.move(spool, kept)
-    if meta_path.exists():
-        shutil.move(meta_path, kept.with_suffix(".json"))
-    return kept
-
-
-def _remove(spool: Path, meta_path: Path) -> None:
-    spool.unlink(missing_ok=True)
-    meta_path.unlink(missing_ok=True)
