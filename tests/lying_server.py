@@ -35,9 +35,10 @@ class LyingServer:
         self._rule(method="GET", path_prefix="/v1/files", lie={"records": list(records)},
                    times=times)  # fmt: skip
 
-    def listings_never_end(self) -> None:
-        """Every listing page is full of new files, and the total always lies ahead."""
-        self._rule(method="GET", path_prefix="/v1/files", lie={"endless": True}, times=None)
+    def listings_never_end(self, *, with_total: bool = True) -> None:
+        """Every listing page is full of new files, and the total (if any) lies ahead."""
+        lie = {"endless": True, "total": with_total}
+        self._rule(method="GET", path_prefix="/v1/files", lie=lie, times=None)
 
     def bodies_longer_by(self, extra: int, *, with_length: bool = False) -> None:
         """Content and ranges carry `extra` bytes more than asked (and than Content-Range

@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import subprocess
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,11 +22,13 @@ import httpx
 import pytest
 import trio
 from conftest import RunningEmulator
+from emulator_admin import requests
 from lying_server import LyingServer
 from mistralai.client import Mistral
 from mounting import Mounted, mount
 
 from mistralfs.api import (
+    ApiError,
     FilesClient,
     GrowingFile,
     ProtocolError,
@@ -139,6 +142,61 @@ def test_a_lying_upload_answer_fails_close_and_rm_spares_the_other_file(
     kept = [p.read_bytes() for p in (lying_mount.cache_dir / "recovery").glob("*.spool")]
     assert kept == [MINE]
     assert other.id in lying_mount.log()
+
+
+# -- 4. listings must end -----------------------------------------------------------------
+
+
+async def test_a_listing_whose_total_runs_ahead_stops_at_the_total(
+    client: FilesClient, lies: LyingServer
+) -> None:
+    await switch(lies.listings_never_end, with_total=True)
+    with trio.fail_after(FAST.total_budget + MARGIN):
+        files = await client.list_all(page_size=100)
+    # Page 0 said 200 files: its two pages, and one more for files added meanwhile.
+    assert len(files) == 300
+
+
+async def test_a_listing_that_never_ends_gives_up_within_the_retry_time(
+    client: FilesClient, lies: LyingServer
+) -> None:
+    await switch(lies.listings_never_end, with_total=False)
+    tracemalloc.start()
+    started = trio.current_time()
+    try:
+        with pytest.raises(ApiError):
+            await client.list_all(page_size=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert trio.current_time() - started < FAST.total_budget + MARGIN
+    assert peak < 400 * 2**20, peak
+
+
+def test_ls_of_a_listing_that_never_ends_fails_in_time_and_its_fetch_stops(
+    lying_mount: Mounted, emulator_process: RunningEmulator
+) -> None:
+    LyingServer(emulator_process).listings_never_end(with_total=False)
+    started = time.monotonic()
+    ls = subprocess.run(["ls", lying_mount / "batch"], capture_output=True, text=True,
+                        timeout=60)  # fmt: skip
+    assert ls.returncode != 0 and "Input/output error" in ls.stderr, ls
+    assert time.monotonic() - started < RETRY_TIME + MARGIN
+    # Killed while it waits: the fetch stops too, within the retry time.
+    ls2 = subprocess.Popen(["ls", lying_mount / "fine-tune"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(0.5)
+    ls2.kill()
+    ls2.wait()
+    time.sleep(RETRY_TIME + MARGIN)
+    before = _listing_requests(emulator_process)
+    time.sleep(1.0)
+    assert _listing_requests(emulator_process) == before
+
+
+def _listing_requests(emulator: RunningEmulator) -> int:
+    listed = requests(emulator.url, emulator.api_key)
+    return sum(1 for r in listed if r["path"] == "/v1/files")
 
 
 # -- 5. reads bounded by what was asked ---------------------------------------------------

@@ -69,6 +69,9 @@ DEFAULT_SERVER_URL = "https://api.mistral.ai"
 CONNECT_TIMEOUT = 10.0
 MAX_ERROR_BODY = 64 * 1024
 MAX_JSON_BODY = 64 * 1024 * 1024
+# A listing is read no further than this many files (about 0.5 KiB of memory each):
+# a server whose pages never end must not take all the memory there is.
+MAX_LISTED_FILES = 500_000
 MAX_ODD_RECORDS = 10_000  # bad listing records remembered, so that each is warned about once
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
 MAX_DIRECT_UPLOADS = 4  # worker threads sending whole files at once
@@ -511,8 +514,11 @@ class FilesClient:
         sources: Sequence[str] = (),
         mimetypes: Sequence[str] = (),
         include_total: bool = True,
+        deadline: float | None = None,
     ) -> FilePage:
-        """One page of ``GET /v1/files``; array filters are sent as repeated keys."""
+        """One page of ``GET /v1/files``; array filters are sent as repeated keys.
+
+        ``deadline`` (trio clock) bounds it, retries included, as in `_call`."""
         params: list[tuple[str, str]] = [
             ("page", str(page)),
             ("page_size", str(page_size)),
@@ -525,7 +531,7 @@ class FilesClient:
         params += [("sample_type", v) for v in sample_types]
         params += [("source", v) for v in sources]
         params += [("mimetypes", v) for v in mimetypes]
-        data = await self._json_call("GET", "/v1/files", params=params)
+        data = await self._json_call("GET", "/v1/files", params=params, deadline=deadline)
         url = self._api_url("/v1/files")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise ProtocolError(
@@ -581,6 +587,12 @@ class FilesClient:
         fetched at once (bounded by ``max_parallel``), because a listing is
         what ``ls`` waits on. Without ``total``, pages are read one by one
         until a short page.
+
+        A listing ends, whatever the service says: at the pages ``total`` makes
+        (and one more, for files added meanwhile), at a page that brings no file
+        not seen, or past ``MAX_LISTED_FILES`` (ProtocolError); and all of it within
+        the retry policy's ``total_budget`` (Unavailable), so that a listing nobody
+        waits for any more stops too.
         """
         if page_size < 1:
             raise ValueError("page_size must be >= 1")
@@ -591,9 +603,19 @@ class FilesClient:
             "sources": sources,
             "mimetypes": mimetypes,
         }
+        url = self._api_url("/v1/files")
+        deadline = trio.current_time() + self._retry.total_budget
+        filters["deadline"] = deadline
         first = await self.list_files(page=0, page_size=page_size, include_total=True, **filters)
         pages: dict[int, list[RemoteFile]] = {0: first.files}
         total = first.total
+        if total is not None and total > MAX_LISTED_FILES:
+            raise ProtocolError(
+                f"the listing says it holds {total} files, more than the {MAX_LISTED_FILES} "
+                "a listing is read for",
+                method="GET",
+                url=url,
+            )
         if total is not None and len(first.files) < min(page_size, total) and first.files:
             # The service capped the page size: page offsets follow its size, not ours.
             logger.debug("page size capped by the service at %d", len(first.files))
@@ -619,8 +641,21 @@ class FilesClient:
         # alone is one consistent answer: if it holds all ``total`` files, that is all.
         complete = total is not None and len(first.files) >= total
         seen = {f.id for files in pages.values() for f in files}
-        while not complete and len(pages[last_page]) == page_size:
+        tail = 1 if total is not None else math.inf  # pages past those ``total`` makes
+        while not complete and len(pages[last_page]) == page_size and tail > 0:
+            if len(seen) >= MAX_LISTED_FILES:
+                raise ProtocolError(
+                    f"the listing goes on past {MAX_LISTED_FILES} files", method="GET", url=url
+                )
+            if trio.current_time() >= deadline:
+                raise Unavailable(
+                    f"the listing did not end within {self._retry.total_budget:g}s "
+                    f"({len(seen)} files in {last_page + 1} pages)",
+                    method="GET",
+                    url=url,
+                )
             last_page += 1
+            tail -= 1
             result = await self.list_files(
                 page=last_page, page_size=page_size, include_total=False, **filters
             )

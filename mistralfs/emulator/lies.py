@@ -16,7 +16,7 @@ Each lies only where it can (a rule's other requests go through untouched):
   ``data`` (and ``total`` grows by as many), say one with ``"bytes": -5``.
 - ``{"endless": true}``: a listing whose every page is full of files never seen
   before, with a ``total`` always two pages past the page asked for; nothing real
-  is listed.
+  is listed. ``"total": false`` leaves the total out of every page.
 - ``{"extra_bytes": N}``: the body (a signed URL's 206 range, a ``/content``)
   goes on for N more bytes than its headers say it holds; ``"length": true``
   also raises ``Content-Length`` by N (an honest frame around a lying range),
@@ -54,12 +54,13 @@ class Lie:
     endless: bool = False
     extra_bytes: int = 0
     length: bool = False
+    total: bool = True
 
     @classmethod
     def from_json(cls, spec: Any) -> Lie:
         if not isinstance(spec, dict):
             raise LieSpecError("a lie must be a JSON object")
-        unknown = set(spec) - {"fields", "records", "endless", "extra_bytes", "length"}
+        unknown = set(spec) - {"fields", "records", "endless", "extra_bytes", "length", "total"}
         if unknown:
             raise LieSpecError(f"unknown lie fields: {sorted(unknown)}")
         switches = [k for k in ("fields", "records", "endless", "extra_bytes") if k in spec]
@@ -67,6 +68,7 @@ class Lie:
             raise LieSpecError("a lie sets one of fields, records, endless, extra_bytes")
         fields, records = spec.get("fields", {}), spec.get("records", [])
         extra, length = spec.get("extra_bytes", 0), spec.get("length", False)
+        total = spec.get("total", True)
         if not isinstance(fields, dict) or (not fields and "fields" in spec):
             raise LieSpecError("fields must be a non-empty JSON object")
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -75,9 +77,9 @@ class Lie:
             raise LieSpecError("endless must be true")
         if type(extra) is not int or not 0 <= extra <= MAX_EXTRA_BYTES:
             raise LieSpecError(f"extra_bytes must be an integer in 0..{MAX_EXTRA_BYTES}")
-        if type(length) is not bool:
-            raise LieSpecError("length must be true or false")
-        return cls(fields, records, "endless" in spec, extra, length)
+        if type(length) is not bool or type(total) is not bool:
+            raise LieSpecError("length and total must be true or false")
+        return cls(fields, records, "endless" in spec, extra, length, total)
 
     def applies_to(self, route: str | None) -> bool:
         """Listing lies lie about listings, body lies about content, fields about JSON."""
@@ -91,7 +93,7 @@ class Lie:
         if self.fields:
             return {"fields": self.fields}
         if self.endless:
-            return {"endless": True}
+            return {"endless": True, "total": self.total}
         if self.extra_bytes:
             return {"extra_bytes": self.extra_bytes, "length": self.length}
         return {"records": self.records}
@@ -99,7 +101,7 @@ class Lie:
     async def tell(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve the request through `app`, with this lie in its answer."""
         if self.endless:
-            await _answer_json(send, 200, _endless_page(scope))
+            await _answer_json(send, 200, _endless_page(scope, self.total))
         elif self.extra_bytes:
             await app(scope, receive, _padding(send, self.extra_bytes, self.length))
         else:
@@ -149,8 +151,8 @@ async def _rewrite_json(
     await _answer_json(send, status, rewrite(data))
 
 
-def _endless_page(scope: Scope) -> dict[str, Any]:
-    """A full page of files never listed before, and a total past it."""
+def _endless_page(scope: Scope, with_total: bool) -> dict[str, Any]:
+    """A full page of files never listed before, and a total past it (if any)."""
     query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
     page = int(query.get("page", ["0"])[0] or 0)
     size = int(query.get("page_size", ["100"])[0] or 100)
@@ -172,7 +174,8 @@ def _endless_page(scope: Scope) -> dict[str, Any]:
         }
         for i in range(size)
     ]
-    return {"data": data, "object": "list", "total": (page + 2) * size}
+    total = (page + 2) * size if with_total else None
+    return {"data": data, "object": "list", "total": total}
 
 
 def _padding(send: Send, extra: int, keep_length: bool) -> Send:
