@@ -23,7 +23,7 @@ from mistralai.client import Mistral
 from mounting import mount, remote_files
 from test_operations import Stack, expect_missing, make_stack, remote_state, upload
 
-from mistralfs.fs.writer import GROWING_START_BYTES
+from mistralfs.fs.uploads import GROWING_START_BYTES
 
 MiB = 1 << 20
 

@@ -31,7 +31,8 @@ from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.operations import Operations
 from mistralfs.fs.reader import BlockReader
-from mistralfs.fs.writer import GROWING_START_BYTES, Writer
+from mistralfs.fs.uploads import GROWING_START_BYTES
+from mistralfs.fs.writer import Writer
 
 ROOT = pyfuse3.ROOT_INODE
 BLOCK = 64 * 1024

@@ -20,7 +20,8 @@ from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Root
 from mistralfs.fs.readahead import FolderReadahead
 from mistralfs.fs.reader import BlockReader, ReadState
-from mistralfs.fs.writer import Spool, Writer
+from mistralfs.fs.spool import Spool
+from mistralfs.fs.writer import Writer
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from mistralfs.fs.errors import FsError
 
 if TYPE_CHECKING:
     from mistralfs.fs.namespace import FileNode
-    from mistralfs.fs.writer import Growing
+    from mistralfs.fs.uploads import Growing
 
 log = logging.getLogger(__name__)
 

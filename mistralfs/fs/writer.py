@@ -5,6 +5,8 @@ Remote files cannot be changed in place, so every change is a new upload:
 - changing an uploaded file (append, truncate, `O_RDWR`, an editor's save) first
   copies its content into a spool (copy-on-write), and `O_TRUNC` starts an empty one;
 - a rename of an uploaded file uploads its content again under the new name and purpose.
+Each `O_TRUNC` open starts a version of the file of its own (`spool.Spool`), so that
+two programs writing one name never mix their bytes: the version closed last wins.
 In every case the version being replaced is deleted only after the new upload
 succeeded, and a spool whose upload did not succeed is moved to the recovery folder
 instead of being deleted.
@@ -12,6 +14,7 @@ instead of being deleted.
 The first `close()` after data was written (FUSE `flush`) uploads and returns the
 upload's outcome, because errors from `release` reach nobody. Changes made without
 writing (a truncate, an empty new file) are uploaded when the last descriptor closes.
+The sending itself, whole or while a new file is written, is `uploads.Uploader`'s.
 """
 
 from __future__ import annotations
@@ -22,48 +25,21 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from mistralfs.api import (
-    ApiError,
-    FilesClient,
-    GrowingFile,
-    GrowingUpload,
-    NotFound,
-    RemoteFile,
-    StreamAbandoned,
-)
-from mistralfs.fs.activity import Activity, UploadProgress
-from mistralfs.fs.errors import FsError, errno_for
+from mistralfs.api import FilesClient, RemoteFile
+from mistralfs.fs.activity import Activity
+from mistralfs.fs.errors import FsError
 from mistralfs.fs.namespace import FileNode, Folder, Namespace
 from mistralfs.fs.reader import BlockReader
 from mistralfs.fs.spool import Spool, SpoolState, keep, new_spool, remove, spool_error
+from mistralfs.fs.uploads import GROWING_START_BYTES, Uploader
 
 log = logging.getLogger(__name__)
 
 TOO_LARGE = "files are limited to 512 MB"
-# A new file is uploaded while it is written once it holds this much, written from its
-# first byte on; smaller files are sent whole at close, in one piece.
-GROWING_START_BYTES = 4 << 20
-
-
-@dataclass(eq=False)
-class Growing:
-    """An upload started at a new file's first write, following the spool as it grows.
-
-    Programs that copy a file in write it from start to end and then close it; the
-    upload is under way meanwhile, so the close waits only for what is left of it.
-    """
-
-    file: GrowingFile
-    upload: GrowingUpload
-    progress: UploadProgress
-    activity_key: int
-    done: trio.Event = field(default_factory=trio.Event)
-    remote: RemoteFile | None = None  # what it stored, once done; None if it did not
 
 
 class Writer:
@@ -86,11 +62,8 @@ class Writer:
         recovery_dir: Path,
         max_file_size: int,
     ) -> None:
-        self._client = client
         self._namespace = namespace
         self._reader = reader
-        self._activity = activity
-        self._nursery = nursery
         self._spool_dir = spool_dir
         self._recovery_dir = recovery_dir
         self._max_file_size = max_file_size
@@ -102,9 +75,7 @@ class Writer:
         self._stored_close: dict[int, int] = {}
         # Files whose kernel page cache may hold bytes that are not their content.
         self._stale_pages: set[int] = set()
-        self._uploads_in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self._uploads = Uploader(client, namespace, reader, activity, nursery)
         spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def spool_for(self, node: FileNode) -> Spool | None:
@@ -198,7 +169,7 @@ class Writer:
 
     def _close(self, spool: Spool) -> None:
         """The last handle on `spool` is gone."""
-        self._stop_growing(spool, "the file was closed without being uploaded")
+        self._uploads.stop_growing(spool, "the file was closed without being uploaded")
         self._retire(spool)
         self._open.discard(spool)
         os.close(spool.fd)
@@ -214,7 +185,7 @@ class Writer:
         if spool.refused is not None:
             raise spool.refused
         if offset + len(data) > self._max_file_size:
-            self._stop_growing(spool, TOO_LARGE)
+            self._uploads.stop_growing(spool, TOO_LARGE)
             raise spool.refuse(FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}"))
         appending = offset == spool.size
         try:
@@ -222,7 +193,7 @@ class Writer:
         except OSError as exc:
             # Most often a full disk. What was written before is kept, never uploaded
             # as if it were the whole file, and the version it replaces stays.
-            self._stop_growing(spool, "the spool could not be written")
+            self._uploads.stop_growing(spool, "the spool could not be written")
             error = spool.refuse(spool_error(spool.node, exc))
             log.error("%s (after %d bytes)", error, spool.size)
             spool.write_note()
@@ -234,9 +205,9 @@ class Writer:
                 spool.growing.file.grew(spool.size)
                 spool.growing.progress.total = spool.size
             else:
-                self._stop_growing(spool, "a write before the end of the file")
-        elif spool.size >= GROWING_START_BYTES and self._may_grow(spool):
-            self._start_growing(spool)
+                self._uploads.stop_growing(spool, "a write before the end of the file")
+        elif spool.size >= GROWING_START_BYTES and self._uploads.may_grow(spool):
+            self._uploads.start_growing(spool)
         self._shown_size(spool)
         note_changes = spool.closed_since_write or spool.state is not SpoolState.DIRTY
         spool.become(SpoolState.DIRTY)
@@ -265,7 +236,7 @@ class Writer:
         if size > self._max_file_size:
             raise FsError(errno.EFBIG, f"{spool.node.name}: {TOO_LARGE}")
         if size != spool.size:
-            self._stop_growing(spool, "the file was truncated")
+            self._uploads.stop_growing(spool, "the file was truncated")
         if size == 0:
             spool.appended_only = True
         try:
@@ -383,7 +354,7 @@ class Writer:
             source = f"{node.folder.purpose}/{node.name}"
             spool = self._current.get(node.inode)
             if spool is not None and node.remote is None and not spool.closed_since_write:
-                self._stop_growing(spool, "the file was renamed")
+                self._uploads.stop_growing(spool, "the file was renamed")
                 target, replaced = self._target(folder, name)
                 self._replace_name(node, target, folder, name)
                 spool.replaces.extend(replaced)
@@ -396,12 +367,12 @@ class Writer:
             try:
                 await spool.settled()
                 with spool.uploading():
-                    remote = await self._upload_as(spool, filename=name, purpose=folder.purpose)
+                    remote = await self._uploads.send(spool, filename=name, purpose=folder.purpose)
                 if node.removed_here:
                     # Removed through this mount while it was uploaded under its new name:
                     # the removal wins, as if it had come first.
                     why = f"{source} went while it was renamed"
-                    await self._delete_replaced(node, [remote], why=why)
+                    await self._uploads.delete(node, [remote], why=why)
                     raise FsError(errno.ENOENT, f"{source} was removed while being renamed")
                 # Whatever holds the name now is replaced, not what held it before the
                 # upload: its own upload may have ended meanwhile.
@@ -410,7 +381,7 @@ class Writer:
                 old = [node.remote] if node.remote is not None else []
                 self._namespace.uploaded(node, remote)
                 spool.write_note()
-                await self._delete_replaced(node, [*old, *spool.replaces, *replaced])
+                await self._uploads.delete(node, [*old, *spool.replaces, *replaced])
                 spool.replaces = []
             finally:
                 await self._release(spool)
@@ -444,7 +415,7 @@ class Writer:
     async def _upload(self, spool: Spool) -> None:
         node = spool.node
         with spool.uploading(on_failure=SpoolState.FAILED):
-            remote = await self._upload_as(
+            remote = await self._uploads.send(
                 spool, filename=node.filename, purpose=node.folder.purpose
             )
         if not node.attached:
@@ -464,7 +435,7 @@ class Writer:
             # this upload. One with changes not sent yet stays: its close comes later.
             self._retire(current)
         spool.write_note()
-        await self._delete_replaced(node, replaced)
+        await self._uploads.delete(node, replaced)
 
     async def _nameless_upload(self, spool: Spool, remote: RemoteFile) -> None:
         """The file lost its name while its upload was under way.
@@ -479,178 +450,17 @@ class Writer:
         where = f"{node.folder.purpose}/{node.name}"
         if node.removed_here:
             why = f"{where} went while it was uploaded"
-            await self._delete_replaced(node, [remote, *spool.replaces], why=why)
+            await self._uploads.delete(node, [remote, *spool.replaces], why=why)
         else:
             log.warning("%s was deleted elsewhere while its new content was uploaded; that "
                         "content is kept as %s", where, remote.id)  # fmt: skip
-            await self._delete_replaced(node, spool.replaces)
+            await self._uploads.delete(node, spool.replaces)
         spool.replaces = []
-
-    async def _upload_as(self, spool: Spool, *, filename: str, purpose: str) -> RemoteFile:
-        node = spool.node
-        growing = self._finish_growing(spool, filename, purpose)
-        if growing is None:
-            spool.upload_started = time.time()
-            key = self._activity.start_upload(filename, purpose, spool.size)
-            self._upload_began()
-        else:
-            key = growing.activity_key
-        spool.write_note()
-        progress = self._activity.progress(key)
-        progress.total = spool.size
-        error: str | None = "cancelled"
-        try:
-            remote = None
-            if growing is not None:
-                # Whatever went wrong with it, the whole file is sent once more: a refusal
-                # may be of the chunked body rather than of the content, and the second
-                # answer is the one that reaches the program.
-                await growing.done.wait()
-                remote = growing.remote
-            if remote is None:
-                with self._namespace.uploading(purpose, filename):
-                    remote = await self._client.upload(
-                        spool.path,
-                        filename=filename,
-                        purpose=purpose,
-                        progress=progress.update,
-                        after=growing.upload if growing is not None else None,
-                    )
-            error = None
-        except ApiError as exc:
-            error = str(exc)
-            log.error("upload of %s/%s failed: %s", node.folder.name, node.name, exc)
-            raise FsError(errno_for(exc), str(exc)) from exc
-        except OSError as exc:  # the spool itself could not be read
-            error = f"reading {spool.path}: {exc}"
-            log.error("upload of %s/%s failed reading %s: %s", node.folder.name, node.name,
-                      spool.path, exc)  # fmt: skip
-            raise FsError(errno.EIO, str(exc)) from exc
-        finally:
-            seconds = self._activity.finish_upload(key, error)
-            self._upload_ended()
-        log.info(
-            "uploaded %s/%s: %d bytes as %s in %.2f s",
-            purpose,
-            filename,
-            remote.bytes,
-            remote.id,
-            seconds,
-        )
-        return remote
-
-    def _upload_began(self) -> None:
-        self._uploads_in_flight += 1
-        self._idle = trio.Event()
-
-    def _upload_ended(self) -> None:
-        self._uploads_in_flight -= 1
-        if self._uploads_in_flight == 0:
-            self._idle.set()
-
-    # -- uploading while the file is written -----------------------------------------
-
-    def _may_grow(self, spool: Spool) -> bool:
-        """Whether `spool` is a new file being written from start to end, never sent yet."""
-        return (
-            spool.appended_only
-            and spool.upload_started is None
-            and spool.node.attached
-            and spool.refused is None
-            and self._client.sends_growing_uploads
-        )
-
-    def _start_growing(self, spool: Spool) -> None:
-        """Start uploading a new file while it is written, from its first byte."""
-        node = spool.node
-        filename, purpose = node.filename, node.folder.purpose
-        file = GrowingFile()
-        file.grew(spool.size)
-        key = self._activity.start_upload(filename, purpose, spool.size)
-        progress = self._activity.progress(key)
-        upload = self._client.growing_upload(
-            spool.path, file, filename=filename, purpose=purpose, progress=progress.update
-        )
-        spool.growing = Growing(file, upload, progress, key)
-        spool.upload_started = time.time()
-        spool.write_note()
-        self._upload_began()
-        self._nursery.start_soon(self._send_growing, spool.growing)
-
-    async def _send_growing(self, growing: Growing) -> None:
-        upload = growing.upload
-        try:
-            with self._namespace.uploading(upload.purpose, upload.filename):
-                growing.remote = await upload.run()
-        except StreamAbandoned as exc:
-            log.debug("%s/%s: upload while writing stopped: %s", upload.purpose,
-                      upload.filename, exc)  # fmt: skip
-        except Exception as exc:  # the file is uploaded whole once closed instead
-            log.info(
-                "%s/%s: the upload started while writing failed (%s); uploading the whole "
-                "file once it is closed",
-                upload.purpose,
-                upload.filename,
-                exc,
-            )
-        finally:
-            growing.done.set()
-
-    def _stop_growing(self, spool: Spool, reason: str) -> None:
-        """The file changed in a way the upload under way cannot follow: stop it.
-
-        Its activity entry and in-flight count are released once it has stopped.
-        The file is uploaded whole at the next close, as any other change.
-        """
-        growing, spool.growing = spool.growing, None
-        if growing is None:
-            return
-        growing.file.abandon(reason)
-        self._nursery.start_soon(self._forget_growing, growing)
-
-    async def _forget_growing(self, growing: Growing) -> None:
-        await growing.done.wait()
-        self._activity.drop_upload(growing.activity_key)
-        self._upload_ended()
-
-    def _finish_growing(self, spool: Spool, filename: str, purpose: str) -> Growing | None:
-        """The upload under way for `spool`, told that the file is complete, if it fits.
-
-        One started under another name or purpose is stopped instead.
-        """
-        growing = spool.growing
-        if growing is None:
-            return None
-        if (growing.upload.filename, growing.upload.purpose) != (filename, purpose):
-            self._stop_growing(spool, "the file was renamed")
-            return None
-        spool.growing = None
-        growing.file.finish(spool.size)
-        return growing
-
-    async def _delete_replaced(
-        self, node: FileNode, replaced: list[RemoteFile], *, why: str = ""
-    ) -> None:
-        """The new upload succeeded, so the versions it replaces can go."""
-        why = why or f"replaced {node.folder.purpose}/{node.name}"
-        for old in replaced:
-            started = time.monotonic()
-            self._namespace.forget_id(old.id)
-            self._reader.forget(old.id)
-            try:
-                await self._client.delete(old.id)
-            except NotFound:
-                continue
-            except ApiError as exc:
-                log.error("%s: could not delete %s: %s", why, old.id, exc)
-                continue
-            log.info("%s: deleted %s/%s, %d bytes, %s in %.2f s", why, old.purpose,
-                     old.filename, old.bytes, old.id, time.monotonic() - started)  # fmt: skip
 
     def unlinked(self, node: FileNode) -> None:
         """`node` was deleted while open: an upload under way must not store it."""
         for spool in self._versions(node):
-            self._stop_growing(spool, "the file was deleted")
+            self._uploads.stop_growing(spool, "the file was deleted")
 
     def pending(self) -> int:
         """Files changed through an open descriptor and not uploaded yet."""
@@ -658,5 +468,4 @@ class Writer:
 
     async def wait_idle(self) -> None:
         """Return once no upload is in flight."""
-        while self._uploads_in_flight:
-            await self._idle.wait()
+        await self._uploads.wait_idle()
