@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
 from mistralfs.fs.errors import FsError, errno_for
-from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Root
+from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
 from mistralfs.fs.reader import BlockReader, ReadState
 from mistralfs.fs.spool import Spool
@@ -274,9 +274,8 @@ class Filesystem:
             remote = node.remote
             await self._delete_remote(node, remote, name)
             deleted.add(remote.id)
-        node.unlinked = True
+        self.namespace.detach(node, why=Presence.REMOVED)
         self._writer.unlinked(node)
-        self.namespace.detach(node)
         for file_id in deleted:  # no listing fetched before the deletions brings one back
             self.namespace.forget_id(file_id)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,19 @@ class Folder:
     refresh_lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
 
+class Presence(enum.Enum):
+    """Whether a file still has its name, and if not, what took it.
+
+    NAMED goes to any of the others once; only GONE comes back, when a rename gives a
+    name again to a file a listing dropped meanwhile.
+    """
+
+    NAMED = "named"
+    REMOVED = "removed"  # rm through this mount
+    REPLACED = "replaced"  # a rename through this mount took its name
+    GONE = "gone"  # deleted elsewhere, or closed without ever being uploaded
+
+
 @dataclass(eq=False)
 class FileNode:
     """A file: remote once uploaded (`remote` set), local while only in a spool."""
@@ -56,16 +70,29 @@ class FileNode:
     remote: RemoteFile | None = None
     local_size: int | None = None  # set while a spool holds newer content than `remote`
     local_time: int = 0
-    attached: bool = True  # still has its name
-    unlinked: bool = False  # removed by the user, so unsaved changes may go too
-    replaced: bool = False  # its name was taken by a rename through this mount
+    presence: Presence = field(default_factory=lambda: Presence.NAMED)
     # Serialises uploads, renames and opening or dropping the spool of this file.
     lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
     @property
+    def attached(self) -> bool:
+        """It still has its name."""
+        return self.presence is Presence.NAMED
+
+    @property
+    def unlinked(self) -> bool:
+        """Removed by the user, so unsaved changes may go too."""
+        return self.presence is Presence.REMOVED
+
+    @property
+    def replaced(self) -> bool:
+        """Its name was taken by a rename through this mount."""
+        return self.presence is Presence.REPLACED
+
+    @property
     def removed_here(self) -> bool:
         """Its name went through this mount (rm, or a rename over it), not elsewhere."""
-        return self.unlinked or self.replaced
+        return self.presence in (Presence.REMOVED, Presence.REPLACED)
 
     @property
     def size(self) -> int:
@@ -244,10 +271,13 @@ class Namespace:
             del node.folder.entries[node.name]
         node.folder, node.name, node.filename = folder, name, name
         folder.entries[name] = node
-        node.attached = True  # a file a listing dropped while it was renamed has a name again
+        if node.presence is Presence.GONE:  # a listing dropped it while it was renamed
+            node.presence = Presence.NAMED
 
-    def detach(self, node: FileNode, *, deleted: bool = True) -> None:
-        """Remove a file's name at once.
+    def detach(
+        self, node: FileNode, *, deleted: bool = True, why: Presence = Presence.GONE
+    ) -> None:
+        """Remove a file's name at once; `why` says what took it, if nothing did before.
 
         `deleted` says its remote file is gone for good, so that a listing fetched
         before the deletion cannot bring it back. A file only hidden (a rename target
@@ -257,7 +287,8 @@ class Namespace:
         if node.folder.entries.get(node.name) is node:
             del node.folder.entries[node.name]
             self.on_name_removed(node.folder.inode, node.name)
-        node.attached = False
+        if node.presence is Presence.NAMED:
+            node.presence = why
         if node.remote is not None:
             if self._inode_by_id.get(node.remote.id) == node.inode:
                 del self._inode_by_id[node.remote.id]

@@ -32,7 +32,7 @@ import trio
 from mistralfs.api import FilesClient, RemoteFile
 from mistralfs.fs.activity import Activity
 from mistralfs.fs.errors import FsError
-from mistralfs.fs.namespace import FileNode, Folder, Namespace
+from mistralfs.fs.namespace import FileNode, Folder, Namespace, Presence
 from mistralfs.fs.reader import BlockReader
 from mistralfs.fs.spool import Spool, SpoolState, keep, new_spool, remove, spool_error
 from mistralfs.fs.uploads import GROWING_START_BYTES, Uploader
@@ -406,8 +406,8 @@ class Writer:
         self, node: FileNode, target: FileNode | None, folder: Folder, name: str
     ) -> None:
         if target is not None:
-            target.replaced = True
-            self._namespace.detach(target, deleted=False)  # deleted once replaced remotely
+            # Its remote file is deleted once the rename's upload replaced it.
+            self._namespace.detach(target, deleted=False, why=Presence.REPLACED)
         self._namespace.move(node, folder, name)
 
     # -- uploading ----------------------------------------------------------------
