@@ -22,7 +22,7 @@ import httpx
 import pytest
 import trio
 from conftest import RunningEmulator
-from emulator_admin import requests
+from emulator_admin import requests, set_faults
 from lying_server import LyingServer
 from mistralai.client import Mistral
 from mounting import Mounted, mount
@@ -33,6 +33,7 @@ from mistralfs.api import (
     GrowingFile,
     ProtocolError,
     RetryPolicy,
+    Unavailable,
     UploadMismatch,
 )
 from mistralfs.fs.errors import errno_for
@@ -315,3 +316,64 @@ def test_ls_lists_the_rest_of_a_folder_with_bad_records(
     names = os.listdir(lying_mount / "batch")
     assert "real.jsonl" in names and "null.jsonl" in names
     assert os.stat(lying_mount / "batch" / "real.jsonl").st_size == len(JSONL)
+
+
+# -- 7. a server that accepts and never answers ---------------------------------------------
+
+
+async def test_a_call_never_answered_ends_in_its_retry_time_and_says_so(
+    client: FilesClient, lies: LyingServer, emulator: RunningEmulator
+) -> None:
+    await switch(lies.never_answers, "/v1/files")
+    started = trio.current_time()
+    with pytest.raises(Unavailable) as raised:
+        await client.list_files()
+    assert trio.current_time() - started < FAST.total_budget + MARGIN
+    assert raised.value.timed_out  # so that the same fetch is not waited for again at once
+    await switch(lies.tell_the_truth)
+    # Errors the service answers are no such thing: asking again may work at once.
+    await switch(set_faults, emulator.url, emulator.api_key,
+                 {"path_prefix": "/v1/files", "status": 503, "times": None})  # fmt: skip
+    with pytest.raises(Unavailable) as raised:
+        await client.list_files()
+    assert not raised.value.timed_out
+
+
+def _fails_with_eio_in_time(call: Any) -> None:
+    started = time.monotonic()
+    with pytest.raises(OSError) as raised:
+        call()
+    elapsed = time.monotonic() - started
+    assert raised.value.errno == errno.EIO
+    assert elapsed < RETRY_TIME + MARGIN, elapsed
+
+
+def _dd(path: pathlib.Path) -> None:
+    dd = ["dd", f"if={path}", "of=/dev/null", "bs=1M", "skip=6"]
+    result = subprocess.run(dd, capture_output=True, text=True, timeout=120)
+    if result.returncode:
+        raise OSError(errno.EIO if "Input/output error" in result.stderr else 0, result.stderr)
+
+
+def test_every_operation_on_a_server_that_never_answers_ends_within_the_retry_time(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: pathlib.Path
+) -> None:
+    """The kernel may send several requests for one call (readahead, then the page;
+    a revalidation, then a lookup): together they wait one retry time, not one each."""
+    for name, content in (("big.bin", os.urandom(8 << 20)), ("small.jsonl", JSONL)):
+        sdk.files.upload(file={"file_name": name, "content": content}, purpose="batch")
+    options = ("--retry-time", str(RETRY_TIME), "--dir-cache-time", "2")
+    with mount(emulator_process, tmp_path, *options) as m:
+        assert sorted(os.listdir(m / "batch")) == ["big.bin", "small.jsonl"]
+        fd = os.open(m / "batch" / "big.bin", os.O_RDONLY)
+        try:
+            assert len(os.pread(fd, 4096, 0)) == 4096  # its signed URL is known
+            LyingServer(emulator_process).never_answers()
+            _fails_with_eio_in_time(lambda: os.pread(fd, 1 << 20, 4 << 20))
+        finally:
+            os.close(fd)
+        _fails_with_eio_in_time(lambda: os.listdir(m / "ocr"))
+        time.sleep(2.5)  # the listing of batch/ is no longer trusted
+        _fails_with_eio_in_time(lambda: (m / "batch" / "small.jsonl").read_bytes())
+        time.sleep(2.5)
+        _fails_with_eio_in_time(lambda: _dd(m / "batch" / "big.bin"))

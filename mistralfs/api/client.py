@@ -648,12 +648,14 @@ class FilesClient:
                     f"the listing goes on past {MAX_LISTED_FILES} files", method="GET", url=url
                 )
             if trio.current_time() >= deadline:
-                raise Unavailable(
+                late = Unavailable(
                     f"the listing did not end within {self._retry.total_budget:g}s "
                     f"({len(seen)} files in {last_page + 1} pages)",
                     method="GET",
                     url=url,
                 )
+                late.timed_out = True
+                raise late
             last_page += 1
             tail -= 1
             result = await self.list_files(

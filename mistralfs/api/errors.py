@@ -69,7 +69,13 @@ class TooLarge(ApiError):
 
 
 class Unavailable(ApiError):
-    """The service could not be reached or kept failing within the retry budget (EIO)."""
+    """The service could not be reached or kept failing within the retry budget (EIO).
+
+    ``timed_out`` says that the budget ran out waiting for the service, which did not
+    answer in time (not that it answered errors): asking again would wait as long.
+    """
+
+    timed_out = False
 
 
 class RateLimited(Unavailable):

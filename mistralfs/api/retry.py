@@ -117,10 +117,11 @@ async def run_with_retries(
 
         remaining = deadline - trio.current_time()
         delay = retry_after if retry_after is not None else policy.backoff(attempt)
-        if attempt >= policy.max_attempts or remaining <= 0 or delay >= remaining:
-            raise _exhausted(failure, method, clean_url, attempt, policy) from (
-                failure if not isinstance(failure, RetryableStatus) else None
-            )
+        out_of_time = remaining <= 0 or delay >= remaining
+        if attempt >= policy.max_attempts or out_of_time:
+            error = _exhausted(failure, method, clean_url, attempt, policy)
+            error.timed_out = out_of_time and isinstance(failure, httpx.TimeoutException)
+            raise error from (failure if not isinstance(failure, RetryableStatus) else None)
         path = httpx.URL(clean_url).path if "://" in clean_url else clean_url
         logger.warning(
             "%s %s: %s; retry %d/%d in %.2fs",

@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from mistralfs.api import FilesClient, RemoteFile
+from mistralfs.fs.failures import RecentFailures
 from mistralfs.fs.names import folder_name, plain_name, with_id
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class Namespace:
         # The account-wide listing, which tells which purposes hold files.
         self._root_fetched_at: float | None = None
         self._root_lock = trio.Lock()
+        # A listing that just gave up fails at once for a moment (see failures.py).
+        self._failures = RecentFailures()
         # Own changes, so that a listing fetched while they happened cannot undo them.
         self._deleted_ids: set[str] = set()
         self._own_uploads: dict[str, tuple[RemoteFile, float]] = {}
@@ -175,7 +178,7 @@ class Namespace:
                 return folder
         if self._root_is_stale() and name not in self._folders and folder_name(name) == name:
             started = trio.current_time()
-            files = await self._client.list_all(purpose=name, page_size=LIST_PAGE_SIZE)
+            files = await self._list(name)
             if any(f.purpose == name for f in files):  # else no folder is made for a probe
                 folder = self._folder_for(name)
                 self._apply_folder_listing(folder, files, started)
@@ -308,8 +311,14 @@ class Namespace:
 
     async def _refresh_folder(self, folder: Folder) -> None:
         started = trio.current_time()
-        files = await self._client.list_all(purpose=folder.purpose, page_size=LIST_PAGE_SIZE)
+        files = await self._list(folder.purpose)
         self._apply_folder_listing(folder, files, started)
+
+    async def _list(self, purpose: str | None) -> list[RemoteFile]:
+        """The files of `purpose` (of the whole account if None)."""
+        return await self._failures.run(
+            purpose, lambda: self._client.list_all(purpose=purpose, page_size=LIST_PAGE_SIZE)
+        )
 
     def _apply_folder_listing(
         self, folder: Folder, files: list[RemoteFile], started: float
@@ -320,7 +329,7 @@ class Namespace:
 
     async def _refresh_root(self) -> None:
         started = trio.current_time()
-        files = await self._client.list_all(page_size=LIST_PAGE_SIZE)
+        files = await self._list(None)
         shown = self._apply_listing(files, started, None)
         self._root_fetched_at = started
         for folder in self._folders.values():  # it covered every folder

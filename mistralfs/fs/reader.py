@@ -23,6 +23,7 @@ from cachetools import LRUCache, TLRUCache
 
 from mistralfs.api import FilesClient, RemoteFile, SignedUrl, UrlExpired
 from mistralfs.fs.disk_cache import DiskCache, NoDiskCache
+from mistralfs.fs.failures import RecentFailures
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class BlockReader:
         # Small files fetched ahead (see readahead.py): a bounded number at a time.
         self._whole_files_limit = trio.CapacityLimiter(MAX_WHOLE_FILES_AHEAD)
         self._url_fetches: dict[str, trio.Event] = {}
+        # A file whose fetch just gave up fails at once for a moment: the kernel's next
+        # request for the same read must not wait the retry time again.
+        self._failures = RecentFailures()
         self._urls_ahead_limit = trio.CapacityLimiter(MAX_URLS_AHEAD)
         self.hits = 0
         self.misses = 0
@@ -134,7 +138,10 @@ class BlockReader:
             if pending is None:
                 done = self._url_fetches[file_id] = trio.Event()
                 try:
-                    url = await self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS)
+                    url = await self._failures.run(
+                        file_id,
+                        lambda: self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS),
+                    )
                     self._urls[file_id] = url
                     return url
                 finally:
@@ -292,7 +299,9 @@ class BlockReader:
         try:
             blocks = await self._disk.load(remote.id, remote.bytes, first, len(fetches))
             if blocks is None:
-                blocks = await self._fetch(remote, first, len(fetches))
+                blocks = await self._failures.run(
+                    remote.id, lambda: self._fetch(remote, first, len(fetches))
+                )
                 self._disk.store(remote.id, remote.bytes, first, blocks)
             for key, fetch, block in zip(keys, fetches, blocks, strict=True):
                 self._blocks[key] = fetch.data = block
