@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import re
 import time
@@ -44,7 +45,13 @@ from mistralfs.api.errors import (
     extract_message,
     strip_query,
 )
-from mistralfs.api.lost_uploads import FileDigest, RecentFiles, StoredFileSearch, UploadAttempt
+from mistralfs.api.lost_uploads import (
+    FileDigest,
+    RecentFiles,
+    SentFile,
+    StoredFileSearch,
+    UploadAttempt,
+)
 from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
 from mistralfs.api.retry import (
     RETRY_STATUSES,
@@ -59,6 +66,7 @@ from mistralfs.api.upload_body import (
     GrowingFile,
     GrowingSpoolBody,
     SpoolBody,
+    file_identity,
 )
 
 logger = logging.getLogger(__name__)
@@ -916,6 +924,22 @@ class FilesClient:
         # Redirects are followed (the service may hand off to storage); httpx
         # drops Authorization when a redirect leaves the API's origin.
         return await self._call("GET", self._api_url(path), handle, follow_redirects=True)
+
+    async def find_upload(
+        self, path: pathlib.Path, *, filename: str, purpose: str, started: float
+    ) -> RemoteFile | None:
+        """The file an upload of ``path`` begun at ``started`` (wall clock) stored, if any.
+
+        For an upload whose answer never came back to anyone: a daemon that crashed
+        while it was in flight. The same rules recognise it as a lost answer within
+        `upload` (name, purpose, size, MD5, created since shortly before ``started``).
+        """
+        found = os.stat(path)
+        attempt = UploadAttempt(started, SentFile(found.st_size, file_identity(found)))
+        deadline = trio.current_time() + self._retry.total_budget
+        return await self._stored_search.find(
+            filename, purpose, [attempt], frozenset(), FileDigest(path), deadline
+        )
 
     async def content(self, file_id: str, size: int) -> bytes:
         """``GET /v1/files/{id}/content`` of a small file, in memory: one request in all.

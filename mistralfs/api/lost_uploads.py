@@ -43,12 +43,22 @@ MATCH_MAX_PAGES = 20  # past this many pages of same-named files, the search giv
 ListPage = Callable[[list[tuple[str, str]], float], Awaitable[object]]
 
 
+@dataclass(frozen=True)
+class SentFile:
+    """A file whose whole upload body went out earlier, seen only as it is now (a
+    daemon that crashed after sending it left no body object behind)."""
+
+    size: int
+    identity: Identity
+    complete: bool = True
+
+
 @dataclass
 class UploadAttempt:
     """One upload attempt: when it began (wall clock, like ``created_at``) and its body."""
 
     started: float
-    body: SpoolBody | GrowingSpoolBody
+    body: SpoolBody | GrowingSpoolBody | SentFile
 
     @property
     def identity(self) -> Identity:

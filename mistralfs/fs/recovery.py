@@ -13,7 +13,6 @@ Every outcome is logged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -26,7 +25,6 @@ from mistralfs.fs.spool import keep, remove
 
 log = logging.getLogger(__name__)
 
-CLOCK_SKEW = 60.0  # seconds of disagreement tolerated between our clock and the service's
 # An upload in flight at the crash may still land on the service after its client died:
 # look for it only once that much time has passed since it began.
 IN_FLIGHT_GRACE = 10.0
@@ -88,24 +86,6 @@ async def _already_uploaded(client: FilesClient, spool: Path, meta: dict) -> Rem
     if not started:
         return None
     await trio.sleep(max(0.0, started + IN_FLIGHT_GRACE - time.time()))
-    size, digest = await trio.to_thread.run_sync(_size_and_md5, spool)
-    candidates = await client.list_all(purpose=meta["purpose"], search=meta["filename"])
-    matches = [
-        f
-        for f in candidates
-        if f.filename == meta["filename"]
-        and f.bytes == size
-        and f.signature in (None, digest)
-        and f.created_at >= started - CLOCK_SKEW
-    ]
-    return max(matches, key=lambda f: f.created_at, default=None)
-
-
-def _size_and_md5(path: Path) -> tuple[int, str]:
-    digest = hashlib.md5(usedforsecurity=False)
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+    return await client.find_upload(
+        spool, filename=meta["filename"], purpose=meta["purpose"], started=started
+    )
