@@ -91,10 +91,13 @@ async def make_stack(
     dir_cache_time: float = 60.0,
     read_only: bool = False,
     cache_size: int = 64 * BLOCK,
+    max_throughput: float | None = None,
 ) -> Stack:
     client = FilesClient(emulator.url, emulator.api_key, retry=FAST_RETRY)
     namespace = Namespace(client, dir_cache_time)
-    reader = BlockReader(client, nursery, cache_size=cache_size, block_size=BLOCK)
+    reader = BlockReader(
+        client, nursery, cache_size=cache_size, block_size=BLOCK, max_throughput=max_throughput
+    )
     writer = Writer(
         client,
         namespace,

@@ -21,7 +21,9 @@ import httpx
 from mistralfs.api.direct import DirectConnections, set_timeout
 
 MAX_ERROR_BODY = 64 * 1024
-MAX_CONNECTIONS = 4
+# Ranged reads in flight at once, across files: a sequential reader on a long link
+# keeps up to 16 parts of 4 MiB on their way (reader.py), as many connections.
+MAX_CONNECTIONS = 16
 
 
 class NotForDirectRead(Exception):

@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 
 SIGNED_URL_HOURS = 1
 SIGNED_URL_MARGIN = 300.0  # seconds before expiry at which a cached URL is no longer used
-MAX_PREFETCH_BLOCKS = 8  # per open file
-RUN_BLOCKS = 4  # blocks fetched by one request when prefetching
+# Blocks fetched ahead of a sequential reader, per open file: the window doubles up to
+# FREE_GROWTH_BLOCKS, and past that only while doing so made reads faster, up to
+# MAX_PREFETCH_BLOCKS, a quarter of --cache-size, and --max-throughput reached.
+FREE_GROWTH_BLOCKS = 8
+MAX_PREFETCH_BLOCKS = 64
+RUN_BLOCKS = 4  # blocks fetched by one request when prefetching: parts of 4 MiB
+FASTER = 1.1  # a window counts as faster than the one before when it reads this much faster
 MAX_WHOLE_FILES_AHEAD = 8  # small files fetched ahead at once, across the mount
 MAX_URLS_AHEAD = 4  # signed URLs fetched ahead at once
 FIRST_READ_EXACT = 128 * 1024  # a first read up to this size gets its own exact request
@@ -54,6 +59,16 @@ class ReadState:
     next_offset: int = 0
     window: int = 1
     started: bool = False  # a first read has been answered
+    # How fast the reads went since the window took its present size, and before.
+    probe_started: float = 0.0
+    probe_bytes: int = 0
+    last_rate: float = 0.0
+    settled: bool = False  # the window stopped growing: a larger one was no faster
+
+    def restart(self, offset: int) -> None:
+        """A seek: the window closes, and is measured again as it grows."""
+        self.next_offset, self.window = offset, 1
+        self.probe_bytes, self.last_rate, self.settled = 0, 0.0, False
 
 
 class BlockReader:
@@ -67,6 +82,7 @@ class BlockReader:
         cache_size: int,
         block_size: int,
         disk: DiskCache | NoDiskCache | None = None,
+        max_throughput: float | None = None,
     ) -> None:
         self._client = client
         self._disk = disk or NoDiskCache()
@@ -80,6 +96,7 @@ class BlockReader:
             timer=time.time,
         )
         self._max_prefetch = max(1, min(MAX_PREFETCH_BLOCKS, cache_size // (4 * block_size)))
+        self._max_throughput = max_throughput  # bytes/s one reader need not go past
         # Blocks on their way at once, across files (a read's own blocks always go).
         self._max_in_flight = max(RUN_BLOCKS, cache_size // (4 * block_size))
         # Small files fetched ahead (see readahead.py): a bounded number at a time.
@@ -202,11 +219,36 @@ class BlockReader:
         if abs(offset - state.next_offset) <= state.window * self.block_size:
             state.next_offset = max(state.next_offset, end)
             ahead = state.window
-            state.window = min(state.window * 2, self._max_prefetch)
+            self._grow(state, end - offset)
             return ahead
-        state.next_offset = end
-        state.window = 1
+        state.restart(end)
         return 0
+
+    def _grow(self, state: ReadState, read: int) -> None:
+        """Double the window while a larger one reads faster, within the bounds.
+
+        On a long link a reader's speed is what is in flight over the round trip, so
+        the window grows until doubling it no longer speeds reads up (the link, the
+        program or the CPU is then the limit), or reads reach --max-throughput.
+        """
+        if state.settled or state.window >= self._max_prefetch:
+            return
+        now = trio.current_time()
+        if state.window < FREE_GROWTH_BLOCKS:
+            state.window = min(state.window * 2, self._max_prefetch)
+            state.probe_started, state.probe_bytes = now, 0
+            return
+        state.probe_bytes += read
+        if state.probe_bytes < state.window * self.block_size:
+            return  # not a whole window read at this size yet
+        rate = state.probe_bytes / max(now - state.probe_started, 1e-6)
+        reached = self._max_throughput is not None and rate >= self._max_throughput
+        if reached or (state.last_rate and rate < state.last_rate * FASTER):
+            state.settled = True
+            return
+        state.last_rate = rate
+        state.window = min(state.window * 2, self._max_prefetch)
+        state.probe_started, state.probe_bytes = now, 0
 
     def _schedule(self, remote: RemoteFile, first: int, last: int, ahead: int) -> None:
         """Start fetching the missing blocks of a read, and `ahead` blocks past it.

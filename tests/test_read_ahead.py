@@ -1,0 +1,75 @@
+"""How far ahead a sequential reader fetches, through `Operations` on the emulator.
+
+On a long link a reader goes as fast as the bytes in flight over the round trip allow,
+so the window of blocks fetched ahead grows while growing it makes reads faster. A
+delay on every storage request stands in for the round trip here (64 KiB blocks, so
+the bounds are 16 blocks: a quarter of the 64-block cache).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+from conftest import RunningEmulator
+from test_operations import BLOCK, Stack, make_stack, upload
+
+from mistralfs.fs.reader import FREE_GROWTH_BLOCKS
+
+FILE_BLOCKS = 96
+
+
+async def most_blocks_in_flight(stack: Stack, data: bytes) -> int:
+    """Read batch/seq.bin sequentially in 128 KiB reads, as the kernel does; the most
+    blocks that were on their way at once."""
+    await upload(stack, "seq.bin", data)
+    inode = (await stack.ops.lookup(await stack.folder("batch"), b"seq.bin")).st_ino
+    info = await stack.ops.open(inode, os.O_RDONLY, None)
+    await stack.admin(  # every storage request waits, as over a 40 ms link
+        "POST",
+        "faults",
+        json=[{"path_prefix": "/storage/", "status": None, "delay": 0.04, "times": None}],
+    )
+    reader = stack.ops.fs._reader
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, reader.stats()["fetches_in_flight"])
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        for offset in range(0, len(data), 2 * BLOCK):
+            piece = await stack.ops.read(info.fh, offset, 2 * BLOCK)
+            assert piece == data[offset : offset + 2 * BLOCK]
+        nursery.cancel_scope.cancel()
+    await stack.ops.release(info.fh)
+    return most
+
+
+async def test_the_window_grows_past_its_first_size_while_reads_get_faster(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await make_stack(emulator, nursery, tmp_path / "cache")
+        most = await most_blocks_in_flight(stack, os.urandom(FILE_BLOCKS * BLOCK))
+        # Past what it reaches freely (plus the read's own 2 blocks), within a quarter of
+        # the cache (plus those 2).
+        assert FREE_GROWTH_BLOCKS + 2 < most <= 16 + 2, most
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_window_stops_growing_at_the_throughput_asked_for(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        # Any rate reaches 1 KB/s: the window stays at the size it reaches freely.
+        stack = await make_stack(emulator, nursery, tmp_path / "cache", max_throughput=1000)
+        most = await most_blocks_in_flight(stack, os.urandom(FILE_BLOCKS * BLOCK))
+        assert most <= FREE_GROWTH_BLOCKS + 2, most
+        await stack.client.aclose()
+        nursery.cancel_scope.cancel()
