@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import os
 import pathlib
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from mistralfs.api import FilesClient, storage
 from mistralfs.api.client import _cut
+from mistralfs.api.tls import client_context
 
 MiB = 1024 * 1024
 
@@ -73,7 +75,7 @@ def test_direct_reads_only_where_no_proxy_applies(monkeypatch: pytest.MonkeyPatc
     url = "https://account.blob.example/c/f?sig=x"
 
     def direct(url: str) -> bool:  # proxy settings are read when the reader is made
-        return storage.DirectRangeReader(user_agent="t").serves(url)
+        return storage.DirectRangeReader(user_agent="t", tls=client_context()).serves(url)
 
     assert direct(url)
     monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
@@ -146,11 +148,11 @@ async def test_a_redirected_signed_url_is_followed_by_the_httpx_path(emulator: t
 
 
 def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading the trusted certificates takes tens of milliseconds: once per process, and
-    httpx and http.client trust the same ones."""
+    """Loading the trusted certificates takes tens of milliseconds: once per process and
+    trust, and httpx and every http.client pool of a client trust the same ones."""
     import ssl
 
-    from mistralfs.api.direct import tls_context
+    from mistralfs.api import tls
 
     made = []
     real = ssl.create_default_context
@@ -160,13 +162,19 @@ def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.Monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ssl, "create_default_context", counted)
-    tls_context.cache_clear()
+    tls._context.cache_clear()
     try:
         clients = [FilesClient("https://api.example", "k") for _ in range(3)]
         assert len(made) == 1
-        assert clients[0]._direct is not None
-        conn = clients[0]._direct._connections._connection(("https", "blob.example", 443), True)
-        assert conn._context is tls_context()  # type: ignore[attr-defined]
+        context = tls.client_context()
+        assert clients[0]._http._transport._pool._ssl_context is context  # type: ignore[attr-defined]
+        client = clients[0]
+        assert client._direct is not None
+        for pool in (client._direct._connections, client._direct_uploads, client._direct_calls):
+            assert pool is not None
+            conn = pool._connection(("https", "blob.example", 443), True)
+            assert isinstance(conn, http.client.HTTPSConnection)
+            assert conn._context is context  # type: ignore[attr-defined]
         assert len(made) == 1
     finally:
-        tls_context.cache_clear()
+        tls._context.cache_clear()

@@ -4,6 +4,7 @@ from mistralfs.api.client import DEFAULT_SERVER_URL, FilesClient, GrowingUpload
 from mistralfs.api.errors import (
     ApiError,
     AuthError,
+    CertificateRejected,
     NotFound,
     ProtocolError,
     RateLimited,
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_SERVER_URL",
     "ApiError",
     "AuthError",
+    "CertificateRejected",
     "FilePage",
     "FilesClient",
     "GrowingFile",

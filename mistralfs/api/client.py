@@ -30,7 +30,7 @@ import trio
 
 from mistralfs import __version__
 from mistralfs.api import storage
-from mistralfs.api.direct import DirectConnections, tls_context
+from mistralfs.api.direct import DirectConnections
 from mistralfs.api.direct import request as direct_request
 from mistralfs.api.errors import (
     ApiError,
@@ -60,6 +60,7 @@ from mistralfs.api.retry import (
     parse_retry_after,
     run_with_retries,
 )
+from mistralfs.api.tls import client_context
 from mistralfs.api.upload_answer import SeenIds, checked_upload_answer
 from mistralfs.api.upload_body import (
     CHUNK_SIZE,
@@ -212,6 +213,7 @@ class FilesClient:
     """Async client for the Mistral Files API (``/v1/files``) and its signed URLs.
 
     ``transport`` replaces httpx's network transport (tests: httpx.MockTransport).
+    ``ca_file`` (PEM) is the only trust of every connection when given; else see tls.py.
     """
 
     def __init__(
@@ -224,6 +226,7 @@ class FilesClient:
         user_agent: str = f"mistralfs/{__version__}",
         max_upload_bytes: int | None = MAX_UPLOAD_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
+        ca_file: pathlib.Path | None = None,
     ) -> None:
         base = httpx.URL(server_url.rstrip("/"))
         if base.scheme not in ("http", "https") or not base.host:
@@ -243,25 +246,28 @@ class FilesClient:
             self._list_page, self._api_url("/v1/files"), self._recent
         )
         self._timeout = timeout
+        tls = client_context(ca_file)  # one trust for httpx and every http.client pool
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             headers={"User-Agent": user_agent},
             follow_redirects=False,
             transport=transport,
-            verify=tls_context(),
+            verify=tls,
         )
         # Signed-URL ranges go through http.client in worker threads (see storage.py),
         # unless the network is replaced (tests) or a proxy applies.
         self._direct = (
-            storage.DirectRangeReader(user_agent=user_agent) if transport is None else None
+            storage.DirectRangeReader(user_agent=user_agent, tls=tls) if transport is None else None
         )
         # Whole-file uploads too (see direct.py): a small file's upload costs a third of
         # the CPU it does through httpx, and a large one's bytes go by sendfile(2).
-        self._direct_uploads = DirectConnections(MAX_DIRECT_UPLOADS) if transport is None else None
+        self._direct_uploads = (
+            DirectConnections(MAX_DIRECT_UPLOADS, tls) if transport is None else None
+        )
         # And the calls without a body (JSON answers, small files' content): through
         # httpx, a /content call cost the trio thread more than the FUSE requests that
         # read the file, and a signed URL's call lies on the path of a first read.
-        self._direct_calls = DirectConnections(MAX_DIRECT_CALLS) if transport is None else None
+        self._direct_calls = DirectConnections(MAX_DIRECT_CALLS, tls) if transport is None else None
         # Uploads that follow a growing file are sent this way only; cleared when the
         # service refuses a body of unknown length (see growing_upload).
         self.sends_growing_uploads = self._direct_pool(self._api_url("/v1/files"), True) is not None

@@ -12,7 +12,6 @@ injects its own transport.
 
 from __future__ import annotations
 
-import functools
 import http.client
 import select
 import socket
@@ -35,7 +34,8 @@ Exchange = Callable[[http.client.HTTPConnection, str], tuple[T, bool]]
 class DirectConnections:
     """Idle connections per origin, a bound on those in use, and which URLs may use them."""
 
-    def __init__(self, max_in_use: int) -> None:
+    def __init__(self, max_in_use: int, tls: ssl.SSLContext) -> None:
+        self._tls = tls  # the client's, the one its httpx client verifies with (tls.py)
         self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
         self._limiter = trio.CapacityLimiter(max_in_use)
         # Proxy settings are read once (the environment scan costs more than a request's
@@ -119,16 +119,8 @@ class DirectConnections:
     def _connection(self, key: Origin, https: bool) -> http.client.HTTPConnection:
         _, host, port = key
         if https:
-            return http.client.HTTPSConnection(host, port, context=tls_context())
+            return http.client.HTTPSConnection(host, port, context=self._tls)
         return http.client.HTTPConnection(host, port)
-
-
-@functools.cache
-def tls_context() -> ssl.SSLContext:
-    """The one TLS context of the process, for httpx and http.client alike: the same
-    certificates trusted either way (httpx's choice: SSL_CERT_FILE or SSL_CERT_DIR when
-    set, else certifi's), loaded once, not 35 ms again for every client and pool."""
-    return httpx.create_ssl_context()
 
 
 def _origin(parts: urllib.parse.SplitResult) -> tuple[Origin, bool]:

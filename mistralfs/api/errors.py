@@ -100,6 +100,11 @@ class UploadMismatch(ApiError):
     """
 
 
+class CertificateRejected(ApiError):
+    """The server's TLS certificate failed verification (EIO). Never retried: it fails
+    the same way every time, until the certificate or the trusted ones change."""
+
+
 class UrlExpired(ApiError):
     """403 (or 401) from the storage host of a signed URL: expired or tampered; fetch a new one."""
 

@@ -18,7 +18,15 @@ from typing import TypeVar
 import httpx
 import trio
 
-from mistralfs.api.errors import ApiError, RateLimited, ServerError, Unavailable, strip_query
+from mistralfs.api.errors import (
+    ApiError,
+    CertificateRejected,
+    RateLimited,
+    ServerError,
+    Unavailable,
+    strip_query,
+)
+from mistralfs.api.tls import verify_failure
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +117,10 @@ async def run_with_retries(
             reason = f"{exc.error.status} {exc.error.message}"
             retry_after = exc.retry_after
         except httpx.HTTPError as exc:
+            rejected = verify_failure(exc)
+            if rejected is not None:
+                message = f"certificate verify failed: {rejected.verify_message}"
+                raise CertificateRejected(message, method=method, url=clean_url) from None
             if not is_retryable_transport_error(exc):
                 raise
             failure = exc

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import http.client
+import ssl
 from dataclasses import dataclass, field
 
 import httpx
@@ -86,9 +87,9 @@ class RangeAnswer:
 class DirectRangeReader:
     """Reads signed-URL ranges over a few kept-alive connections per storage host."""
 
-    def __init__(self, *, user_agent: str) -> None:
+    def __init__(self, *, user_agent: str, tls: ssl.SSLContext) -> None:
         self._user_agent = user_agent
-        self._connections = DirectConnections(MAX_CONNECTIONS)
+        self._connections = DirectConnections(MAX_CONNECTIONS, tls)
 
     def serves(self, url: str) -> bool:
         """Whether a URL can be read directly: http(s), and no proxy configured for it."""
