@@ -7,6 +7,7 @@ made or not made) more precisely and faster than a real mount can.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -425,7 +426,7 @@ async def test_looking_up_a_large_file_fetches_its_signed_url_ahead(stack: Stack
     large_id = await upload(stack, "large.bin", os.urandom(2 * BLOCK))
     await upload(stack, "small.bin", b"small")
     batch = await stack.folder("batch")
-    assert await stack.names("batch") == ["large.bin", "small.bin"]  # listed: no calls below
+    await stack.ops.lookup(batch, b"small.bin")  # the folder is listed: no calls below
     await stack.clear_requests()
     await stack.ops.lookup(batch, b"large.bin")
     await stack.ops.lookup(batch, b"small.bin")
@@ -439,6 +440,39 @@ async def test_looking_up_a_large_file_fetches_its_signed_url_ahead(stack: Stack
     assert not [r for r in await stack.api_requests() if r["path"].endswith("/url")]
     await stack.ops.release(info.fh)
     await stack.ops.release(info.fh)
+
+
+async def test_listing_a_folder_fetches_its_large_files_urls_ahead(stack: Stack) -> None:
+    """`ls -l` then `head`: the open and the first read make one request, to storage."""
+    data = os.urandom(3 * BLOCK)
+    large_ids = {await upload(stack, f"large{i}.bin", data) for i in range(3)}
+    await upload(stack, "small.bin", b"small")
+    await stack.names("batch")
+    await trio.sleep(0.3)
+    urls = [r for r in await stack.api_requests() if r["path"].endswith("/url")]
+    assert {r["path"].split("/")[3] for r in urls} == large_ids
+    assert all("expiry=24" in r["query"] for r in urls), urls  # a day's URL, kept
+    await stack.clear_requests()
+    batch = await stack.folder("batch")
+    info = await stack.ops.open((await stack.ops.lookup(batch, b"large1.bin")).st_ino, 0, None)
+    assert await stack.ops.read(info.fh, 0, 4096) == data[:4096]
+    await stack.ops.release(info.fh)
+    calls = [r["path"] for r in await stack.api_requests()]
+    assert [c for c in calls if not c.startswith("/storage/")] == [], calls
+
+
+async def test_a_signed_url_past_half_its_life_is_used_and_renewed_behind(stack: Stack) -> None:
+    file_id = await upload(stack, "old-url.bin", os.urandom(3 * BLOCK))
+    reader = stack.ops.fs._reader
+    first = await reader.signed_url(file_id)
+    aged = dataclasses.replace(first, expires_at=first.expires_at - 13 * 3600)
+    reader._urls[file_id] = aged  # asked for 13 hours ago
+    await stack.clear_requests()
+    assert await reader.signed_url(file_id) is aged  # no wait for a new one
+    await trio.sleep(0.3)
+    assert [r["path"] for r in await stack.api_requests()] == [f"/v1/files/{file_id}/url"]
+    renewed = await reader.signed_url(file_id)
+    assert renewed.expires_at > aged.expires_at + 12 * 3600
 
 
 async def test_probed_names_make_no_api_call(stack: Stack) -> None:

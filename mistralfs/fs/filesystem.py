@@ -127,7 +127,11 @@ class Filesystem:
             return [(f.name, f) for f in await self._listed(self.namespace.folders())]
         if isinstance(node, Folder):
             await self._listed(self.namespace.ensure_folder_fresh(node))
-            return sorted(node.entries.items())
+            entries = sorted(node.entries.items())
+            self._reader.prefetch_urls(
+                [f.remote for _, f in entries if f.remote is not None and f.local_size is None]
+            )
+            return [(name, file) for name, file in entries]
         raise FsError(errno.ENOTDIR)
 
     async def _listed(self, listing: Awaitable[T]) -> T:

@@ -27,8 +27,14 @@ from mistralfs.fs.failures import RecentFailures
 
 log = logging.getLogger(__name__)
 
-SIGNED_URL_HOURS = 1
-SIGNED_URL_MARGIN = 300.0  # seconds before expiry at which a cached URL is no longer used
+# Signed URLs are asked for a day (the service allows 1 to 168 hours) and kept per file
+# id: a read needs no round trip to the API for most of a URL's life. One that has
+# lived half its life is renewed in the background when used, and one within an hour
+# of its expiry is not used at all.
+SIGNED_URL_HOURS = 24
+SIGNED_URL_MARGIN = 3600.0
+SIGNED_URL_RENEW_AFTER = SIGNED_URL_HOURS * 3600 / 2
+MAX_URLS_PER_LISTING = 32  # large files of a listed folder whose URL is fetched ahead
 # Blocks fetched ahead of a sequential reader, per open file: the window doubles up to
 # FREE_GROWTH_BLOCKS, and past that only while doing so made reads faster, up to
 # MAX_PREFETCH_BLOCKS, a quarter of --cache-size, and --max-throughput reached.
@@ -102,6 +108,7 @@ class BlockReader:
         # Small files fetched ahead (see readahead.py): a bounded number at a time.
         self._whole_files_limit = trio.CapacityLimiter(MAX_WHOLE_FILES_AHEAD)
         self._url_fetches: dict[str, trio.Event] = {}
+        self._renewing: set[str] = set()  # ids whose URL is renewed in the background
         # A file whose fetch just gave up fails at once for a moment: the kernel's next
         # request for the same read must not wait the retry time again.
         self._failures = RecentFailures()
@@ -149,7 +156,17 @@ class BlockReader:
             await self.signed_url(remote.id)
 
     async def signed_url(self, file_id: str) -> SignedUrl:
-        """The cached URL, or a fresh one; callers asking at once share one request."""
+        """The cached URL, or a fresh one; callers asking at once share one request.
+
+        A cached URL past half its life is still used, and renewed in the background.
+        """
+        url = self._urls.get(file_id)
+        if url is not None:
+            lived = SIGNED_URL_HOURS * 3600 - (url.expires_at - time.time())
+            if lived > SIGNED_URL_RENEW_AFTER and file_id not in self._renewing:
+                self._renewing.add(file_id)
+                self._nursery.start_soon(self._renew_url, file_id)
+            return url
         while (url := self._urls.get(file_id)) is None:
             pending = self._url_fetches.get(file_id)
             if pending is None:
@@ -166,6 +183,25 @@ class BlockReader:
                     done.set()
             await pending.wait()  # then use its URL, or ask again if it failed
         return url
+
+    async def _renew_url(self, file_id: str) -> None:
+        """Replace a cached URL past half its life; the old one serves meanwhile."""
+        self._renewing.add(file_id)
+        try:
+            url = await self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS)
+        except Exception as exc:  # the old URL serves until it is refused or expires
+            log.debug("signed URL for %s not renewed: %s", file_id, exc)
+        else:
+            self._urls[file_id] = url
+        finally:
+            self._renewing.discard(file_id)
+
+    def prefetch_urls(self, remotes: list[RemoteFile]) -> None:
+        """A folder was listed: fetch the signed URLs of its first large files ahead, so
+        that opening one of them next costs one round trip to its first byte."""
+        large = [r for r in remotes if r.bytes > self.block_size]
+        for remote in large[:MAX_URLS_PER_LISTING]:
+            self.prefetch_url(remote)
 
     def prefetch_url(self, remote: RemoteFile) -> None:
         """Fetch a large file's signed URL in the background, as an open is likely next."""
