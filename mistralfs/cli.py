@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument("--api-key-file", type=Path, help="read the API key from this file")
     mount.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="trust only the certificate authorities in this PEM file for TLS (default: "
+        "SSL_CERT_FILE or SSL_CERT_DIR if set, else the system's)",
+    )
+    mount.add_argument(
         "--cache-size",
         type=_size,
         default=DEFAULT_CACHE_SIZE,
@@ -119,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPTIONS",
         help="mount options as mount(8) passes them: server_url=URL, api_key_file=F, "
-        "cache_size=SIZE, dir_cache_time=S, cache_dir=DIR, disk_cache=DIR, "
+        "ca_file=F, cache_size=SIZE, dir_cache_time=S, cache_dir=DIR, disk_cache=DIR, "
         "disk_cache_size=SIZE, log_file=F, log_level=L, read_only (or ro), allow_other; "
         "fstab's _netdev, nofail, noauto, x-* are ignored",
     )
@@ -165,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     emulator = sub.add_parser(
         "emulator",
         help="run a local Files API server that behaves like the real one",
-        description="Serve the Files API at http://HOST:PORT/v1 with files kept in --data. "
+        description="Serve the Files API at http://HOST:PORT/v1 (https:// with --tls or "
+        "--tls-cert) with files kept in --data. "
         "The key clients must send comes from --api-key, else MISTRAL_API_KEY, "
         "else 'emulator-key'.",
     )
@@ -198,6 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
         "/storage/ route, as the service points at Azure Blob Storage; a static server "
         "over DATA/blobs (e.g. nginx, ignoring the query) then serves content",
     )
+    https = emulator.add_mutually_exclusive_group()
+    https.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS with a self-signed certificate, made once in DATA/tls/cert.pem: "
+        "clients trust it with --ca-file DATA/tls/cert.pem or SSL_CERT_FILE",
+    )
+    https.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="serve HTTPS with this PEM certificate"
+    )
+    emulator.add_argument(
+        "--tls-key",
+        type=Path,
+        metavar="FILE",
+        help="the --tls-cert certificate's PEM key (default: in the --tls-cert file)",
+    )
     return parser
 
 
@@ -212,21 +236,32 @@ def _fault_plan(text: str) -> object:
 
 def _run_emulator(args: argparse.Namespace) -> int:
     from mistralfs.emulator.server import EmulatorConfig, run
+    from mistralfs.emulator.tls import TlsSetupError
     from mistralfs.logs import setup_logging
 
     setup_logging(None, args.log_level)
+    if args.tls_key is not None and args.tls_cert is None:
+        print("mistralfs emulator: --tls-key needs --tls-cert", file=sys.stderr)
+        return 2
     api_key = args.api_key or os.environ.get("MISTRAL_API_KEY") or "emulator-key"
-    run(
-        EmulatorConfig(
-            data_dir=args.data,
-            api_key=api_key,
-            host=args.host,
-            port=args.port,
-            max_file_size=args.max_file_size,
-            faults=args.faults,
-            storage_url=args.storage_url,
-        )
+    config = EmulatorConfig(
+        data_dir=args.data,
+        api_key=api_key,
+        host=args.host,
+        port=args.port,
+        max_file_size=args.max_file_size,
+        faults=args.faults,
+        storage_url=args.storage_url,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
+    try:
+        config.tls_files()  # a certificate that cannot serve: one line, before binding
+    except TlsSetupError as exc:
+        print(f"mistralfs emulator: {exc}", file=sys.stderr)
+        return 2
+    run(config)
     return 0
 
 

@@ -101,6 +101,7 @@ class MountConfig:
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     disk_cache: Path | None = None
     disk_cache_size: int = DEFAULT_DISK_CACHE_SIZE
+    ca_file: Path | None = None  # the only TLS trust when set (see mistralfs/api/tls.py)
 
     @property
     def pid_file(self) -> Path:
@@ -129,6 +130,7 @@ class MountConfig:
 _VALUE_OPTIONS = {
     "server_url": "--server-url",
     "api_key_file": "--api-key-file",
+    "ca_file": "--ca-file",
     "cache_size": "--cache-size",
     "dir_cache_time": "--dir-cache-time",
     "cache_dir": "--cache-dir",

@@ -70,6 +70,7 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         stop_timeout=args.stop_timeout,
         disk_cache=disk_cache,
         disk_cache_size=args.disk_cache_size or DEFAULT_DISK_CACHE_SIZE,
+        ca_file=_ca_file(args.ca_file),
     )
     _ = config.pid_file, config.control_socket  # an unsafe runtime folder refuses the mount now
     return config
@@ -88,6 +89,20 @@ def _api_key(args: argparse.Namespace) -> str:
     if not key:
         raise ConfigError("no API key came through the pipe from `mistralfs mount`")
     return key
+
+
+def _ca_file(path: Path | None) -> Path | None:
+    """--ca-file as an absolute path (the daemon runs in /), and the trust it or
+    SSL_CERT_FILE gives loaded now: a file that is missing or holds no certificate is
+    one line and exit 2, not a mount that fails at its first request."""
+    from mistralfs.api.tls import TrustError, client_context
+
+    path = path.expanduser().absolute() if path is not None else None
+    try:
+        client_context(path)
+    except TrustError as exc:
+        raise ConfigError(str(exc)) from None
+    return path
 
 
 def _drop_from_environment(name: str) -> None:
@@ -226,6 +241,8 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
         command.append("--read-only")
     if config.allow_other:
         command.append("--allow-other")
+    if config.ca_file is not None:
+        command += ["--ca-file", str(config.ca_file)]
     if config.disk_cache is not None:
         command += ["--disk-cache", str(config.disk_cache)]
         command += ["--disk-cache-size", str(config.disk_cache_size)]

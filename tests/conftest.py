@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import subprocess
 import sys
@@ -85,22 +86,12 @@ async def emulator(tmp_path: pathlib.Path) -> AsyncIterator[RunningEmulator]:
         nursery.cancel_scope.cancel()
 
 
-@pytest.fixture
-def emulator_process(tmp_path: pathlib.Path) -> Iterator[RunningEmulator]:
-    """The emulator as a separate process through the CLI, for blocking clients (the SDK)."""
+@contextlib.contextmanager
+def emulator_process_with(tmp_path: pathlib.Path, *extra: str) -> Iterator[RunningEmulator]:
+    """`python -m mistralfs emulator` with `extra` options, stopped however the test ends."""
     data_dir = tmp_path / "emu"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mistralfs",
-        "emulator",
-        "--port",
-        "0",
-        "--data",
-        str(data_dir),
-        "--api-key",
-        API_KEY,
-    ]
+    cmd = [sys.executable, "-m", "mistralfs", "emulator", "--port", "0"]
+    cmd += ["--data", str(data_dir), "--api-key", API_KEY, *extra]
     log = (tmp_path / "emulator.log").open("w")  # the emulator's stderr, for post-mortems
     proc = subprocess.Popen(
         cmd,
@@ -129,6 +120,13 @@ def emulator_process(tmp_path: pathlib.Path) -> Iterator[RunningEmulator]:
         if proc.stdout is not None:
             proc.stdout.close()
         log.close()
+
+
+@pytest.fixture
+def emulator_process(tmp_path: pathlib.Path) -> Iterator[RunningEmulator]:
+    """The emulator as a separate process through the CLI, for blocking clients (the SDK)."""
+    with emulator_process_with(tmp_path) as running:
+        yield running
 
 
 @pytest.fixture

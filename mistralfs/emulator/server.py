@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from mistralfs.emulator.app import create_app as _create_app
 from mistralfs.emulator.faults import RandomPlan
 from mistralfs.emulator.storage import Storage
+from mistralfs.emulator.tls import ensure_self_signed, self_signed_paths, server_context_check
 
 log = logging.getLogger("mistralfs.emulator")
 
@@ -31,6 +32,10 @@ class EmulatorConfig:
     at ``<storage_url>/<id>?se=..&sp=r&sig=..`` instead of the emulator's own
     ``/storage/`` route, as the service points at Azure Blob Storage: a static
     server over ``data_dir/blobs`` then serves content.
+
+    ``tls_cert`` (and ``tls_key``, unless the key is in the same PEM file) serve HTTPS;
+    ``tls`` serves HTTPS with a self-signed certificate kept in ``data_dir/tls/``
+    (see :mod:`mistralfs.emulator.tls`). Signed URLs are then https:// too.
     """
 
     data_dir: pathlib.Path
@@ -40,6 +45,19 @@ class EmulatorConfig:
     max_file_size: int = 512 * 1024 * 1024
     faults: RandomPlan | str | None = None
     storage_url: str | None = None
+    tls: bool = False
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+
+    def tls_files(self) -> tuple[pathlib.Path, pathlib.Path | None] | None:
+        """The certificate and key to serve HTTPS with (made for ``tls``), checked
+        loadable; None for plain HTTP. Raises TlsSetupError with one line."""
+        if self.tls_cert is None and not self.tls:
+            return None
+        if self.tls_cert is None:
+            return ensure_self_signed(self.data_dir, self.host)
+        server_context_check(self.tls_cert, self.tls_key)
+        return self.tls_cert, self.tls_key
 
 
 def create_app(config: EmulatorConfig) -> Starlette:
@@ -49,6 +67,10 @@ def create_app(config: EmulatorConfig) -> Starlette:
 
 def _hypercorn_config(config: EmulatorConfig) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
+    tls = config.tls_files()
+    if tls is not None:
+        cert, key = tls
+        hc.certfile, hc.keyfile = str(cert), (str(key) if key else None)
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]
     hc.accesslog = None  # ObserveMiddleware logs requests, without signed-URL queries
@@ -64,9 +86,9 @@ async def serve(
 ) -> None:
     """Bind and serve until cancelled; ``task_status.started`` gets the real base URL."""
     storage = Storage(config.data_dir)
-    app = _create_app(config, storage)
-    hc = _hypercorn_config(config)
     try:
+        app = _create_app(config, storage)
+        hc = _hypercorn_config(config)
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(hypercorn.trio.serve, app, hc)
             task_status.started(binds[0])
@@ -81,6 +103,11 @@ async def _serve_until_signal(config: EmulatorConfig) -> None:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(serve, config)
             print(f"mistralfs emulator listening on {url}", flush=True)
+            if config.tls and config.tls_cert is None:
+                cert = self_signed_paths(config.data_dir)[0].resolve()
+                log.info(
+                    "self-signed certificate: trust it with --ca-file %s (or SSL_CERT_FILE)", cert
+                )
             if isinstance(config.faults, RandomPlan):
                 log.info("random faults: %s", config.faults.describe())
             async for signum in signals:

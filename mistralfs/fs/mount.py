@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from mistralfs import systemd
-from mistralfs.api import ApiError, AuthError, FilesClient, RetryPolicy
+from mistralfs.api import ApiError, AuthError, CertificateRejected, FilesClient, RetryPolicy
 from mistralfs.config import MountConfig
 from mistralfs.control import serve_status
 from mistralfs.fs.activity import Activity
@@ -62,10 +62,16 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 async def check_key(config: MountConfig) -> None:
     """Fail fast, with one clear line, on a refused key or an unreachable server."""
-    async with FilesClient(config.server_url, config.api_key, retry=STARTUP_RETRY) as client:
+    async with FilesClient(
+        config.server_url, config.api_key, retry=STARTUP_RETRY, ca_file=config.ca_file
+    ) as client:
         try:
             with trio.fail_after(STARTUP_CHECK_SECONDS):
                 await client.check_auth()
+        except CertificateRejected as exc:
+            raise MountError(
+                f"cannot use the server at {config.server_url}: {exc.message} (use --ca-file)"
+            ) from exc
         except AuthError as exc:
             raise MountError(
                 f"the server at {config.server_url} refused the API key ({exc.status})"
@@ -83,7 +89,9 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     disk = await open_disk_cache(config)
     retry = RetryPolicy(total_budget=config.retry_time)
     async with (
-        FilesClient(config.server_url, config.api_key, retry=retry) as client,
+        FilesClient(
+            config.server_url, config.api_key, retry=retry, ca_file=config.ca_file
+        ) as client,
         disk,
         trio.open_nursery() as nursery,
     ):
