@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import certifi
 import httpx
 import pytest
 import trio
@@ -27,7 +28,7 @@ from cryptography import x509
 from mistralai.client import Mistral
 from mounting import is_mounted, mount, mount_command, sha256_of
 
-from mistralfs.api import CertificateRejected, FilesClient, RetryPolicy, storage
+from mistralfs.api import CertificateRejected, FilesClient, RetryPolicy, storage, tls
 from mistralfs.api.tls import TrustError, client_context
 from mistralfs.emulator.tls import ensure_self_signed, self_signed_paths
 
@@ -146,6 +147,18 @@ async def test_ssl_cert_file_is_trusted_as_by_openssl_and_the_sdk(
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
     async with FilesClient(tls_emulator.url, tls_emulator.api_key, retry=FAST) as client:
         await client.check_auth()
+
+
+def test_without_settings_the_system_store_is_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As curl and OpenSSL do: a company CA installed there is trusted too. (Not
+    certifi's bundle, which httpx and the SDK trust by default.)"""
+    if not (ssl.get_default_verify_paths().cafile or ssl.get_default_verify_paths().capath):
+        pytest.skip("this system has no certificate store (certifi's bundle is used)")
+    monkeypatch.setattr(certifi, "where", lambda: "/nonexistent/cacert.pem")
+    tls._context.cache_clear()
+    trusted = {cert["serialNumber"] for cert in client_context().get_ca_certs()}
+    system = {cert["serialNumber"] for cert in ssl.create_default_context().get_ca_certs()}
+    assert system and system <= trusted  # certificates found in SSL_CERT_DIR join as used
 
 
 def test_a_trust_that_cannot_be_loaded_says_which_and_why(
