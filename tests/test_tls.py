@@ -7,12 +7,16 @@ the server at once with one line. `--tls` makes the emulator's own certificate.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
+import socket
 import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ from cryptography import x509
 from mistralai.client import Mistral
 from mounting import is_mounted, mount, mount_command, sha256_of
 
-from mistralfs.api import CertificateRejected, FilesClient, RetryPolicy, storage, tls
+from mistralfs.api import CertificateRejected, FilesClient, RetryPolicy, direct, storage, tls
 from mistralfs.api.tls import TrustError, client_context
 from mistralfs.emulator.tls import ensure_self_signed, self_signed_paths
 
@@ -139,6 +143,45 @@ async def test_an_untrusted_certificate_is_refused_at_once_on_every_path(
         with trio.fail_after(2), pytest.raises(CertificateRejected):
             await client.read_range(url, 0, MiB)  # httpx
         assert sum(client.stats.requests.values()) == 4  # one attempt each
+
+
+async def test_a_connection_opened_ahead_is_used_after_the_servers_session_tickets(
+    tls_files: TlsFiles,
+) -> None:
+    """A TLS 1.3 server built on OpenSSL's sockets (nginx, blob storage) sends session
+    tickets right after the handshake: the connection opened ahead reads as readable,
+    yet it is the one the first request goes on, and the next (no second handshake)."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tls_files.cert, tls_files.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = listener.accept()
+                accepted.append(raw)
+                connection = server.wrap_socket(raw, server_side=True)
+                while connection.recv(4096).endswith(b"\r\n\r\n"):
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/blob"
+    pool = direct.DirectConnections(1, client_context(tls_files.ca))
+    get = functools.partial(
+        direct.request, method="GET", headers={}, send_body=None, timeout=5, max_answer=10
+    )
+    try:
+        await pool.connect_ahead(url, 5)
+        await trio.sleep(0.2)  # the tickets are in
+        for _ in range(2):
+            assert (await pool.exchange(url, get)).content == b"ok"
+        assert len(accepted) == 1
+    finally:
+        pool.close()
+        listener.close()
+        for raw in accepted:
+            raw.close()
 
 
 async def test_ssl_cert_file_is_trusted_as_by_openssl_and_the_sdk(

@@ -111,7 +111,7 @@ class DirectConnections:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if conn.sock is not None and not _readable(conn.sock):
+            if conn.sock is not None and _still_open(conn.sock):
                 return conn
             conn.close()  # closed by the server, or sent something nobody asked for
         return None
@@ -134,6 +134,31 @@ def _readable(sock: socket.socket) -> bool:
     poller = select.poll()  # not select(): descriptors may be past FD_SETSIZE here
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether an idle connection has nothing to read: no end of file, no stray data.
+
+    Over TLS, readable may also mean records that carry no data: a TLS 1.3 server sends
+    its session tickets once the handshake is done, so a connection opened ahead reads
+    as readable before any request. They are taken in here, without waiting; only an end
+    of file or data nobody asked for make the connection one not to use.
+    """
+    if not _readable(sock):
+        return True
+    if not isinstance(sock, ssl.SSLSocket):
+        return False
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        sock.recv(1)  # b"" (end of file) or data nobody asked for: not usable either way
+    except ssl.SSLWantReadError:
+        return True  # only records without data were there
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+    return False
 
 
 def set_timeout(conn: http.client.HTTPConnection, timeout: float) -> None:
