@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of file content kept in memory, e.g. 256M (default 256M)",
     )
     mount.add_argument(
+        "--max-throughput",
+        type=_size,
+        metavar="RATE",
+        help="bytes per second one sequential reader needs, e.g. 500M: its read-ahead stops "
+        "growing there (default: it grows while reads get faster, up to 64 MiB in flight "
+        "and a quarter of --cache-size)",
+    )
+    mount.add_argument(
         "--dir-cache-time",
         type=_seconds,
         default=DEFAULT_DIR_CACHE_TIME,
@@ -126,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPTIONS",
         help="mount options as mount(8) passes them: server_url=URL, api_key_file=F, "
-        "ca_file=F, cache_size=SIZE, dir_cache_time=S, cache_dir=DIR, disk_cache=DIR, "
-        "disk_cache_size=SIZE, log_file=F, log_level=L, read_only (or ro), allow_other; "
-        "fstab's _netdev, nofail, noauto, x-* are ignored",
+        "ca_file=F, cache_size=SIZE, max_throughput=RATE, dir_cache_time=S, cache_dir=DIR, "
+        "disk_cache=DIR, disk_cache_size=SIZE, log_file=F, log_level=L, read_only (or ro), "
+        "allow_other; fstab's _netdev, nofail, noauto, x-* are ignored",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--api-key-fd", type=int, help=argparse.SUPPRESS)  # the daemon's key

@@ -92,6 +92,7 @@ class MountConfig:
     api_key: str = field(repr=False)
     cache_dir: Path
     cache_size: int = DEFAULT_CACHE_SIZE
+    max_throughput: int | None = None  # bytes/s a sequential reader need not go past
     dir_cache_time: float = DEFAULT_DIR_CACHE_TIME
     block_size: int = DEFAULT_BLOCK_SIZE
     read_only: bool = False
@@ -132,6 +133,7 @@ _VALUE_OPTIONS = {
     "api_key_file": "--api-key-file",
     "ca_file": "--ca-file",
     "cache_size": "--cache-size",
+    "max_throughput": "--max-throughput",
     "dir_cache_time": "--dir-cache-time",
     "cache_dir": "--cache-dir",
     "log_file": "--log-file",

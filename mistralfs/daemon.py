@@ -63,6 +63,7 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         api_key=_api_key(args),
         cache_dir=cache_dir,
         cache_size=args.cache_size,
+        max_throughput=args.max_throughput,
         dir_cache_time=args.dir_cache_time,
         read_only=args.read_only,
         allow_other=args.allow_other,
@@ -243,6 +244,8 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
         command.append("--allow-other")
     if config.ca_file is not None:
         command += ["--ca-file", str(config.ca_file)]
+    if config.max_throughput is not None:
+        command += ["--max-throughput", str(config.max_throughput)]
     if config.disk_cache is not None:
         command += ["--disk-cache", str(config.disk_cache)]
         command += ["--disk-cache-size", str(config.disk_cache_size)]

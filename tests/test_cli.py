@@ -117,12 +117,15 @@ def test_mount_options_with_o(emulator_process: RunningEmulator, tmp_path: Path)
     assert bad.returncode == 2 and "unknown mount option 'bogus=1'" in bad.stderr
     key = subprocess.run([*command, "-o", "api_key=x"], env=env, capture_output=True, text=True)
     assert key.returncode == 2 and "never a mount option" in key.stderr
-    options = "read_only,dir_cache_time=5,_netdev,nofail,noauto,x-systemd.automount,rw"
+    options = "read_only,dir_cache_time=5,max_throughput=500M"
+    options += ",_netdev,nofail,noauto,x-systemd.automount,rw"
     ok = subprocess.run([*command, "-o", options], env=env, capture_output=True, text=True)
     try:
         assert ok.returncode == 0, ok.stderr + mounted.log()
         snapshot = json.loads(cli("status", str(mounted.path), "--json", env=env).stdout)
         assert snapshot["read_only"] is True
+        daemon = Path(f"/proc/{mounted.daemon_pid()}/cmdline").read_bytes().split(b"\0")
+        assert daemon[daemon.index(b"--max-throughput") + 1] == b"524288000"
     finally:
         cli("unmount", str(mounted.path), env=env)
     assert not is_mounted(mounted.path)

@@ -102,7 +102,12 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         namespace.on_deleted_elsewhere = disk.forget
         namespace.on_account_listed = disk.keep_only
         reader = BlockReader(
-            client, nursery, cache_size=config.cache_size, block_size=config.block_size, disk=disk
+            client,
+            nursery,
+            cache_size=config.cache_size,
+            block_size=config.block_size,
+            disk=disk,
+            max_throughput=config.max_throughput,
         )
         nursery.start_soon(disk.run)
         writer = Writer(
