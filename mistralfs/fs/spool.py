@@ -75,9 +75,6 @@ TRANSITIONS: dict[SpoolState, frozenset[SpoolState]] = {
     S.INCOMPLETE: frozenset(),
     S.SUPERSEDED: frozenset(),
 }
-# Errors of a refused write that leave content worth keeping: what was accepted
-# before the disk filled up is the program's data; a copy cut at the size limit is not.
-KEEP_WHEN_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
 @dataclass(eq=False)
@@ -156,7 +153,9 @@ class Spool:
     def worth_keeping(self) -> bool:
         """Whether its content, not uploaded, is worth keeping for recovery."""
         if self.state is SpoolState.INCOMPLETE:
-            return self.refused is not None and self.refused.errno in KEEP_WHEN_REFUSED
+            # What was accepted before the disk filled up (or failed) is the program's
+            # data; a copy cut at the size limit is not worth a place in recovery.
+            return self.refused is not None and self.refused.errno != errno.EFBIG
         return self.changed
 
     def write_note(self) -> None:

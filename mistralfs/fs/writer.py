@@ -322,8 +322,8 @@ class Writer:
         if spool.refused is not None and not spool.worth_keeping:
             # The write past the limit failed and nothing was uploaded; the copy the
             # program was making is incomplete, so nothing worth keeping is left.
-            log.info("%s/%s: dropping the incomplete copy of a file past 512 MB",
-                     node.folder.purpose, node.name)  # fmt: skip
+            log.info("%s/%s: dropping the incomplete copy (%s)", node.folder.purpose,
+                     node.name, spool.refused)  # fmt: skip
         if spool.worth_keeping and not node.unlinked:
             self._close(spool)
             self._keep(spool)  # its upload failed: nothing the program wrote is lost
