@@ -49,6 +49,7 @@ from run import (
     catch_signals,
     check_same_bytes,
     cleaned_up,
+    cpu_seconds,
     end_process,
     fmt,
     free_port,
@@ -132,6 +133,16 @@ class LinkBench(Bench):
             end_process(proc.pid, proc)
         self.link_procs.clear()
         super().close()
+
+    @contextlib.contextmanager
+    def proxy_load(self, case: Case, side: str) -> Iterator[None]:
+        """Add to ``case.extra["proxy_cpu_<side>"]`` the busiest proxy's share of one core
+        while inside: near 1.0, that proxy (one Python thread), not the link, set the pace."""
+        before, t0 = [cpu_seconds(p.pid) for p in self.link_procs], time.perf_counter()
+        yield
+        used = [cpu_seconds(p.pid) - c for p, c in zip(self.link_procs, before, strict=True)]
+        busy = max(used) / (time.perf_counter() - t0)
+        case.extra.setdefault(f"proxy_cpu_{side}", []).append(busy)
 
     def verify(self) -> ssl.SSLContext | bool:
         return ssl.create_default_context(cafile=self.ca) if self.tls else True
@@ -242,13 +253,14 @@ def run_link_cases(b: LinkBench, link: Link) -> list[Case]:
         with ctx as (mnt, pid):
             path = mnt / ("bench-big/big.bin" if mfs else f"big/{big_id}")
             os.stat(path)  # the read alone, not the first listing
-            t = timed([*DD, f"if={path}"])
+            with b.proxy_load(r1, "mfs" if mfs else "rclone"):
+                t = timed([*DD, f"if={path}"])
             (m1.mfs if mfs else m1.extra["rclone"]).append(peak_rss(pid))
         return big_mib / t
 
     def sdk_download() -> float:
         t0 = time.perf_counter()
-        with b.sdk() as sdk:
+        with b.proxy_load(r1, "sdk"), b.sdk() as sdk:
             answer = sdk.files.download(file_id=big_id)
             try:
                 for _ in answer.iter_bytes(MiB):
@@ -257,19 +269,23 @@ def run_link_cases(b: LinkBench, link: Link) -> list[Case]:
                 answer.close()
         return big_mib / (time.perf_counter() - t0)
 
+    def curl_read() -> float:
+        with b.proxy_load(r1, "curl"):
+            return timed([*b.curl(), "-o", "/dev/null", signed])
+
     measure(
         r1,
         {
             "mfs": lambda: read_mount(True),
             "rclone": lambda: read_mount(False),
-            "curl": lambda: big_mib / timed([*b.curl(), "-o", "/dev/null", signed]),
+            "curl": lambda: big_mib / curl_read(),
             "sdk": sdk_download,
         },
         reps,
     )
     m1.peer = m1.extra["rclone"]
     cases += [r1, m1]
-    log(f"R1: {summary(r1)}; M1 {m1.median('mfs'):.0f} MiB")
+    log(f"R1: {summary(r1)}; M1 {m1.median('mfs'):.0f} MiB; {proxy_note(r1)}")
 
     # First 4 KiB of the big file, on a fresh mount, after an ls -l of its folder.
     r3 = Case("R3", "first 4 KiB after ls -l", "s", "rclone tuned", "<= 1.0x")
@@ -365,7 +381,7 @@ def run_link_cases(b: LinkBench, link: Link) -> list[Case]:
     w1 = Case("W1", f"cp {big_mib:.0f} MiB", "s", "curl -F", "<= 1.05x")
 
     def cp_big() -> float:
-        with b.mistralfs() as (mnt, _):
+        with b.mistralfs() as (mnt, _), b.proxy_load(w1, "mfs"):
             return timed(["cp", str(b.src_big), str(mnt / "batch" / "w1.bin")])
 
     def sdk_upload(paths: list[Path]) -> float:
@@ -377,14 +393,23 @@ def run_link_cases(b: LinkBench, link: Link) -> list[Case]:
         return time.perf_counter() - t0
 
     upload = [*b.curl(), *auth, "-o", "/dev/null", "-F", "purpose=batch"]
+
+    def curl_upload() -> float:
+        with b.proxy_load(w1, "curl"):
+            return timed([*upload, "-F", f"file=@{b.src_big}", f"{b.client_url}/v1/files"])
+
+    def sdk_upload_big() -> float:
+        with b.proxy_load(w1, "sdk"):
+            return sdk_upload([b.src_big])
+
     w1_sides: dict[str, Callable[[], float]] = {
         "mfs": cp_big,
-        "curl": lambda: timed([*upload, "-F", f"file=@{b.src_big}", f"{b.client_url}/v1/files"]),
-        "sdk": lambda: sdk_upload([b.src_big]),
+        "curl": curl_upload,
+        "sdk": sdk_upload_big,
     }
     measure(w1, then_clean(b, w1_sides), reps)
     cases.append(w1)
-    log(f"W1: {summary(w1)}")
+    log(f"W1: {summary(w1)}; {proxy_note(w1)}")
 
     # cp of many 64 KiB files, against an SDK upload loop and one curl chaining them.
     src = b.work / "src" / "w2"
@@ -437,6 +462,16 @@ def summary(c: Case) -> str:
         for side in SIDES
         if side == "mfs" or c.extra.get(side)
     )
+
+
+def proxy_note(c: Case) -> str:
+    """The busiest proxy's median share of a core per side, for the log."""
+    shares = [
+        f"{side} {_median(c.extra[f'proxy_cpu_{side}']):.2f}"
+        for side in SIDES
+        if c.extra.get(f"proxy_cpu_{side}")
+    ]
+    return "busiest proxy, cores: " + ", ".join(shares)
 
 
 def _median(values: list[float] | None) -> float | None:
