@@ -65,7 +65,10 @@ class ReadState:
     next_offset: int = 0
     window: int = 1
     started: bool = False  # a first read has been answered
-    # How fast the reads went since the window took its present size, and before.
+    # How fast the reads went at the window's present size, and at the one before; the
+    # first window's worth of reads after it grew is not counted, as the parts it added
+    # are still on their way.
+    probe_skip: int = 0
     probe_started: float = 0.0
     probe_bytes: int = 0
     last_rate: float = 0.0
@@ -74,7 +77,7 @@ class ReadState:
     def restart(self, offset: int) -> None:
         """A seek: the window closes, and is measured again as it grows."""
         self.next_offset, self.window = offset, 1
-        self.probe_bytes, self.last_rate, self.settled = 0, 0.0, False
+        self.probe_skip, self.probe_bytes, self.last_rate, self.settled = 0, 0, 0.0, False
 
 
 class BlockReader:
@@ -272,7 +275,11 @@ class BlockReader:
         now = trio.current_time()
         if state.window < FREE_GROWTH_BLOCKS:
             state.window = min(state.window * 2, self._max_prefetch)
-            state.probe_started, state.probe_bytes = now, 0
+            state.probe_skip, state.probe_bytes = state.window * self.block_size, 0
+            return
+        if state.probe_skip > 0:
+            state.probe_skip -= read
+            state.probe_started = now
             return
         state.probe_bytes += read
         if state.probe_bytes < state.window * self.block_size:
@@ -284,7 +291,7 @@ class BlockReader:
             return
         state.last_rate = rate
         state.window = min(state.window * 2, self._max_prefetch)
-        state.probe_started, state.probe_bytes = now, 0
+        state.probe_skip, state.probe_bytes = state.window * self.block_size, 0
 
     def _schedule(self, remote: RemoteFile, first: int, last: int, ahead: int) -> None:
         """Start fetching the missing blocks of a read, and `ahead` blocks past it.
