@@ -14,7 +14,7 @@ import os
 import httpx
 import pytest
 import trio
-from test_operations import Stack, hold_up, remote_state
+from test_operations import Stack, hold_up, remote_state, upload
 from test_operations import stack as stack  # the fixture: Operations on the emulator
 
 CHUNK = 128 * 1024
@@ -178,3 +178,31 @@ async def test_an_empty_version_uploaded_at_release_respects_the_order_of_closes
         await b.close()
         await stack.ops.release(empty.fh)
     await last_close_wins(stack, inode, empty, b)
+
+
+async def test_an_emptying_open_of_an_empty_file_still_wins_when_it_closes_last(
+    stack: Stack,
+) -> None:
+    """The file is empty already, so emptying it again would store nothing; but a
+    writer that stores other bytes meanwhile does not make that emptying open moot."""
+    await upload(stack, "n.txt", b"")
+    inode = (await stack.ops.lookup(await stack.folder("batch"), b"n.txt")).st_ino
+    empty, b = Writer(stack, b""), Writer(stack, B)
+    await empty.open_truncating(inode)
+    await b.open_truncating(inode)
+    await b.write()
+    await b.close()
+    await empty.close()
+    await last_close_wins(stack, inode, empty, b)
+
+
+async def test_emptying_an_empty_file_uploads_nothing(stack: Stack) -> None:
+    file_id = await upload(stack, "n.txt", b"")
+    inode = (await stack.ops.lookup(await stack.folder("batch"), b"n.txt")).st_ino
+    await stack.clear_requests()
+    emptied = Writer(stack, b"")
+    await emptied.open_truncating(inode)
+    await emptied.close()
+    await trio.sleep(0.1)
+    assert [r["method"] for r in await stack.api_requests()] == []
+    assert await remote_state(stack) == {("batch", "n.txt"): file_id}

@@ -121,19 +121,13 @@ class Writer:
         async with node.lock:
             spool = self._current.get(node.inode)
             if write and truncate:
-                spool = self._new_version(node, self._emptied_state(node, spool))
+                spool = self._new_version(node, SpoolState.OPENED)
             elif spool is None and write:
                 spool = await self._copy_on_write(node)
             if spool is None:
                 return None
             spool.handles += 1
             return spool
-
-    @staticmethod
-    def _emptied_state(node: FileNode, current: Spool | None) -> SpoolState:
-        """An empty version is already what the account holds only if that is empty too."""
-        unchanged = current is None and node.remote is not None and node.remote.bytes == 0
-        return SpoolState.CLEAN if unchanged else SpoolState.OPENED
 
     async def _copy_on_write(self, node: FileNode) -> Spool:
         """A new current version holding the remote content."""
@@ -153,6 +147,7 @@ class Writer:
     def _new_version(self, node: FileNode, state: SpoolState) -> Spool:
         """An empty spool that becomes what `node`'s name shows; older ones keep their handles."""
         spool = new_spool(self._spool_dir, node, state)
+        spool.opened_on = node.remote.id if node.remote is not None else None
         others = self._versions(node)
         for version in [*others, spool] if others else []:
             version.overlapped = True
@@ -263,13 +258,14 @@ class Writer:
         async with node.lock:
             spool = self._current.get(node.inode)
             if spool is None and size == 0:
-                spool = self._new_version(node, self._emptied_state(node, None))
+                spool = self._new_version(node, SpoolState.OPENED)
             elif spool is None:
                 spool = await self._copy_on_write(node)
             spool.handles += 1
             try:
                 await spool.settled()
                 self._truncate(spool, size)
+                self._clean_if_already_stored(spool)
                 if spool.changed:
                     await self._upload(spool)
             finally:
@@ -316,6 +312,7 @@ class Writer:
             log.debug("%s/%s: a version closed later is stored; dropping this one",
                       node.folder.purpose, node.name)  # fmt: skip
             spool.become(SpoolState.SUPERSEDED)
+        self._clean_if_already_stored(spool)
         if spool.state in (SpoolState.OPENED, SpoolState.DIRTY) and node.attached:
             with contextlib.suppress(FsError):  # logged by _upload; the spool is kept below
                 await self._upload(spool)
@@ -331,6 +328,21 @@ class Writer:
             self._discard(spool)
         if node.remote is None and not self._versions(node):
             self._namespace.detach(node)  # never uploaded: the name goes with the spool
+
+    @staticmethod
+    def _clean_if_already_stored(spool: Spool) -> None:
+        """An emptied version with nothing written is what the account holds when that
+        is the very empty file it was opened on: `: > f` of an empty f uploads nothing.
+        Another version stored meanwhile makes it a change again (the last close wins)."""
+        remote = spool.node.remote
+        if (
+            spool.state is SpoolState.OPENED
+            and spool.size == 0
+            and remote is not None
+            and remote.bytes == 0
+            and remote.id == spool.opened_on
+        ):
+            spool.become(SpoolState.CLEAN)
 
     def _keep(self, spool: Spool) -> None:
         kept = keep(spool.path, self._recovery_dir)
