@@ -15,14 +15,14 @@ import trio
 from conftest import RunningEmulator
 from test_operations import BLOCK, Stack, make_stack, upload
 
-from mistralfs.fs.reader import FREE_GROWTH_BLOCKS
+from mistralfs.fs.reader import FREE_GROWTH_BLOCKS, ReadState
 
 FILE_BLOCKS = 96
 
 
-async def most_blocks_in_flight(stack: Stack, data: bytes) -> int:
+async def most_blocks_in_flight(stack: Stack, data: bytes) -> tuple[int, ReadState]:
     """Read batch/seq.bin sequentially in 128 KiB reads, as the kernel does; the most
-    blocks that were on their way at once."""
+    blocks that were on their way at once, and the reader's window at the end."""
     await upload(stack, "seq.bin", data)
     inode = (await stack.ops.lookup(await stack.folder("batch"), b"seq.bin")).st_ino
     info = await stack.ops.open(inode, os.O_RDONLY, None)
@@ -46,8 +46,9 @@ async def most_blocks_in_flight(stack: Stack, data: bytes) -> int:
             piece = await stack.ops.read(info.fh, offset, 2 * BLOCK)
             assert piece == data[offset : offset + 2 * BLOCK]
         nursery.cancel_scope.cancel()
+    state = stack.ops.fs._handle(info.fh).read_state
     await stack.ops.release(info.fh)
-    return most
+    return most, state
 
 
 async def test_the_window_grows_past_its_first_size_while_reads_get_faster(
@@ -55,7 +56,8 @@ async def test_the_window_grows_past_its_first_size_while_reads_get_faster(
 ) -> None:
     async with trio.open_nursery() as nursery:
         stack = await make_stack(emulator, nursery, tmp_path / "cache")
-        most = await most_blocks_in_flight(stack, os.urandom(FILE_BLOCKS * BLOCK))
+        most, state = await most_blocks_in_flight(stack, os.urandom(FILE_BLOCKS * BLOCK))
+        assert state.window == 16, state  # a quarter of the cache
         # Past what it reaches freely (plus the read's own 2 blocks), within a quarter of
         # the cache (plus those 2).
         assert FREE_GROWTH_BLOCKS + 2 < most <= 16 + 2, most
@@ -69,7 +71,7 @@ async def test_the_window_stops_growing_at_the_throughput_asked_for(
     async with trio.open_nursery() as nursery:
         # Any rate reaches 1 KB/s: the window stays at the size it reaches freely.
         stack = await make_stack(emulator, nursery, tmp_path / "cache", max_throughput=1000)
-        most = await most_blocks_in_flight(stack, os.urandom(FILE_BLOCKS * BLOCK))
-        assert most <= FREE_GROWTH_BLOCKS + 2, most
+        _, state = await most_blocks_in_flight(stack, os.urandom(FILE_BLOCKS * BLOCK))
+        assert state.settled and state.window == FREE_GROWTH_BLOCKS, state
         await stack.client.aclose()
         nursery.cancel_scope.cancel()
