@@ -93,11 +93,17 @@ async def make_stack(
     read_only: bool = False,
     cache_size: int = 64 * BLOCK,
     max_throughput: float | None = None,
+    free_growth_blocks: int = 8,
 ) -> Stack:
     client = FilesClient(emulator.url, emulator.api_key, retry=FAST_RETRY)
     namespace = Namespace(client, dir_cache_time)
     reader = BlockReader(
-        client, nursery, cache_size=cache_size, block_size=BLOCK, max_throughput=max_throughput
+        client,
+        nursery,
+        cache_size=cache_size,
+        block_size=BLOCK,
+        max_throughput=max_throughput,
+        free_growth_blocks=free_growth_blocks,
     )
     writer = Writer(
         client,
