@@ -206,3 +206,15 @@ async def test_emptying_an_empty_file_uploads_nothing(stack: Stack) -> None:
     await trio.sleep(0.1)
     assert [r["method"] for r in await stack.api_requests()] == []
     assert await remote_state(stack) == {("batch", "n.txt"): file_id}
+
+
+async def test_two_emptying_opens_of_a_new_name_store_one_empty_file_once(stack: Stack) -> None:
+    first, second = Writer(stack, b""), Writer(stack, b"")
+    inode = await first.create("n.txt")
+    await second.open_truncating(inode)
+    await first.close()
+    await second.close()
+    await trio.sleep(0.1)
+    posts = [r for r in await stack.api_requests() if r["method"] == "POST"]
+    assert len(posts) == 1, posts
+    await last_close_wins(stack, inode, first, second)

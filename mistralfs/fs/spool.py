@@ -67,7 +67,7 @@ class SpoolState(enum.Enum):
 S = SpoolState
 TRANSITIONS: dict[SpoolState, frozenset[SpoolState]] = {
     S.CLEAN: frozenset({S.DIRTY, S.UPLOADING, S.INCOMPLETE}),
-    # To CLEAN: emptied, and the account holds the very empty file it was opened on.
+    # To CLEAN: emptied, with nothing written, and the account holds an empty file.
     S.OPENED: frozenset({S.CLEAN, S.DIRTY, S.UPLOADING, S.INCOMPLETE, S.SUPERSEDED}),
     S.DIRTY: frozenset({S.UPLOADING, S.INCOMPLETE, S.SUPERSEDED}),
     # Back to the state it came from when a rename's upload fails: nothing changed.
@@ -99,7 +99,6 @@ class Spool:
     replaces: list[RemoteFile] = field(default_factory=list)
     appended_only: bool = True  # written from its first byte on, each write at the end
     refused: FsError | None = None  # why it is INCOMPLETE
-    opened_on: str | None = None  # the remote file's id when this version was made
     # Another version of the file was open at the same time: the kernel's page cache
     # may hold a mix of both programs' writes once either is uploaded.
     overlapped: bool = False

@@ -147,7 +147,6 @@ class Writer:
     def _new_version(self, node: FileNode, state: SpoolState) -> Spool:
         """An empty spool that becomes what `node`'s name shows; older ones keep their handles."""
         spool = new_spool(self._spool_dir, node, state)
-        spool.opened_on = node.remote.id if node.remote is not None else None
         others = self._versions(node)
         for version in [*others, spool] if others else []:
             version.overlapped = True
@@ -332,15 +331,15 @@ class Writer:
     @staticmethod
     def _clean_if_already_stored(spool: Spool) -> None:
         """An emptied version with nothing written is what the account holds when that
-        is the very empty file it was opened on: `: > f` of an empty f uploads nothing.
-        Another version stored meanwhile makes it a change again (the last close wins)."""
+        is an empty file too: `: > f` of an empty f uploads nothing. One that another
+        version's content replaced meanwhile makes it a change again (the last close
+        wins); one that another emptied version stored does not."""
         remote = spool.node.remote
         if (
             spool.state is SpoolState.OPENED
             and spool.size == 0
             and remote is not None
             and remote.bytes == 0
-            and remote.id == spool.opened_on
         ):
             spool.become(SpoolState.CLEAN)
 
