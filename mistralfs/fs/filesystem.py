@@ -11,7 +11,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -120,7 +120,7 @@ class Filesystem:
         parent.absences_told = True
         return self.namespace.fresh_for(parent)
 
-    async def list_dir(self, inode: int) -> list[tuple[str, Node]]:
+    async def list_dir(self, inode: int) -> Sequence[tuple[str, Node]]:
         """A folder's entries at this moment; readdir pages through this snapshot."""
         node = self.node(inode)
         if isinstance(node, Root):
@@ -131,7 +131,7 @@ class Filesystem:
             self._reader.prefetch_urls(
                 [f.remote for _, f in entries if f.remote is not None and f.local_size is None]
             )
-            return [(name, file) for name, file in entries]
+            return entries
         raise FsError(errno.ENOTDIR)
 
     async def _listed(self, listing: Awaitable[T]) -> T:

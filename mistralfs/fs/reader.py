@@ -193,7 +193,6 @@ class BlockReader:
 
     async def _renew_url(self, file_id: str) -> None:
         """Replace a cached URL past half its life; the old one serves meanwhile."""
-        self._renewing.add(file_id)
         try:
             url = await self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS)
         except Exception as exc:  # the old URL serves until it is refused or expires

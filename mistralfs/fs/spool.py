@@ -25,7 +25,6 @@ import contextlib
 import enum
 import errno
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -42,8 +41,6 @@ from mistralfs.fs.errors import FsError
 if TYPE_CHECKING:
     from mistralfs.fs.namespace import FileNode
     from mistralfs.fs.uploads import Growing
-
-log = logging.getLogger(__name__)
 
 
 class SpoolState(enum.Enum):
@@ -140,7 +137,10 @@ class Spool:
         self.become(SpoolState.CLEAN)
 
     async def settled(self) -> None:
-        """Return once no upload of this spool is under way."""
+        """Return once no upload of this spool is under way.
+
+        Every upload runs under the file's lock; only what does not take it (writes,
+        `ftruncate`) needs to wait here."""
         while self.state is SpoolState.UPLOADING:
             await self._upload_ended.wait()
 

@@ -67,8 +67,8 @@ class Writer:
         self._spool_dir = spool_dir
         self._recovery_dir = recovery_dir
         self._max_file_size = max_file_size
-        # Every spool with a handle on it, and per file the one its name shows.
-        self._open: set[Spool] = set()
+        # Per file, every version with a handle on it, and the one its name shows.
+        self._open: dict[int, list[Spool]] = {}
         self._current: dict[int, Spool] = {}
         # Per file, the `closed_at` of the version whose content the account holds.
         self._closes = itertools.count(1)
@@ -94,7 +94,7 @@ class Writer:
         return True
 
     def _versions(self, node: FileNode) -> list[Spool]:
-        return [spool for spool in self._open if spool.node is node]
+        return self._open.get(node.inode, [])
 
     # -- opening ------------------------------------------------------------------
 
@@ -147,10 +147,11 @@ class Writer:
     def _new_version(self, node: FileNode, state: SpoolState) -> Spool:
         """An empty spool that becomes what `node`'s name shows; older ones keep their handles."""
         spool = new_spool(self._spool_dir, node, state)
-        others = self._versions(node)
-        for version in [*others, spool] if others else []:
-            version.overlapped = True
-        self._open.add(spool)
+        versions = self._open.setdefault(node.inode, [])
+        versions.append(spool)
+        if len(versions) > 1:
+            for version in versions:
+                version.overlapped = True
         self._current[node.inode] = spool
         node.local_size = 0
         return spool
@@ -165,7 +166,10 @@ class Writer:
         """The last handle on `spool` is gone."""
         self._uploads.stop_growing(spool, "the file was closed without being uploaded")
         self._retire(spool)
-        self._open.discard(spool)
+        versions = self._open[spool.node.inode]
+        versions.remove(spool)
+        if not versions:
+            del self._open[spool.node.inode]
         os.close(spool.fd)
 
     def _discard(self, spool: Spool) -> None:
@@ -190,7 +194,8 @@ class Writer:
             self._uploads.stop_growing(spool, "the spool could not be written")
             error = spool.refuse(spool_error(spool.node, exc))
             log.error("%s (after %d bytes)", error, spool.size)
-            spool.write_note()
+            with contextlib.suppress(OSError):  # the note says it is not complete
+                spool.write_note()
             raise error from exc
         spool.size = max(spool.size, offset + written)
         spool.appended_only = spool.appended_only and appending
@@ -262,7 +267,6 @@ class Writer:
                 spool = await self._copy_on_write(node)
             spool.handles += 1
             try:
-                await spool.settled()
                 self._truncate(spool, size)
                 self._clean_if_already_stored(spool)
                 if spool.changed:
@@ -376,7 +380,6 @@ class Writer:
                 spool = await self._copy_on_write(node)
             spool.handles += 1
             try:
-                await spool.settled()
                 with spool.uploading():
                     remote = await self._uploads.send(spool, filename=name, purpose=folder.purpose)
                 if node.removed_here:
@@ -475,7 +478,7 @@ class Writer:
 
     def pending(self) -> int:
         """Files changed through an open descriptor and not uploaded yet."""
-        return sum(1 for spool in self._open if spool.changed)
+        return sum(spool.changed for versions in self._open.values() for spool in versions)
 
     async def wait_idle(self) -> None:
         """Return once no upload is in flight."""
