@@ -129,15 +129,22 @@ async def stack(emulator: RunningEmulator, tmp_path: Path) -> AsyncIterator[Stac
 
 
 @contextlib.asynccontextmanager
-async def stack_caching_for(
-    emulator: RunningEmulator, cache_dir: Path, dir_cache_time: float
+async def stack_with(
+    emulator: RunningEmulator, cache_dir: Path, **options: Any
 ) -> AsyncIterator[Stack]:
-    """A stack whose listings are trusted for `dir_cache_time` seconds."""
+    """A stack made with `options` (see make_stack), closed on the way out."""
     async with trio.open_nursery() as nursery:
-        stack = await make_stack(emulator, nursery, cache_dir, dir_cache_time=dir_cache_time)
+        stack = await make_stack(emulator, nursery, cache_dir, **options)
         yield stack
         await stack.client.aclose()
         nursery.cancel_scope.cancel()
+
+
+def stack_caching_for(
+    emulator: RunningEmulator, cache_dir: Path, dir_cache_time: float
+) -> contextlib.AbstractAsyncContextManager[Stack]:
+    """A stack whose listings are trusted for `dir_cache_time` seconds."""
+    return stack_with(emulator, cache_dir, dir_cache_time=dir_cache_time)
 
 
 async def upload(stack: Stack, name: str, data: bytes, purpose: str = "batch") -> str:
