@@ -8,15 +8,17 @@ import os
 import pathlib
 import typing
 
+import httpx
 import pytest
 import trio
 from conftest import answer, answer_range, serve_asgi
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mistralfs.api import FilesClient, storage
+from mistralfs.api import FilesClient
 from mistralfs.api.client import _cut
 from mistralfs.api.tls import client_context
+from mistralfs.api.transport import ThreadedTransport
 
 MiB = 1024 * 1024
 
@@ -69,20 +71,43 @@ async def test_client_reads_ranges_in_block_pieces(
     assert b"".join(pieces) == data[100:]
 
 
-def test_direct_reads_only_where_no_proxy_applies(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+def test_a_proxy_from_the_environment_applies_where_no_proxy_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    url = "https://account.blob.example/c/f?sig=x"
+        monkeypatch.delenv(name.upper(), raising=False)
+    url = httpx.URL("https://account.blob.example/c/f?sig=x")
 
-    def direct(url: str) -> bool:  # proxy settings are read when the reader is made
-        return storage.DirectRangeReader(user_agent="t", tls=client_context()).serves(url)
+    def proxy(url: httpx.URL) -> str | None:  # proxy settings are read when it is made
+        return ThreadedTransport(client_context()).proxy_for(url)
 
-    assert direct(url)
+    assert proxy(url) is None
     monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
-    assert not direct(url)  # http.client would bypass the proxy: httpx reads it
+    assert proxy(url) == "http://proxy.example:3128"  # sent through httpx's proxy transport
+    assert proxy(httpx.URL("http://account.blob.example/f")) is None  # https only
     monkeypatch.setenv("no_proxy", "account.blob.example")
-    assert direct(url)
-    assert not direct("ftp://host/file")
+    assert proxy(url) is None
+
+
+async def test_a_request_that_a_proxy_applies_to_goes_through_the_proxy(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """http.client reads no proxy settings: such a request is httpx's own transport's."""
+    seen: list[str] = []
+
+    async def proxy(scope: dict, receive: typing.Any, send: typing.Any) -> None:
+        seen.append(scope["path"])  # an absolute-form target names the origin
+        await answer_range(send, dict(scope["headers"])[b"range"].decode(), b"y" * 100)
+
+    proxy_url = await serve_asgi(nursery, proxy)
+    monkeypatch.setenv("http_proxy", proxy_url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    async with FilesClient("http://api.example", "k") as client:
+        assert await client.read_range("http://blob.example/b?sig=1", 5, 10) == b"y" * 10
+        assert client.idle_connections() == 0  # none of its own
+    assert len(seen) == 1
 
 
 async def test_direct_reads_keep_their_connection_and_count_as_storage_requests(
@@ -95,8 +120,7 @@ async def test_direct_reads_keep_their_connection_and_count_as_storage_requests(
             [piece] = await client.read_range_pieces(url, start, 1000, MiB)
             assert piece == data[start : start + 1000]
         assert client.stats.requests["storage"] - before == 4
-        assert client._direct is not None
-        assert client._direct.idle_connections() == 1  # one connection, reused
+        assert client.idle_connections() == 1  # one connection, reused
 
 
 async def test_a_connection_opened_ahead_serves_the_first_read(
@@ -112,19 +136,17 @@ async def test_a_connection_opened_ahead_serves_the_first_read(
 
     storage_url = await serve_asgi(nursery, storage_host)
     async with FilesClient(emulator.url, emulator.api_key) as client:
-        assert client._direct is not None
         await client.connect_ahead(f"{storage_url}/blob?sig=1")
-        assert client._direct.idle_connections() == 1 and connections == []  # no request
+        assert client.idle_connections(storage_url) == 1 and connections == []  # no request
         await client.connect_ahead(f"{storage_url}/other?sig=2")  # one is open already
-        assert client._direct.idle_connections() == 1
+        assert client.idle_connections(storage_url) == 1
         assert await client.read_range_pieces(f"{storage_url}/blob?sig=1", 0, 10, 10) == [b"x" * 10]
-        assert client._direct.idle_connections() == 1
+        assert client.idle_connections(storage_url) == 1
         await client.connect_ahead("http://127.0.0.1:9/nothing-listens")  # left to the read
     assert len(set(connections)) == 1  # the read went on the connection opened ahead
 
 
-async def test_a_redirected_signed_url_is_followed_by_the_httpx_path(emulator: typing.Any) -> None:
-    """http.client follows no redirect; such an answer is read again through httpx."""
+async def test_a_redirected_signed_url_is_followed_without_the_key(emulator: typing.Any) -> None:
     body = bytes(range(256)) * 8
     seen: list[tuple[str, bool]] = []
 
@@ -143,8 +165,7 @@ async def test_a_redirected_signed_url_is_followed_by_the_httpx_path(emulator: t
         nursery.cancel_scope.cancel()
     assert [len(p) for p in pieces] == [1024, 476]
     assert b"".join(pieces) == body[100:1600]
-    # Tried directly, then through httpx, which followed the redirect; never with the key.
-    assert seen == [("/moved", False), ("/moved", False), ("/blob", False)]
+    assert seen == [("/moved", False), ("/blob", False)]  # never with the key
 
 
 def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,14 +188,13 @@ def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.Monkey
         clients = [FilesClient("https://api.example", "k") for _ in range(3)]
         assert len(made) == 1
         context = tls.client_context()
-        assert clients[0]._http._transport._pool._ssl_context is context  # type: ignore[attr-defined]
-        client = clients[0]
-        assert client._direct is not None
-        for pool in (client._direct._connections, client._direct_uploads, client._direct_calls):
-            assert pool is not None
-            conn = pool._connection(("https", "blob.example", 443), True)
-            assert isinstance(conn, http.client.HTTPSConnection)
-            assert conn._context is context  # type: ignore[attr-defined]
+        transport = clients[0]._transport
+        assert transport is not None
+        conn = transport._connection(("https", "blob.example", 443), True)
+        assert isinstance(conn, http.client.HTTPSConnection)
+        assert conn._context is context  # type: ignore[attr-defined]
+        proxied = transport._via_proxy("http://proxy.example:3128")
+        assert proxied._pool._ssl_context is context  # type: ignore[attr-defined]
         assert len(made) == 1
     finally:
         tls._context.cache_clear()

@@ -8,7 +8,6 @@ the server at once with one line. `--tls` makes the emulator's own certificate.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import socket
@@ -32,8 +31,9 @@ from cryptography import x509
 from mistralai.client import Mistral
 from mounting import is_mounted, mount, mount_command, sha256_of
 
-from mistralfs.api import CertificateRejected, FilesClient, RetryPolicy, direct, storage, tls
+from mistralfs.api import CertificateRejected, FilesClient, RetryPolicy, tls
 from mistralfs.api.tls import TrustError, client_context
+from mistralfs.api.transport import ThreadedTransport
 from mistralfs.emulator.tls import ensure_self_signed, self_signed_paths
 
 MiB = 1024 * 1024
@@ -88,16 +88,8 @@ async def _uploaded(client: FilesClient, tmp_path: Path, size: int) -> tuple[byt
     return data, (await client.signed_url(remote.id)).url
 
 
-def _no_direct_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Signed URLs then go through httpx, as they do when a proxy applies."""
-    monkeypatch.setattr(storage.DirectRangeReader, "serves", lambda self, url: False)
-
-
-async def test_client_over_tls_lists_uploads_and_reads_ranges_both_ways(
-    tls_emulator: RunningEmulator,
-    tls_files: TlsFiles,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+async def test_client_over_tls_lists_uploads_and_reads_ranges_on_one_connection(
+    tls_emulator: RunningEmulator, tls_files: TlsFiles, tmp_path: Path
 ) -> None:
     assert tls_emulator.url.startswith("https://")
     async with FilesClient(
@@ -108,16 +100,12 @@ async def test_client_over_tls_lists_uploads_and_reads_ranges_both_ways(
         assert url.startswith(tls_emulator.url + "/storage/")
         assert [f.filename for f in (await client.list_files()).files] == ["big.bin"]
         assert await client.read_range(url, MiB - 3, MiB) == data[MiB - 3 : 2 * MiB - 3]
-        assert client._direct is not None and client._direct.idle_connections() == 1  # http.client
-        _no_direct_reads(monkeypatch)
-        assert await client.read_range(url, 7, MiB) == data[7 : MiB + 7]  # httpx
+        assert await client.read_range(url, 7, MiB) == data[7 : MiB + 7]
+        assert client.idle_connections() == 1  # one handshake served every call
 
 
 async def test_an_untrusted_certificate_is_refused_at_once_on_every_path(
-    tls_emulator: RunningEmulator,
-    tls_files: TlsFiles,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    tls_emulator: RunningEmulator, tls_files: TlsFiles, tmp_path: Path
 ) -> None:
     """Not retried (it fails the same way each time), and no request reaches the server."""
     async with FilesClient(
@@ -127,11 +115,11 @@ async def test_an_untrusted_certificate_is_refused_at_once_on_every_path(
     (tmp_path / "new.jsonl").write_text('{"a": 1}\n')
     async with FilesClient(tls_emulator.url, tls_emulator.api_key, retry=FAST) as client:
         calls = {
-            "list (http.client)": client.check_auth,
-            "upload (http.client)": lambda: client.upload(
+            "list": client.check_auth,
+            "upload": lambda: client.upload(
                 tmp_path / "new.jsonl", filename="new.jsonl", purpose="batch"
             ),
-            "signed URL read (http.client)": lambda: client.read_range(url, 0, MiB),
+            "signed URL read": lambda: client.read_range(url, 0, MiB),
         }
         for what, call in calls.items():
             with trio.fail_after(2), pytest.raises(CertificateRejected) as raised:
@@ -139,10 +127,7 @@ async def test_an_untrusted_certificate_is_refused_at_once_on_every_path(
             assert "certificate verify failed: unable to get local issuer certificate" in str(
                 raised.value
             ), what
-        _no_direct_reads(monkeypatch)
-        with trio.fail_after(2), pytest.raises(CertificateRejected):
-            await client.read_range(url, 0, MiB)  # httpx
-        assert sum(client.stats.requests.values()) == 4  # one attempt each
+        assert sum(client.stats.requests.values()) == 3  # one attempt each
 
 
 async def test_a_connection_opened_ahead_is_used_after_the_servers_session_tickets(
@@ -167,18 +152,15 @@ async def test_a_connection_opened_ahead_is_used_after_the_servers_session_ticke
 
     threading.Thread(target=serve, daemon=True).start()
     url = f"https://127.0.0.1:{listener.getsockname()[1]}/blob"
-    pool = direct.DirectConnections(1, client_context(tls_files.ca))
-    get = functools.partial(
-        direct.request, method="GET", headers={}, send_body=None, timeout=5, max_answer=10
-    )
+    transport = ThreadedTransport(client_context(tls_files.ca), max_per_host=1)
     try:
-        await pool.connect_ahead(url, 5)
-        await trio.sleep(0.2)  # the tickets are in
-        for _ in range(2):
-            assert (await pool.exchange(url, get)).content == b"ok"
-        assert len(accepted) == 1
+        async with httpx.AsyncClient(transport=transport) as client:
+            await transport.connect_ahead(url, 5)
+            await trio.sleep(0.2)  # the tickets are in
+            for _ in range(2):
+                assert (await client.get(url)).content == b"ok"
+            assert len(accepted) == 1
     finally:
-        pool.close()
         listener.close()
         for raw in accepted:
             raw.close()

@@ -10,7 +10,6 @@ Security rules enforced here rather than left to callers:
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
 import math
@@ -30,8 +29,6 @@ import trio
 
 from mistralfs import __version__
 from mistralfs.api import storage
-from mistralfs.api.direct import DirectConnections
-from mistralfs.api.direct import request as direct_request
 from mistralfs.api.errors import (
     ApiError,
     AuthError,
@@ -61,6 +58,7 @@ from mistralfs.api.retry import (
     run_with_retries,
 )
 from mistralfs.api.tls import client_context
+from mistralfs.api.transport import PIECE_SIZE, PREFETCH, ThreadedTransport
 from mistralfs.api.upload_answer import SeenIds, checked_upload_answer
 from mistralfs.api.upload_body import (
     CHUNK_SIZE,
@@ -83,8 +81,6 @@ MAX_JSON_BODY = 64 * 1024 * 1024
 MAX_LISTED_FILES = 500_000
 MAX_ODD_RECORDS = 10_000  # bad listing records remembered, so that each is warned about once
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # the service's documented per-file limit
-MAX_DIRECT_UPLOADS = 4  # worker threads sending whole files at once
-MAX_DIRECT_CALLS = 8  # worker threads making other API calls (JSON, /content) at once
 # A growing upload stops if its file is not written to or closed for this long.
 GROWING_IDLE_LIMIT = 5.0
 # Statuses by which a server says it wants a Content-Length (no chunked bodies).
@@ -143,7 +139,7 @@ if not any(isinstance(f, _RedactQueryFilter) for f in _httpx_logger.filters):
 
 def _cut(chunks: list[bytes], skip: int, length: int, piece_size: int) -> list[bytes]:
     """`length` bytes after the first `skip` of `chunks`, in pieces of `piece_size`."""
-    if len(chunks) == 1 and not skip and len(chunks[0]) == length <= piece_size:
+    if not skip and _already_cut(chunks, length, piece_size):
         return chunks  # no copy at all
     pieces: list[bytes] = []
     parts: list[memoryview] = []
@@ -167,6 +163,27 @@ def _cut(chunks: list[bytes], skip: int, length: int, piece_size: int) -> list[b
     if parts:  # a short body: the caller sees the missing bytes
         pieces.append(b"".join(parts))
     return pieces
+
+
+def _already_cut(chunks: list[bytes], length: int, piece_size: int) -> bool:
+    """Whether `chunks` are `length` bytes in pieces of `piece_size` (the last shorter)."""
+    if sum(len(chunk) for chunk in chunks) != length:
+        return False
+    return all(len(chunk) == piece_size for chunk in chunks[:-1]) and (
+        not chunks or len(chunks[-1]) <= piece_size
+    )
+
+
+def _attach_body(
+    request: httpx.Request, stream: httpx.AsyncByteStream, headers: dict[str, str]
+) -> None:
+    """Give a built request an upload body: its stream and the headers that describe it
+    (a Content-Length, or else chunked)."""
+    request.headers.pop("Content-Length", None)
+    request.headers.update(headers)
+    if "Content-Length" not in headers:
+        request.headers["Transfer-Encoding"] = "chunked"
+    request.stream = stream
 
 
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
@@ -212,7 +229,8 @@ class RequestStats:
 class FilesClient:
     """Async client for the Mistral Files API (``/v1/files``) and its signed URLs.
 
-    ``transport`` replaces httpx's network transport (tests: httpx.MockTransport).
+    Every request goes through one httpx.AsyncClient, over `ThreadedTransport`
+    (transport.py) unless ``transport`` replaces it (tests: httpx.MockTransport).
     ``ca_file`` (PEM) is the only trust of every connection when given; else see tls.py.
     """
 
@@ -246,31 +264,22 @@ class FilesClient:
             self._list_page, self._api_url("/v1/files"), self._recent
         )
         self._timeout = timeout
-        tls = client_context(ca_file)  # one trust for httpx and every http.client pool
+        tls = client_context(ca_file)  # one trust for every connection
+        self._transport = ThreadedTransport(tls) if transport is None else None
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             headers={"User-Agent": user_agent},
             follow_redirects=False,
-            transport=transport,
+            transport=transport or self._transport,
             verify=tls,
         )
-        # Signed-URL ranges go through http.client in worker threads (see storage.py),
-        # unless the network is replaced (tests) or a proxy applies.
-        self._direct = (
-            storage.DirectRangeReader(user_agent=user_agent, tls=tls) if transport is None else None
+        # Uploads that follow a growing file are sent only by the client's own transport,
+        # by sendfile(2) as the file grows (a replaced transport, or a proxy's, is given
+        # whole files); cleared when the service refuses a body of unknown length.
+        self.sends_growing_uploads = (
+            self._transport is not None
+            and self._transport.proxy_for(httpx.URL(self._api_url("/v1/files"))) is None
         )
-        # Whole-file uploads too (see direct.py): a small file's upload costs a third of
-        # the CPU it does through httpx, and a large one's bytes go by sendfile(2).
-        self._direct_uploads = (
-            DirectConnections(MAX_DIRECT_UPLOADS, tls) if transport is None else None
-        )
-        # And the calls without a body (JSON answers, small files' content): through
-        # httpx, a /content call cost the trio thread more than the FUSE requests that
-        # read the file, and a signed URL's call lies on the path of a first read.
-        self._direct_calls = DirectConnections(MAX_DIRECT_CALLS, tls) if transport is None else None
-        # Uploads that follow a growing file are sent this way only; cleared when the
-        # service refuses a body of unknown length (see growing_upload).
-        self.sends_growing_uploads = self._direct_pool(self._api_url("/v1/files"), True) is not None
 
     @property
     def server_url(self) -> str:
@@ -281,12 +290,12 @@ class FilesClient:
         return self._retry
 
     async def aclose(self) -> None:
-        if self._direct is not None:
-            self._direct.close()
-        for connections in (self._direct_uploads, self._direct_calls):
-            if connections is not None:
-                connections.close()
-        await self._http.aclose()
+        await self._http.aclose()  # and its transport
+
+    def idle_connections(self, url: str | None = None) -> int:
+        """Connections kept open for reuse, to the origin of `url` or to all (0 when
+        the transport was replaced)."""
+        return self._transport.idle_connections(url) if self._transport is not None else 0
 
     async def __aenter__(self) -> Self:
         return self
@@ -346,11 +355,12 @@ class FilesClient:
         resume: Callable[[int], Awaitable[T | None]] | None = None,
         policy: RetryPolicy | None = None,
         answer_limit: int | None = None,
+        piece_size: int | None = None,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
         ``body`` (for uploads) opens a fresh request body per attempt and
-        returns (content, extra headers, resource to close afterwards).
+        returns (the body stream, its headers, resource to close afterwards).
         ``storage`` marks signed-URL requests: sent without the key, logged
         without the query, 401/403 meaning an expired URL. ``deadline`` (trio
         clock) bounds the whole call, retries included; by default it is the
@@ -359,18 +369,20 @@ class FilesClient:
         past its budget. ``resume(n)`` runs before attempt ``n`` > 1; a result
         other than None ends the call with that result (an upload that turns
         out to have been stored by an earlier attempt). ``policy`` replaces the
-        client's retry policy for this call. ``answer_limit`` says that the answer
-        is read whole, at most that many bytes of it: the request may then go through
-        http.client in a worker thread (see direct.py), wherever a direct pool serves
-        the URL (a body must then be a `SpoolBody` or `GrowingSpoolBody`). Streamed
-        answers and storage requests go by httpx, and so do calls without a body once
-        one of them met a redirect.
+        client's retry policy for this call. ``answer_limit`` says how much of the
+        answer the caller reads at most: the transport reads that much with the
+        headers (in pieces of ``piece_size``), so a whole answer costs one worker
+        thread hop (see transport.py).
         """
-        direct_url = f"{url}?{urllib.parse.urlencode(params, quote_via=quote)}" if params else url
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {_route(url)}"
         if deadline is None:
             deadline = trio.current_time() + self._retry.total_budget
+        extensions: dict[str, int] = {}
+        if answer_limit is not None:
+            extensions[PREFETCH] = answer_limit
+        if piece_size is not None:
+            extensions[PIECE_SIZE] = piece_size
 
         async def attempt(n: int) -> T:
             if resume is not None and n > 1:
@@ -378,46 +390,28 @@ class FilesClient:
                 if found is not None:
                     return found
             self.stats.requests[kind] += 1
-            req_headers = dict(headers or {})
-            content: Any = None
             resource: Any = None
             try:
+                request = self._http.build_request(
+                    method,
+                    url,
+                    params=params,
+                    headers=headers,
+                    timeout=self._attempt_timeout(deadline),
+                    extensions=extensions,
+                )
                 if body is not None:
-                    content, extra_headers, resource = await body()
-                    req_headers.update(extra_headers)
-                response = None
-                pool = None
-                if answer_limit is not None and not storage:
-                    pool = self._direct_pool(url, body is not None)
-                if pool is not None:
-                    logger.debug("%s %s (attempt %d, direct)", method, direct_url, n)
-                    response = await self._direct_send(
-                        pool, method, direct_url, req_headers, content, deadline, answer_limit
-                    )
-                    if follow_redirects and response.is_redirect:
-                        # A hand-off elsewhere: httpx follows it (and keeps the key from
-                        # any origin but the API's), this time and every later time.
-                        self._direct_calls = None
-                        pool.close()
-                        response = None
-                if response is None:
-                    request = self._http.build_request(
-                        method,
-                        url,
-                        params=params,
-                        headers=req_headers,
-                        content=content,
-                        timeout=self._attempt_timeout(deadline),
-                    )
-                    if logger.isEnabledFor(logging.DEBUG):
-                        shown = strip_query(str(request.url)) if storage else str(request.url)
-                        logger.debug("%s %s (attempt %d)", method, shown, n)
-                    response = await self._http.send(
-                        request,
-                        auth=None if storage else self._auth,
-                        stream=True,
-                        follow_redirects=follow_redirects,
-                    )
+                    stream, body_headers, resource = await body()
+                    _attach_body(request, stream, body_headers)
+                if logger.isEnabledFor(logging.DEBUG):
+                    shown = strip_query(str(request.url)) if storage else str(request.url)
+                    logger.debug("%s %s (attempt %d)", method, shown, n)
+                response = await self._http.send(
+                    request,
+                    auth=None if storage else self._auth,
+                    stream=True,
+                    follow_redirects=follow_redirects,
+                )
                 try:
                     status = response.status_code
                     if status >= 300 and status not in pass_statuses:
@@ -441,39 +435,6 @@ class FilesClient:
         except ApiError as exc:
             self.stats.errors[type(exc).__name__] += 1
             raise
-
-    def _direct_pool(self, url: str, with_body: bool) -> DirectConnections | None:
-        """The http.client pool for a request to `url`, or None where httpx must send it."""
-        pool = self._direct_uploads if with_body else self._direct_calls
-        return pool if pool is not None and pool.serves(url) else None
-
-    async def _direct_send(
-        self,
-        pool: DirectConnections,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: SpoolBody | GrowingSpoolBody | None,
-        deadline: float,
-        answer_limit: int,
-    ) -> httpx.Response:
-        """One request through http.client; the answer as a read httpx.Response."""
-        headers = {
-            "User-Agent": self._http.headers["User-Agent"],
-            **headers,
-            **self._auth.headers_for(url),
-        }
-        if body is not None and "Content-Length" not in headers:
-            headers["Transfer-Encoding"] = "chunked"
-        exchange = functools.partial(
-            direct_request,
-            method=method,
-            headers=headers,
-            send_body=body.send_blocking if body is not None else None,
-            timeout=self._attempt_timeout(deadline).read or self._timeout,
-            max_answer=answer_limit,
-        )
-        return await pool.exchange(url, exchange)
 
     def _attempt_timeout(self, deadline: float) -> httpx.Timeout:
         """This attempt's timeouts: the configured ones, never more than the budget left.
@@ -820,7 +781,7 @@ class FilesClient:
         """An upload of ``path`` that starts while the file is still being appended to.
 
         Nothing is sent until `GrowingUpload.run`. Only for a client whose
-        `sends_growing_uploads` is set: such uploads go through http.client only.
+        `sends_growing_uploads` is set.
         """
         return GrowingUpload(self, path, growing, filename=filename, purpose=purpose,
                              progress=progress)  # fmt: skip
@@ -855,7 +816,7 @@ class FilesClient:
                 # every wait for the network is still bounded by the client's timeout.
                 deadline=math.inf,
                 policy=RetryPolicy(max_attempts=1),
-                answer_limit=MAX_JSON_BODY,  # and so through http.client (see growing_upload)
+                answer_limit=MAX_JSON_BODY,
             )
         except Rejected as exc:
             upload.refusal = exc
@@ -1006,11 +967,6 @@ class FilesClient:
             httpx.URL(url)
         except httpx.InvalidURL as exc:
             raise ProtocolError(f"invalid signed URL: {exc}", method="GET", url=url) from None
-        if self._direct is not None and self._direct.serves(url):
-            try:
-                return await self._direct_range(url, start, length, piece_size)
-            except storage.NotForDirectRead:
-                pass  # httpx follows what http.client would not
         end = start + length - 1
 
         async def handle(response: httpx.Response, n: int) -> list[bytes]:
@@ -1038,10 +994,11 @@ class FilesClient:
                 )
             # A 206 is read to its end (no further than its Content-Range, so that the
             # connection goes back to the pool); a 200 (the whole file) is dropped as soon
-            # as the range is in.
+            # as the range is in. The transport reads the range with the headers, in
+            # pieces of `piece_size`: they are kept as they come.
             chunks: list[bytes] = []
             got = 0
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.aiter_raw():
                 chunks.append(chunk)
                 got += len(chunk)
                 if got > wanted and response.status_code == 206:
@@ -1061,9 +1018,11 @@ class FilesClient:
                 url,
                 handle,
                 storage=True,
-                headers={"Range": f"bytes={start}-{end}"},
+                headers={"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"},
                 pass_statuses=(416,),
                 follow_redirects=True,
+                answer_limit=length + 1,  # one byte more tells a 206 that runs on
+                piece_size=piece_size,
             )
         except httpx.UnsupportedProtocol as exc:
             raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None
@@ -1071,52 +1030,12 @@ class FilesClient:
     async def connect_ahead(self, url: str) -> None:
         """Open a connection for reading the signed URL `url`, if none is open, so that
         the first read of a file does not also wait for a connection to storage."""
-        if self._direct is not None and self._direct.serves(url):
-            try:
-                await self._direct.connect_ahead(url, CONNECT_TIMEOUT)
-            except OSError as exc:  # the read will connect, and say what fails
-                logger.debug("no connection ahead to %s: %s", strip_query(url), exc)
-
-    async def _direct_range(
-        self, url: str, start: int, length: int, piece_size: int
-    ) -> list[bytes]:
-        """read_range_pieces through storage.DirectRangeReader, with the same retries,
-        error mapping, statistics and logging as every other call."""
-        assert self._direct is not None
-        direct = self._direct
-        log_url = strip_query(url)
-        deadline = trio.current_time() + self._retry.total_budget
-
-        async def attempt(n: int) -> list[bytes]:
-            self.stats.requests["storage"] += 1
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("GET %s (attempt %d)", log_url, n)
-            timeout = min(self._timeout, max(0.01, deadline - trio.current_time()))
-            answer = await direct.get_range(url, start, length, piece_size, timeout)
-            if answer.ranged:
-                return answer.pieces
-            if answer.status == 416:
-                return []
-            if answer.status < 300:
-                raise ProtocolError(
-                    answer.problem or f"unexpected HTTP status {answer.status}",
-                    status=answer.status,
-                    method="GET",
-                    url=log_url,
-                )
-            response = answer.as_httpx()
-            err = self._error(response, answer.error_body, "GET", log_url, storage=True)
-            if answer.status in RETRY_STATUSES:
-                raise RetryableStatus(err, parse_retry_after(response.headers.get("retry-after")))
-            raise err
-
+        if self._transport is None:
+            return
         try:
-            return await run_with_retries(
-                self._retry, attempt, method="GET", url=log_url, deadline=deadline
-            )
-        except ApiError as exc:
-            self.stats.errors[type(exc).__name__] += 1
-            raise
+            await self._transport.connect_ahead(url, CONNECT_TIMEOUT)
+        except OSError as exc:  # the read will connect, and say what fails
+            logger.debug("no connection ahead to %s: %s", strip_query(url), exc)
 
     async def check_auth(self) -> None:
         """A cheap authenticated call, so ``mount`` fails early on a bad key or no network."""

@@ -1,8 +1,8 @@
 """Which certificates every client path trusts: one SSLContext, verification never off.
 
-httpx (calls with a redirect or a proxy, tests' transports) and http.client (signed-URL
-reads, uploads, calls without a body) are handed the same context, so a server trusted
-by one is trusted by the other. What it trusts, first that applies:
+The client's transport (transport.py) and the httpx transports it hands proxied
+requests to are given the same context, so a server trusted by one is trusted by the
+other. What it trusts, first that applies:
 
 - `--ca-file FILE` (PEM): those certificate authorities only, as curl's `--cacert`;
 - `SSL_CERT_FILE` and/or `SSL_CERT_DIR`, the variables OpenSSL, httpx and the official
@@ -67,7 +67,7 @@ def _load(where: str, *, cafile: str | None = None, capath: str | None = None) -
 def verify_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate check that failed under a transport error, if that was the cause.
 
-    httpx wraps it twice (httpcore, trio), and the http.client paths raise an httpx
+    httpx wraps it twice (httpcore, trio), and the client's transport raises an httpx
     error in its place: the cause is found along the chain of causes and contexts.
     """
     seen: set[int] = set()

@@ -17,8 +17,9 @@ import mimetypes
 import os
 import pathlib
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+import httpx
 import trio
 
 from mistralfs.api.errors import TooLarge
@@ -59,8 +60,11 @@ def multipart_parts(filename: str, purpose: str, boundary: str) -> tuple[bytes, 
     return head, tail
 
 
-class _FileBody:
-    """What both bodies share: the open file, how much went out, and whether all of it."""
+class _FileBody(httpx.AsyncByteStream):
+    """What both bodies share: the open file, how much went out, and whether all of it.
+
+    The client's transport has a body write itself from a worker thread
+    (`send_blocking`); any other transport (a proxy's, a test's) iterates it."""
 
     def __init__(self, path: pathlib.Path, progress: Callable[[int], None] | None) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -161,26 +165,22 @@ class SpoolBody(_FileBody):
             raise OSError("file shrank while it was being uploaded")
         return chunk
 
-    def __aiter__(self) -> SpoolBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._parts:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self._parts:
             part = self._parts.pop(0)
             if self._offset == self.size and not self._parts and not self._done:
                 self._done = True  # the small file's single piece: head, bytes and tail
                 self._report()
-            return part
-        if self._offset < self.size:
+            yield part
+        while self._offset < self.size:
             n = min(CHUNK_SIZE, self.size - self._offset)
             chunk = await trio.to_thread.run_sync(self._read_now, n)
             self._offset += n
             self._report()
-            return chunk
+            yield chunk
         if not self._done:
             self._done = True
-            return self._tail
-        raise StopAsyncIteration
+            yield self._tail
 
 
 class StreamAbandoned(Exception):
@@ -232,8 +232,8 @@ class GrowingFile:
 class GrowingSpoolBody(_FileBody):
     """An upload body that follows a `GrowingFile`: no length known, so sent chunked.
 
-    Sent by http.client in a worker thread (`send_blocking`), the bytes by
-    sendfile(2) from the page cache the program's writes just went through. `size`
+    Sent by the client's transport only, from a worker thread (`send_blocking`), the
+    bytes by sendfile(2) from the page cache the program's writes just went through. `size`
     and `identity` are the finished file's, known once the whole body went out.
     """
 

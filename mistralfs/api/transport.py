@@ -1,0 +1,417 @@
+"""The client's one HTTP layer: an httpx transport that speaks HTTP/1.1 through the
+standard library's http.client, in worker threads.
+
+Every request, to the API or to storage, goes through the client's `httpx.AsyncClient`,
+so redirects, authentication (the key only for the API's origin), timeouts, the retry
+policy and the error mapping are each written once. Only the bytes on the wire are this
+module's. httpx's own transport (h11 and httpcore on the trio thread) costs milliseconds
+of Python per request and copies each body several times; here a worker thread
+(trio.to_thread, so structured) writes and reads the socket, with the GIL released while
+it waits, and the trio thread is left to answer FUSE.
+
+- One pool per origin (scheme, host, port): idle connections, the most recently used
+  first, and a bound on the connections in use.
+- A request that a proxy applies to (the usual environment settings) goes through
+  httpx's own transport for that proxy: http.client reads no proxy settings.
+- A request body with a blocking `send_blocking(conn)` (the upload bodies,
+  upload_body.py) writes itself from the worker thread, by sendfile(2); any other body
+  is read first, then sent.
+- The first `PREFETCH` bytes of an answer (default `DEFAULT_PREFETCH`) are read in the
+  same thread hop as its headers, in pieces of `PIECE_SIZE` bytes (request extensions):
+  a JSON answer, a small file or a range costs one hop. Anything after that is read
+  1 MiB per hop as the caller iterates.
+- Failures are raised as httpx's exceptions, so that one retry policy serves all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import select
+import socket
+import ssl
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import httpx
+import trio
+
+Origin = tuple[str, str, int]
+
+# Request extensions this transport reads (beside httpx's "timeout").
+PREFETCH = "mistralfs.prefetch"  # bytes of the answer to read with its headers
+PIECE_SIZE = "mistralfs.piece_size"  # the size of the pieces they are read in
+DEFAULT_PREFETCH = 64 * 1024
+STREAM_PIECE = 1 << 20  # what one thread hop reads of the rest of a body
+# Connections in use at once, per origin: a sequential reader on a long link keeps many
+# ranged reads on their way to storage (reader.py), and a folder read file by file many
+# small /content requests to the API (readahead.py).
+MAX_CONNECTIONS_PER_HOST = 32
+
+
+@runtime_checkable
+class BlockingBody(Protocol):
+    """A request body that writes itself to a connection whose headers were sent."""
+
+    def send_blocking(self, conn: http.client.HTTPConnection) -> None: ...
+
+
+class _Pool:
+    """The connections to one origin: those idle, and a bound on those in use."""
+
+    def __init__(self, max_in_use: int) -> None:
+        self.idle: list[http.client.HTTPConnection] = []
+        self.slots = trio.Semaphore(max_in_use)
+
+    def take_idle(self) -> http.client.HTTPConnection | None:
+        """The most recently used idle connection that the server has not closed.
+
+        Servers close connections that stay idle (Hypercorn after 5 s, nginx after
+        75 s). A request sent on one fails, and would then wait for the retry policy's
+        backoff; a closed connection reads as readable (its end of file), so it is seen
+        at once.
+        """
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.sock is not None and _still_open(conn.sock):
+                return conn
+            conn.close()  # closed by the server, or sent something nobody asked for
+        return None
+
+
+class ThreadedTransport(httpx.AsyncBaseTransport):
+    """HTTP/1.1 by http.client in worker threads, one pool per origin (see above)."""
+
+    def __init__(self, tls: ssl.SSLContext, *, max_per_host: int = MAX_CONNECTIONS_PER_HOST):
+        self._tls = tls  # the client's one trust (tls.py), proxied requests' too
+        self._max_per_host = max_per_host
+        self._pools: dict[Origin, _Pool] = {}
+        # Proxy settings are read once (the environment scan costs more than a request's
+        # own work), and the answer kept per host.
+        self._proxies = urllib.request.getproxies()
+        self._proxy_of_host: dict[tuple[str, str], str | None] = {}
+        self._proxied: dict[str, httpx.AsyncHTTPTransport] = {}
+        # Worker threads of its own, so that requests never wait on the threads that
+        # other parts of the daemon use (the disk cache's), nor take them all.
+        self._threads = trio.CapacityLimiter(4 * max_per_host)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        proxy = self.proxy_for(request.url)
+        if proxy is not None:
+            return await self._via_proxy(proxy).handle_async_request(request)
+        body = request.stream
+        data = b""
+        if not isinstance(body, BlockingBody):
+            data = await request.aread()
+        origin, https = _origin(request.url)
+        pool = self._pool(origin)
+        timeouts = request.extensions.get("timeout", {})
+        exchange = _Exchange(
+            method=request.method,
+            target=request.url.raw_path.decode("ascii") or "/",
+            headers=request.headers.multi_items(),
+            body=body if isinstance(body, BlockingBody) else data,
+            connect_timeout=timeouts.get("connect"),
+            timeout=timeouts.get("read"),
+            prefetch=request.extensions.get(PREFETCH, DEFAULT_PREFETCH),
+            piece_size=request.extensions.get(PIECE_SIZE, STREAM_PIECE),
+        )
+        await pool.slots.acquire()
+        conn = pool.take_idle() or self._connection(origin, https)
+        try:
+            response = await trio.to_thread.run_sync(exchange.run, conn, limiter=self._threads)
+        except BaseException:
+            conn.close()
+            pool.slots.release()
+            raise
+        stream = _AnswerBody(pool, conn, response, exchange, self._threads)
+        return httpx.Response(
+            response.status,
+            headers=response.getheaders(),
+            stream=stream,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason.encode()},
+        )
+
+    async def connect_ahead(self, url: str, socket_timeout: float) -> None:
+        """Open a connection to the URL's origin now, unless one is idle already, so
+        that the request that follows does not wait for the connection (TCP and TLS
+        cost several round trips on a long link). Nothing happens if the origin's
+        connections are all in use, or a proxy applies."""
+        parsed = httpx.URL(url)
+        if self.proxy_for(parsed) is not None:
+            return
+        origin, https = _origin(parsed)
+        pool = self._pool(origin)
+        if pool.idle:
+            return
+        try:
+            pool.slots.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        try:
+            conn = self._connection(origin, https)
+            conn.timeout = socket_timeout  # each exchange then sets its own
+            try:
+                await trio.to_thread.run_sync(conn.connect, limiter=self._threads)
+            except BaseException:
+                conn.close()
+                raise
+            pool.idle.append(conn)
+        finally:
+            pool.slots.release()
+
+    def idle_connections(self, url: str | None = None) -> int:
+        """Connections kept open for reuse: to the origin of `url`, or to all."""
+        if url is not None:
+            pool = self._pools.get(_origin(httpx.URL(url))[0])
+            return len(pool.idle) if pool is not None else 0
+        return sum(len(pool.idle) for pool in self._pools.values())
+
+    def proxy_for(self, url: httpx.URL) -> str | None:
+        """The proxy that the environment sets for `url`, if any."""
+        key = (url.scheme, url.host)
+        if key not in self._proxy_of_host:
+            proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
+            if proxy and urllib.request.proxy_bypass_environment(url.host, self._proxies):
+                proxy = None
+            self._proxy_of_host[key] = proxy or None
+        return self._proxy_of_host[key]
+
+    async def aclose(self) -> None:
+        for pool in self._pools.values():
+            for conn in pool.idle:
+                conn.close()
+            pool.idle.clear()
+        for transport in self._proxied.values():
+            await transport.aclose()
+
+    def _pool(self, origin: Origin) -> _Pool:
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = _Pool(self._max_per_host)
+        return pool
+
+    def _connection(self, origin: Origin, https: bool) -> http.client.HTTPConnection:
+        _, host, port = origin
+        if https:
+            return http.client.HTTPSConnection(host, port, context=self._tls)
+        return http.client.HTTPConnection(host, port)
+
+    def _via_proxy(self, proxy: str) -> httpx.AsyncHTTPTransport:
+        transport = self._proxied.get(proxy)
+        if transport is None:
+            transport = self._proxied[proxy] = httpx.AsyncHTTPTransport(
+                proxy=proxy, verify=self._tls
+            )
+        return transport
+
+
+@dataclass
+class _Exchange:
+    """One request on one connection, run in a worker thread: send it, read the status,
+    the headers and the first `prefetch` bytes of the answer."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: BlockingBody | bytes
+    connect_timeout: float | None
+    timeout: float | None
+    prefetch: int
+    piece_size: int
+    pieces: list[bytes] = field(default_factory=list)  # what was read with the headers
+    body_sent: bool = False
+
+    def run(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+        if conn.sock is None:
+            _connect(conn, self.connect_timeout, self.timeout)
+        set_timeout(conn, self.timeout)
+        with _as_httpx_errors("read"):
+            conn.putrequest(self.method, self.target, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers:
+                conn.putheader(name, value)
+            conn.endheaders()
+            try:
+                if isinstance(self.body, BlockingBody):
+                    self.body.send_blocking(conn)
+                elif self.body:
+                    conn.send(self.body)
+            except (BrokenPipeError, ConnectionResetError):
+                early = _early_answer(conn)
+                if early is None:
+                    raise
+                response = early
+            else:
+                response = conn.getresponse()
+                self.body_sent = True
+            # An error's body is read no further than an error message needs.
+            limit = self.prefetch if response.status < 300 else min(self.prefetch, DEFAULT_PREFETCH)
+            self.pieces = read_pieces(response, limit, self.piece_size)
+            return response
+
+    def read_more(self, response: http.client.HTTPResponse) -> bytes:
+        """The next piece of the body after those prefetched (b"" at its end)."""
+        with _as_httpx_errors("read"):
+            piece = response.read(STREAM_PIECE)
+            if not piece and response.length:  # closed before its Content-Length
+                raise http.client.IncompleteRead(piece, response.length)
+            return piece
+
+
+class _AnswerBody(httpx.AsyncByteStream):
+    """An answer's body: the pieces read with its headers, then the rest, one thread
+    hop per piece. Its connection goes back to the pool once the body was read to its
+    end; an answer dropped before then closes it."""
+
+    def __init__(
+        self,
+        pool: _Pool,
+        conn: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+        exchange: _Exchange,
+        threads: trio.CapacityLimiter,
+    ) -> None:
+        self._pool: _Pool | None = pool
+        self._threads = threads
+        self._conn = conn
+        self._response = response
+        self._exchange = exchange
+        if response.isclosed():  # all of it came with the headers
+            self._release()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        pieces, self._exchange.pieces = self._exchange.pieces, []
+        for piece in pieces:
+            yield piece
+        while self._pool is not None and not self._response.isclosed():
+            piece = await trio.to_thread.run_sync(
+                self._exchange.read_more, self._response, limiter=self._threads
+            )
+            if not piece:
+                break
+            yield piece
+        self._release()
+
+    async def aclose(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        response, conn = self._response, self._conn
+        if self._exchange.body_sent and not response.will_close and response.isclosed():
+            pool.idle.append(conn)
+        else:
+            conn.close()  # a body left unread, or a server that is closing
+        pool.slots.release()
+
+
+def read_pieces(response: http.client.HTTPResponse, limit: int, piece_size: int) -> list[bytes]:
+    """Up to `limit` bytes of the body, in pieces of `piece_size` (the last may be
+    shorter); never past the body's Content-Length, whatever `limit` says."""
+    pieces = []
+    while limit > 0 and not response.isclosed():
+        want = min(piece_size, limit)
+        if response.length is not None:
+            want = min(want, response.length)
+            if want == 0:
+                break
+        piece = response.read(want)
+        if not piece:
+            break
+        if len(piece) < want and response.length:  # the body stopped before its length
+            raise http.client.IncompleteRead(piece, response.length)
+        pieces.append(piece)
+        limit -= len(piece)
+    return pieces
+
+
+def _connect(
+    conn: http.client.HTTPConnection, connect_timeout: float | None, timeout: float | None
+) -> None:
+    """Open the connection (TCP, and TLS for https), as httpx's connect errors."""
+    conn.timeout = connect_timeout if connect_timeout is not None else timeout
+    with _as_httpx_errors("connect"):
+        conn.connect()
+
+
+@contextlib.contextmanager
+def _as_httpx_errors(phase: str) -> Iterator[None]:
+    """Network failures in the block, raised as the httpx exceptions that the retry
+    policy knows (the original kept as the cause: a certificate failure is found there)."""
+    try:
+        yield
+    except (OSError, http.client.HTTPException) as exc:
+        error: type[httpx.TransportError]
+        if phase == "connect":
+            error = httpx.ConnectTimeout if isinstance(exc, TimeoutError) else httpx.ConnectError
+        else:
+            error = httpx.ReadTimeout if isinstance(exc, TimeoutError) else httpx.ReadError
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise error(detail) from exc
+
+
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()  # not select(): descriptors may be past FD_SETSIZE here
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether an idle connection has nothing to read: no end of file, no stray data.
+
+    Over TLS, readable may also mean records that carry no data: a TLS 1.3 server sends
+    its session tickets once the handshake is done, so a connection opened ahead reads
+    as readable before any request. They are taken in here, without waiting; only an end
+    of file or data nobody asked for make the connection one not to use.
+    """
+    if not _readable(sock):
+        return True
+    if not isinstance(sock, ssl.SSLSocket):
+        return False
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        sock.recv(1)  # b"" (end of file) or data nobody asked for: not usable either way
+    except ssl.SSLWantReadError:
+        return True  # only records without data were there
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+    return False
+
+
+def set_timeout(conn: http.client.HTTPConnection, timeout: float | None) -> None:
+    """Every socket wait of the next exchange is bounded by `timeout` seconds."""
+    conn.timeout = timeout
+    if conn.sock is not None:
+        conn.sock.settimeout(timeout)
+
+
+def _early_answer(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    """The refusal a server sent before it stopped reading a body, if there is one.
+
+    A server may answer before reading the whole body (411 for a chunked body, 413,
+    a refused form) and close; the next write then fails. Its answer is still in the
+    socket, and it is what the caller needs to hear, not the broken pipe. A success
+    cannot come before the body was sent, so none is taken.
+    """
+    try:
+        response = conn.getresponse()
+    except (OSError, http.client.HTTPException):
+        return None
+    if response.status < 400:
+        response.close()
+        return None
+    return response
+
+
+def _origin(url: httpx.URL) -> tuple[Origin, bool]:
+    """The pool key of a URL, and whether it is https."""
+    https = url.scheme == "https"
+    return (url.scheme, url.host, url.port or (443 if https else 80)), https
