@@ -27,13 +27,9 @@ import trio
 from conftest import RunningEmulator, emulator_config, start_emulator
 
 from mistralfs.api import FilesClient, RetryPolicy
-from mistralfs.fs.activity import Activity
-from mistralfs.fs.filesystem import Filesystem
-from mistralfs.fs.namespace import Namespace
+from mistralfs.fs.build import FsOptions, build_filesystem
 from mistralfs.fs.operations import Operations
-from mistralfs.fs.reader import BlockReader
 from mistralfs.fs.uploads import GROWING_START_BYTES
-from mistralfs.fs.writer import Writer
 
 ROOT = pyfuse3.ROOT_INODE
 BLOCK = 64 * 1024
@@ -96,26 +92,18 @@ async def make_stack(
     free_growth_blocks: int = 8,
 ) -> Stack:
     client = FilesClient(emulator.url, emulator.api_key, retry=FAST_RETRY)
-    namespace = Namespace(client, dir_cache_time)
-    reader = BlockReader(
-        client,
-        nursery,
+    options = FsOptions(
+        spool_dir=cache_dir / "spool",
+        recovery_dir=cache_dir / "recovery",
         cache_size=cache_size,
         block_size=BLOCK,
+        max_file_size=512 * 1024 * 1024,
+        dir_cache_time=dir_cache_time,
+        read_only=read_only,
         max_throughput=max_throughput,
         free_growth_blocks=free_growth_blocks,
     )
-    writer = Writer(
-        client,
-        namespace,
-        reader,
-        Activity(),
-        nursery=nursery,
-        spool_dir=cache_dir / "spool",
-        recovery_dir=cache_dir / "recovery",
-        max_file_size=512 * 1024 * 1024,
-    )
-    fs = Filesystem(client, namespace, reader, writer, read_only=read_only)
+    fs = build_filesystem(client, nursery, options).fs
     return Stack(Operations(fs), client, emulator, cache_dir)
 
 

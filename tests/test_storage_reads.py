@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mistralfs.api import FilesClient
-from mistralfs.api.client import _cut
+from mistralfs.api.storage import cut as _cut
 from mistralfs.api.tls import client_context
 from mistralfs.api.transport import ThreadedTransport
 
@@ -188,7 +188,7 @@ def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.Monkey
         clients = [FilesClient("https://api.example", "k") for _ in range(3)]
         assert len(made) == 1
         context = tls.client_context()
-        transport = clients[0]._transport
+        transport = clients[0]._calls.transport
         assert transport is not None
         conn = transport._connection(("https", "blob.example", 443), True)
         assert isinstance(conn, http.client.HTTPSConnection)

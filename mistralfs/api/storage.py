@@ -8,6 +8,15 @@ answer's headers, in block-sized pieces.
 
 from __future__ import annotations
 
+import logging
+
+import httpx
+
+from mistralfs.api.calls import CONNECT_TIMEOUT, ApiCalls
+from mistralfs.api.errors import ProtocolError, strip_query
+
+logger = logging.getLogger(__name__)
+
 
 class BadRange(Exception):
     """A 206 that does not answer the range asked: another start, more bytes than
@@ -44,3 +53,147 @@ def _content_range(value: str | None) -> tuple[int, int] | None:
     if unit.lower() != "bytes" or not dash or not first.isdigit() or not last.isdigit():
         return None
     return int(first), int(last)
+
+
+def cut(chunks: list[bytes], skip: int, length: int, piece_size: int) -> list[bytes]:
+    """`length` bytes after the first `skip` of `chunks`, in pieces of `piece_size`."""
+    if not skip and _already_cut(chunks, length, piece_size):
+        return chunks  # no copy at all
+    pieces: list[bytes] = []
+    parts: list[memoryview] = []
+    filled, remaining = 0, length
+    want = min(piece_size, remaining)
+    for chunk in chunks:
+        view = memoryview(chunk)
+        if skip:
+            if len(view) <= skip:
+                skip -= len(view)
+                continue
+            view, skip = view[skip:], 0
+        while view and remaining:
+            take = min(len(view), want - filled)
+            parts.append(view[:take])
+            view, filled = view[take:], filled + take
+            if filled == want:
+                pieces.append(b"".join(parts))
+                parts, remaining, filled = [], remaining - want, 0
+                want = min(piece_size, remaining)
+    if parts:  # a short body: the caller sees the missing bytes
+        pieces.append(b"".join(parts))
+    return pieces
+
+
+def _already_cut(chunks: list[bytes], length: int, piece_size: int) -> bool:
+    """Whether `chunks` are `length` bytes in pieces of `piece_size` (the last shorter)."""
+    if sum(len(chunk) for chunk in chunks) != length:
+        return False
+    return all(len(chunk) == piece_size for chunk in chunks[:-1]) and (
+        not chunks or len(chunks[-1]) <= piece_size
+    )
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    """The answer's Content-Length, if it gives a number."""
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+class StorageReads:
+    """Reads of signed URLs: sent without the key, logged without the query, 401/403
+    meaning an expired URL (the reader then asks for a new one)."""
+
+    def __init__(self, calls: ApiCalls) -> None:
+        self._calls = calls
+
+    async def read_range(self, url: str, start: int, length: int) -> bytes:
+        """Bytes ``[start, start+length)`` of a signed URL, via HTTP Range, never with the key.
+
+        206 and 200 (sliced) are accepted; a range past the end gives b"".
+        403/401 -> UrlExpired, 404 -> NotFound; transient failures are retried.
+        """
+        pieces = await self.read_range_pieces(url, start, length, max(length, 1))
+        return pieces[0] if pieces else b""
+
+    async def read_range_pieces(
+        self, url: str, start: int, length: int, piece_size: int
+    ) -> list[bytes]:
+        """Like `read_range`, cut into pieces of `piece_size` bytes (the last may be
+        shorter; all of them shorter than asked if the body is): each byte copied once.
+        """
+        if start < 0 or length < 0 or piece_size < 1:
+            raise ValueError("start and length must be >= 0, piece_size >= 1")
+        if length == 0:
+            return []
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ProtocolError(f"invalid signed URL: {exc}", method="GET", url=url) from None
+        end = start + length - 1
+
+        async def handle(response: httpx.Response, n: int) -> list[bytes]:
+            if response.status_code == 416:
+                return []
+            skip, wanted = 0, start + length
+            if response.status_code == 206:
+                try:
+                    wanted = range_length(
+                        response.headers.get("content-range"),
+                        _content_length(response),
+                        start,
+                        length,
+                    )
+                except BadRange as exc:
+                    raise ProtocolError(str(exc), status=206, method="GET", url=url) from None
+            elif response.status_code == 200:
+                skip = start
+            else:
+                raise ProtocolError(
+                    f"unexpected HTTP status {response.status_code}",
+                    status=response.status_code,
+                    method="GET",
+                    url=url,
+                )
+            # A 206 is read to its end (no further than its Content-Range, so that the
+            # connection goes back to the pool); a 200 (the whole file) is dropped as soon
+            # as the range is in. The transport reads the range with the headers, in
+            # pieces of `piece_size`: they are kept as they come.
+            chunks: list[bytes] = []
+            got = 0
+            async for chunk in response.aiter_raw():
+                chunks.append(chunk)
+                got += len(chunk)
+                if got > wanted and response.status_code == 206:
+                    raise ProtocolError(
+                        "206 answer longer than its Content-Range",
+                        status=206,
+                        method="GET",
+                        url=url,
+                    )
+                if got >= wanted and response.status_code == 200:
+                    break
+            return cut(chunks, skip, length, piece_size)
+
+        try:
+            return await self._calls.call(
+                "GET",
+                url,
+                handle,
+                storage=True,
+                headers={"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"},
+                pass_statuses=(416,),
+                follow_redirects=True,
+                answer_limit=length + 1,  # one byte more tells a 206 that runs on
+                piece_size=piece_size,
+            )
+        except httpx.UnsupportedProtocol as exc:
+            raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None
+
+    async def connect_ahead(self, url: str) -> None:
+        """Open a connection for reading the signed URL `url`, if none is open, so that
+        the first read of a file does not also wait for a connection to storage."""
+        if self._calls.transport is None:
+            return
+        try:
+            await self._calls.transport.connect_ahead(url, CONNECT_TIMEOUT)
+        except OSError as exc:  # the read will connect, and say what fails
+            logger.debug("no connection ahead to %s: %s", strip_query(url), exc)

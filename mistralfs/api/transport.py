@@ -175,7 +175,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
         key = (url.scheme, url.host)
         if key not in self._proxy_of_host:
             proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
-            if proxy and urllib.request.proxy_bypass_environment(url.host, self._proxies):
+            if proxy and urllib.request.proxy_bypass(url.host):
                 proxy = None
             self._proxy_of_host[key] = proxy or None
         return self._proxy_of_host[key]

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
+from mistralfs.api import ApiError, NotFound, RemoteFile
+from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
@@ -61,7 +62,7 @@ class Filesystem:
 
     def __init__(
         self,
-        client: FilesClient,
+        client: FilesApi,
         namespace: Namespace,
         reader: BlockReader,
         writer: Writer,

@@ -22,6 +22,7 @@ from mistralfs.api import ApiError, AuthError, CertificateRejected, FilesClient,
 from mistralfs.config import MountConfig
 from mistralfs.control import serve_status
 from mistralfs.fs.activity import Activity
+from mistralfs.fs.build import FsOptions, build_filesystem
 from mistralfs.fs.collector import collector_stats, settle_startup_heap
 from mistralfs.fs.disk_cache import (
     MAX_PENDING_STORES,
@@ -32,9 +33,7 @@ from mistralfs.fs.disk_cache import (
 from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.operations import Operations
-from mistralfs.fs.reader import BlockReader
 from mistralfs.fs.recovery import leftover_spools, recover
-from mistralfs.fs.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +94,24 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         disk,
         trio.open_nursery() as nursery,
     ):
-        activity = Activity()
-        namespace = Namespace(client, config.dir_cache_time)
+        options = FsOptions(
+            spool_dir=config.spool_dir,
+            recovery_dir=config.recovery_dir,
+            cache_size=config.cache_size,
+            block_size=config.block_size,
+            max_file_size=config.max_file_size,
+            dir_cache_time=config.dir_cache_time,
+            read_only=config.read_only,
+            max_throughput=config.max_throughput,
+        )
+        parts = build_filesystem(client, nursery, options, disk=disk)
+        fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer
+        activity = parts.activity
         namespace.on_name_removed = namespace.on_name_added = _forget_in_kernel
         namespace.on_attrs_changed = _forget_attrs_in_kernel
         namespace.on_deleted_elsewhere = disk.forget
         namespace.on_account_listed = disk.keep_only
-        reader = BlockReader(
-            client,
-            nursery,
-            cache_size=config.cache_size,
-            block_size=config.block_size,
-            disk=disk,
-            max_throughput=config.max_throughput,
-        )
         nursery.start_soon(disk.run)
-        writer = Writer(
-            client,
-            namespace,
-            reader,
-            activity,
-            nursery=nursery,
-            spool_dir=config.spool_dir,
-            recovery_dir=config.recovery_dir,
-            max_file_size=config.max_file_size,
-        )
-        fs = Filesystem(client, namespace, reader, writer, read_only=config.read_only)
 
         def snapshot() -> dict[str, object]:
             return {

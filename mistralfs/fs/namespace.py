@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from mistralfs.api import FilesClient, RemoteFile
+from mistralfs.api import RemoteFile
+from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.failures import RecentFailures
 from mistralfs.fs.names import folder_name, plain_name, with_id
 
@@ -113,7 +114,7 @@ Node = Root | Folder | FileNode
 class Namespace:
     """Inode table and folder contents, refreshed from the API when stale."""
 
-    def __init__(self, client: FilesClient, dir_cache_time: float) -> None:
+    def __init__(self, client: FilesApi, dir_cache_time: float) -> None:
         self._client = client
         self.dir_cache_time = dir_cache_time
         self.root = Root()

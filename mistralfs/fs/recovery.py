@@ -20,7 +20,8 @@ from pathlib import Path
 
 import trio
 
-from mistralfs.api import ApiError, FilesClient, NotFound, RemoteFile
+from mistralfs.api import ApiError, NotFound, RemoteFile
+from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.spool import keep, remove
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def leftover_spools(spool_dir: Path) -> list[Path]:
     return sorted(spool_dir.glob("*.spool"), key=lambda p: p.stat().st_mtime)
 
 
-async def recover(client: FilesClient, spools: list[Path], recovery_dir: Path) -> None:
+async def recover(client: FilesApi, spools: list[Path], recovery_dir: Path) -> None:
     for spool in spools:
         meta_path = spool.with_suffix(".json")
         try:
@@ -57,7 +58,7 @@ async def recover(client: FilesClient, spools: list[Path], recovery_dir: Path) -
 
 
 async def _upload(
-    client: FilesClient, spool: Path, meta: dict, where: str, recovery_dir: Path
+    client: FilesApi, spool: Path, meta: dict, where: str, recovery_dir: Path
 ) -> None:
     try:
         remote = await _already_uploaded(client, spool, meta)
@@ -80,7 +81,7 @@ async def _upload(
     remove(spool)
 
 
-async def _already_uploaded(client: FilesClient, spool: Path, meta: dict) -> RemoteFile | None:
+async def _already_uploaded(client: FilesApi, spool: Path, meta: dict) -> RemoteFile | None:
     """The file an upload in flight at the crash may have created, if it got through."""
     started = meta.get("upload_started")
     if not started:

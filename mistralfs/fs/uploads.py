@@ -17,15 +17,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from mistralfs.api import (
-    ApiError,
-    FilesClient,
-    GrowingFile,
-    GrowingUpload,
-    NotFound,
-    RemoteFile,
-    StreamAbandoned,
-)
+from mistralfs.api import ApiError, GrowingFile, NotFound, RemoteFile, StreamAbandoned
+from mistralfs.api.protocol import FilesApi, GrowingSend
 from mistralfs.fs.activity import Activity, UploadProgress
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Namespace
@@ -48,7 +41,7 @@ class Growing:
     """
 
     file: GrowingFile
-    upload: GrowingUpload
+    upload: GrowingSend
     progress: UploadProgress
     activity_key: int
     done: trio.Event = field(default_factory=trio.Event)
@@ -60,7 +53,7 @@ class Uploader:
 
     def __init__(
         self,
-        client: FilesClient,
+        client: FilesApi,
         namespace: Namespace,
         reader: BlockReader,
         activity: Activity,

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import trio
 
-from mistralfs.api import FilesClient, RemoteFile
+from mistralfs.api import RemoteFile
+from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.activity import Activity
 from mistralfs.fs.errors import FsError
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Presence
@@ -52,7 +53,7 @@ class Writer:
 
     def __init__(
         self,
-        client: FilesClient,
+        client: FilesApi,
         namespace: Namespace,
         reader: BlockReader,
         activity: Activity,

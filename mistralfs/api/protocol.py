@@ -1,0 +1,93 @@
+"""What the filesystem needs of the Files API: the one interface `fs/` depends on.
+
+`FilesClient` (client.py) is the implementation that speaks HTTP; tests also run the
+filesystem on an in-memory one (tests/fake_api.py), which is what keeps this surface
+small and explicit. Errors are the exceptions of errors.py, whichever side raises them.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import Protocol
+
+from mistralfs.api.calls import RequestStats
+from mistralfs.api.models import RemoteFile, SignedUrl
+from mistralfs.api.upload_body import GrowingFile
+
+
+class GrowingSend(Protocol):
+    """An upload that follows a file still being written (see uploads.py)."""
+
+    filename: str
+    purpose: str
+
+    async def run(self) -> RemoteFile: ...
+
+
+class FilesApi(Protocol):
+    """The account as the filesystem sees it: list, upload, read, delete."""
+
+    @property
+    def stats(self) -> RequestStats: ...
+
+    @property
+    def sends_growing_uploads(self) -> bool:
+        """Whether `growing_upload` may be used."""
+        ...
+
+    async def check_auth(self) -> None:
+        """A cheap authenticated call: raises if the key or the server will not do."""
+        ...
+
+    async def list_all(
+        self, *, purpose: str | None = None, page_size: int = 100
+    ) -> list[RemoteFile]:
+        """Every file (of one purpose), each id once."""
+        ...
+
+    async def upload(
+        self,
+        path: pathlib.Path,
+        *,
+        filename: str,
+        purpose: str,
+        progress: Callable[[int], None] | None = None,
+        after: GrowingSend | None = None,
+    ) -> RemoteFile:
+        """Store the file at `path` once; `after` is a growing upload of it that failed."""
+        ...
+
+    def growing_upload(
+        self,
+        path: pathlib.Path,
+        growing: GrowingFile,
+        *,
+        filename: str,
+        purpose: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> GrowingSend: ...
+
+    async def find_upload(
+        self, path: pathlib.Path, *, filename: str, purpose: str, started: float
+    ) -> RemoteFile | None:
+        """The file an upload of `path` begun at `started` (wall clock) stored, if any."""
+        ...
+
+    async def delete(self, file_id: str) -> None: ...
+
+    async def content(self, file_id: str, size: int) -> bytes:
+        """A small file's content, exactly `size` bytes."""
+        ...
+
+    async def signed_url(self, file_id: str, expiry_hours: int = 24) -> SignedUrl: ...
+
+    async def read_range_pieces(
+        self, url: str, start: int, length: int, piece_size: int
+    ) -> list[bytes]:
+        """Bytes of a signed URL, in pieces of `piece_size` (short at the file's end)."""
+        ...
+
+    async def connect_ahead(self, url: str) -> None:
+        """Open a connection for reading `url` now, if that means anything."""
+        ...

@@ -1,0 +1,191 @@
+"""An account in memory behind `FilesApi`: the filesystem without HTTP, for fast tests.
+
+It keeps what the service keeps (files with ids, names, purposes, sizes, content) and
+answers as `FilesClient` does: the same exceptions (`NotFound` for a missing id, a
+`Rejected` for content a purpose refuses), signed URLs that expire, ranges cut at the
+end of a file. Each call is counted by name in `calls`, and `fail_next` makes the next
+calls of one name raise, as a flaky service would. No growing uploads: a file is
+uploaded once closed, as through a proxy.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import pathlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from mistralfs.api import NotFound, ProtocolError, Rejected, RemoteFile, SignedUrl, UrlExpired
+from mistralfs.api.calls import RequestStats
+from mistralfs.api.protocol import GrowingSend
+from mistralfs.api.storage import cut
+from mistralfs.api.upload_body import GrowingFile
+
+
+def fine_tune_refusal(data: bytes) -> str | None:
+    """Why the service refuses content for fine-tune/ (JSONL, one object per line)."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    if not lines:
+        return "Invalid file format. The file is empty"
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            return f"Invalid file format. Some lines are not valid JSON line {number}"
+    return None
+
+
+@dataclass
+class StoredFile:
+    remote: RemoteFile
+    content: bytes
+
+
+@dataclass
+class FakeFilesApi:
+    """The fake account (see the module's docstring)."""
+
+    refusals: dict[str, Callable[[bytes], str | None]] = field(
+        default_factory=lambda: {"fine-tune": fine_tune_refusal}
+    )
+    files: dict[str, StoredFile] = field(default_factory=dict)
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    failures: dict[str, list[Exception]] = field(default_factory=dict)
+    stats: RequestStats = field(default_factory=RequestStats)
+    sends_growing_uploads: bool = False
+    _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1_700_000_000))
+
+    # -- what tests use to arrange and look -------------------------------------------
+
+    def add(self, filename: str, purpose: str, content: bytes) -> RemoteFile:
+        """A file stored by someone else."""
+        remote = RemoteFile(
+            id=str(uuid.uuid4()),
+            bytes=len(content),
+            created_at=next(self._clock),
+            filename=filename,
+            purpose=purpose,
+            sample_type=None,
+            source="upload",
+            num_lines=None,
+            mimetype=None,
+            signature=None,
+        )
+        self.files[remote.id] = StoredFile(remote, content)
+        return remote
+
+    def held(self) -> dict[tuple[str, str], list[bytes]]:
+        """(purpose, filename) -> the contents stored under it."""
+        out: dict[tuple[str, str], list[bytes]] = collections.defaultdict(list)
+        for stored in self.files.values():
+            out[(stored.remote.purpose, stored.remote.filename)].append(stored.content)
+        return dict(out)
+
+    def fail_next(self, call: str, *errors: Exception) -> None:
+        """The next calls of `call` raise these, one each."""
+        self.failures.setdefault(call, []).extend(errors)
+
+    def _count(self, call: str) -> None:
+        self.calls[call] += 1
+        self.stats.requests[call] += 1
+        pending = self.failures.get(call)
+        if pending:
+            raise pending.pop(0)
+
+    def _get(self, file_id: str) -> StoredFile:
+        stored = self.files.get(file_id)
+        if stored is None:
+            raise NotFound("No file found", status=404, method="GET", url=f"/v1/files/{file_id}")
+        return stored
+
+    # -- FilesApi ---------------------------------------------------------------------
+
+    async def check_auth(self) -> None:
+        self._count("check_auth")
+
+    async def list_all(
+        self, *, purpose: str | None = None, page_size: int = 100
+    ) -> list[RemoteFile]:
+        self._count("list_all")
+        return [
+            stored.remote
+            for stored in self.files.values()
+            if purpose is None or stored.remote.purpose == purpose
+        ]
+
+    async def upload(
+        self,
+        path: pathlib.Path,
+        *,
+        filename: str,
+        purpose: str,
+        progress: Callable[[int], None] | None = None,
+        after: GrowingSend | None = None,
+    ) -> RemoteFile:
+        self._count("upload")
+        content = await trio.Path(path).read_bytes()
+        refusal = self.refusals.get(purpose, lambda data: None)(content)
+        if refusal is not None:
+            raise Rejected(refusal, status=400, method="POST", url="/v1/files")
+        if progress is not None:
+            progress(len(content))
+        return self.add(filename, purpose, content)
+
+    def growing_upload(
+        self,
+        path: pathlib.Path,
+        growing: GrowingFile,
+        *,
+        filename: str,
+        purpose: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> GrowingSend:
+        raise AssertionError("the fake sends no growing uploads (sends_growing_uploads)")
+
+    async def find_upload(
+        self, path: pathlib.Path, *, filename: str, purpose: str, started: float
+    ) -> RemoteFile | None:
+        self._count("find_upload")
+        content = await trio.Path(path).read_bytes()
+        for stored in self.files.values():
+            remote = stored.remote
+            if (remote.filename, remote.purpose, stored.content) == (filename, purpose, content):
+                return remote
+        return None
+
+    async def delete(self, file_id: str) -> None:
+        self._count("delete")
+        self._get(file_id)
+        del self.files[file_id]
+
+    async def content(self, file_id: str, size: int) -> bytes:
+        self._count("content")
+        data = self._get(file_id).content
+        if len(data) != size:
+            raise ProtocolError(f"expected {size} bytes of content, got {len(data)}")
+        return data
+
+    async def signed_url(self, file_id: str, expiry_hours: int = 24) -> SignedUrl:
+        self._count("signed_url")
+        self._get(file_id)
+        expires_at = time.time() + expiry_hours * 3600
+        return SignedUrl(url=f"fake://storage/{file_id}?se={expires_at}", expires_at=expires_at)
+
+    async def read_range_pieces(
+        self, url: str, start: int, length: int, piece_size: int
+    ) -> list[bytes]:
+        self._count("read_range")
+        file_id, _, expiry = url.removeprefix("fake://storage/").partition("?se=")
+        if float(expiry) < time.time():
+            raise UrlExpired("Signature expired", status=403, method="GET", url=url)
+        data = self._get(file_id).content[start : start + length]
+        return cut([data], 0, len(data), piece_size) if data else []
+
+    async def connect_ahead(self, url: str) -> None:
+        self._count("connect_ahead")
