@@ -142,16 +142,19 @@ class LinkBench(Bench):
     def proxy_load(self, case: Case, side: str, daemon: int | None = None) -> Iterator[None]:
         """Add to ``case.extra["proxy_cpu_<side>"]`` the busiest proxy's share of one core
         while inside: near 1.0, that proxy (one Python thread), not the link, set the pace.
-        With a ``daemon`` pid, its cores (all threads) go to ``daemon_cpu_<side>``."""
-        pids = [p.pid for p in self.link_procs] + ([daemon] if daemon else [])
+        The emulator's cores go to ``emulator_cpu_<side>`` (it too is one Python thread
+        for the requests, near 1.0 it set the pace); with a ``daemon`` pid, its cores (all
+        threads) go to ``daemon_cpu_<side>``."""
+        pids = [p.pid for p in self.link_procs] + [self.emu_pid] + ([daemon] if daemon else [])
         before, t0 = [cpu_seconds(pid) for pid in pids], time.perf_counter()
         yield
         wall = time.perf_counter() - t0
         used = [(cpu_seconds(pid) - c) / wall for pid, c in zip(pids, before, strict=True)]
         n = len(self.link_procs)
         case.extra.setdefault(f"proxy_cpu_{side}", []).append(max(used[:n]))
+        case.extra.setdefault(f"emulator_cpu_{side}", []).append(used[n])
         if daemon:
-            case.extra.setdefault(f"daemon_cpu_{side}", []).append(used[n])
+            case.extra.setdefault(f"daemon_cpu_{side}", []).append(used[n + 1])
 
     def verify(self) -> ssl.SSLContext | bool:
         return ssl.create_default_context(cafile=self.ca) if self.tls else True
@@ -474,7 +477,7 @@ def summary(c: Case) -> str:
 
 
 def proxy_note(c: Case) -> str:
-    """Cores used by the busiest proxy and by the mount's daemon (medians), for the log."""
+    """Cores used by the busiest proxy, the emulator and the mount's daemon (medians)."""
 
     def shares(what: str) -> str:
         return ", ".join(
@@ -483,8 +486,9 @@ def proxy_note(c: Case) -> str:
             if c.extra.get(f"{what}_{side}")
         )
 
-    return f"cores used by the busiest proxy: {shares('proxy_cpu')}; by the daemon: " + shares(
-        "daemon_cpu"
+    return (
+        f"cores used by the busiest proxy: {shares('proxy_cpu')}; "
+        f"by the emulator: {shares('emulator_cpu')}; by the daemon: {shares('daemon_cpu')}"
     )
 
 

@@ -194,6 +194,7 @@ class Bench:
         self.mounts: list[tuple[Path, int | None, subprocess.Popen | None]] = []
         self.nginx_port = 0
         self.emu_url = ""
+        self.emu_pid = 0
         # What mounts and peers reach: the emulator and nginx themselves on loopback, the
         # shaping proxies in front of them with --link (see longlink.py).
         self.client_url = ""
@@ -284,6 +285,7 @@ http {{
         cmd += ["--log-level", "warning", *extra]
         cmd += ["--storage-url", f"{storage_url or self.storage_url}/blobs"]
         address = start_announced(cmd, self.work / "emulator.log", LISTENING, self.procs)
+        self.emu_pid = self.procs[-1].pid
         self.emu_url = self.client_url = address
         log(f"emulator at {self.emu_url}, signed URLs on {storage_url or 'nginx'} /blobs/")
 

@@ -21,6 +21,10 @@ from starlette.requests import Request
 
 MAX_FIELD_SIZE = 64 * 1024
 MAX_PARTS = 64
+# File data is gathered to this size before each write, which goes through a worker
+# thread: over TLS a body arrives one record (often 8 or 16 KiB) at a time, and a
+# thread round trip per record made the emulator, not the link, set an upload's pace.
+WRITE_SIZE = 1 << 20
 
 
 def _decode(raw: bytes) -> str:
@@ -56,6 +60,7 @@ class _Collector:
         self.max_file_size = max_file_size
         self.form = UploadForm()
         self.pending: list[bytes] = []
+        self.pending_size = 0
         self.too_large = False
         self.error: str | None = None
         self._parts = 0
@@ -118,11 +123,19 @@ class _Collector:
                 self.too_large = True
                 return
             self.pending.append(data[start:end])
+            self.pending_size += end - start
         elif self._target is not None:
             if len(self._field_data) + end - start > MAX_FIELD_SIZE:
                 self.error = f"field {self._target!r} is too large"
                 return
             self._field_data += data[start:end]
+
+    def take_pending(self) -> bytes:
+        """The file data gathered since the last call, to be written."""
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.pending_size = 0
+        return data
 
     def on_part_end(self) -> None:
         if self._target is not None:
@@ -183,14 +196,14 @@ async def receive_upload(
                     raise UploadTooLarge()
                 if collector.error:
                     raise MalformedUpload(collector.error)
-                if collector.pending:
-                    data = b"".join(collector.pending)
-                    collector.pending.clear()
-                    await out.write(data)
+                if collector.pending_size >= WRITE_SIZE:
+                    await out.write(collector.take_pending())
             try:
                 parser.finalize()
             except FormParserError as exc:
                 raise MalformedUpload(str(exc)) from exc
+            if collector.pending:
+                await out.write(collector.take_pending())
             if parser.state not in (MultipartState.END, MultipartState.BOUNDARY_PADDING):
                 raise MalformedUpload("body ended before the closing boundary")
     except BaseException:
