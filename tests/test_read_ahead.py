@@ -3,7 +3,8 @@
 On a long link a reader goes as fast as the bytes in flight over the round trip allow,
 so the window of blocks fetched ahead grows while growing it makes reads faster. A
 delay on every storage request stands in for the round trip here (64 KiB blocks, so
-the bounds are 16 blocks: a quarter of the 64-block cache).
+the bounds are 32 blocks: half of the 64-block cache). A stream read from the start
+opens the window at its bound at once; what is on its way counts against the cache.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from conftest import RunningEmulator
 from test_operations import BLOCK, Stack, stack_with, upload
 
 from mistralfs.api import FilesClient
-from mistralfs.fs.reader import BlockReader, ReadState
+from mistralfs.fs.reader import STORAGE_CONNECTIONS, BlockReader, ReadState
 
 # make_stack lets a window grow freely to 8 blocks, so that 16 is reached by measuring.
 FREE_GROWTH_BLOCKS = 8
@@ -62,10 +63,10 @@ async def test_the_window_grows_past_its_first_size_while_reads_get_faster(
 ) -> None:
     async with stack_with(emulator, tmp_path / "cache") as stack:
         most, state = await most_blocks_in_flight(stack, os.urandom(FILE_BLOCKS * BLOCK))
-    assert state.window == 16, state  # a quarter of the cache
-    # Past what it reaches freely (plus the read's own 2 blocks), within a quarter of the
+    assert state.window == 32, state  # half of the cache
+    # Past what it reaches freely (plus the read's own 2 blocks), within half of the
     # cache (plus those 2).
-    assert FREE_GROWTH_BLOCKS + 2 < most <= 16 + 2, most
+    assert FREE_GROWTH_BLOCKS + 2 < most <= 32 + 2, most
 
 
 async def test_the_window_stops_growing_at_the_throughput_asked_for(
@@ -101,7 +102,7 @@ async def test_the_window_grows_while_doubling_it_makes_reads_faster(
     mock_clock: trio.testing.MockClock,
 ) -> None:
     state = await window_after(mock_clock, faster=True)
-    assert state.window == 64 and not state.settled, state  # the bound: 64 blocks
+    assert state.window == 128 and not state.settled, state  # the bound: 128 blocks
 
 
 async def test_the_window_settles_when_a_larger_one_reads_no_faster(
@@ -110,3 +111,156 @@ async def test_the_window_settles_when_a_larger_one_reads_no_faster(
     state = await window_after(mock_clock, faster=False)
     # Measured at 8 blocks, grown to 16, measured no faster there: it stays.
     assert state.window == 2 * FREE_GROWTH_BLOCKS and state.settled, state
+
+
+async def first_window(offset: int, size: int, max_throughput: float | None = None) -> ReadState:
+    """The window after one read of `size` bytes at `offset`, on a 1024-block cache."""
+    reader = BlockReader(
+        cast(FilesClient, None),
+        cast(trio.Nursery, None),
+        cache_size=1024 * BLOCK,
+        block_size=BLOCK,
+        max_throughput=max_throughput,
+        free_growth_blocks=FREE_GROWTH_BLOCKS,
+    )
+    state = ReadState()
+    reader._ahead(offset, offset + size, state)
+    return state
+
+
+async def test_a_stream_read_from_the_start_opens_the_window_at_its_bound() -> None:
+    # dd bs=1M, cat, cp: a first read at 0 larger than 128 KiB (the kernel's readahead).
+    assert (await first_window(0, 4 * BLOCK)).window == 128  # the bound, not 2
+    # head: a small first read; or a first read elsewhere in the file: doubling from 1.
+    assert (await first_window(0, 2 * BLOCK)).window == 2
+    assert (await first_window(8 * BLOCK, 4 * BLOCK)).window == 1  # a seek: closed
+    # With --max-throughput, it opens at the size reached freely, and is measured on.
+    state = await first_window(0, 4 * BLOCK, max_throughput=1e9)
+    assert state.window == FREE_GROWTH_BLOCKS and not state.settled, state
+
+
+async def read_watching(
+    stack: Stack, data: bytes, read_size: int, delay: float
+) -> tuple[int, int, ReadState]:
+    """Read batch/stream.bin sequentially in reads of `read_size` with every storage
+    request delayed by `delay`: the most bytes cached and on their way at once, the
+    most requests ahead at once, and the window at the end."""
+    await upload(stack, "stream.bin", data)
+    inode = (await stack.ops.lookup(await stack.folder("batch"), b"stream.bin")).st_ino
+    info = await stack.ops.open(inode, os.O_RDONLY, None)
+    await stack.admin(
+        "POST",
+        "faults",
+        json=[{"path_prefix": "/storage/", "status": None, "delay": delay, "times": None}],
+    )
+    reader = stack.ops.fs._reader
+    most_bytes = most_requests = 0
+
+    async def watch() -> None:
+        nonlocal most_bytes, most_requests
+        while True:
+            stats = reader.stats()
+            held = cast(int, stats["bytes"]) + BLOCK * cast(int, stats["fetches_in_flight"])
+            most_bytes = max(most_bytes, held)
+            most_requests = max(most_requests, cast(int, stats["requests_in_flight"]))
+            await trio.sleep(0.002)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        for offset in range(0, len(data), read_size):
+            piece = await stack.ops.read(info.fh, offset, read_size)
+            assert piece == data[offset : offset + read_size]
+        nursery.cancel_scope.cancel()
+    state = stack.ops.fs._handle(info.fh).read_state
+    await stack.ops.release(info.fh)
+    return most_bytes, most_requests, state
+
+
+async def test_blocks_on_their_way_count_against_the_cache(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    """A file larger than the cache, streamed: what is cached and what is on its way
+    together stay within --cache-size (memory is the cache, not the cache and a window)."""
+    async with stack_with(emulator, tmp_path / "cache") as stack:  # 64 blocks
+        most, requests, state = await read_watching(stack, os.urandom(160 * BLOCK), 4 * BLOCK, 0.02)
+    assert state.window == 32, state  # opened at its bound at the first read
+    assert most <= 64 * BLOCK, most / BLOCK
+    assert 4 < requests < STORAGE_CONNECTIONS, requests
+
+
+async def test_a_streams_first_read_waits_for_its_own_block_only(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    """The window opens at 128 blocks, in runs of 9: the first read's own blocks (3)
+    still get connections (16 to storage), not ones freed by requests ahead, and one
+    stays free."""
+    async with stack_with(emulator, tmp_path / "cache", cache_size=256 * BLOCK) as stack:
+        data = os.urandom(192 * BLOCK)
+        await upload(stack, "wide.bin", data)
+        inode = (await stack.ops.lookup(await stack.folder("batch"), b"wide.bin")).st_ino
+        info = await stack.ops.open(inode, os.O_RDONLY, None)
+        await stack.admin(
+            "POST",
+            "faults",
+            json=[{"path_prefix": "/storage/", "status": None, "delay": 0.5, "times": None}],
+        )
+        reader = stack.ops.fs._reader
+        most = 0
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, cast(int, reader.stats()["requests_in_flight"]))
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for _ in range(4):  # trio starts the tasks of one batch in either order
+                started = trio.current_time()
+                assert await stack.ops.read(info.fh, 0, 3 * BLOCK) == data[: 3 * BLOCK]
+                assert trio.current_time() - started < 0.9  # one delay, not two
+                await trio.sleep(1.5)  # all landed: start again, cold
+                assert reader.stats()["requests_in_flight"] == 0
+                reader._blocks.clear()
+                stack.ops.fs._handle(info.fh).read_state = ReadState()
+            nursery.cancel_scope.cancel()
+        assert most == STORAGE_CONNECTIONS - 1, most
+        await stack.ops.release(info.fh)
+
+
+async def test_an_open_waiting_for_the_url_fetched_ahead_opens_no_connection_ahead(
+    emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    """`ls -l` then `head` at once: the URL fetched ahead is awaited by the open, and its
+    read connects for itself; no second connection is opened ahead beside it (it would
+    only take a connection slot while the read opens its own)."""
+    async with stack_with(emulator, tmp_path / "cache") as stack:
+        file_id = await upload(stack, "soon.bin", os.urandom(3 * BLOCK))
+        batch = await stack.folder("batch")
+        await stack.names("batch")
+        await trio.sleep(0.3)  # the listing's URLs fetched ahead: forget them
+        stack.ops.fs._reader._urls.clear()
+        connected: list[str] = []
+        connect_ahead = stack.client.connect_ahead
+
+        async def counted(url: str) -> None:
+            connected.append(url)
+            await connect_ahead(url)
+
+        stack.client.connect_ahead = counted  # type: ignore[method-assign]
+        await stack.admin(
+            "POST",
+            "faults",
+            json=[{"path_prefix": f"/v1/files/{file_id}/url", "status": None, "delay": 0.2}],
+        )
+        inode = (await stack.ops.lookup(batch, b"soon.bin")).st_ino  # fetches the URL ahead
+        info = await stack.ops.open(inode, os.O_RDONLY, None)  # waits for that URL
+        await stack.ops.read(info.fh, 0, 4096)
+        await trio.sleep(0.1)
+        assert connected == []
+        await stack.ops.release(info.fh)
+        # A lookup alone still opens one ahead.
+        stack.ops.fs._reader._urls.clear()
+        await stack.ops.lookup(batch, b"soon.bin")
+        await trio.sleep(0.3)
+        assert len(connected) == 1

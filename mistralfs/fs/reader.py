@@ -4,8 +4,10 @@ Content never changes for a file id, so a block fetched once is good until evict
 Blocks are fetched with HTTP Range from the signed URL (another host, no API key); a
 file no larger than one block is fetched whole from `/content` in a single request.
 Concurrent readers of one block share one request; sequential readers get a prefetch
-window that doubles up to a bound, fetched as runs of several blocks per request
-(per-request cost, not bandwidth, is what limits a Python client on a fast link). With
+window that doubles up to a bound (or opens at once for a stream read from the start),
+fetched as runs of several blocks per request (per-request cost, not bandwidth, is what
+limits a Python client on a fast link). Blocks on their way count against the cache's
+bound: room is made for them when they are asked for. With
 `--disk-cache`, a run missing from memory is looked for on disk before the network, and
 kept there after (disk_cache.py).
 """
@@ -37,12 +39,22 @@ SIGNED_URL_RENEW_AFTER = SIGNED_URL_HOURS * 3600 / 2
 MAX_URLS_PER_LISTING = 32  # large files of a listed folder whose URL is fetched ahead
 # Blocks fetched ahead of a sequential reader, per open file: the window doubles at each
 # read up to FREE_GROWTH_BLOCKS, and past that only while doing so made reads faster, up to
-# MAX_PREFETCH_BLOCKS, a quarter of --cache-size, and --max-throughput reached.
+# MAX_PREFETCH_BLOCKS, half of --cache-size, and --max-throughput reached.
 # 32 blocks are 8 parts of 4 MiB: about 190 MiB/s over a 100 ms link at 60 MB/s per
 # connection, reached within a reader's first few reads.
+# A stream read from the start (a first read at offset 0 larger than FIRST_READ_EXACT:
+# dd, cp, cat, a whole-file read; not head, whose reads are small) opens the window at
+# its bound at once: on a long link each doubling costs a round trip, and the first
+# ones a new connection each (3 round trips with TLS).
 FREE_GROWTH_BLOCKS = 32
-MAX_PREFETCH_BLOCKS = 64
-RUN_BLOCKS = 4  # blocks fetched by one request when prefetching: parts of 4 MiB
+MAX_PREFETCH_BLOCKS = 128
+RUN_BLOCKS = 4  # blocks fetched by one request when prefetching, at least: parts of 4 MiB
+# Block requests the client serves at once (its connections to storage). Requests ahead
+# start only while one of them stays free besides a read's own: a read's own block never
+# waits for a connection behind blocks fetched ahead. A window larger than RUN_BLOCKS
+# times the requests left for it goes in longer runs.
+STORAGE_CONNECTIONS = 16
+MAX_RUNS_AHEAD = STORAGE_CONNECTIONS - 1
 FASTER = 1.1  # a window counts as faster than the one before when it reads this much faster
 MAX_WHOLE_FILES_AHEAD = 8  # small files fetched ahead at once, across the mount
 MAX_URLS_AHEAD = 4  # signed URLs fetched ahead at once
@@ -58,6 +70,15 @@ class _Fetch:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
+    reserved: int = 0  # bytes of the cache's bound held for it until it lands
+
+
+@dataclass
+class _UrlFetch:
+    """A signed URL being fetched; later askers wait on it."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    awaited: bool = False  # another caller waits for it
 
 
 @dataclass
@@ -107,14 +128,19 @@ class BlockReader:
             ttu=lambda _key, url, _now: url.expires_at - SIGNED_URL_MARGIN,
             timer=time.time,
         )
-        self._max_prefetch = max(1, min(MAX_PREFETCH_BLOCKS, cache_size // (4 * block_size)))
+        self._max_prefetch = max(1, min(MAX_PREFETCH_BLOCKS, cache_size // (2 * block_size)))
         self._max_throughput = max_throughput  # bytes/s one reader need not go past
         self._free_growth = free_growth_blocks
-        # Blocks on their way at once, across files (a read's own blocks always go).
-        self._max_in_flight = max(RUN_BLOCKS, cache_size // (4 * block_size))
+        # Blocks on their way at once, across files (a read's own blocks always go), and
+        # the requests fetching them.
+        self._max_in_flight = max(RUN_BLOCKS, cache_size // (2 * block_size))
+        self._requests = 0
+        # Bytes of blocks on their way: the cache holds at most its bound less these, so
+        # that what is cached and what is coming stay within --cache-size together.
+        self._reserved = 0
         # Small files fetched ahead (see readahead.py): a bounded number at a time.
         self._whole_files_limit = trio.CapacityLimiter(MAX_WHOLE_FILES_AHEAD)
-        self._url_fetches: dict[str, trio.Event] = {}
+        self._url_fetches: dict[str, _UrlFetch] = {}
         self._renewing: set[str] = set()  # ids whose URL is renewed in the background
         # A file whose fetch just gave up fails at once for a moment: the kernel's next
         # request for the same read must not wait the retry time again.
@@ -167,29 +193,35 @@ class BlockReader:
 
         A cached URL past half its life is still used, and renewed in the background.
         """
+        return (await self._signed_url(file_id))[0]
+
+    async def _signed_url(self, file_id: str) -> tuple[SignedUrl, bool]:
+        """`signed_url`, and whether it was fetched for another caller too (one that
+        waited for this call's request, or made the request this call waited for)."""
         url = self._urls.get(file_id)
         if url is not None:
             lived = SIGNED_URL_HOURS * 3600 - (url.expires_at - time.time())
             if lived > SIGNED_URL_RENEW_AFTER and file_id not in self._renewing:
                 self._renewing.add(file_id)
                 self._nursery.start_soon(self._renew_url, file_id)
-            return url
+            return url, False
         while (url := self._urls.get(file_id)) is None:
             pending = self._url_fetches.get(file_id)
             if pending is None:
-                done = self._url_fetches[file_id] = trio.Event()
+                fetch = self._url_fetches[file_id] = _UrlFetch()
                 try:
                     url = await self._failures.run(
                         file_id,
                         lambda: self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS),
                     )
                     self._urls[file_id] = url
-                    return url
+                    return url, fetch.awaited
                 finally:
                     del self._url_fetches[file_id]
-                    done.set()
-            await pending.wait()  # then use its URL, or ask again if it failed
-        return url
+                    fetch.done.set()
+            pending.awaited = True
+            await pending.done.wait()  # then use its URL, or ask again if it failed
+        return url, True
 
     async def _renew_url(self, file_id: str) -> None:
         """Replace a cached URL past half its life; the old one serves meanwhile."""
@@ -218,11 +250,14 @@ class BlockReader:
     async def _fetch_url_in_background(self, file_id: str) -> None:
         async with self._urls_ahead_limit:
             try:
-                url = await self.signed_url(file_id)
+                url, shared = await self._signed_url(file_id)
             except Exception as exc:  # the open that needs it will ask again and see the error
                 log.debug("signed URL for %s not fetched ahead: %s", file_id, exc)
                 return
-            await self._client.connect_ahead(url.url)
+            # An open or a read waited for it too: it is connecting for itself now, and a
+            # connection opened beside it would only hold one of the client's slots.
+            if not shared:
+                await self._client.connect_ahead(url.url)
 
     def prefetch_whole(self, remote: RemoteFile) -> bool:
         """Start fetching a small file (at most one block) in the background; False when
@@ -230,7 +265,7 @@ class BlockReader:
         key = (remote.id, 0)
         if not 0 < remote.bytes <= self.block_size or key in self._blocks or key in self._inflight:
             return False
-        fetches = self._register(remote.id, 0, 1)
+        fetches = self._register(remote, 0, 1)
         self._nursery.start_soon(self._fetch_whole_in_background, remote, fetches)
         return True
 
@@ -259,12 +294,23 @@ class BlockReader:
         order, so "sequential" means near where the reads have got to, not exactly there.
         """
         if abs(offset - state.next_offset) <= state.window * self.block_size:
+            if offset == state.next_offset == 0 and end > FIRST_READ_EXACT:
+                self._open_stream(state)
             state.next_offset = max(state.next_offset, end)
             ahead = state.window
             self._grow(state, end - offset)
             return ahead
         state.restart(end)
         return 0
+
+    def _open_stream(self, state: ReadState) -> None:
+        """A large first read from the start of the file: the window opens at its bound
+        (with --max-throughput, at the size it reaches freely, then grows by measure)."""
+        if self._max_throughput is None:
+            state.window, state.settled = self._max_prefetch, True
+        else:
+            state.window = max(state.window, min(self._free_growth, self._max_prefetch))
+            state.probe_skip, state.probe_bytes = state.window * self.block_size, 0
 
     def _grow(self, state: ReadState, read: int) -> None:
         """Double the window while a larger one reads faster, within the bounds.
@@ -300,7 +346,8 @@ class BlockReader:
         """Start fetching the missing blocks of a read, and `ahead` blocks past it.
 
         The read's own blocks are fetched one per request, so that it waits for no
-        more than it needs; the blocks ahead go in runs of several per request.
+        more than it needs; the blocks ahead go in runs of several per request, only
+        while a connection stays free for the next read's own block.
         """
         last_block = (remote.bytes - 1) // self.block_size
         wanted = [
@@ -315,12 +362,15 @@ class BlockReader:
             ahead_missing = []  # refill in whole runs, not one block per read
         # Bounded in total too, however many files are being read at once.
         room = self._max_in_flight - len(self._inflight) - len(now)
+        runs_room = MAX_RUNS_AHEAD - self._requests - len(now)
+        longest = max(RUN_BLOCKS, -(-ahead // MAX_RUNS_AHEAD))
         later = []
-        for run_first, count in _runs(ahead_missing, RUN_BLOCKS):
-            if count > room:
+        for run_first, count in _runs(ahead_missing, longest):
+            if count > room or runs_room <= 0:
                 break
             later.append((run_first, count))
             room -= count
+            runs_room -= 1
         for run_first, count in [*now, *later]:
             taken = self._disk.take(remote.id, remote.bytes, run_first, count)
             if taken is not None:  # in the page cache: mapped at once, no task needed
@@ -328,7 +378,7 @@ class BlockReader:
                     self._blocks[(remote.id, index)] = block
                 continue
             # Registered now, not when the task starts, so that no other read fetches them.
-            fetches = self._register(remote.id, run_first, count)
+            fetches = self._register(remote, run_first, count)
             self._nursery.start_soon(self._fetch_in_background, remote, run_first, fetches)
 
     async def _fetch_in_background(
@@ -349,6 +399,8 @@ class BlockReader:
             "misses": self.misses,
             "hit_rate": self.hits / looked_up if looked_up else None,
             "fetches_in_flight": len(self._inflight),
+            "bytes_in_flight": self._reserved,
+            "requests_in_flight": self._requests,
             "signed_urls": len(self._urls),
         }
 
@@ -371,13 +423,24 @@ class BlockReader:
             # The fetching task was cancelled: try again as the fetcher.
 
     async def _fetch_shared(self, remote: RemoteFile, index: int) -> bytes:
-        return (await self._fetch_run(remote, index, self._register(remote.id, index, 1)))[0]
+        return (await self._fetch_run(remote, index, self._register(remote, index, 1)))[0]
 
-    def _register(self, file_id: str, first: int, count: int) -> list[_Fetch]:
+    def _register(self, remote: RemoteFile, first: int, count: int) -> list[_Fetch]:
+        """Blocks about to be fetched in one request: shared with later readers, and room
+        made for them in the cache (the least recently used blocks go)."""
+        self._requests += 1
         fetches = [_Fetch() for _ in range(count)]
         for index, fetch in enumerate(fetches, start=first):
-            self._inflight[(file_id, index)] = fetch
+            self._inflight[(remote.id, index)] = fetch
+            fetch.reserved = max(0, min(self.block_size, remote.bytes - index * self.block_size))
+            self._reserved += fetch.reserved
+        while self._blocks and self._blocks.currsize + self._reserved > self._blocks.maxsize:
+            self._blocks.popitem()
         return fetches
+
+    def _release(self, fetch: _Fetch) -> None:
+        self._reserved -= fetch.reserved
+        fetch.reserved = 0
 
     async def _fetch_run(
         self, remote: RemoteFile, first: int, fetches: list[_Fetch]
@@ -392,6 +455,7 @@ class BlockReader:
                 )
                 self._disk.store(remote.id, remote.bytes, first, blocks)
             for key, fetch, block in zip(keys, fetches, blocks, strict=True):
+                self._release(fetch)  # its room is now the block's own
                 self._blocks[key] = fetch.data = block
             return blocks
         except BaseException as exc:
@@ -399,7 +463,9 @@ class BlockReader:
                 fetch.error = exc
             raise
         finally:
+            self._requests -= 1
             for key, fetch in zip(keys, fetches, strict=True):
+                self._release(fetch)
                 if self._inflight.get(key) is fetch:
                     del self._inflight[key]
                 fetch.done.set()
