@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         metavar="RATE",
         help="bytes per second one sequential reader needs, e.g. 500M: its read-ahead stops "
-        "growing there (default: it grows while reads get faster, up to 64 MiB in flight "
-        "and a quarter of --cache-size)",
+        "growing there (default: it opens at its bound for a whole-file read, and grows "
+        "while reads get faster, up to 128 MiB in flight and half of --cache-size)",
     )
     mount.add_argument(
         "--dir-cache-time",

@@ -109,6 +109,9 @@ class FakeFilesApi:
     async def check_auth(self) -> None:
         self._count("check_auth")
 
+    async def warm_up(self) -> None:
+        self._count("warm_up")
+
     async def list_all(
         self, *, purpose: str | None = None, page_size: int = 100
     ) -> list[RemoteFile]:

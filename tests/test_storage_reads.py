@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import os
 import pathlib
+import socket
 import typing
 
 import httpx
 import pytest
 import trio
-from conftest import answer, answer_range, serve_asgi
+from conftest import answer, answer_range, emulator_config, serve_asgi, start_emulator
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -144,6 +146,54 @@ async def test_a_connection_opened_ahead_serves_the_first_read(
         assert client.idle_connections(storage_url) == 1
         await client.connect_ahead("http://127.0.0.1:9/nothing-listens")  # left to the read
     assert len(set(connections)) == 1  # the read went on the connection opened ahead
+
+
+async def test_warming_up_opens_connections_to_the_api_and_to_storage(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    """At mount, one file's signed URL tells where content is served from: the first
+    listing and the first read then find their connections open (no handshake)."""
+    storage_hits: list[str] = []
+
+    async def storage_host(scope: dict, receive: typing.Any, send: typing.Any) -> None:
+        storage_hits.append(scope["path"])
+
+    storage_url = await serve_asgi(nursery, storage_host)
+    emulator = await start_emulator(nursery, emulator_config(tmp_path, storage_url=storage_url))
+    async with FilesClient(emulator.url, emulator.api_key) as client:
+        await client.warm_up()  # an empty account: nothing to learn
+        assert client.idle_connections(emulator.url) == 1
+        assert client.idle_connections(storage_url) == 0
+        await uploaded_url(client, tmp_path, 10)
+        async with FilesClient(emulator.url, emulator.api_key) as fresh:
+            await fresh.warm_up()
+            assert fresh.idle_connections(emulator.url) == 1
+            assert fresh.idle_connections(storage_url) == 1
+    assert storage_hits == []  # connected, nothing asked
+
+
+async def test_connections_opened_ahead_at_once_make_one(tmp_path: pathlib.Path) -> None:
+    """Several files looked up at once each ask for a connection ahead to one storage
+    host: one is opened, not one per file."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.listen(16)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/blob"
+    try:
+        async with FilesClient("http://127.0.0.1:9", "k") as client:
+            async with trio.open_nursery() as nursery:
+                for index in range(5):
+                    nursery.start_soon(client.connect_ahead, f"{url}?sig={index}")
+            assert client.idle_connections(url) == 1
+        listener.setblocking(False)
+        accepted = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                accepted.append(listener.accept()[0])
+        assert len(accepted) == 1
+        for conn in accepted:
+            conn.close()
+    finally:
+        listener.close()
 
 
 async def test_a_redirected_signed_url_is_followed_without_the_key(emulator: typing.Any) -> None:

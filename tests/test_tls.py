@@ -31,7 +31,14 @@ from cryptography import x509
 from mistralai.client import Mistral
 from mounting import is_mounted, mount, mount_command, sha256_of
 
-from mistralfs.api import CertificateRejected, FilesClient, RetryPolicy, tls
+from mistralfs.api import (
+    CertificateRejected,
+    FilesClient,
+    GrowingFile,
+    RemoteFile,
+    RetryPolicy,
+    tls,
+)
 from mistralfs.api.tls import TrustError, client_context
 from mistralfs.api.transport import ThreadedTransport
 from mistralfs.emulator.tls import ensure_self_signed, self_signed_paths
@@ -102,6 +109,38 @@ async def test_client_over_tls_lists_uploads_and_reads_ranges_on_one_connection(
         assert await client.read_range(url, MiB - 3, MiB) == data[MiB - 3 : 2 * MiB - 3]
         assert await client.read_range(url, 7, MiB) == data[7 : MiB + 7]
         assert client.idle_connections() == 1  # one handshake served every call
+
+
+async def test_a_growing_upload_over_tls_stores_every_byte(
+    tls_emulator: RunningEmulator, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    """Over TLS the file's parts are read and sent whole (sendfile would send 8 KiB
+    records), chunk framing included: the stored file is the written one."""
+    path = tmp_path / "grow.bin"
+    path.write_bytes(b"")
+    growing = GrowingFile()
+    pieces = [os.urandom(size) for size in (300_000, 2 * MiB + 3, 5)]
+    async with FilesClient(
+        tls_emulator.url, tls_emulator.api_key, retry=FAST, ca_file=tls_files.ca
+    ) as client:
+        assert client.sends_growing_uploads
+        upload = client.growing_upload(path, growing, filename="grow.bin", purpose="batch")
+        stored: list[RemoteFile] = []
+
+        async def send() -> None:
+            stored.append(await upload.run())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            for piece in pieces:
+                with path.open("ab") as out:
+                    out.write(piece)
+                growing.grew(path.stat().st_size)
+                await trio.sleep(0.05)
+            growing.finish(path.stat().st_size)
+        data = b"".join(pieces)
+        assert stored[0].bytes == len(data)
+        assert stored[0].signature == hashlib.md5(data).hexdigest()
 
 
 async def test_an_untrusted_certificate_is_refused_at_once_on_every_path(

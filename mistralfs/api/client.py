@@ -38,7 +38,7 @@ from mistralfs.api.calls import (
     parse_json,
     read_bounded,
 )
-from mistralfs.api.errors import ProtocolError
+from mistralfs.api.errors import ApiError, ProtocolError
 from mistralfs.api.listing import Listing
 from mistralfs.api.lost_uploads import RecentFiles, StoredFileSearch
 from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
@@ -326,3 +326,17 @@ class FilesClient:
     async def check_auth(self) -> None:
         """A cheap authenticated call, so ``mount`` fails early on a bad key or no network."""
         await self.list_files(page_size=1, include_total=False)
+
+    async def warm_up(self) -> None:
+        """Open the connections that the first listing and the first read will need:
+        one to the API, and one to the storage host that serves the account's content
+        (learnt from one file's signed URL). On a long link each costs several round
+        trips (TCP, then TLS), which a user would otherwise wait for at the first `ls`
+        and the first read. Two requests; errors are left to the calls that follow."""
+        try:
+            page = await self.list_files(page_size=1, include_total=False)
+            if page.files:
+                url = await self.signed_url(page.files[0].id)
+                await self.connect_ahead(url.url)
+        except ApiError as exc:
+            logger.debug("no connections opened ahead: %s", exc)

@@ -40,6 +40,10 @@ class FilesApi(Protocol):
         """A cheap authenticated call: raises if the key or the server will not do."""
         ...
 
+    async def warm_up(self) -> None:
+        """Open ahead the connections a first listing and a first read need, if any."""
+        ...
+
     async def list_all(
         self, *, purpose: str | None = None, page_size: int = 100
     ) -> list[RemoteFile]:

@@ -65,6 +65,7 @@ class _Pool:
     def __init__(self, max_in_use: int) -> None:
         self.idle: list[http.client.HTTPConnection] = []
         self.slots = trio.Semaphore(max_in_use)
+        self.connecting_ahead = False  # one connection opened ahead at a time
 
     def take_idle(self) -> http.client.HTTPConnection | None:
         """The most recently used idle connection that the server has not closed.
@@ -138,19 +139,21 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
     async def connect_ahead(self, url: str, socket_timeout: float) -> None:
         """Open a connection to the URL's origin now, unless one is idle already, so
         that the request that follows does not wait for the connection (TCP and TLS
-        cost several round trips on a long link). Nothing happens if the origin's
-        connections are all in use, or a proxy applies."""
+        cost several round trips on a long link). Nothing happens if one is being
+        opened ahead already, if the origin's connections are all in use, or if a proxy
+        applies."""
         parsed = httpx.URL(url)
         if self.proxy_for(parsed) is not None:
             return
         origin, https = _origin(parsed)
         pool = self._pool(origin)
-        if pool.idle:
+        if pool.idle or pool.connecting_ahead:
             return
         try:
             pool.slots.acquire_nowait()
         except trio.WouldBlock:
             return
+        pool.connecting_ahead = True
         try:
             conn = self._connection(origin, https)
             conn.timeout = socket_timeout  # each exchange then sets its own
@@ -161,6 +164,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
                 raise
             pool.idle.append(conn)
         finally:
+            pool.connecting_ahead = False
             pool.slots.release()
 
     def idle_connections(self, url: str | None = None) -> int:

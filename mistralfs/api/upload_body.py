@@ -17,7 +17,9 @@ import mimetypes
 import os
 import pathlib
 import secrets
+import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import BinaryIO
 
 import httpx
 import trio
@@ -139,8 +141,9 @@ class SpoolBody(_FileBody):
     def send_blocking(self, conn: http.client.HTTPConnection) -> None:
         """Write the whole body to `conn`, its headers sent; in a worker thread.
 
-        The file's bytes go from the page cache to the socket by sendfile(2), never
-        through Python; progress is reported every chunk (the callback only stores
+        The file's bytes go from the page cache to the socket by sendfile(2) (over TLS,
+        read and sent whole: see `_send_part`), never through Python; progress is reported
+        every chunk (the callback only stores
         a number, so calling it from this thread is safe).
         """
         for part in self._parts:
@@ -151,7 +154,7 @@ class SpoolBody(_FileBody):
             with os.fdopen(self._fd, "rb", closefd=False) as file:
                 while self._offset < self.size:
                     n = min(CHUNK_SIZE, self.size - self._offset)
-                    if conn.sock.sendfile(file, self._offset, n) < n:
+                    if not _send_part(conn, file, self._offset, n, chunked=False):
                         raise OSError("file shrank while it was being uploaded")
                     self._offset += n
                     self._report()
@@ -271,10 +274,8 @@ class GrowingSpoolBody(_FileBody):
                     raise StreamAbandoned(growing.abandoned)
                 if self._offset < growing.size:
                     n = min(CHUNK_SIZE, growing.size - self._offset)
-                    conn.send(b"%X\r\n" % n)
-                    if conn.sock.sendfile(file, self._offset, n) < n:
+                    if not _send_part(conn, file, self._offset, n, chunked=True):
                         raise StreamAbandoned("the file shrank while it was being uploaded")
-                    conn.send(b"\r\n")
                     self._offset += n
                     self._report()
                 elif growing.final:
@@ -286,6 +287,34 @@ class GrowingSpoolBody(_FileBody):
         _send_chunk(conn, self._tail)
         conn.send(b"0\r\n\r\n")
         self._done = True
+
+
+def _send_part(
+    conn: http.client.HTTPConnection, file: BinaryIO, offset: int, n: int, *, chunked: bool
+) -> bool:
+    """Send `n` bytes of `file` from `offset` (as one chunk of a chunked body if
+    `chunked`); False if the file holds fewer.
+
+    Over plain TCP the bytes go by sendfile(2), never through Python. Over TLS,
+    sendfile only loops over 8 KiB reads in Python, and each becomes a TLS record that
+    the server takes in separately (the emulator then did a thread hop per 8 KiB): the
+    part is read at once and sent with one sendall, cut by OpenSSL into 16 KiB records.
+    """
+    sock = conn.sock
+    assert sock is not None
+    if isinstance(sock, ssl.SSLSocket):
+        data = os.pread(file.fileno(), n, offset)
+        if len(data) < n:
+            return False
+        sock.sendall(b"%X\r\n%b\r\n" % (n, data) if chunked else data)
+        return True
+    if chunked:
+        conn.send(b"%X\r\n" % n)
+    if sock.sendfile(file, offset, n) < n:
+        return False
+    if chunked:
+        conn.send(b"\r\n")
+    return True
 
 
 def _send_chunk(conn: http.client.HTTPConnection, data: bytes) -> None:

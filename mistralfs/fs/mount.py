@@ -112,6 +112,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         namespace.on_deleted_elsewhere = disk.forget
         namespace.on_account_listed = disk.keep_only
         nursery.start_soon(disk.run)
+        nursery.start_soon(client.warm_up)
 
         def snapshot() -> dict[str, object]:
             return {

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import trio
 from cachetools import LRUCache, TLRUCache
 
-from mistralfs.api import FilesClient, RemoteFile, SignedUrl, UrlExpired
+from mistralfs.api import RemoteFile, SignedUrl, UrlExpired
+from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.disk_cache import DiskCache, NoDiskCache
 from mistralfs.fs.failures import RecentFailures
 
@@ -49,7 +50,8 @@ MAX_URLS_PER_LISTING = 32  # large files of a listed folder whose URL is fetched
 FREE_GROWTH_BLOCKS = 32
 MAX_PREFETCH_BLOCKS = 128
 RUN_BLOCKS = 4  # blocks fetched by one request when prefetching, at least: parts of 4 MiB
-# Block requests the client serves at once (its connections to storage). Requests ahead
+# Block requests in flight at once, across files: as many connections to storage (the
+# client's transport allows 32 per host, transport.py). Requests ahead
 # start only while one of them stays free besides a read's own: a read's own block never
 # waits for a connection behind blocks fetched ahead. A window larger than RUN_BLOCKS
 # times the requests left for it goes in longer runs.
@@ -108,7 +110,7 @@ class BlockReader:
 
     def __init__(
         self,
-        client: FilesClient,
+        client: FilesApi,
         nursery: trio.Nursery,
         *,
         cache_size: int,
