@@ -4,7 +4,8 @@ It keeps what the service keeps (files with ids, names, purposes, sizes, content
 answers as `FilesClient` does: the same exceptions (`NotFound` for a missing id, a
 `Rejected` for content a purpose refuses), signed URLs that expire, ranges cut at the
 end of a file. Each call is counted by name in `calls`, and `fail_next` makes the next
-calls of one name raise, as a flaky service would. No growing uploads: a file is
+calls of one name raise, as a flaky service would; with `latency`, reads take that long
+and `peak_in_flight` says how many were on their way at once. No growing uploads: a file is
 uploaded once closed, as through a proxy.
 """
 
@@ -59,6 +60,9 @@ class FakeFilesApi:
     failures: dict[str, list[Exception]] = field(default_factory=dict)
     stats: RequestStats = field(default_factory=RequestStats)
     sends_growing_uploads: bool = False
+    latency: float = 0.0  # seconds each content and range read takes, as a link would
+    in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
+    peak_in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1_700_000_000))
 
     # -- what tests use to arrange and look -------------------------------------------
@@ -167,8 +171,18 @@ class FakeFilesApi:
         self._get(file_id)
         del self.files[file_id]
 
+    async def _wait(self, call: str) -> None:
+        """The link's latency, with the calls of this kind in flight meanwhile counted."""
+        self.in_flight[call] += 1
+        self.peak_in_flight[call] = max(self.peak_in_flight[call], self.in_flight[call])
+        try:
+            await trio.sleep(self.latency)
+        finally:
+            self.in_flight[call] -= 1
+
     async def content(self, file_id: str, size: int) -> bytes:
         self._count("content")
+        await self._wait("content")
         data = self._get(file_id).content
         if len(data) != size:
             raise ProtocolError(f"expected {size} bytes of content, got {len(data)}")
@@ -184,6 +198,7 @@ class FakeFilesApi:
         self, url: str, start: int, length: int, piece_size: int
     ) -> list[bytes]:
         self._count("read_range")
+        await self._wait("read_range")
         file_id, _, expiry = url.removeprefix("fake://storage/").partition("?se=")
         if float(expiry) < time.time():
             raise UrlExpired("Signature expired", status=403, method="GET", url=url)

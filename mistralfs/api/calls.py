@@ -330,6 +330,7 @@ class ApiCalls:
         *,
         params: list[tuple[str, str]] | None = None,
         deadline: float | None = None,
+        policy: RetryPolicy | None = None,
     ) -> object:
         url = self.url(path)
 
@@ -350,6 +351,7 @@ class ApiCalls:
             params=params,
             headers={"Accept": "application/json"},
             deadline=deadline,
+            policy=policy,
             answer_limit=MAX_JSON_BODY,
         )
 

@@ -323,9 +323,13 @@ class FilesClient:
             )
         return SignedUrl(url=url, expires_at=requested_at + expiry_hours * 3600)
 
-    async def check_auth(self) -> None:
-        """A cheap authenticated call, so ``mount`` fails early on a bad key or no network."""
-        await self.list_files(page_size=1, include_total=False)
+    async def check_auth(self, retry: RetryPolicy | None = None) -> None:
+        """A cheap authenticated call, so ``mount`` fails early on a bad key or no network;
+        ``retry`` replaces the client's retry policy for it."""
+        deadline = trio.current_time() + retry.total_budget if retry is not None else None
+        await self._listing.list_files(
+            page_size=1, include_total=False, deadline=deadline, policy=retry
+        )
 
     async def warm_up(self) -> None:
         """Open the connections that the first listing and the first read will need:

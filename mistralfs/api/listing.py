@@ -19,6 +19,7 @@ from mistralfs.api.calls import ApiCalls
 from mistralfs.api.errors import ProtocolError, Unavailable
 from mistralfs.api.lost_uploads import RecentFiles
 from mistralfs.api.models import FilePage, RemoteFile
+from mistralfs.api.retry import RetryPolicy
 from mistralfs.api.upload_answer import SeenIds
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Listing:
         mimetypes: Sequence[str] = (),
         include_total: bool = True,
         deadline: float | None = None,
+        policy: RetryPolicy | None = None,
     ) -> FilePage:
         """One page of ``GET /v1/files``; array filters are sent as repeated keys.
 
@@ -67,7 +69,9 @@ class Listing:
         params += [("sample_type", v) for v in sample_types]
         params += [("source", v) for v in sources]
         params += [("mimetypes", v) for v in mimetypes]
-        data = await self._calls.json_call("GET", "/v1/files", params=params, deadline=deadline)
+        data = await self._calls.json_call(
+            "GET", "/v1/files", params=params, deadline=deadline, policy=policy
+        )
         url = self._calls.url("/v1/files")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise ProtocolError(

@@ -59,101 +59,105 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
-async def check_key(config: MountConfig) -> None:
+async def check_key(config: MountConfig, client: FilesClient) -> None:
     """Fail fast, with one clear line, on a refused key or an unreachable server."""
-    async with FilesClient(
-        config.server_url, config.api_key, retry=STARTUP_RETRY, ca_file=config.ca_file
-    ) as client:
-        try:
-            with trio.fail_after(STARTUP_CHECK_SECONDS):
-                await client.check_auth()
-        except CertificateRejected as exc:
-            raise MountError(
-                f"cannot use the server at {config.server_url}: {exc.message} (use --ca-file)"
-            ) from exc
-        except AuthError as exc:
-            raise MountError(
-                f"the server at {config.server_url} refused the API key ({exc.status})"
-            ) from exc
-        except ApiError as exc:
-            raise MountError(f"cannot use the server at {config.server_url}: {exc}") from exc
-        except trio.TooSlowError as exc:
-            raise MountError(f"the server at {config.server_url} did not answer in time") from exc
+    try:
+        with trio.fail_after(STARTUP_CHECK_SECONDS):
+            await client.check_auth(STARTUP_RETRY)
+    except CertificateRejected as exc:
+        raise MountError(
+            f"cannot use the server at {config.server_url}: {exc.message} (use --ca-file)"
+        ) from exc
+    except AuthError as exc:
+        raise MountError(
+            f"the server at {config.server_url} refused the API key ({exc.status})"
+        ) from exc
+    except ApiError as exc:
+        raise MountError(f"cannot use the server at {config.server_url}: {exc}") from exc
+    except trio.TooSlowError as exc:
+        raise MountError(f"the server at {config.server_url} did not answer in time") from exc
 
 
 async def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount, call `on_ready` once the mount answers, and serve until unmounted or signalled."""
-    await check_key(config)
-    _raise_open_file_limit()
-    disk = await open_disk_cache(config)
     retry = RetryPolicy(total_budget=config.retry_time)
-    async with (
-        FilesClient(
-            config.server_url, config.api_key, retry=retry, ca_file=config.ca_file
-        ) as client,
-        disk,
-        trio.open_nursery() as nursery,
-    ):
-        options = FsOptions(
-            spool_dir=config.spool_dir,
-            recovery_dir=config.recovery_dir,
-            cache_size=config.cache_size,
-            block_size=config.block_size,
-            max_file_size=config.max_file_size,
-            dir_cache_time=config.dir_cache_time,
-            read_only=config.read_only,
-            max_throughput=config.max_throughput,
-        )
-        parts = build_filesystem(client, nursery, options, disk=disk)
-        fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer
-        activity = parts.activity
-        namespace.on_name_removed = namespace.on_name_added = _forget_in_kernel
-        namespace.on_attrs_changed = _forget_attrs_in_kernel
-        namespace.on_deleted_elsewhere = disk.forget
-        namespace.on_account_listed = disk.keep_only
-        nursery.start_soon(disk.run)
-        nursery.start_soon(client.warm_up)
+    client = FilesClient(config.server_url, config.api_key, retry=retry, ca_file=config.ca_file)
+    async with client:
+        # The check's connection to the API is the one the first listing then finds open.
+        await check_key(config, client)
+        _raise_open_file_limit()
+        async with await open_disk_cache(config) as disk, trio.open_nursery() as nursery:
+            await _serve_mounted(config, client, disk, nursery, on_ready)
 
-        def snapshot() -> dict[str, object]:
-            return {
-                "mountpoint": str(config.mountpoint),
-                "server_url": config.server_url,
-                "pid": os.getpid(),
-                "read_only": config.read_only,
-                **activity.snapshot(),
-                "pending": writer.pending(),
-                "recovered": len(list(config.recovery_dir.glob("*.spool"))),
-                "cache": reader.stats(),
-                "disk_cache": disk.stats(),
-                "requests": dict(client.stats.requests),
-                "errors": dict(client.stats.errors),
-                "gc": collector_stats(),
-            }
 
-        leftovers = leftover_spools(config.spool_dir)  # before this mount makes its own
-        try:
-            pyfuse3.init(Operations(fs), str(config.mountpoint), fuse_options(config))
-        except RuntimeError as exc:
-            raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from exc
-        stop = _StopRequest()
-        unmounted_by_kernel = stopped = False
-        try:
-            recovered = trio.Event()
-            nursery.start_soon(_recover, client, leftovers, config, namespace, recovered)
-            nursery.start_soon(_serve_status, config.control_socket, snapshot)
-            nursery.start_soon(_stop_on_signal, fs, activity, stop, recovered, config.stop_timeout)
-            nursery.start_soon(_announce_when_answering, config, activity, on_ready)
-            await pyfuse3.main()
-            unmounted_by_kernel = not stop.requested
-            stopped = True
-        finally:
-            # After `umount` the kernel has unmounted already; after a signal or a crash
-            # we unmount, so no dead mount is left behind.
-            pyfuse3.close(unmount=not unmounted_by_kernel)
-            if stopped:  # a clean stop: what was read is on disk for the next mount
-                with trio.move_on_after(DISK_FLUSH_SECONDS):
-                    await disk.flush()
-            nursery.cancel_scope.cancel()
+async def _serve_mounted(
+    config: MountConfig,
+    client: FilesClient,
+    disk: DiskCache | NoDiskCache,
+    nursery: trio.Nursery,
+    on_ready: Callable[[], None],
+) -> None:
+    """Serve the mount: `client` checked, `disk` open, background work in `nursery`."""
+    options = FsOptions(
+        spool_dir=config.spool_dir,
+        recovery_dir=config.recovery_dir,
+        cache_size=config.cache_size,
+        block_size=config.block_size,
+        max_file_size=config.max_file_size,
+        dir_cache_time=config.dir_cache_time,
+        read_only=config.read_only,
+        max_throughput=config.max_throughput,
+    )
+    parts = build_filesystem(client, nursery, options, disk=disk)
+    fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer
+    activity = parts.activity
+    namespace.on_name_removed = namespace.on_name_added = _forget_in_kernel
+    namespace.on_attrs_changed = _forget_attrs_in_kernel
+    namespace.on_deleted_elsewhere = disk.forget
+    namespace.on_account_listed = disk.keep_only
+    nursery.start_soon(disk.run)
+    nursery.start_soon(client.warm_up)
+
+    def snapshot() -> dict[str, object]:
+        return {
+            "mountpoint": str(config.mountpoint),
+            "server_url": config.server_url,
+            "pid": os.getpid(),
+            "read_only": config.read_only,
+            **activity.snapshot(),
+            "pending": writer.pending(),
+            "recovered": len(list(config.recovery_dir.glob("*.spool"))),
+            "cache": reader.stats(),
+            "disk_cache": disk.stats(),
+            "requests": dict(client.stats.requests),
+            "errors": dict(client.stats.errors),
+            "gc": collector_stats(),
+        }
+
+    leftovers = leftover_spools(config.spool_dir)  # before this mount makes its own
+    try:
+        pyfuse3.init(Operations(fs), str(config.mountpoint), fuse_options(config))
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount at {config.mountpoint}: {exc}") from exc
+    stop = _StopRequest()
+    unmounted_by_kernel = stopped = False
+    try:
+        recovered = trio.Event()
+        nursery.start_soon(_recover, client, leftovers, config, namespace, recovered)
+        nursery.start_soon(_serve_status, config.control_socket, snapshot)
+        nursery.start_soon(_stop_on_signal, fs, activity, stop, recovered, config.stop_timeout)
+        nursery.start_soon(_announce_when_answering, config, activity, on_ready)
+        await pyfuse3.main()
+        unmounted_by_kernel = not stop.requested
+        stopped = True
+    finally:
+        # After `umount` the kernel has unmounted already; after a signal or a crash
+        # we unmount, so no dead mount is left behind.
+        pyfuse3.close(unmount=not unmounted_by_kernel)
+        if stopped:  # a clean stop: what was read is on disk for the next mount
+            with trio.move_on_after(DISK_FLUSH_SECONDS):
+                await disk.flush()
+        nursery.cancel_scope.cancel()
     log.info("unmounted %s", config.mountpoint)
 
 

@@ -58,7 +58,8 @@ RUN_BLOCKS = 4  # blocks fetched by one request when prefetching, at least: part
 STORAGE_CONNECTIONS = 16
 MAX_RUNS_AHEAD = STORAGE_CONNECTIONS - 1
 FASTER = 1.1  # a window counts as faster than the one before when it reads this much faster
-MAX_WHOLE_FILES_AHEAD = 8  # small files fetched ahead at once, across the mount
+MAX_WHOLE_FILES_AHEAD = 32  # small files fetched ahead at once, across the mount (as
+# many as the transport keeps connections to one host: a long link waits on round trips)
 MAX_URLS_AHEAD = 4  # signed URLs fetched ahead at once
 FIRST_READ_EXACT = 128 * 1024  # a first read up to this size gets its own exact request
 
