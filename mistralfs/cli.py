@@ -297,11 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args([argv[0], *extra, *argv[1:]])
     if args.command == "emulator":
         return _run_emulator(args)
-    from mistralfs import daemon
+    from mistralfs.daemon import commands as daemon
 
     try:
         if args.command == "status":
-            from mistralfs.status import status_command
+            from mistralfs.daemon.status import status_command
 
             return status_command(args.mountpoint, as_json=args.json, watch=args.watch)
         if args.command == "demo":

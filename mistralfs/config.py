@@ -14,7 +14,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_SERVER_URL = "https://api.mistral.ai"
+from mistralfs import DEFAULT_SERVER_URL
+from mistralfs.daemon.state import mount_state_file
+from mistralfs.usage import ConfigError
+
+__all__ = ["DEFAULT_SERVER_URL", "ConfigError"]
+
 DEFAULT_CACHE_SIZE = 256 * 1024**2
 DEFAULT_DIR_CACHE_TIME = 30.0
 DEFAULT_BLOCK_SIZE = 1024**2
@@ -26,10 +31,6 @@ SYSTEMD_CREDENTIAL = "mistral-api-key"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-class ConfigError(Exception):
-    """A user-facing configuration problem; the message is printed as is."""
 
 
 def parse_size(text: str) -> int:
@@ -106,14 +107,10 @@ class MountConfig:
 
     @property
     def pid_file(self) -> Path:
-        from mistralfs.runtime import mount_state_file  # which imports ConfigError from here
-
         return mount_state_file(self.mountpoint, "pid")
 
     @property
     def control_socket(self) -> Path:
-        from mistralfs.runtime import mount_state_file
-
         return mount_state_file(self.mountpoint, "sock")
 
     @property

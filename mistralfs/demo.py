@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from mistralfs import daemon
+from mistralfs.daemon import commands as daemon
+from mistralfs.daemon.state import process_alive
 
 DEMO_KEY = "demo-key"
 EMULATOR_START_TIMEOUT = 20.0
@@ -51,7 +52,7 @@ def _emulator_url(state: Path) -> str | None:
         url = (state / "emulator.url").read_text().strip()
     except (OSError, ValueError):
         return None
-    return url if daemon.process_alive(pid) else None
+    return url if process_alive(pid) else None
 
 
 def _start_emulator(state: Path) -> str:
@@ -148,7 +149,7 @@ def _stop(mountpoint: Path, state: Path) -> int:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while daemon.process_alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     (state / "emulator.pid").unlink(missing_ok=True)
     print("mistralfs: demo stopped")

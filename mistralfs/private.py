@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from mistralfs.config import ConfigError
+from mistralfs.usage import ConfigError
 
 
 def private_folder(folder: Path, what: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import pathlib
 import subprocess
 import sys
@@ -15,6 +16,20 @@ import trio
 from mistralai.client import Mistral
 
 from mistralfs.emulator.server import EmulatorConfig, serve
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `fuse` are skipped, with the reason, where no real mount can be made."""
+    from mounting import fuse_missing
+
+    reason = fuse_missing()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"mounts a real filesystem, so it {reason}")
+    for item in items:
+        if "fuse" in item.keywords:
+            item.add_marker(skip)
+
 
 if TYPE_CHECKING:
     from mounting import Mounted
@@ -63,6 +78,29 @@ async def serve_asgi(nursery: trio.Nursery, handle: Any) -> str:
     config = Config()
     config.bind = ["127.0.0.1:0"]
     return (await nursery.start(serve_hypercorn, app, config))[0]
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_warnings(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """Fail a test on a WARNING or ERROR that the client or the filesystem logged in it,
+    unless the test is marked `logs_expected` (as S3QL's checklogs does): a retry, a
+    failed upload or an exception caught on the way that still let the test pass is a
+    problem that did not say its name. The emulator's own lines are its business."""
+    yield
+    if request.node.get_closest_marker("logs_expected"):
+        return
+    unexpected = [
+        f"{record.levelname} {record.name}: {record.getMessage()}"
+        for record in caplog.get_records("call")
+        if record.levelno >= logging.WARNING
+        and record.name.startswith("mistralfs.")
+        and not record.name.startswith("mistralfs.emulator")
+    ]
+    if unexpected:
+        pytest.fail("unexpected log lines (mark the test logs_expected if they are meant):\n"
+                    + "\n".join(unexpected[:10]), pytrace=False)  # fmt: skip
 
 
 async def answer(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

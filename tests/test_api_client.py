@@ -162,6 +162,7 @@ async def test_download_and_delete(client: FilesClient, tmp_path: pathlib.Path) 
         await client.delete(up.id)
 
 
+@pytest.mark.logs_expected
 async def test_small_content_is_one_request_checked_against_the_listed_size(
     client: FilesClient, admin: Admin, tmp_path: pathlib.Path
 ) -> None:
@@ -621,6 +622,7 @@ async def test_signed_url_never_logged_with_query(
 # ----------------------------------------------------------------------- retries
 
 
+@pytest.mark.logs_expected
 async def test_503_twice_then_success(client: FilesClient, admin: Admin) -> None:
     await admin.clear_requests()
     await admin.fault(method="GET", path_prefix="/v1/files", status=503, times=2)
@@ -630,6 +632,7 @@ async def test_503_twice_then_success(client: FilesClient, admin: Admin) -> None
     assert [r["status"] for r in hits] == [503, 503, 200]
 
 
+@pytest.mark.logs_expected
 async def test_429_retry_after_is_honoured(client: FilesClient, admin: Admin) -> None:
     await admin.fault(method="GET", path_prefix="/v1/files", status=429, times=1, retry_after=0.6)
     t0 = trio.current_time()
@@ -637,6 +640,7 @@ async def test_429_retry_after_is_honoured(client: FilesClient, admin: Admin) ->
     assert trio.current_time() - t0 >= 0.6
 
 
+@pytest.mark.logs_expected
 async def test_retries_exhausted_raise_unavailable_within_budget(
     emulator: Any, admin: Admin, tmp_path: pathlib.Path
 ) -> None:
@@ -665,6 +669,7 @@ async def test_retries_exhausted_raise_unavailable_within_budget(
     await admin.clear_faults()
 
 
+@pytest.mark.logs_expected
 async def test_upload_retry_reopens_file_and_succeeds(
     client: FilesClient, admin: Admin, tmp_path: pathlib.Path
 ) -> None:
@@ -676,6 +681,7 @@ async def test_upload_retry_reopens_file_and_succeeds(
     assert len(await client.list_all()) == 1  # one file, not three
 
 
+@pytest.mark.logs_expected
 async def test_connect_error_to_closed_port_is_unavailable_quickly() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
@@ -691,6 +697,7 @@ async def test_connect_error_to_closed_port_is_unavailable_quickly() -> None:
     assert "Connect" in info.value.message
 
 
+@pytest.mark.logs_expected
 async def test_read_timeout_is_retried_then_unavailable(emulator: Any, admin: Admin) -> None:
     await admin.fault(method="GET", path_prefix="/v1/files", status=200, delay=2.0, times=None)
     policy = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.01, total_budget=5.0)
@@ -701,6 +708,7 @@ async def test_read_timeout_is_retried_then_unavailable(emulator: Any, admin: Ad
     await admin.clear_faults()
 
 
+@pytest.mark.logs_expected
 async def test_non_json_200_is_retried_then_unavailable(client: FilesClient, admin: Admin) -> None:
     """A proxy's error page on a read is asked again; only if it persists is it an error."""
     await admin.fault(method="GET", path_prefix="/v1/files", status=200, body="<html>1</html>")
@@ -932,6 +940,7 @@ async def serve_spoiled(
     return url, wrapper
 
 
+@pytest.mark.logs_expected
 @pytest.mark.parametrize("mode", ["cut", "502", "garbage", "stall"])
 async def test_upload_whose_answer_was_lost_is_not_stored_twice(
     nursery: trio.Nursery, tmp_path: pathlib.Path, mode: str
@@ -950,6 +959,7 @@ async def test_upload_whose_answer_was_lost_is_not_stored_twice(
     assert up.created_at >= int(t0) - 1
 
 
+@pytest.mark.logs_expected
 async def test_bytes_changed_after_a_lost_attempt_are_not_vouched_for(
     nursery: trio.Nursery, tmp_path: pathlib.Path
 ) -> None:
@@ -973,6 +983,7 @@ async def test_bytes_changed_after_a_lost_attempt_are_not_vouched_for(
     assert sorted(f.id for f in files) == sorted([*server.stored, up.id])
 
 
+@pytest.mark.logs_expected
 async def test_upload_lost_twice_then_answered_keeps_the_first_copy(
     nursery: trio.Nursery, tmp_path: pathlib.Path
 ) -> None:
@@ -984,6 +995,7 @@ async def test_upload_lost_twice_then_answered_keeps_the_first_copy(
     assert server.posts == 1 and server.stored == [up.id]
 
 
+@pytest.mark.logs_expected
 async def test_upload_503_before_storing_is_sent_again_once(
     client: FilesClient, admin: Admin, tmp_path: pathlib.Path
 ) -> None:
@@ -1011,6 +1023,7 @@ async def test_an_answered_upload_makes_one_request(
     ]
 
 
+@pytest.mark.logs_expected
 async def test_identical_earlier_file_is_not_taken_for_ours(
     client: FilesClient, admin: Admin, tmp_path: pathlib.Path
 ) -> None:
@@ -1025,6 +1038,7 @@ async def test_identical_earlier_file_is_not_taken_for_ours(
     assert {f.id for f in await client.list_all()} == {earlier.id, ours.id}
 
 
+@pytest.mark.logs_expected
 async def test_identical_file_from_elsewhere_seen_in_a_listing_is_not_taken_for_ours(
     emulator: Any, admin: Admin, tmp_path: pathlib.Path
 ) -> None:
@@ -1040,6 +1054,7 @@ async def test_identical_file_from_elsewhere_seen_in_a_listing_is_not_taken_for_
         assert {f.id for f in await c.list_all()} == {theirs.id, ours.id}
 
 
+@pytest.mark.logs_expected
 async def test_identical_earlier_file_and_lost_answer_picks_the_new_one(
     nursery: trio.Nursery, tmp_path: pathlib.Path
 ) -> None:
@@ -1120,6 +1135,7 @@ async def test_retry_after_beyond_budget_gives_up_at_once(emulator: Any, admin: 
     await admin.clear_faults()
 
 
+@pytest.mark.logs_expected
 @pytest.mark.parametrize("kind", ["lost", "badjson", "cut"])
 async def test_emulator_fault_after_storing_gives_one_file(
     client: FilesClient, admin: Admin, tmp_path: pathlib.Path, kind: str
@@ -1139,6 +1155,7 @@ async def test_emulator_fault_after_storing_gives_one_file(
     assert len(posts) == 1
 
 
+@pytest.mark.logs_expected
 async def test_seeded_upload_faults_leave_exactly_one_file_each(
     emulator: Any, admin: Admin, tmp_path: pathlib.Path
 ) -> None:
@@ -1235,6 +1252,7 @@ async def test_a_growing_upload_that_is_stopped_stores_nothing(
     assert await client.list_all() == []
 
 
+@pytest.mark.logs_expected
 @pytest.mark.parametrize("status", [411, 422])
 async def test_a_service_refusing_unknown_lengths_gets_whole_files_from_then_on(
     nursery: trio.Nursery, tmp_path: pathlib.Path, status: int
@@ -1302,6 +1320,7 @@ async def test_a_lost_answer_to_a_growing_upload_is_found_not_sent_again(
     assert stored.signature == hashlib.md5(data).hexdigest()
 
 
+@pytest.mark.logs_expected
 async def test_uploads_go_through_the_proxy_named_for_the_api_host(
     emulator: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,8 +18,7 @@ from emulator_admin import set_faults
 from mistralai.client import Mistral
 from mounting import Mounted, is_mounted, mount, mount_command, remote_files, wait_for
 
-from mistralfs.daemon import process_alive
-from mistralfs.runtime import short_runtime_dir
+from mistralfs.daemon.state import process_alive, short_runtime_dir
 
 pytestmark = pytest.mark.fuse
 
@@ -255,7 +254,7 @@ def test_logs_under_systemd_carry_priorities_and_no_timestamps(
             daemon.kill()
     lines = [line for line in stderr.splitlines() if line]
     assert lines and all(line.startswith(("<6>", "<4>", "<3>", "<7>")) for line in lines), lines
-    assert any(line.startswith("<6>mistralfs.fs.mount: mounted") for line in lines)
+    assert any(line.startswith("<6>mistralfs.daemon.serve: mounted") for line in lines)
     assert not any(line[3:7].isdigit() for line in lines)  # no timestamp
 
 
@@ -276,7 +275,7 @@ def test_status_watch_refreshes_until_interrupted(mounted: Mounted) -> None:
 def test_the_daemon_heap_is_settled_once_it_answers(mounted: Mounted) -> None:
     """What startup built is frozen out of every later collection, and young collections
     are rarer than CPython's default (collector.py says why)."""
-    from mistralfs.fs.collector import OLDER_THRESHOLD, YOUNG_THRESHOLD
+    from mistralfs.daemon.collector import OLDER_THRESHOLD, YOUNG_THRESHOLD
 
     (mounted.path / "batch").stat()
     snapshot = json.loads(cli("status", str(mounted.path), "--json", env=env_for(mounted)).stdout)
@@ -287,8 +286,8 @@ def test_the_daemon_heap_is_settled_once_it_answers(mounted: Mounted) -> None:
 
 def test_a_mount_error_raised_inside_a_nursery_is_still_reported() -> None:
     """trio wraps an error raised in a nursery in an ExceptionGroup; its one line still shows."""
-    from mistralfs.daemon import mount_error_in
-    from mistralfs.fs.mount import MountError
+    from mistralfs.daemon.commands import mount_error_in
+    from mistralfs.daemon.serve import MountError
 
     error = MountError("cannot mount at /x: bad")
     assert mount_error_in(error, MountError) is error

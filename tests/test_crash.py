@@ -15,7 +15,7 @@ from emulator_admin import set_faults
 from mistralai.client import Mistral
 from mounting import is_mounted, mount, remote_files, wait_for
 
-from mistralfs.daemon import process_alive
+from mistralfs.daemon.state import process_alive
 
 pytestmark = pytest.mark.fuse
 

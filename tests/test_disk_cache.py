@@ -26,7 +26,7 @@ from emulator_admin import clear_requests, requests
 from mistralai.client import Mistral
 from mounting import Mounted, is_mounted, mount, mount_command, wait_for
 
-from mistralfs.daemon import process_alive
+from mistralfs.daemon.state import process_alive
 from mistralfs.fs.disk_cache import LABEL, MAX_PENDING_STORES, DiskCache, DiskCacheError
 
 BLOCK = 64 * 1024
@@ -187,6 +187,7 @@ def damage(folder: Path) -> None:
     (folder / ".3.tmp").write_bytes(b"half a write")  # a temp file left by a crash
 
 
+@pytest.mark.logs_expected
 @pytest.mark.parametrize("in_page_cache", [True, False], ids=["in-page-cache", "from-disk"])
 async def test_a_short_torn_or_misplaced_block_is_never_served(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, in_page_cache: bool
@@ -286,6 +287,7 @@ async def test_blocks_the_disk_has_not_caught_up_with_are_not_kept_rather_than_h
     assert kept(root) == list(range(MAX_PENDING_STORES))
 
 
+@pytest.mark.logs_expected
 async def test_disk_errors_degrade_to_network_reads_with_a_log_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

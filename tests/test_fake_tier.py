@@ -71,6 +71,7 @@ async def test_a_rename_across_folders_stores_it_under_the_new_purpose(fake: Fak
     assert await fake.names("batch") == [] and await fake.names("fine-tune") == ["u.jsonl"]
 
 
+@pytest.mark.logs_expected
 async def test_refused_content_fails_the_close_and_is_kept(fake: FakeStack) -> None:
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await fake.write_file("fine-tune", "bad.jsonl", b"not json\n")
@@ -87,6 +88,7 @@ async def test_a_file_added_elsewhere_is_listed_and_read(fake: FakeStack) -> Non
     assert fake.api.calls["content"] == 1  # a small file: one request
 
 
+@pytest.mark.logs_expected
 async def test_unlink_deletes_the_remote_file_and_a_failure_keeps_the_name(
     fake: FakeStack,
 ) -> None:

@@ -64,6 +64,7 @@ def kept(stack: Stack) -> list[int]:
     return [p.stat().st_size for p in (stack.cache_dir / "recovery").glob("*.spool")]
 
 
+@pytest.mark.logs_expected
 async def test_a_new_file_that_does_not_fit_fails_with_enospc_and_stores_nothing(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -83,6 +84,7 @@ async def test_a_new_file_that_does_not_fit_fails_with_enospc_and_stores_nothing
     await expect_missing(stack.ops, batch, b"big.bin")
 
 
+@pytest.mark.logs_expected
 async def test_an_overwrite_that_does_not_fit_leaves_the_old_version(stack: Stack) -> None:
     old = os.urandom(300 * 1024)
     old_id = await upload(stack, "o.bin", old)

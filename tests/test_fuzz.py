@@ -272,6 +272,7 @@ async def call_everything(client: FilesClient, tmp_path: pathlib.Path) -> None:
             assert result.total is None or (type(result.total) is int and result.total >= 0)
 
 
+@pytest.mark.logs_expected
 @FUZZ
 @given(answer=answers())
 def test_client_over_mock_transport_gives_result_or_api_error(
@@ -336,6 +337,7 @@ def canned_server() -> Iterator[_CannedServer]:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+@pytest.mark.logs_expected
 @given(answer=answers())
 def test_client_over_a_real_server_gives_result_or_api_error(
     answer: tuple[int, dict[str, str], bytes],

@@ -128,6 +128,7 @@ async def test_a_growing_upload_answered_with_another_size_fails(
     assert len(refused) == 1 and "12345" in str(refused[0])
 
 
+@pytest.mark.logs_expected
 def test_a_lying_upload_answer_fails_close_and_rm_spares_the_other_file(
     lying_mount: Mounted, sdk: Mistral, emulator_process: RunningEmulator
 ) -> None:
@@ -174,6 +175,7 @@ async def test_a_listing_that_never_ends_gives_up_within_the_retry_time(
     assert peak < 400 * 2**20, peak
 
 
+@pytest.mark.logs_expected
 def test_ls_of_a_listing_that_never_ends_fails_in_time_and_its_fetch_stops(
     lying_mount: Mounted, emulator_process: RunningEmulator
 ) -> None:
@@ -247,6 +249,7 @@ async def test_content_longer_than_listed_is_a_failed_read(
         await client.content(stored.id, stored.bytes)
 
 
+@pytest.mark.logs_expected
 def test_a_read_of_a_lying_range_is_eio_and_the_daemon_stays_small(
     lying_mount: Mounted, sdk: Mistral, emulator_process: RunningEmulator
 ) -> None:
@@ -287,6 +290,7 @@ NULL_SIZE = {**BAD, "id": "0000000a-0000-4000-8000-000000000004", "filename": "n
              "bytes": None}  # fmt: skip
 
 
+@pytest.mark.logs_expected
 async def test_bad_records_are_skipped_or_clamped_with_one_warning_each(
     client: FilesClient, lies: LyingServer, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -305,6 +309,7 @@ async def test_bad_records_are_skipped_or_clamped_with_one_warning_each(
             assert 0 <= kept.bytes < 2**63 and 0 <= kept.created_at * 10**9 < 2**63
 
 
+@pytest.mark.logs_expected
 def test_ls_lists_the_rest_of_a_folder_with_bad_records(
     lying_mount: Mounted, sdk: Mistral, emulator_process: RunningEmulator
 ) -> None:
@@ -321,6 +326,7 @@ def test_ls_lists_the_rest_of_a_folder_with_bad_records(
 # -- 7. a server that accepts and never answers ---------------------------------------------
 
 
+@pytest.mark.logs_expected
 async def test_a_call_never_answered_ends_in_its_retry_time_and_says_so(
     client: FilesClient, lies: LyingServer, emulator: RunningEmulator
 ) -> None:

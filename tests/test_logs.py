@@ -68,10 +68,10 @@ def test_under_systemd_every_line_carries_the_priority(
     try:
         raise ValueError("boom\n<2>forged")
     except ValueError:
-        logging.getLogger("mistralfs.fs.mount").exception("failed")
+        logging.getLogger("mistralfs.daemon.serve").exception("failed")
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == f"<6>mistralfs.fs.writer: uploaded batch/a\\n<3>{FORGED}"
-    assert lines[1] == "<3>mistralfs.fs.mount: failed"
+    assert lines[1] == "<3>mistralfs.daemon.serve: failed"
     assert all(line.startswith("<3>  ") for line in lines[2:]), lines
 
 

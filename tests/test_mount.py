@@ -24,7 +24,7 @@ from emulator_admin import add_batch_output, clear_requests, requests, set_fault
 from mistralai.client import Mistral
 from mounting import Mounted, mount, mount_command, remote_files, sha256_of, wait_for
 
-from mistralfs.daemon import process_alive
+from mistralfs.daemon.state import process_alive
 
 pytestmark = pytest.mark.fuse
 

@@ -570,6 +570,7 @@ async def test_write_past_the_limit_is_efbig_and_nothing_is_uploaded(stack: Stac
     assert await stack.client.list_all() == []
 
 
+@pytest.mark.logs_expected
 async def test_refused_content_fails_flush_and_is_kept(stack: Stack) -> None:
     folder = await stack.folder("fine-tune")
     info, _ = await stack.ops.create(folder, b"bad.jsonl", 0o644, os.O_WRONLY, None)
@@ -585,6 +586,7 @@ async def test_refused_content_fails_flush_and_is_kept(stack: Stack) -> None:
     assert await posts(stack) == 1
 
 
+@pytest.mark.logs_expected
 async def test_content_changed_after_a_refused_close_is_uploaded_at_release(
     stack: Stack,
 ) -> None:
@@ -627,6 +629,7 @@ async def test_a_file_removed_while_its_upload_is_under_way_leaves_nothing_behin
     assert list((stack.cache_dir / "recovery").glob("*")) == []
 
 
+@pytest.mark.logs_expected
 async def test_new_content_of_a_file_deleted_elsewhere_while_uploaded_is_kept(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
@@ -741,6 +744,7 @@ async def test_rm_while_a_new_version_is_uploaded_deletes_both_versions(stack: S
     await expect_missing(stack.ops, batch, b"f.txt")
 
 
+@pytest.mark.logs_expected
 async def test_changes_to_a_file_a_rename_replaced_are_kept(stack: Stack) -> None:
     batch, info = await source_and_target_being_written(stack, b"written meanwhile")
     await stack.ops.rename(batch, b"s.txt", batch, b"t.txt", 0, None)
@@ -752,6 +756,7 @@ async def test_changes_to_a_file_a_rename_replaced_are_kept(stack: Stack) -> Non
     assert [p.read_bytes() for p in kept] == [b"written meanwhile"]
 
 
+@pytest.mark.logs_expected
 async def test_a_readers_close_neither_uploads_nor_hears_a_writers_changes(
     stack: Stack,
 ) -> None:
@@ -769,6 +774,7 @@ async def test_a_readers_close_neither_uploads_nor_hears_a_writers_changes(
     assert await posts(stack) == 1
 
 
+@pytest.mark.logs_expected
 async def test_server_failure_becomes_eio(stack: Stack) -> None:
     data = os.urandom(2 * BLOCK)  # more than a block: read through the signed URL
     inode = await stack.write_file("batch", "a.bin", data)
@@ -965,6 +971,7 @@ async def test_overwrite_uploads_new_then_deletes_old(stack: Stack) -> None:
     assert await stack.read_file(inode) == b"new"
 
 
+@pytest.mark.logs_expected
 async def test_failed_overwrite_keeps_the_old_file(stack: Stack) -> None:
     inode = await stack.write_file("fine-tune", "t.jsonl", b'{"ok": 1}\n')
     before = await remote_state(stack)
@@ -1036,6 +1043,7 @@ async def test_rename_onto_an_existing_name_replaces_it(stack: Stack) -> None:
     assert await stack.read_file(inode) == b"src"
 
 
+@pytest.mark.logs_expected
 async def test_rename_refused_by_the_target_purpose_changes_nothing(stack: Stack) -> None:
     await stack.write_file("batch", "notes.txt", b"not json")
     before = await remote_state(stack)
@@ -1083,6 +1091,7 @@ async def test_edit_of_a_duplicate_keeps_its_remote_filename(stack: Stack) -> No
     assert sorted(await stack.names("batch")) == sorted(["dup.txt", tagged])
 
 
+@pytest.mark.logs_expected
 async def test_file_deleted_elsewhere_gives_enoent_on_open_and_mid_read(stack: Stack) -> None:
     # A small file is fetched whole at open; a larger one's signed URL was fetched when
     # it was looked up, so the first read is where its deletion shows.
@@ -1114,6 +1123,7 @@ async def test_names_that_are_not_utf8_are_refused(stack: Stack) -> None:
     await expect_errno(errno.EINVAL, stack.ops.create(batch, b"\xff.txt", 0o644, os.O_WRONLY, None))
 
 
+@pytest.mark.logs_expected
 async def test_unavailable_service_fails_close_with_eio_and_keeps_the_data(stack: Stack) -> None:
     batch = await stack.folder("batch")
     await stack.admin("POST", "faults", json=[{"method": "POST", "status": 503, "times": None}])
@@ -1129,6 +1139,7 @@ async def test_unavailable_service_fails_close_with_eio_and_keeps_the_data(stack
     assert await posts(stack) == attempts
 
 
+@pytest.mark.logs_expected
 async def test_a_body_that_is_not_json_is_eio_and_the_next_call_works(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
@@ -1146,6 +1157,7 @@ async def test_a_body_that_is_not_json_is_eio_and_the_next_call_works(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.logs_expected
 async def test_a_refused_key_is_eacces(emulator: RunningEmulator, tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         wrong = RunningEmulator(emulator.url, "wrong-key", emulator.data_dir, emulator.config)
@@ -1156,6 +1168,7 @@ async def test_a_refused_key_is_eacces(emulator: RunningEmulator, tmp_path: Path
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.logs_expected
 async def test_an_upload_the_service_finds_too_large_is_efbig(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         small = await start_emulator(nursery, emulator_config(tmp_path, max_file_size=1000))
@@ -1171,6 +1184,7 @@ async def test_an_upload_the_service_finds_too_large_is_efbig(tmp_path: Path) ->
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.logs_expected
 async def test_changes_to_a_file_deleted_elsewhere_are_kept(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
@@ -1433,6 +1447,7 @@ async def test_a_file_renamed_while_written_is_stored_once_under_its_new_name(
     assert await stack.read_file(attrs.st_ino) == data
 
 
+@pytest.mark.logs_expected
 async def test_content_refused_as_it_was_written_is_refused_whole_too(stack: Stack) -> None:
     """A refusal of a growing upload may be of its chunked body: the whole file gets its say."""
     folder = await stack.folder("fine-tune")

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from mistralfs.config import ConfigError
-from mistralfs.control import serve_status
+from mistralfs.daemon.control import serve_status
+from mistralfs.daemon.state import remove_socket, runtime_dir
 from mistralfs.private import write_private_file
-from mistralfs.runtime import remove_socket, runtime_dir
 
 NOBODY = 65534
 

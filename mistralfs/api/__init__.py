@@ -1,6 +1,7 @@
 """Async client for Mistral AI's Files API (httpx under trio): models, errors, retries."""
 
-from mistralfs.api.client import DEFAULT_SERVER_URL, FilesClient, GrowingUpload
+from mistralfs import DEFAULT_SERVER_URL
+from mistralfs.api.client import FilesClient, GrowingUpload
 from mistralfs.api.errors import (
     ApiError,
     AuthError,

@@ -51,8 +51,6 @@ from mistralfs.api.uploads import MAX_UPLOAD_BYTES, GrowingUpload, Uploads
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SERVER_URL = "https://api.mistral.ai"
-
 
 class FilesClient:
     """Async client for the Mistral Files API (``/v1/files``) and its signed URLs.

@@ -13,22 +13,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from mistralfs.api.errors import ProtocolError
+from mistralfs.files_api import FILE_FIELDS
 
-_KNOWN_FIELDS = frozenset(
-    {
-        "id",
-        "bytes",
-        "created_at",
-        "filename",
-        "purpose",
-        "sample_type",
-        "source",
-        "num_lines",
-        "mimetype",
-        "signature",
-        "deleted",
-    }
-)
+_KNOWN_FIELDS = frozenset({*FILE_FIELDS, "deleted"})  # the rest is kept in `extra`
 
 
 # What a stat can carry: st_size is a signed 64-bit count of bytes, and times are

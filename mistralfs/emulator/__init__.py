@@ -5,6 +5,7 @@ See :mod:`mistralfs.emulator.app` for the routes and
 and :func:`run`.
 """
 
-from mistralfs.emulator.server import EmulatorConfig, create_app, run, serve
+from mistralfs.emulator.config import EmulatorConfig
+from mistralfs.emulator.server import create_app, run, serve
 
 __all__ = ["EmulatorConfig", "create_app", "run", "serve"]

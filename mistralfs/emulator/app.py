@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import trio
@@ -53,6 +53,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mistralfs.emulator import errors, signing
+from mistralfs.emulator.config import EmulatorConfig
 from mistralfs.emulator.faults import (
     Fault,
     FaultInjector,
@@ -72,9 +73,6 @@ from mistralfs.emulator.upload import (
     receive_upload,
 )
 from mistralfs.emulator.validation import ContentError, count_jsonl_lines, inspect_upload
-
-if TYPE_CHECKING:
-    from mistralfs.emulator.server import EmulatorConfig
 
 log = logging.getLogger("mistralfs.emulator")
 

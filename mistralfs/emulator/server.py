@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import pathlib
 import signal
 import sys
-from dataclasses import dataclass
 
 import hypercorn.config
 import hypercorn.trio
@@ -14,50 +12,12 @@ import trio
 from starlette.applications import Starlette
 
 from mistralfs.emulator.app import create_app as _create_app
+from mistralfs.emulator.config import EmulatorConfig
 from mistralfs.emulator.faults import RandomPlan
 from mistralfs.emulator.storage import Storage
-from mistralfs.emulator.tls import ensure_self_signed, self_signed_paths, server_context_check
+from mistralfs.emulator.tls import self_signed_paths
 
 log = logging.getLogger("mistralfs.emulator")
-
-
-@dataclass
-class EmulatorConfig:
-    """Where the emulator keeps its files, the key it accepts, and where it listens.
-
-    ``faults`` turns on seeded random faults from the start: a parsed plan or a
-    SPEC string (see :mod:`mistralfs.emulator.faults`).
-
-    ``storage_url`` (e.g. ``http://127.0.0.1:8081/blobs``) makes signed URLs point
-    at ``<storage_url>/<id>?se=..&sp=r&sig=..`` instead of the emulator's own
-    ``/storage/`` route, as the service points at Azure Blob Storage: a static
-    server over ``data_dir/blobs`` then serves content.
-
-    ``tls_cert`` (and ``tls_key``, unless the key is in the same PEM file) serve HTTPS;
-    ``tls`` serves HTTPS with a self-signed certificate kept in ``data_dir/tls/``
-    (see :mod:`mistralfs.emulator.tls`). Signed URLs are then https:// too.
-    """
-
-    data_dir: pathlib.Path
-    api_key: str
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_file_size: int = 512 * 1024 * 1024
-    faults: RandomPlan | str | None = None
-    storage_url: str | None = None
-    tls: bool = False
-    tls_cert: pathlib.Path | None = None
-    tls_key: pathlib.Path | None = None
-
-    def tls_files(self) -> tuple[pathlib.Path, pathlib.Path | None] | None:
-        """The certificate and key to serve HTTPS with (made for ``tls``), checked
-        loadable; None for plain HTTP. Raises TlsSetupError with one line."""
-        if self.tls_cert is None and not self.tls:
-            return None
-        if self.tls_cert is None:
-            return ensure_self_signed(self.data_dir, self.host)
-        server_context_check(self.tls_cert, self.tls_key)
-        return self.tls_cert, self.tls_key
 
 
 def create_app(config: EmulatorConfig) -> Starlette:

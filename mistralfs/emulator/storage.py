@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mistralfs.files_api import FILE_FIELDS
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -52,18 +54,7 @@ CREATE INDEX IF NOT EXISTS files_purpose_order ON files (purpose, created_at DES
 
 _SQL_MAX = 2**62  # SQLite integers are 64-bit; larger pages are simply empty
 
-_COLUMNS = (
-    "id",
-    "bytes",
-    "created_at",
-    "filename",
-    "purpose",
-    "sample_type",
-    "source",
-    "num_lines",
-    "mimetype",
-    "signature",
-)
+_COLUMNS = FILE_FIELDS
 
 
 @dataclass(frozen=True)
@@ -83,21 +74,12 @@ class FileRecord:
 
     def to_api(self) -> dict[str, Any]:
         """The JSON object the real service returns (``object`` included)."""
-        # Field by field: dataclasses.asdict deep-copies, which a page of a thousand
-        # files pays for a thousand times.
-        return {
-            "id": self.id,
-            "object": "file",
-            "bytes": self.bytes,
-            "created_at": self.created_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "sample_type": self.sample_type,
-            "source": self.source,
-            "num_lines": self.num_lines,
-            "mimetype": self.mimetype,
-            "signature": self.signature,
-        }
+        # Not dataclasses.asdict: it deep-copies, which a page of a thousand files pays
+        # for a thousand times.
+        answer: dict[str, Any] = {"id": self.id, "object": "file"}
+        for name in FILE_FIELDS:
+            answer[name] = getattr(self, name)
+        return answer
 
     @property
     def etag(self) -> str:

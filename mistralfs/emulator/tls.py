@@ -14,8 +14,8 @@ import logging
 import ssl
 from pathlib import Path
 
-from mistralfs.config import ConfigError
 from mistralfs.private import private_folder, write_private_file
+from mistralfs.usage import ConfigError
 
 log = logging.getLogger("mistralfs.emulator")
 

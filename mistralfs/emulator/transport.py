@@ -22,6 +22,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import MutableMapping
 from typing import Any
 
 log = logging.getLogger("mistralfs.emulator")
@@ -54,7 +55,7 @@ def _disconnect(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def reset_connection(scope: dict[str, Any]) -> bool:
+def reset_connection(scope: MutableMapping[str, Any]) -> bool:
     """Abort the connection ``scope`` came in on; False if its socket was not found."""
     server, client = scope.get("server"), scope.get("client")
     if not server or not client:

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 import trio
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 from starlette.requests import Request
 
 MAX_FIELD_SIZE = 64 * 1024
@@ -71,7 +75,7 @@ class _Collector:
         self._in_file = False
         self._field_data = bytearray()
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
             "on_header_field": self.on_header_field,

@@ -89,7 +89,7 @@ class Activity:
         total = sum(u.total for u in self.uploads.values())
         count = len(self.uploads)
         plural = "s" if count != 1 else ""
-        return f"{count} upload{plural} in flight, {_mib(sent)} of {_mib(total)}"
+        return f"{count} upload{plural} in flight, {mib(sent)} of {mib(total)}"
 
     def snapshot(self) -> dict[str, object]:
         now = time.monotonic()
@@ -102,5 +102,6 @@ class Activity:
         }
 
 
-def _mib(size: int) -> str:
+def mib(size: float) -> str:
+    """A size as people read it in `status` and in the log: `12.3 MiB`."""
     return f"{size / 1024**2:.1f} MiB"

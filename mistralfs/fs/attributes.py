@@ -62,9 +62,8 @@ class Attributes:
                 entry = self._file(node, node.size, seconds)
                 timeout = min(LOCAL_TIMEOUT, namespace.dir_cache_time)
         else:
-            entry = self._folders.get(node.inode)
-            if entry is None:
-                entry = self._folder(node.inode)
+            folder_entry = self._folders.get(node.inode)
+            entry = folder_entry if folder_entry is not None else self._folder(node.inode)
             if isinstance(node, Folder) and node.purpose not in STANDARD_PURPOSES:
                 timeout = namespace.fresh_for(node)  # it goes once it holds no files
             else:

@@ -279,8 +279,8 @@ class DiskCache:
                 if key in self._index:
                     self._index.move_to_end(key)
                 continue
-            if not isinstance(result, FileNotFoundError | None):  # else removed behind our back
-                self._complain("reading a block", result)
+            if isinstance(result, OSError) and not isinstance(result, FileNotFoundError):
+                self._complain("reading a block", result)  # not found: removed behind our back
             if key in self._index:
                 self._bytes -= self._index.pop(key)
         return blocks if len(blocks) == len(keys) else None

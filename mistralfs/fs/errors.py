@@ -1,10 +1,42 @@
-"""How remote failures become errno values for the process that made the syscall."""
+"""Which errno the filesystem answers with, and why: the one table.
+
+A failure of the service reaches the program that made the syscall as the errno whose
+message reads closest to its cause:
+
+| the service said                  | errno  | the program shows                 |
+|-----------------------------------|--------|-----------------------------------|
+| 401/403: the key is refused       | EACCES | Permission denied                 |
+| 404: no such file                 | ENOENT | No such file or directory         |
+| 413: the file is too large        | EFBIG  | File too large                    |
+| another 4xx: the content, refused | EINVAL | Invalid argument                  |
+| 5xx, no answer, a bad answer      | EIO    | Input/output error                |
+
+Reading content maps the same way, except that a refusal cannot be the reader's fault:
+anything but EACCES and ENOENT is EIO there. What a mount refuses by design (folders,
+links, custom metadata) is EROFS on a read-only mount, so that tools say "Read-only file
+system", and the errno below otherwise. The other local errnos (EBADF, EEXIST, ENOTDIR,
+...) are the ones POSIX names for the same situation on any filesystem, raised where
+the situation is found.
+"""
 
 from __future__ import annotations
 
 import errno
 
 from mistralfs.api import ApiError, AuthError, NotFound, Rejected, TooLarge
+
+# Most specific first: TooLarge is a Rejected too.
+_REMOTE: tuple[tuple[type[ApiError], int], ...] = (
+    (AuthError, errno.EACCES),
+    (NotFound, errno.ENOENT),
+    (TooLarge, errno.EFBIG),
+    (Rejected, errno.EINVAL),
+)
+_MEANINGFUL_WHEN_READING = frozenset({errno.EACCES, errno.ENOENT})
+
+# What a writable mount refuses by design, by operation.
+NOT_SUPPORTED = errno.EPERM  # folders, links, device nodes: the account has none
+NO_CUSTOM_METADATA = errno.ENOTSUP  # the service keeps no xattrs: cp -a and mv carry on
 
 
 class FsError(Exception):
@@ -15,14 +47,14 @@ class FsError(Exception):
         self.errno = errno_
 
 
-def errno_for(exc: ApiError) -> int:
-    """The error table of DESIGN.md: what each kind of remote answer means locally."""
-    if isinstance(exc, AuthError):
-        return errno.EACCES
-    if isinstance(exc, NotFound):
-        return errno.ENOENT
-    if isinstance(exc, TooLarge):
-        return errno.EFBIG
-    if isinstance(exc, Rejected):
-        return errno.EINVAL
-    return errno.EIO
+def errno_for(exc: ApiError, *, reading: bool = False) -> int:
+    """The errno of a failure of the service (the table above)."""
+    code = next((code for kind, code in _REMOTE if isinstance(exc, kind)), errno.EIO)
+    if reading and code not in _MEANINGFUL_WHEN_READING:
+        return errno.EIO
+    return code
+
+
+def refused(read_only: bool, otherwise: int) -> FsError:
+    """What the mount does not do: EROFS on a read-only mount, else `otherwise`."""
+    return FsError(errno.EROFS if read_only else otherwise)

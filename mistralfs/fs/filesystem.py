@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
+from mistralfs.files_api import FILE_FIELDS, SHOWN_BY_STAT
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
@@ -30,16 +31,7 @@ T = TypeVar("T")
 
 USER_NAMESPACE = "user."
 XATTR_PREFIX = "user.mistral."
-XATTR_FIELDS = (
-    "id",
-    "purpose",
-    "sample_type",
-    "source",
-    "num_lines",
-    "mimetype",
-    "signature",
-    "created_at",
-)
+XATTR_FIELDS = tuple(name for name in FILE_FIELDS if name not in SHOWN_BY_STAT)
 XATTR_SIGNED_URL = XATTR_PREFIX + "signed_url"
 XATTR_MIME = "user.mime_type"
 
@@ -205,8 +197,7 @@ class Filesystem:
                 self._reader.forget(node.remote.id)
             self.namespace.detach(node)
             return FsError(errno.ENOENT, str(exc))
-        code = errno_for(exc)
-        return FsError(code if code == errno.EACCES else errno.EIO, str(exc))
+        return FsError(errno_for(exc, reading=True), str(exc))
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)

@@ -9,13 +9,24 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    RequestContext,
+    XAttrNameT,
+)
 
 from mistralfs.fs.attributes import BLOCK, Attributes
-from mistralfs.fs.errors import FsError
+from mistralfs.fs.errors import NO_CUSTOM_METADATA, NOT_SUPPORTED, FsError, refused
 from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.names import NAME_MAX, storable
 from mistralfs.fs.namespace import Node
@@ -28,7 +39,9 @@ T = TypeVar("T")
 STATFS_BLOCKS = 2**40 // BLOCK  # 1 TiB shown free: uploads are limited per file, not in total
 
 
-def _fuse_errors(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _fuse_errors(
+    func: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """Report FsError as its errno and anything unexpected as EIO, logged with its trace."""
 
     @functools.wraps(func)
@@ -85,7 +98,9 @@ class Operations(pyfuse3.Operations):
         return self._attributes.of(node)
 
     @_fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext | None = None
+    ) -> EntryAttributes:
         try:
             return self._attrs(await self.fs.lookup(parent_inode, _name(name)))
         except FsError as exc:
@@ -93,35 +108,42 @@ class Operations(pyfuse3.Operations):
                 raise
         # The kernel remembers the absence (inode 0): cp's stat, lstat and create of a
         # new name then cost one request, not three.
-        missing = pyfuse3.EntryAttributes()
-        missing.st_ino = 0
+        missing = EntryAttributes()
+        missing.st_ino = InodeT(0)
         missing.entry_timeout = timeout
         return missing
 
     @_fuse_errors
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         return self._attrs(self.fs.node(inode))
 
     @_fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext | None,
+    ) -> EntryAttributes:
         await self.fs.setattr(inode, attr.st_size if fields.update_size else None, fh)
         return self._attrs(self.fs.node(inode))
 
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         """Inodes stay allocated for the life of the mount: a file id keeps its inode."""
 
     # -- folders ------------------------------------------------------------------
 
     @_fuse_errors
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: InodeT, ctx: RequestContext | None) -> FileHandleT:
         entries = [(name.encode("utf-8"), node) for name, node in await self.fs.list_dir(inode)]
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dir_snapshots[fh] = entries
-        return fh
+        return FileHandleT(fh)
 
     @_fuse_errors
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._dir_snapshots.get(fh, [])
         attrs, reply = self._attributes.of, pyfuse3.readdir_reply
         for index in range(start_id, len(entries)):
@@ -129,65 +151,114 @@ class Operations(pyfuse3.Operations):
             if not reply(token, name, attrs(node), index + 1):
                 break
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: FileHandleT) -> None:
         self._dir_snapshots.pop(fh, None)
 
     # -- files --------------------------------------------------------------------
 
     @_fuse_errors
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext | None) -> FileInfo:
         fh, keep_cache = await self.fs.open(inode, flags)
         # Remote content never changes for an id, so the kernel may keep its page cache.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        return FileInfo(fh=FileHandleT(fh), keep_cache=keep_cache)
 
     @_fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(
+        self,
+        parent_inode: InodeT,
+        name: FileNameT,
+        mode: ModeT,
+        flags: FlagT,
+        ctx: RequestContext | None,
+    ) -> tuple[FileInfo, EntryAttributes]:
         fh, node = self.fs.create(parent_inode, _new_name(name))
-        return pyfuse3.FileInfo(fh=fh), self._attrs(node)
+        return FileInfo(fh=FileHandleT(fh)), self._attrs(node)
 
+    # pyfuse3 replies with any buffer (a memoryview of a cached block is not copied);
+    # its type stub says bytes.
     @_fuse_errors
-    async def read(self, fh, off, size):
+    async def read(  # type: ignore[override]
+        self, fh: FileHandleT, off: int, size: int
+    ) -> bytes | memoryview:
         return await self.fs.read(fh, off, size)
 
     @_fuse_errors
-    async def write(self, fh, off, buf):
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         return await self.fs.write(fh, off, buf)
 
     @_fuse_errors
-    async def flush(self, fh):
+    async def flush(self, fh: FileHandleT) -> None:
         await self.fs.flush(fh)
 
     @_fuse_errors
-    async def release(self, fh):
+    async def release(self, fh: FileHandleT) -> None:
         await self.fs.release(fh)
 
     @_fuse_errors
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.fs.flush(fh)
 
     @_fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext | None
+    ) -> None:
         await self.fs.unlink(parent_inode, _name(name))
 
     # -- refused --------------------------------------------------------------------
 
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
-
-    async def rmdir(self, parent_inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
-
-    async def symlink(self, parent_inode, name, target, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
-
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
-
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.EPERM)
+    @_fuse_errors
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext | None
+    ) -> EntryAttributes:
+        raise refused(self.fs.read_only, NOT_SUPPORTED)
 
     @_fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rmdir(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext | None
+    ) -> None:
+        raise refused(self.fs.read_only, NOT_SUPPORTED)
+
+    @_fuse_errors
+    async def symlink(
+        self,
+        parent_inode: InodeT,
+        name: FileNameT,
+        target: FileNameT,
+        ctx: RequestContext | None,
+    ) -> EntryAttributes:
+        raise refused(self.fs.read_only, NOT_SUPPORTED)
+
+    @_fuse_errors
+    async def link(
+        self,
+        inode: InodeT,
+        new_parent_inode: InodeT,
+        new_name: FileNameT,
+        ctx: RequestContext | None,
+    ) -> EntryAttributes:
+        raise refused(self.fs.read_only, NOT_SUPPORTED)
+
+    @_fuse_errors
+    async def mknod(
+        self,
+        parent_inode: InodeT,
+        name: FileNameT,
+        mode: ModeT,
+        rdev: int,
+        ctx: RequestContext | None,
+    ) -> EntryAttributes:
+        raise refused(self.fs.read_only, NOT_SUPPORTED)
+
+    @_fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext | None,
+    ) -> None:
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "exchanging two names is not supported")
         await self.fs.rename(
@@ -200,7 +271,7 @@ class Operations(pyfuse3.Operations):
 
     # -- metadata -------------------------------------------------------------------
 
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: RequestContext | None) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = BLOCK
         stats.f_blocks = stats.f_bfree = stats.f_bavail = STATFS_BLOCKS
@@ -209,19 +280,24 @@ class Operations(pyfuse3.Operations):
         return stats
 
     @_fuse_errors
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext | None) -> bytes:
         return await self.fs.xattr(inode, name.decode("utf-8", errors="replace"))
 
     @_fuse_errors
-    async def listxattr(self, inode, ctx):
-        return [name.encode("utf-8") for name in self.fs.xattr_names(inode)]
+    async def listxattr(self, inode: InodeT, ctx: RequestContext | None) -> list[XAttrNameT]:
+        return [XAttrNameT(name.encode("utf-8")) for name in self.fs.xattr_names(inode)]
 
-    async def setxattr(self, inode, name, value, ctx):
-        # The service stores no custom metadata; ENOTSUP lets cp and mv carry on quietly.
-        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.ENOTSUP)
+    @_fuse_errors
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext | None
+    ) -> None:
+        raise refused(self.fs.read_only, NO_CUSTOM_METADATA)
 
-    async def removexattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS if self.fs.read_only else errno.ENOTSUP)
+    @_fuse_errors
+    async def removexattr(
+        self, inode: InodeT, name: XAttrNameT, ctx: RequestContext | None
+    ) -> None:
+        raise refused(self.fs.read_only, NO_CUSTOM_METADATA)
 
-    async def access(self, inode, mode, ctx):
+    async def access(self, inode: InodeT, mode: ModeT, ctx: RequestContext | None) -> bool:
         return True

@@ -1,4 +1,5 @@
-"""The runtime folder, where a running mount keeps its pid file and status socket.
+"""Pid and state files: the runtime folder where a running mount keeps its pid file and
+status socket, and whether the process a pid file names still runs.
 
 Another local user must not be able to plant anything there: a symlink where the pid
 file goes would make the daemon, perhaps root's, overwrite the file it points at. So
@@ -18,10 +19,11 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from mistralfs.config import ConfigError
+from mistralfs.usage import ConfigError
 
 UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
@@ -102,3 +104,29 @@ def remove_socket(path: Path) -> None:
     if not stat.S_ISSOCK(found.st_mode) or found.st_uid != os.geteuid():
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket of ours")
     path.unlink()
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs; an exited process waiting to be reaped (a zombie) is not."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for_exit(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not process_alive(pid):
+            return True
+        time.sleep(0.02)
+    return False

@@ -32,9 +32,9 @@ from mistralfs.config import (
     default_cache_dir,
     read_api_key,
 )
+from mistralfs.daemon.state import mount_state_file, read_pid, wait_for_exit
 from mistralfs.logs import setup_logging
 from mistralfs.private import open_private_append, private_folder, write_private_file
-from mistralfs.runtime import mount_state_file
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def mount_error_in(raised: BaseException, kind: type[E]) -> E | None:
 
 
 def _run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
-    from mistralfs.fs.mount import MountError, serve
+    from mistralfs.daemon.serve import MountError, serve
 
     setup_logging(args.log_file, args.log_level)
     _drop_from_environment("MISTRAL_API_KEY")  # read already
@@ -292,7 +292,7 @@ def unmount_command(mountpoint: Path, *, timeout: float) -> int:
     target = mountpoint.expanduser().absolute()
     _clear_stale_mount(target)
     target = target.resolve()
-    pid = _read_pid(mount_state_file(target, "pid"))
+    pid = read_pid(mount_state_file(target, "pid"))
     if not os.path.ismount(target):
         print(f"mistralfs: {target} is not mounted", file=sys.stderr)
         return 1
@@ -314,7 +314,7 @@ def unmount_command(mountpoint: Path, *, timeout: float) -> int:
             told = True
         shown = _show_uploads(target, shown)
         time.sleep(0.2)
-    if pid is not None and not _wait_for_exit(pid, EXIT_WAIT):
+    if pid is not None and not wait_for_exit(pid, EXIT_WAIT):
         print(f"mistralfs: unmounted, but daemon {pid} is still running", file=sys.stderr)
         return 1
     return 0
@@ -322,7 +322,7 @@ def unmount_command(mountpoint: Path, *, timeout: float) -> int:
 
 def _show_uploads(mountpoint: Path, last_shown: float) -> float:
     """While unmount waits, print the uploads in flight every few seconds."""
-    from mistralfs.status import StatusError, snapshot_of, upload_lines
+    from mistralfs.daemon.status import StatusError, snapshot_of, upload_lines
 
     if time.monotonic() - last_shown < UNMOUNT_PROGRESS_EVERY:
         return last_shown
@@ -330,29 +330,3 @@ def _show_uploads(mountpoint: Path, last_shown: float) -> float:
         for line in upload_lines(snapshot_of(mountpoint)):
             print(line, flush=True)
     return time.monotonic()
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text(encoding="utf-8").split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def process_alive(pid: int) -> bool:
-    """True while `pid` runs; an exited process waiting to be reaped (a zombie) is not."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _wait_for_exit(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not process_alive(pid):
-            return True
-        time.sleep(0.02)
-    return False

@@ -17,13 +17,13 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from mistralfs import systemd
 from mistralfs.api import ApiError, AuthError, CertificateRejected, FilesClient, RetryPolicy
 from mistralfs.config import MountConfig
-from mistralfs.control import serve_status
+from mistralfs.daemon import systemd
+from mistralfs.daemon.collector import collector_stats, settle_startup_heap
+from mistralfs.daemon.control import serve_status
 from mistralfs.fs.activity import Activity
 from mistralfs.fs.build import FsOptions, build_filesystem
-from mistralfs.fs.collector import collector_stats, settle_startup_heap
 from mistralfs.fs.disk_cache import (
     MAX_PENDING_STORES,
     DiskCache,

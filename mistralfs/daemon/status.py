@@ -8,15 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from mistralfs.control import read_status
-from mistralfs.runtime import mount_state_file, runtime_dir
+from mistralfs.daemon.control import read_status
+from mistralfs.daemon.state import mount_state_file, process_alive, runtime_dir
+from mistralfs.fs.activity import mib
 
 BAR_WIDTH = 24
 
 
 def running_mountpoints() -> list[Path]:
     """Mountpoints of this user's running daemons, from their pid files."""
-    from mistralfs.daemon import process_alive
 
     found = []
     for pid_file in sorted(runtime_dir().glob("mount-*.pid")):
@@ -40,10 +40,6 @@ class StatusError(Exception):
     """No daemon to ask; the message is printed as is."""
 
 
-def _mib(size: float) -> str:
-    return f"{size / 1024**2:.1f} MiB"
-
-
 def upload_lines(snapshot: dict) -> list[str]:
     """One line per upload in flight, with a progress bar."""
     lines = []
@@ -56,7 +52,7 @@ def upload_lines(snapshot: dict) -> list[str]:
         eta = f"{left:.0f}s left" if left is not None else "starting"
         lines.append(
             f"  {up['purpose']}/{up['name']}  [{bar}] {done:4.0%}  "
-            f"{_mib(up['sent'])} of {_mib(up['bytes'])}  {_mib(up['rate'])}/s  {eta}"
+            f"{mib(up['sent'])} of {mib(up['bytes'])}  {mib(up['rate'])}/s  {eta}"
         )
     return lines
 
@@ -74,17 +70,17 @@ def render(snapshot: dict) -> str:
     lines.append(
         f" pending {snapshot.get('pending', 0)} · failed {len(snapshot.get('failed', []))}"
         f" · kept for recovery {snapshot.get('recovered', 0)}"
-        f" · uploaded {snapshot.get('uploaded', 0)} ({_mib(snapshot.get('uploaded_bytes', 0))})"
+        f" · uploaded {snapshot.get('uploaded', 0)} ({mib(snapshot.get('uploaded_bytes', 0))})"
     )
     lines.append(
-        f" cache {_mib(cache.get('bytes', 0))} of {_mib(cache.get('max_bytes', 0))}, hit rate "
+        f" cache {mib(cache.get('bytes', 0))} of {mib(cache.get('max_bytes', 0))}, hit rate "
         + (f"{hit_rate:.0%}" if hit_rate is not None else "-")
         + f" · blocks being fetched {cache.get('fetches_in_flight', 0)}"
     )
     disk = snapshot.get("disk_cache")
     if disk:
         lines.append(
-            f" disk cache {_mib(disk['bytes'])} of {_mib(disk['max_bytes'])}, "
+            f" disk cache {mib(disk['bytes'])} of {mib(disk['max_bytes'])}, "
             f"{disk['hits']} hits, {disk['misses']} misses, {disk['errors']} errors"
             f" · {disk['dir']}"
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from mistralfs.runtime import remove_socket
+from mistralfs.daemon.state import remove_socket
 
 log = logging.getLogger(__name__)
 
