@@ -3,7 +3,7 @@
     .venv/bin/python bench/h2_probe.py [--rtt 30,100] [--ks 8,16,32] [--reps 3]
 
 The emulator serves HTTPS (``--tls``, hypercorn, which offers h2 by ALPN) with N small
-files (2 KiB, purpose batch), behind the shaping proxy bench/link.py (one RTT, a rate
+files (2 KiB, purpose batch), behind the shaping proxy bench/mfsbench/link.py (one RTT, a rate
 cap per connection). Three clients, each cold (a new client per sample, so that the
 handshakes count), fetch ``GET /v1/files/{id}/content`` of all N with K requests at once:
 
@@ -42,14 +42,14 @@ from pathlib import Path
 
 import httpx
 import trio
-from run import cpu_seconds, end_process, start_announced
+from mfsbench.procs import cpu_seconds, end_process, start_announced
 
 from mistralfs.api.tls import client_context
 from mistralfs.api.transport import MAX_CONNECTIONS_PER_HOST, ThreadedTransport
 
 KEY = "probe-key"
 KiB, MiB = 1024, 1024 * 1024
-LINK_PY = Path(__file__).resolve().parent / "link.py"
+LINK_PY = Path(__file__).resolve().parent / "mfsbench" / "link.py"
 CLIENTS = ["threaded", "h2", "h1"]  # --clients may add threaded64 (64 per host)
 
 

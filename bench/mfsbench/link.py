@@ -1,6 +1,6 @@
 """A shaping TCP proxy: a long link (round-trip time, per-connection rate) on loopback.
 
-    .venv/bin/python bench/link.py --link rtt=30ms,rate=60MB/s --upstream 127.0.0.1:8080
+    .venv/bin/python bench/mfsbench/link.py --link rtt=30ms,rate=60MB/s --upstream 127.0.0.1:8080
 
 It prints ``link listening on 127.0.0.1:PORT`` and forwards every connection to the
 upstream, shaped like a long-haul TCP path, so that a client on loopback sees what a
