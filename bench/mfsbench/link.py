@@ -17,21 +17,24 @@ user far from the service sees:
 It is plain TCP: TLS passes through end to end, so the same proxy shapes HTTP and
 HTTPS. A direction holds at most ``2 * rate * RTT`` bytes (at least 1 MiB) before it
 stops reading its sender, so the proxy's buffers never cap a stream below the rate:
-only the rate and the RTT do. One process serves one upstream; being Python on one
-core, its total throughput across all connections is bounded by that core (``run.py
---link`` prints what one stream gets as the link's calibration).
+only the rate and the RTT do. One process serves one upstream (trio, one thread); being
+Python on one core, its total throughput across all connections is bounded by that core
+(``run.py --link`` prints what one stream gets as the link's calibration).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import contextlib
 import re
 import signal
+import socket
+import struct
 import sys
 from dataclasses import dataclass
+
+import trio
 
 MiB = 1024 * 1024
 READ_SIZE = 256 * 1024  # larger reads, fewer wake-ups per MiB
@@ -77,165 +80,121 @@ class Link:
         return max(MiB, int(2 * rate * self.rtt))
 
 
-class _Direction:
-    """Bytes from one end to the other: they leave at the rate and arrive RTT/2 later."""
+class Direction:
+    """Bytes from one end to the other: they leave at the rate and arrive RTT/2 later.
 
-    def __init__(self, link: Link, gate: float) -> None:
+    ``pump`` reads the sender and queues each chunk for its arrival time; ``deliver``
+    writes it to the receiver then. The sender is not read while a window's worth is
+    queued or while the receiver does not take what is written to it."""
+
+    def __init__(
+        self, link: Link, gate: float, src: trio.SocketStream, dest: trio.SocketStream
+    ) -> None:
         self.link = link
-        self.loop = asyncio.get_running_loop()
         self.gate = gate  # nothing leaves before this (the handshake, for the client's side)
+        self.src, self.dest = src, dest
         self.free_at = 0.0  # when the link has sent all bytes queued so far
         self.queue: collections.deque[tuple[float, bytes | None]] = collections.deque()
         self.queued = 0
-        self.src: _End | None = None
-        self.dest: _End | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.paused = False
-        self.dest_full = False
-        self.ended = False
+        self.writing = False  # the receiver is being written to (blocked: it is full)
+        self.changed = trio.Event()  # set when the queue or ``writing`` changes
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def push(self, data: bytes | None) -> None:
         """Queue ``data`` (``None``: the sender closed its side) for its arrival time."""
-        if self.ended:
-            return
-        now = self.loop.time()
-        start = max(now, self.free_at, self.gate)
+        start = max(trio.current_time(), self.free_at, self.gate)
         size = len(data) if data is not None else 0
         self.free_at = start + (size / self.link.rate if self.link.rate else 0.0)
         self.queue.append((self.free_at + self.link.rtt / 2, data))
         self.queued += size
-        if data is None:
-            self.ended = True
-        self.throttle()
-        self.arm()
+        self._wake()
 
-    def arm(self) -> None:
-        if self.timer is None and self.queue and self.dest and self.dest.transport:
-            self.timer = self.loop.call_at(self.queue[0][0], self.flush)
+    async def pump(self) -> None:
+        """Read the sender until it closes its side; that close is queued too."""
+        while True:
+            while self.writing or self.queued > self.link.window:
+                await self.changed.wait()
+            data = await self.src.receive_some(READ_SIZE)
+            self.push(bytes(data) if data else None)
+            if not data:
+                return
 
-    def flush(self) -> None:
-        """Deliver, in order, everything due by now."""
-        self.timer = None
-        assert self.dest is not None and self.dest.transport is not None
-        transport = self.dest.transport
-        now = self.loop.time()
-        while self.queue and self.queue[0][0] <= now:
+    async def deliver(self) -> None:
+        """Write each chunk to the receiver at its arrival time, in order; pass the
+        sender's close on once it has travelled the link."""
+        while True:
+            while not self.queue:
+                await self.changed.wait()
+            await trio.sleep_until(self.queue[0][0])
             _, data = self.queue.popleft()
             if data is None:
-                self.dest.peer_ended()
-                continue
-            self.queued -= len(data)
-            if not transport.is_closing():
-                transport.write(data)
-        self.throttle()
-        self.arm()
-
-    def throttle(self) -> None:
-        """Stop reading the sender while this direction holds a window's worth."""
-        if self.src is None or self.src.transport is None or self.src.transport.is_closing():
-            return
-        full = self.dest_full or self.queued > self.link.window
-        if full and not self.paused:
-            self.src.transport.pause_reading()
-            self.paused = True
-        elif not full and self.paused:
-            self.src.transport.resume_reading()
-            self.paused = False
-
-    def drop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.queue.clear()
-        self.queued = 0
-
-
-class _End(asyncio.Protocol):
-    """One socket of a proxied connection: the client's or the upstream's."""
-
-    def __init__(self, outgoing: _Direction, incoming: _Direction) -> None:
-        self.outgoing = outgoing  # what this end sends
-        self.incoming = incoming  # what is delivered to this end
-        outgoing.src = self
-        incoming.dest = self
-        self.transport: asyncio.Transport | None = None
-        self.eof_in = False  # the other end closed its side and that has arrived here
-        self.eof_out = False  # this end closed its side
-        self.other: _End | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.incoming.arm()
-
-    def data_received(self, data: bytes) -> None:
-        self.outgoing.push(data)
-
-    def eof_received(self) -> bool:
-        self.eof_out = True
-        self.outgoing.push(None)
-        self._close_if_done()
-        return True  # keep our writing side open: the other end may still answer
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof_out = True
-        self.outgoing.push(None)
-        self.incoming.drop()
-        if exc is not None and self.other and self.other.transport:
-            self.other.transport.abort()  # a reset goes through as a reset, at once
-
-    def pause_writing(self) -> None:
-        self.incoming.dest_full = True
-        self.incoming.throttle()
-
-    def resume_writing(self) -> None:
-        self.incoming.dest_full = False
-        self.incoming.throttle()
-
-    def peer_ended(self) -> None:
-        """The other end's close has travelled the link: pass it on."""
-        self.eof_in = True
-        if self.transport is None or self.transport.is_closing():
-            return
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self._close_if_done()
-
-    def _close_if_done(self) -> None:
-        if self.eof_in and self.eof_out and self.transport is not None:
-            self.transport.close()
-
-
-async def serve(link: Link, upstream: tuple[str, int], host: str, port: int) -> asyncio.Server:
-    """Listen on ``host:port`` (0: any free port) and shape every connection to ``upstream``."""
-    loop = asyncio.get_running_loop()
-
-    def accept() -> _End:
-        up, down = _Direction(link, gate=loop.time() + link.rtt), _Direction(link, gate=0.0)
-        client = _End(outgoing=up, incoming=down)
-        server = _End(outgoing=down, incoming=up)
-        client.other, server.other = server, client
-
-        async def connect() -> None:
+                await self.dest.send_eof()
+                return
+            self.writing = True
             try:
-                await loop.create_connection(lambda: server, *upstream)
-            except OSError:
-                if client.transport is not None:
-                    client.transport.abort()
-
-        task = loop.create_task(connect())
-        _tasks.add(task)
-        task.add_done_callback(_tasks.discard)
-        return client
-
-    return await loop.create_server(accept, host, port, reuse_address=True, backlog=1024)
+                await self.dest.send_all(data)
+            finally:
+                self.queued -= len(data)
+                self.writing = False
+                self._wake()
 
 
-_tasks: set[asyncio.Task[None]] = set()
+def abort(stream: trio.SocketStream) -> None:
+    """Close with a reset (SO_LINGER 0): a reset goes through as a reset, at once."""
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+async def proxy(link: Link, upstream: tuple[str, int], client: trio.SocketStream) -> None:
+    """One connection: to ``upstream``, both directions shaped, until both have closed;
+    a reset or an error on either side resets both at once."""
+    gate = trio.current_time() + link.rtt
+    try:
+        server = await trio.open_tcp_stream(*upstream)
+    except OSError:
+        abort(client)
+        return
+    up = Direction(link, gate, client, server)
+    down = Direction(link, 0.0, server, client)
+    broken = False
+    try:
+        async with trio.open_nursery() as nursery:
+            for task in (up.pump, up.deliver, down.pump, down.deliver):
+                nursery.start_soon(task)
+    except* Exception:  # a reset, or the other end gone while written to
+        broken = True
+    for stream in (client, server):
+        if broken:
+            abort(stream)
+        else:
+            await stream.aclose()
+
+
+async def serve(
+    link: Link,
+    upstream: tuple[str, int],
+    host: str,
+    port: int,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host:port`` (0: any free port; the address bound is passed to
+    ``task_status``) and shape every connection to ``upstream``."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    bound = listeners[0].socket.getsockname()
+    task_status.started((bound[0], bound[1]))
+
+    async def handle(client: trio.SocketStream) -> None:
+        await proxy(link, upstream, client)
+
+    await trio.serve_listeners(handle, listeners)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--link", required=True, help="e.g. rtt=30ms,rate=60MB/s")
     parser.add_argument("--upstream", required=True, help="HOST:PORT to forward to")
     parser.add_argument("--host", default="127.0.0.1")
@@ -245,17 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     up_host, up_port = args.upstream.rsplit(":", 1)
 
     async def run() -> None:
-        server = await serve(link, (up_host, int(up_port)), args.host, args.port)
-        bound = server.sockets[0].getsockname()
-        print(f"link listening on {bound[0]}:{bound[1]} ({link})", flush=True)
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        async with server:
-            await stop.wait()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(
+                    serve, link, (up_host, int(up_port)), args.host, args.port
+                )
+                print(f"link listening on {bound[0]}:{bound[1]} ({link})", flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    trio.run(run)
     return 0
 
 
