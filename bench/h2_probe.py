@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import ssl
 import statistics
@@ -301,7 +302,7 @@ def run_link(
         cell: dict[str, list[Sample]] = {c: [] for c in CLIENTS}
         for rep in range(args.reps):
             for kind in rotated(rep):
-                s = w.measure(lambda kind=kind, k=k: fetch_all(w, kind, k, args.size))
+                s = w.measure(functools.partial(fetch_all, w, kind, k, args.size))
                 cell[kind].append(s)
                 log(
                     f"rtt {rtt:g}ms K={k} {kind}: {s.wall:.3f}s cpu {s.cpu * 1000:.0f}ms "
@@ -321,7 +322,7 @@ def run_link(
     cell = {c: [] for c in CLIENTS}
     for rep in range(args.reps):
         for kind in rotated(rep):
-            s = w.measure(lambda kind=kind: listing(w, kind, args.list_times, firsts[kind]))
+            s = w.measure(functools.partial(listing, w, kind, args.list_times, firsts[kind]))
             cell[kind].append(s)
     for kind in CLIENTS:
         first = statistics.median(firsts[kind]) * 1000
@@ -334,7 +335,7 @@ def run_link(
             for kind in rotated(rep):
                 if kind == "h2" and cell[kind] and cell[kind][0].wall > args.slow_upload:
                     continue
-                s = w.measure(lambda kind=kind: upload(w, kind, big))
+                s = w.measure(functools.partial(upload, w, kind, big))
                 cell[kind].append(s)
                 log(
                     f"rtt {rtt:g}ms upload {kind}: {s.wall:.2f}s {len(big) / s.wall / 1e6:.1f} MB/s"
