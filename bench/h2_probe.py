@@ -3,7 +3,7 @@
     .venv/bin/python bench/h2_probe.py [--rtt 30,100] [--ks 8,16,32] [--reps 3]
 
 The emulator serves HTTPS (``--tls``, hypercorn, which offers h2 by ALPN) with N small
-files (2 KiB, purpose batch), behind the shaping proxy bench/link.py (one RTT, a rate
+files (2 KiB, purpose batch), behind the shaping proxy bench/mfsbench/link.py (one RTT, a rate
 cap per connection). Three clients, each cold (a new client per sample, so that the
 handshakes count), fetch ``GET /v1/files/{id}/content`` of all N with K requests at once:
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import ssl
 import statistics
@@ -42,14 +43,14 @@ from pathlib import Path
 
 import httpx
 import trio
-from run import cpu_seconds, end_process, start_announced
+from mfsbench.procs import cpu_seconds, end_process, start_announced
 
 from mistralfs.api.tls import client_context
 from mistralfs.api.transport import MAX_CONNECTIONS_PER_HOST, ThreadedTransport
 
 KEY = "probe-key"
 KiB, MiB = 1024, 1024 * 1024
-LINK_PY = Path(__file__).resolve().parent / "link.py"
+LINK_PY = Path(__file__).resolve().parent / "mfsbench" / "link.py"
 CLIENTS = ["threaded", "h2", "h1"]  # --clients may add threaded64 (64 per host)
 
 
@@ -301,7 +302,7 @@ def run_link(
         cell: dict[str, list[Sample]] = {c: [] for c in CLIENTS}
         for rep in range(args.reps):
             for kind in rotated(rep):
-                s = w.measure(lambda kind=kind, k=k: fetch_all(w, kind, k, args.size))
+                s = w.measure(functools.partial(fetch_all, w, kind, k, args.size))
                 cell[kind].append(s)
                 log(
                     f"rtt {rtt:g}ms K={k} {kind}: {s.wall:.3f}s cpu {s.cpu * 1000:.0f}ms "
@@ -321,7 +322,7 @@ def run_link(
     cell = {c: [] for c in CLIENTS}
     for rep in range(args.reps):
         for kind in rotated(rep):
-            s = w.measure(lambda kind=kind: listing(w, kind, args.list_times, firsts[kind]))
+            s = w.measure(functools.partial(listing, w, kind, args.list_times, firsts[kind]))
             cell[kind].append(s)
     for kind in CLIENTS:
         first = statistics.median(firsts[kind]) * 1000
@@ -334,7 +335,7 @@ def run_link(
             for kind in rotated(rep):
                 if kind == "h2" and cell[kind] and cell[kind][0].wall > args.slow_upload:
                     continue
-                s = w.measure(lambda kind=kind: upload(w, kind, big))
+                s = w.measure(functools.partial(upload, w, kind, big))
                 cell[kind].append(s)
                 log(
                     f"rtt {rtt:g}ms upload {kind}: {s.wall:.2f}s {len(big) / s.wall / 1e6:.1f} MB/s"

@@ -11,7 +11,7 @@ SDK send) or ``chunk`` (chunked, 1 MiB chunks, as the mount's growing upload); s
 Default: ``cl-1m chunk-sendfile chunk-1m cl-8k``.
 
 It starts its own emulator (HTTPS with a certificate made by ``openssl``, unless
-``--plain``) and one ``link.py`` in front of it, sends each variant with http.client,
+``--plain``) and one ``mfsbench/link.py`` in front of it, sends each variant with http.client,
 and prints one JSON line per upload: the wall time, when the body was all handed to
 the socket, how long the answer took after that, and the CPU seconds of the emulator,
 the proxy and this process. The emulator's CPU seconds per body are the number that
@@ -33,27 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from mfsbench.procs import cpu_seconds, start_announced
+
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 KEY = "probe-key-" + "k" * 22
 BLOCKS = {"sendfile": 0, "8k": 8 << 10, "16k": 16 << 10, "256k": 256 << 10, "1m": MiB}
 CHUNK = MiB
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start(cmd: list[str], announce: str, log: Path, procs: list[subprocess.Popen]) -> str:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("a"), text=True, cwd=ROOT)
-    procs.append(proc)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith(announce):
-        raise RuntimeError(f"{cmd[:4]} did not start: {line!r} (see {log})")
-    return line[len(announce) :].strip()
 
 
 def send(
@@ -163,10 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--tls-cert", str(cert), "--tls-key", str(key)]
             tls = ssl.create_default_context(cafile=str(cert))
         try:
-            url = start(cmd, "mistralfs emulator listening on", work / "emulator.log", procs)
-            link = [sys.executable, str(ROOT / "bench" / "link.py"), "--link", args.link]
+            url = start_announced(
+                cmd, work / "emulator.log", "mistralfs emulator listening on", procs
+            )
+            link = [
+                sys.executable,
+                str(ROOT / "bench" / "mfsbench" / "link.py"),
+                "--link",
+                args.link,
+            ]
             link += ["--upstream", f"127.0.0.1:{url.rsplit(':', 1)[1]}"]
-            address = start(link, "link listening on", work / "link.log", procs)
+            address = start_announced(link, work / "link.log", "link listening on", procs)
             port = int(address.split()[0].rsplit(":", 1)[1])
             for _ in range(args.reps):
                 for variant in args.variants:
