@@ -2,7 +2,8 @@
 
 With `MISTRAL_API_KEY` set it mounts the real account. Without, it starts a local
 emulator in the background (data under `.demo/` in the current folder), fills it once
-with a few example files, batch outputs included, and mounts that. `--stop` undoes
+with a few example files, batch outputs included, and mounts that; its key is the
+emulator's default, and it keeps its port from one start to the next. `--stop` undoes
 both.
 """
 
@@ -16,13 +17,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
 from mistralfs.daemon import commands as daemon
 from mistralfs.daemon.state import process_alive
 
-DEMO_KEY = "demo-key"
+# The emulator's own default key, the one README.md and docs/EMULATOR.md name.
+DEMO_KEY = "emulator-key"
 EMULATOR_START_TIMEOUT = 20.0
 
 SAMPLE_FINE_TUNE = "".join(
@@ -56,9 +59,27 @@ def _emulator_url(state: Path) -> str | None:
 
 
 def _start_emulator(state: Path) -> str:
+    """Start the demo emulator on the port it had last time, so its URL stays the same."""
     state.mkdir(parents=True, exist_ok=True)
+    port = _previous_port(state)
+    url = _spawn_emulator(state, port) if port else None
+    if url is None:  # never started here, or another program took that port meanwhile
+        url = _spawn_emulator(state, 0)
+    if url is None:
+        raise SystemExit(f"mistralfs: the demo emulator did not start; see {state}/emulator.log")
+    return url
+
+
+def _previous_port(state: Path) -> int:
+    try:
+        return urlsplit((state / "emulator.url").read_text().strip()).port or 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _spawn_emulator(state: Path, port: int) -> str | None:
     log = open(state / "emulator.log", "ab")  # noqa: SIM115 - handed to the child
-    command = [sys.executable, "-m", "mistralfs", "emulator", "--port", "0"]
+    command = [sys.executable, "-m", "mistralfs", "emulator", "--port", str(port)]
     command += ["--data", str(state / "emulator"), "--api-key", DEMO_KEY]
     child = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
@@ -70,7 +91,8 @@ def _start_emulator(state: Path) -> str:
     child.stdout.close()
     if "listening on " not in line:
         child.kill()
-        raise SystemExit(f"mistralfs: the demo emulator did not start; see {state}/emulator.log")
+        child.wait()
+        return None
     url = line.rsplit(" ", 1)[1]
     (state / "emulator.pid").write_text(str(child.pid))
     (state / "emulator.url").write_text(url)
@@ -108,9 +130,18 @@ def demo_command(mountpoint: Path, state: Path, stop: bool) -> int:
     state = state.expanduser().resolve()
     if stop:
         return _stop(mountpoint, state)
+    me = f"{Path(sys.executable).parent}/mistralfs"
+    if os.path.ismount(mountpoint):
+        print(
+            f"mistralfs: {mountpoint} is already mounted; stop that demo first with:\n"
+            f"  {me} demo --stop {mountpoint}",
+            file=sys.stderr,
+        )
+        return 1
     mountpoint.mkdir(parents=True, exist_ok=True)
     args = ["mount", str(mountpoint), "--cache-dir", str(state / "cache")]
     env = dict(os.environ)
+    server = ""
     if env.get("MISTRAL_API_KEY"):
         target = env.get("MISTRAL_SERVER_URL", "the Mistral API")
     else:
@@ -119,13 +150,18 @@ def demo_command(mountpoint: Path, state: Path, stop: bool) -> int:
         args += ["--server-url", url]
         env["MISTRAL_API_KEY"] = DEMO_KEY
         target = f"a local emulator at {url} (data in {state}/emulator)"
+        server = f"""
+The emulator's server URL: {url}  key: {DEMO_KEY}
+From Python (the official SDK):
+  from mistralai.client import Mistral
+  client = Mistral(api_key="{DEMO_KEY}", server_url="{url}")
+"""
     result = subprocess.run([sys.executable, "-m", "mistralfs", *args], env=env, check=False)
     if result.returncode != 0:
         return result.returncode
-    me = f"{Path(sys.executable).parent}/mistralfs"
     print(
         f"""
-mistralfs is mounted at {mountpoint}, showing {target}.
+mistralfs is mounted at {mountpoint}, showing {target}.{server}
 Try:
   ls -l {mountpoint}/*
   cat {mountpoint}/batch/job-results.jsonl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -23,6 +24,7 @@ from mistralfs.daemon.state import process_alive, short_runtime_dir
 pytestmark = pytest.mark.fuse
 
 MISTRALFS = [sys.executable, "-m", "mistralfs"]
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
@@ -312,6 +314,22 @@ def test_demo_mounts_a_seeded_emulator_kept_in_its_state_folder_and_stops(
         assert started.returncode == 0, started.stderr
         assert "a local emulator" in started.stdout and "demo --stop" in started.stdout
         assert is_mounted(mnt)
+        # It prints its server URL, the key the README names, and an SDK snippet that works.
+        url = re.search(r"server URL: (http://127\.0\.0\.1:\d+)", started.stdout)
+        assert url is not None, started.stdout
+        assert "key: emulator-key" in started.stdout
+        assert "emulator-key" in (README.read_text())
+        snippet = started.stdout.split("From Python (the official SDK):\n", 1)[1]
+        snippet = "\n".join(line.strip() for line in snippet.splitlines()[:2])
+        sdk_listing = subprocess.run(
+            [sys.executable, "-c", snippet + "\nprint(len(client.files.list().data))"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert sdk_listing.returncode == 0 and int(sdk_listing.stdout) >= 4, sdk_listing.stderr
+        # A second demo on the same mountpoint says how to stop the first.
+        twice = cli("demo", "mnt", env=env, cwd=tmp_path)
+        assert twice.returncode != 0 and "demo --stop" in twice.stderr, twice.stderr
+        assert "mistralfs unmount" not in twice.stderr
         assert "job-results.jsonl" in os.listdir(mnt / "batch")  # a batch job's output
         (mnt / "batch" / "mine.jsonl").write_bytes(b'{"a": 1}\n')
         # The data is in the state folder, not shared with another folder's demo.
@@ -324,6 +342,8 @@ def test_demo_mounts_a_seeded_emulator_kept_in_its_state_folder_and_stops(
         # Started again, it shows what was written: the same account.
         again = cli("demo", "mnt", env=env, cwd=tmp_path)
         assert again.returncode == 0, again.stderr
+        # On the same port, so that the printed URL and snippet still hold.
+        assert f"server URL: {url[1]}" in again.stdout, again.stdout
         assert (mnt / "batch" / "mine.jsonl").read_bytes() == b'{"a": 1}\n'
     finally:
         cli("demo", "--stop", "mnt", env=env, cwd=tmp_path)
