@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 from mistralai.client import Mistral
-from mounting import Mounted, remote_files, wait_for
+from conftest import RunningEmulator
+from mounting import Mounted, mount, remote_files, wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -455,6 +456,42 @@ def test_gio_offers_deletion_rather_than_a_trash_it_cannot_make(
     run(mounted, *as_owner, "remove", path, env=env)
     assert_account(sdk, mounted, {})
     assert_gone(sdk, remote.id)
+
+
+def utab_entries(path: Path) -> list[str]:
+    """libmount's own notes on the mounts (user options such as x-gvfs-notrash) at `path`."""
+    try:
+        text = Path("/run/mount/utab").read_text()
+    except FileNotFoundError:
+        return []
+    return [line for line in text.splitlines() if f" TARGET={path} " in f" {line} "]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root may write in any folder, so GLib offers a trash")
+def test_gio_as_root_is_told_there_is_no_trash(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    """Root may make `.Trash-0` anywhere as far as modes go, so GLib would offer a trash
+    that the mount cannot hold (no folder can be made in its root). The mount carries
+    GLib's `x-gvfs-notrash` option (in libmount's utab): no trash, deletion offered."""
+    env = gio_env(tmp_path)
+    with mount(emulator_process, tmp_path) as mounted:
+        path = mounted / "batch" / "a.jsonl"
+        path.write_bytes(JSONL)
+        assert [line for line in utab_entries(mounted.path) if "x-gvfs-notrash" in line]
+        info = run(mounted, "gio", "info", "-a", "access::*", path, env=env).stdout.decode()
+        assert "access::can-trash: FALSE" in info, info
+        assert "access::can-delete: TRUE" in info, info
+        trash = subprocess.run(
+            ["gio", "trash", str(path)], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert trash.returncode != 0 and "not supported" in trash.stderr, trash.stderr
+        assert not (mounted / ".Trash-0").exists()
+        [remote] = remote_files(sdk)  # still there: refusing the trash deleted nothing
+        run(mounted, "gio", "remove", path, env=env)
+        assert_account(sdk, mounted, {})
+        assert_gone(sdk, remote.id)
+    assert utab_entries(mounted.path) == []  # the note goes with the mount
 
 
 # -- 8. Midnight Commander in tmux ---------------------------------------------------------

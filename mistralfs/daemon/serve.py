@@ -11,6 +11,7 @@ import logging
 import os
 import resource
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from mistralfs.fs.recovery import leftover_spools, recover
 log = logging.getLogger(__name__)
 
 STARTUP_CHECK_SECONDS = 12.0
+NO_TRASH_OPTION = "x-gvfs-notrash"  # GLib: offer no trash on this mount
 STATUS_INTERVAL = 1.0
 DISK_FLUSH_SECONDS = 10.0  # at a clean stop, how long blocks queued for the disk cache may take
 READAHEAD_KIB = 1024  # the largest request FUSE sends (256 pages)
@@ -57,6 +59,32 @@ def fuse_options(config: MountConfig) -> set[str]:
     if config.allow_other:
         options.add("allow_other")
     return options
+
+
+def _note_no_trash(mountpoint: Path, add: bool) -> None:
+    """Tell GLib (file managers, `gio trash`) that this mount has no trash, or forget it.
+
+    A trash needs a `.Trash-UID` folder in the root, which the mount cannot hold. For
+    anyone but root the root is not writable, so GLib offers none; root may write
+    anywhere, so GLib needs its `x-gvfs-notrash` option, which it reads with the
+    mount's options through libmount. libfuse refuses `x-` options, so `mount --fake`
+    (no mount(2), no helper) records it in libmount's utab beside the kernel's options,
+    and `umount --fake` takes it away again. Only root may write utab.
+    """
+    if os.geteuid() != 0:
+        return
+    if add:
+        command = ["mount", "--fake", "-i", "--no-canonicalize", "-t", "fuse.mistralfs"]
+        command += ["-o", NO_TRASH_OPTION, "mistralfs", str(mountpoint)]
+    else:
+        command = ["umount", "--fake", "--no-canonicalize", str(mountpoint)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("%s: %s", " ".join(command), exc)
+        return
+    if result.returncode != 0:
+        log.debug("%s: %s", " ".join(command), result.stderr.strip())
 
 
 async def check_key(config: MountConfig, client: FilesClient) -> None:
@@ -154,6 +182,7 @@ async def _serve_mounted(
         # After `umount` the kernel has unmounted already; after a signal or a crash
         # we unmount, so no dead mount is left behind.
         pyfuse3.close(unmount=not unmounted_by_kernel)
+        _note_no_trash(config.mountpoint, False)
         if stopped:  # a clean stop: what was read is on disk for the next mount
             with trio.move_on_after(DISK_FLUSH_SECONDS):
                 await disk.flush()
@@ -221,6 +250,7 @@ async def _announce_when_answering(
     """Report ready only once the mountpoint answers, then keep systemd's STATUS current."""
     device = (await trio.to_thread.run_sync(os.stat, config.mountpoint)).st_dev
     _raise_readahead(device, READAHEAD_KIB)
+    await trio.to_thread.run_sync(_note_no_trash, config.mountpoint, True)
     settle_startup_heap()
     log.info("mounted %s at %s", config.server_url, config.mountpoint)
     on_ready()
