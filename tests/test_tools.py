@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mistralai.client import Mistral
 from conftest import RunningEmulator
+from mistralai.client import Mistral
 from mounting import Mounted, mount, remote_files, wait_for
 
 pytestmark = pytest.mark.fuse
@@ -467,7 +467,7 @@ def utab_entries(path: Path) -> list[str]:
     return [line for line in text.splitlines() if f" TARGET={path} " in f" {line} "]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="root may write in any folder, so GLib offers a trash")
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may write anywhere")
 def test_gio_as_root_is_told_there_is_no_trash(
     emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
 ) -> None:
