@@ -30,6 +30,8 @@ from mounting import Mounted, mount, remote_files, wait_for
 
 pytestmark = pytest.mark.fuse
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
 KiB = 1024
 JSONL = b"".join(
     b'{"messages": [{"role": "user", "content": "a %d"}, {"role": "assistant", "content": "ok"}]}\n'
@@ -344,6 +346,32 @@ def test_rsync_fifty_files_twice(
     assert not [f.filename for f in remote_files(sdk) if f.filename.startswith(".")]
 
 
+def test_rsync_of_a_tree_with_subfolders_flattened_as_the_readme_shows(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    """Purpose folders hold no folders: `rsync -a` of a tree fails on its `mkdir`
+    (exit 23); the README's form copies every file of the tree into one folder."""
+    source = tmp_path / "tree"
+    (source / "sub" / "deeper").mkdir(parents=True)
+    files = {"top.txt": b"top\n", "sub/mid.txt": b"mid\n", "sub/deeper/low.txt": b"low\n"}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    target = f"{mounted / 'batch'}/"
+    plain = subprocess.run(
+        ["rsync", "-a", f"{source}/", target], capture_output=True, text=True, timeout=60
+    )
+    assert plain.returncode == 23 and "mkdir" in plain.stderr, plain.stderr
+    for copied in (mounted / "batch").iterdir():  # what it copied before it gave up
+        copied.unlink()
+    readme = README.read_text()
+    assert "rsync -a --files-from=<(cd src && find . -type f) --no-relative" in readme
+    run(
+        mounted, "bash", "-c",
+        f"rsync -a --files-from=<(cd {source} && find . -type f) --no-relative {source}/ {target}",
+    )  # fmt: skip
+    assert_account(sdk, mounted, {f"batch/{Path(n).name}": d for n, d in files.items()})
+
+
 # -- 6. tar, find, du, stat, getfattr ----------------------------------------------------
 
 
@@ -401,6 +429,39 @@ def test_cp_a_out_keeps_the_metadata_but_no_signed_url(
     assert os.getxattr(copy, "user.mistral.id") == remote.id.encode()
     # A link that reads the file without the key does not travel with copies.
     assert not [n for n in os.listxattr(copy) if "signed_url" in n]
+
+
+def blocks(size: int) -> int:
+    """`size` bytes rounded up to df's 4 KiB blocks."""
+    return -(-size // 4096) * 4096
+
+
+def test_df_shows_what_the_account_holds_and_ls_a_shows_dot_entries(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    sizes = {"batch": 3 * 1024 * 1024 + 5, "fine-tune": len(JSONL)}
+    sdk.files.upload(
+        file={"file_name": "big.bin", "content": b"x" * sizes["batch"]}, purpose="batch"
+    )
+    sdk.files.upload(file={"file_name": "a.jsonl", "content": JSONL}, purpose="fine-tune")
+    with mount(emulator_process, tmp_path) as mounted:
+        # The first df lists the account (nothing was listed yet); used = their bytes.
+        used = run(mounted, "df", "-B1", "--output=used,size,avail", mounted.path).stdout
+        [used_bytes, size, avail] = map(int, used.decode().splitlines()[1].split())
+        assert used_bytes == blocks(sum(sizes.values())), used
+        assert size == used_bytes + avail and avail >= 2**40
+        inodes = run(mounted, "df", "--output=iused", mounted.path).stdout.decode()
+        assert int(inodes.splitlines()[1]) == 2, inodes
+        (mounted / "batch" / "new.txt").write_bytes(b"y" * 4096)
+        used = run(mounted, "df", "-B1", "--output=used", mounted.path).stdout.decode()
+        assert int(used.splitlines()[1]) == blocks(sum(sizes.values()) + 4096), used
+        human = run(mounted, "df", "-h", mounted.path).stdout.decode()
+        assert human.splitlines()[1].split()[2] == "3.1M", human
+        for folder in (mounted.path, mounted / "batch"):
+            listing = run(mounted, "ls", "-la", folder).stdout.decode().splitlines()
+            names = [line.split()[-1] for line in listing[1:]]
+            assert names[:2] == [".", ".."], listing
+        assert sorted(os.listdir(mounted / "batch")) == ["big.bin", "new.txt"]
 
 
 # -- 7. gio --------------------------------------------------------------------------

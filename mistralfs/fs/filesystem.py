@@ -127,6 +127,17 @@ class Filesystem:
             return entries
         raise FsError(errno.ENOTDIR)
 
+    async def usage(self) -> tuple[int, int]:
+        """The bytes and the number of files the account holds, for `statfs` (df).
+
+        From the account's listing, fetched as for `ls` of the root: only when it is
+        older than the folder cache time, so every purpose counts, and a df after another
+        makes no request. Files being written count at their size so far.
+        """
+        folders = await self._listed(self.namespace.folders())
+        files = [node for folder in folders for node in folder.entries.values()]
+        return sum(node.size for node in files), len(files)
+
     async def _listed(self, listing: Awaitable[T]) -> T:
         """Await a namespace call that may fetch a listing; its API errors become errnos."""
         try:

@@ -37,6 +37,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 STATFS_BLOCKS = 2**40 // BLOCK  # 1 TiB shown free: uploads are limited per file, not in total
+STATFS_FILES = 2**32  # file slots shown free
 
 
 def _fuse_errors(
@@ -136,7 +137,11 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def opendir(self, inode: InodeT, ctx: RequestContext | None) -> FileHandleT:
-        entries = [(name.encode("utf-8"), node) for name, node in await self.fs.list_dir(inode)]
+        listed = await self.fs.list_dir(inode)
+        # `.` and `..` first, as `ls -a` expects; `..` of a folder is the root, and the
+        # kernel answers for `..` of the root itself.
+        entries = [(b".", self.fs.node(inode)), (b"..", self.fs.node(pyfuse3.ROOT_INODE))]
+        entries += [(name.encode("utf-8"), node) for name, node in listed]
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dir_snapshots[fh] = entries
@@ -271,11 +276,15 @@ class Operations(pyfuse3.Operations):
 
     # -- metadata -------------------------------------------------------------------
 
+    @_fuse_errors
     async def statfs(self, ctx: RequestContext | None) -> pyfuse3.StatvfsData:
+        used_bytes, used_files = await self.fs.usage()
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = BLOCK
-        stats.f_blocks = stats.f_bfree = stats.f_bavail = STATFS_BLOCKS
-        stats.f_files = stats.f_ffree = stats.f_favail = 2**32
+        stats.f_bfree = stats.f_bavail = STATFS_BLOCKS
+        stats.f_blocks = STATFS_BLOCKS + -(-used_bytes // BLOCK)
+        stats.f_ffree = stats.f_favail = STATFS_FILES
+        stats.f_files = STATFS_FILES + used_files
         stats.f_namemax = NAME_MAX
         return stats
 
