@@ -193,9 +193,9 @@ async def test_blocks_on_their_way_count_against_the_cache(
 async def test_a_streams_first_read_waits_for_its_own_block_only(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
-    """The window opens at 128 blocks, in runs of 9: the first read's own blocks (3)
-    still get connections (16 to storage), not ones freed by requests ahead, and one
-    stays free."""
+    """The window opens at 128 blocks, in runs of 5: the first read's own blocks (3)
+    still get connections (32 to storage), not ones freed by requests ahead, and one
+    stays free; more than 16 requests are on their way at once."""
     async with stack_with(emulator, tmp_path / "cache", cache_size=256 * BLOCK) as stack:
         data = os.urandom(192 * BLOCK)
         await upload(stack, "wide.bin", data)
@@ -226,7 +226,7 @@ async def test_a_streams_first_read_waits_for_its_own_block_only(
                 reader._blocks.clear()
                 stack.ops.fs._handle(info.fh).read_state = ReadState()
             nursery.cancel_scope.cancel()
-        assert most == STORAGE_CONNECTIONS - 1, most
+        assert 16 < most <= STORAGE_CONNECTIONS - 1, most
         await stack.ops.release(info.fh)
 
 
@@ -276,7 +276,7 @@ async def test_a_streams_first_block_heads_the_first_run_and_is_asked_for_first(
 ) -> None:
     """A stream's first read asks for its block before any block ahead (so that it takes
     the connection left idle, not a new one: several round trips on a long link), in one
-    request with the run that follows it. Window: 64 blocks, in runs of 5."""
+    request with the run that follows it. Window: 64 blocks, in runs of 4."""
     api = FakeFilesApi(latency=0.1)
     data = os.urandom(96 * STREAM_BLOCK)
     for _ in range(8):  # trio starts the tasks of one batch in either order
@@ -289,7 +289,7 @@ async def test_a_streams_first_block_heads_the_first_run_and_is_asked_for_first(
             read = await reader.read(remote, 0, STREAM_BLOCK, ReadState())
             assert read == data[:STREAM_BLOCK]
             nursery.cancel_scope.cancel()
-        assert api.ranges[0] == (0, 6 * STREAM_BLOCK), api.ranges[:3]
+        assert api.ranges[0] == (0, 5 * STREAM_BLOCK), api.ranges[:3]
 
 
 async def test_a_block_serves_reads_as_soon_as_it_is_in(
@@ -316,12 +316,13 @@ async def test_the_window_is_refilled_in_whole_runs(
 ) -> None:
     """As a stream reads on, the end of its window is fetched in runs as long as those
     that opened it (the window over the connections), not a few blocks per read: so
-    that the requests hold the whole window between them. Window: 64 blocks, runs of 5."""
+    that the requests hold the whole window between them. Window: 128 blocks, runs of 5
+    (over 31 requests)."""
     api = FakeFilesApi(latency=0.05, piece_time=0.001)
-    data = os.urandom(256 * BLOCK)
+    data = os.urandom(512 * BLOCK)
     remote = api.add("big.bin", "batch", data)
     async with trio.open_nursery() as nursery:
-        reader = BlockReader(api, nursery, cache_size=128 * BLOCK, block_size=BLOCK)
+        reader = BlockReader(api, nursery, cache_size=512 * BLOCK, block_size=BLOCK)
         state = ReadState()
         for offset in range(0, len(data), 4 * BLOCK):
             read = await reader.read(remote, offset, 4 * BLOCK, state)

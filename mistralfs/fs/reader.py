@@ -51,12 +51,15 @@ MAX_URLS_PER_LISTING = 32  # large files of a listed folder whose URL is fetched
 FREE_GROWTH_BLOCKS = 32
 MAX_PREFETCH_BLOCKS = 128
 RUN_BLOCKS = 4  # blocks fetched by one request when prefetching, at least: parts of 4 MiB
-# Block requests in flight at once, across files: as many connections to storage (the
-# client's transport allows 32 per host, transport.py). Requests ahead
+# Block requests in flight at once, across files: as many connections to storage as the
+# client's transport allows per host (32, transport.py). Requests ahead
 # start only while one of them stays free besides a read's own: a read's own block never
 # waits for a connection behind blocks fetched ahead. A window larger than RUN_BLOCKS
-# times the requests left for it goes in longer runs.
-STORAGE_CONNECTIONS = 16
+# times the requests left for it goes in longer runs. On a long link each connection
+# carries its own share of the rate, and with blocks handed over as they come a run's
+# first blocks serve reads while the rest is on its way: 32 connections read a 128-block
+# window faster than 16 (R1 at 100 ms, bench/README.md).
+STORAGE_CONNECTIONS = 32
 MAX_RUNS_AHEAD = STORAGE_CONNECTIONS - 1
 FASTER = 1.1  # a window counts as faster than the one before when it reads this much faster
 MAX_WHOLE_FILES_AHEAD = 32  # small files fetched ahead at once, across the mount (as
