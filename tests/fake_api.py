@@ -215,7 +215,8 @@ class FakeFilesApi:
         for index, piece in enumerate(pieces):
             if self.piece_time:  # the link's rate: a piece after another
                 await trio.sleep(self.piece_time)
-            if on_piece is not None and len(piece) == min(piece_size, length - index * piece_size):
+            whole = len(piece) == min(piece_size, length - index * piece_size)
+            if on_piece is not None and whole and index < len(pieces) - 1:
                 on_piece(index, piece)
         return pieces
 

@@ -155,9 +155,12 @@ class StorageReads:
         shorter; all of them shorter than asked if the body is): each byte copied once.
 
         With `on_piece`, the body is read a piece per worker thread hop and each whole
-        piece is handed to `on_piece(index, piece)` as soon as it is in, so that the
-        first blocks of a long range serve reads while the rest is on its way (a retry
-        may hand pieces again); without, the whole range is read in one hop.
+        piece but the last is handed to `on_piece(index, piece)` as soon as it is in, so
+        that the first blocks of a long range serve reads while the rest is on its way
+        (a retry may hand pieces again). The last piece only comes back with the others,
+        once the body has ended where its range does: a body that runs on fails the
+        call, and the range's last block with it. Without `on_piece`, the whole range
+        is read in one hop.
         """
         if start < 0 or length < 0 or piece_size < 1:
             raise ValueError("start and length must be >= 0, piece_size >= 1")
@@ -168,6 +171,7 @@ class StorageReads:
         except httpx.InvalidURL as exc:
             raise ProtocolError(f"invalid signed URL: {exc}", method="GET", url=url) from None
         end = start + length - 1
+        last_piece = (length - 1) // piece_size
 
         async def handle(response: httpx.Response, n: int) -> list[bytes]:
             if response.status_code == 416:
@@ -209,7 +213,7 @@ class StorageReads:
                         url=url,
                     )
                 for index in cutter.feed(chunk):
-                    if on_piece is not None:
+                    if on_piece is not None and index < last_piece:
                         on_piece(index, cutter.pieces[index])
                 if got >= wanted and response.status_code == 200:
                     break
