@@ -61,6 +61,8 @@ class FakeFilesApi:
     stats: RequestStats = field(default_factory=RequestStats)
     sends_growing_uploads: bool = False
     latency: float = 0.0  # seconds each content and range read takes, as a link would
+    piece_time: float = 0.0  # seconds each piece of a range read takes after the latency
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # (start, length) asked, in order
     in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
     peak_in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1_700_000_000))
@@ -195,15 +197,28 @@ class FakeFilesApi:
         return SignedUrl(url=f"fake://storage/{file_id}?se={expires_at}", expires_at=expires_at)
 
     async def read_range_pieces(
-        self, url: str, start: int, length: int, piece_size: int
+        self,
+        url: str,
+        start: int,
+        length: int,
+        piece_size: int,
+        on_piece: Callable[[int, bytes], None] | None = None,
     ) -> list[bytes]:
         self._count("read_range")
+        self.ranges.append((start, length))
         await self._wait("read_range")
         file_id, _, expiry = url.removeprefix("fake://storage/").partition("?se=")
         if float(expiry) < time.time():
             raise UrlExpired("Signature expired", status=403, method="GET", url=url)
         data = self._get(file_id).content[start : start + length]
-        return cut([data], 0, len(data), piece_size) if data else []
+        pieces = cut([data], 0, len(data), piece_size) if data else []
+        for index, piece in enumerate(pieces):
+            if self.piece_time:  # the link's rate: a piece after another
+                await trio.sleep(self.piece_time)
+            whole = len(piece) == min(piece_size, length - index * piece_size)
+            if on_piece is not None and whole and index < len(pieces) - 1:
+                on_piece(index, piece)
+        return pieces
 
     async def connect_ahead(self, url: str) -> None:
         self._count("connect_ahead")

@@ -218,6 +218,41 @@ async def test_a_redirected_signed_url_is_followed_without_the_key(emulator: typ
     assert seen == [("/moved", False), ("/blob", False)]  # never with the key
 
 
+async def test_a_streamed_range_hands_over_each_piece_as_it_comes(emulator: typing.Any) -> None:
+    """With `on_piece`, the first piece of a range is handed over while the rest of the
+    body is still on its way (here the server sends the rest only once it was), and the
+    last only once the body has ended."""
+    body = os.urandom(3 * 4096 + 100)
+    first_taken = trio.Event()
+    taken: list[tuple[int, int]] = []
+
+    async def app(scope: dict[str, typing.Any], receive: typing.Any, send: typing.Any) -> None:
+        headers = [
+            (b"content-range", f"bytes 0-{len(body) - 1}/{len(body)}".encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 206, "headers": headers})
+        await send({"type": "http.response.body", "body": body[:4096], "more_body": True})
+        await first_taken.wait()
+        await send({"type": "http.response.body", "body": body[4096:]})
+
+    def on_piece(index: int, piece: bytes) -> None:
+        taken.append((index, len(piece)))
+        first_taken.set()
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, app)
+        async with FilesClient(emulator.url, emulator.api_key) as client:
+            with trio.fail_after(10):
+                pieces = await client.read_range_pieces(
+                    f"{url}/blob?sig=s", 0, len(body), 4096, on_piece
+                )
+        nursery.cancel_scope.cancel()
+    assert b"".join(pieces) == body
+    # The last piece comes back with the others, once the body ended where it should.
+    assert taken == [(0, 4096), (1, 4096), (2, 4096)]
+
+
 def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading the trusted certificates takes tens of milliseconds: once per process and
     trust, and httpx and every http.client pool of a client trust the same ones."""

@@ -220,10 +220,16 @@ class FilesClient:
         return await self._storage.read_range(url, start, length)
 
     async def read_range_pieces(
-        self, url: str, start: int, length: int, piece_size: int
+        self,
+        url: str,
+        start: int,
+        length: int,
+        piece_size: int,
+        on_piece: Callable[[int, bytes], None] | None = None,
     ) -> list[bytes]:
-        """A signed URL's range in pieces of ``piece_size`` (see storage.py)."""
-        return await self._storage.read_range_pieces(url, start, length, piece_size)
+        """A signed URL's range in pieces of ``piece_size``, each handed to ``on_piece``
+        as it comes if given (see storage.py)."""
+        return await self._storage.read_range_pieces(url, start, length, piece_size, on_piece)
 
     async def connect_ahead(self, url: str) -> None:
         """A connection to the storage host of ``url``, opened now (see storage.py)."""

@@ -87,9 +87,15 @@ class FilesApi(Protocol):
     async def signed_url(self, file_id: str, expiry_hours: int = 24) -> SignedUrl: ...
 
     async def read_range_pieces(
-        self, url: str, start: int, length: int, piece_size: int
+        self,
+        url: str,
+        start: int,
+        length: int,
+        piece_size: int,
+        on_piece: Callable[[int, bytes], None] | None = None,
     ) -> list[bytes]:
-        """Bytes of a signed URL, in pieces of `piece_size` (short at the file's end)."""
+        """Bytes of a signed URL, in pieces of `piece_size` (short at the file's end);
+        `on_piece(index, piece)`, if given, takes each whole piece as soon as it is in."""
         ...
 
     async def connect_ahead(self, url: str) -> None:

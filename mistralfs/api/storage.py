@@ -9,6 +9,7 @@ answer's headers, in block-sized pieces.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import httpx
 
@@ -59,28 +60,56 @@ def cut(chunks: list[bytes], skip: int, length: int, piece_size: int) -> list[by
     """`length` bytes after the first `skip` of `chunks`, in pieces of `piece_size`."""
     if not skip and _already_cut(chunks, length, piece_size):
         return chunks  # no copy at all
-    pieces: list[bytes] = []
-    parts: list[memoryview] = []
-    filled, remaining = 0, length
-    want = min(piece_size, remaining)
+    cutter = Cutter(skip, length, piece_size)
     for chunk in chunks:
+        cutter.feed(chunk)
+    return cutter.finish()
+
+
+class Cutter:
+    """`length` bytes of a body after its first `skip`, in pieces of `piece_size` (the
+    last may be shorter), cut as the body comes: each byte copied at most once, a chunk
+    that is a whole piece not at all."""
+
+    def __init__(self, skip: int, length: int, piece_size: int) -> None:
+        self.pieces: list[bytes] = []  # the whole pieces so far
+        self._parts: list[memoryview] = []
+        self._filled = 0
+        self._skip = skip
+        self._remaining = length
+        self._piece_size = piece_size
+
+    def feed(self, chunk: bytes) -> range:
+        """Take the next chunk of the body; the indexes of the pieces it completed."""
+        done = len(self.pieces)
         view = memoryview(chunk)
-        if skip:
-            if len(view) <= skip:
-                skip -= len(view)
-                continue
-            view, skip = view[skip:], 0
-        while view and remaining:
-            take = min(len(view), want - filled)
-            parts.append(view[:take])
-            view, filled = view[take:], filled + take
-            if filled == want:
-                pieces.append(b"".join(parts))
-                parts, remaining, filled = [], remaining - want, 0
-                want = min(piece_size, remaining)
-    if parts:  # a short body: the caller sees the missing bytes
-        pieces.append(b"".join(parts))
-    return pieces
+        if self._skip:
+            if len(view) <= self._skip:
+                self._skip -= len(view)
+                return range(done, done)
+            view, self._skip = view[self._skip :], 0
+        while view and self._remaining:
+            want = min(self._piece_size, self._remaining)
+            take = min(len(view), want - self._filled)
+            if take == want == len(chunk):
+                self.pieces.append(chunk)  # the chunk is a piece as it is
+            else:
+                self._parts.append(view[:take])
+                self._filled += take
+                if self._filled < want:
+                    break
+                self.pieces.append(b"".join(self._parts))
+                self._parts, self._filled = [], 0
+            view = view[take:]
+            self._remaining -= want
+        return range(done, len(self.pieces))
+
+    def finish(self) -> list[bytes]:
+        """All the pieces: a short body's last one is short (the caller sees what is missing)."""
+        if self._parts:
+            self.pieces.append(b"".join(self._parts))
+            self._parts, self._filled = [], 0
+        return self.pieces
 
 
 def _already_cut(chunks: list[bytes], length: int, piece_size: int) -> bool:
@@ -115,10 +144,23 @@ class StorageReads:
         return pieces[0] if pieces else b""
 
     async def read_range_pieces(
-        self, url: str, start: int, length: int, piece_size: int
+        self,
+        url: str,
+        start: int,
+        length: int,
+        piece_size: int,
+        on_piece: Callable[[int, bytes], None] | None = None,
     ) -> list[bytes]:
         """Like `read_range`, cut into pieces of `piece_size` bytes (the last may be
         shorter; all of them shorter than asked if the body is): each byte copied once.
+
+        With `on_piece`, the body is read a piece per worker thread hop and each whole
+        piece but the last is handed to `on_piece(index, piece)` as soon as it is in, so
+        that the first blocks of a long range serve reads while the rest is on its way
+        (a retry may hand pieces again). The last piece only comes back with the others,
+        once the body has ended where its range does: a body that runs on fails the
+        call, and the range's last block with it. Without `on_piece`, the whole range
+        is read in one hop.
         """
         if start < 0 or length < 0 or piece_size < 1:
             raise ValueError("start and length must be >= 0, piece_size >= 1")
@@ -129,6 +171,7 @@ class StorageReads:
         except httpx.InvalidURL as exc:
             raise ProtocolError(f"invalid signed URL: {exc}", method="GET", url=url) from None
         end = start + length - 1
+        last_piece = (length - 1) // piece_size
 
         async def handle(response: httpx.Response, n: int) -> list[bytes]:
             if response.status_code == 416:
@@ -155,12 +198,12 @@ class StorageReads:
                 )
             # A 206 is read to its end (no further than its Content-Range, so that the
             # connection goes back to the pool); a 200 (the whole file) is dropped as soon
-            # as the range is in. The transport reads the range with the headers, in
-            # pieces of `piece_size`: they are kept as they come.
-            chunks: list[bytes] = []
+            # as the range is in. The transport reads the body in pieces of `piece_size`
+            # (the whole range with the headers unless streamed): they are kept as they
+            # come.
+            cutter = Cutter(skip, length, piece_size)
             got = 0
             async for chunk in response.aiter_raw():
-                chunks.append(chunk)
                 got += len(chunk)
                 if got > wanted and response.status_code == 206:
                     raise ProtocolError(
@@ -169,9 +212,12 @@ class StorageReads:
                         method="GET",
                         url=url,
                     )
+                for index in cutter.feed(chunk):
+                    if on_piece is not None and index < last_piece:
+                        on_piece(index, cutter.pieces[index])
                 if got >= wanted and response.status_code == 200:
                     break
-            return cut(chunks, skip, length, piece_size)
+            return cutter.finish()
 
         try:
             return await self._calls.call(
@@ -182,7 +228,9 @@ class StorageReads:
                 headers={"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"},
                 pass_statuses=(416,),
                 follow_redirects=True,
-                answer_limit=length + 1,  # one byte more tells a 206 that runs on
+                # The whole range with the headers, and one byte more that tells a 206
+                # that runs on; streamed, its first piece only.
+                answer_limit=length + 1 if on_piece is None else piece_size,
                 piece_size=piece_size,
             )
         except httpx.UnsupportedProtocol as exc:

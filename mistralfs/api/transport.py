@@ -17,9 +17,10 @@ it waits, and the trio thread is left to answer FUSE.
   upload_body.py) writes itself from the worker thread, by sendfile(2); any other body
   is read first, then sent.
 - The first `PREFETCH` bytes of an answer (default `DEFAULT_PREFETCH`) are read in the
-  same thread hop as its headers, in pieces of `PIECE_SIZE` bytes (request extensions):
-  a JSON answer, a small file or a range costs one hop. Anything after that is read
-  1 MiB per hop as the caller iterates.
+  same thread hop as its headers, in pieces of `PIECE_SIZE` bytes (request extensions,
+  default 1 MiB): a JSON answer, a small file or a range costs one hop. Anything after
+  that is read one piece per hop as the caller iterates (a range read streamed block
+  by block).
 - Failures are raised as httpx's exceptions, so that one retry policy serves all.
 """
 
@@ -45,7 +46,7 @@ Origin = tuple[str, str, int]
 PREFETCH = "mistralfs.prefetch"  # bytes of the answer to read with its headers
 PIECE_SIZE = "mistralfs.piece_size"  # the size of the pieces they are read in
 DEFAULT_PREFETCH = 64 * 1024
-STREAM_PIECE = 1 << 20  # what one thread hop reads of the rest of a body
+STREAM_PIECE = 1 << 20  # what one thread hop reads of the rest of a body, by default
 # Connections in use at once, per origin: a sequential reader on a long link keeps many
 # ranged reads on their way to storage (reader.py), and a folder read file by file many
 # small /content requests to the API (readahead.py).
@@ -259,7 +260,7 @@ class _Exchange:
     def read_more(self, response: http.client.HTTPResponse) -> bytes:
         """The next piece of the body after those prefetched (b"" at its end)."""
         with _as_httpx_errors("read"):
-            piece = response.read(STREAM_PIECE)
+            piece = response.read(self.piece_size)
             if not piece and response.length:  # closed before its Content-Length
                 raise http.client.IncompleteRead(piece, response.length)
             return piece
