@@ -107,6 +107,7 @@ async def _serve_mounted(
         dir_cache_time=config.dir_cache_time,
         read_only=config.read_only,
         max_throughput=config.max_throughput,
+        local_names=config.local_names,
     )
     parts = build_filesystem(client, nursery, options, disk=disk)
     fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer
@@ -154,6 +155,7 @@ async def _serve_mounted(
         # After `umount` the kernel has unmounted already; after a signal or a crash
         # we unmount, so no dead mount is left behind.
         pyfuse3.close(unmount=not unmounted_by_kernel)
+        writer.drop_local()  # scratch files live as long as the mount
         if stopped:  # a clean stop: what was read is on disk for the next mount
             with trio.move_on_after(DISK_FLUSH_SECONDS):
                 await disk.flush()
