@@ -2,45 +2,26 @@
 spool: on the account in memory (fake_api.py), as test_fake_tier.py runs the filesystem,
 each tool's sequence of calls and the uploads and deletes it costs."""
 
+# ruff: noqa: F811 - `fake`, the fast tier's fixture, is imported and then asked for
+
 from __future__ import annotations
 
 import errno
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyfuse3
 import pytest
-import trio
 from fake_api import FakeFilesApi
 from fs_driver import FsDriver
-from test_fake_tier import BLOCK, FakeStack
+from test_fake_tier import FakeStack, fake  # noqa: F401 - the fast tier's fixture
 
 from mistralfs.config import ConfigError, options_to_args, parse_local_names
-from mistralfs.fs.build import FsOptions, build_filesystem
 from mistralfs.fs.names import DEFAULT_LOCAL_NAMES, LocalNames
-from mistralfs.fs.operations import Operations
 from mistralfs.fs.recovery import leftover_spools, recover
 
 JSONL = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeStack]:
-    api = FakeFilesApi()
-    options = FsOptions(
-        spool_dir=tmp_path / "spool",
-        recovery_dir=tmp_path / "recovery",
-        cache_size=64 * BLOCK,
-        block_size=BLOCK,
-        max_file_size=64 * 1024 * 1024,
-        dir_cache_time=0,
-    )
-    async with trio.open_nursery() as nursery:
-        parts = build_filesystem(api, nursery, options)
-        yield FakeStack(Operations(parts.fs), BLOCK, api, tmp_path)
-        nursery.cancel_scope.cancel()
 
 
 async def create_written(fake: FsDriver, folder: str, name: str, data: bytes) -> None:
