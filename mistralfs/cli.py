@@ -17,6 +17,7 @@ from mistralfs.config import (
     DEFAULT_STOP_TIMEOUT,
     ConfigError,
     options_to_args,
+    parse_local_names,
     parse_size,
 )
 
@@ -38,6 +39,13 @@ def _seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError("seconds must not be negative")
     return value
+
+
+def _local_names(text: str) -> tuple[str, ...]:
+    try:
+        return parse_local_names(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long SIGTERM waits for uploads in flight; what is cut off is uploaded "
         f"at the next mount (default {DEFAULT_STOP_TIMEOUT:g})",
     )
+    mount.add_argument(
+        "--local-names",
+        type=_local_names,
+        metavar="PATTERNS",
+        help="names of scratch files (swap, temp, lock, backup files) kept in the local "
+        "spool only, never uploaded: globs separated by /, replacing the default list "
+        "('default' stands for it, '' means none); see docs/SEMANTICS.md",
+    )
     mount.add_argument("--read-only", action="store_true", help="refuse every change")
     mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     mount.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
@@ -135,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIONS",
         help="mount options as mount(8) passes them: server_url=URL, api_key_file=F, "
         "ca_file=F, cache_size=SIZE, max_throughput=RATE, dir_cache_time=S, cache_dir=DIR, "
-        "disk_cache=DIR, disk_cache_size=SIZE, log_file=F, log_level=L, read_only (or ro), "
+        "disk_cache=DIR, disk_cache_size=SIZE, local_names=PATTERNS, log_file=F, log_level=L, "
+        "read_only (or ro), "
         "allow_other; fstab's _netdev, nofail, noauto, x-* are ignored",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

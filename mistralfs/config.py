@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mistralfs import DEFAULT_SERVER_URL
 from mistralfs.daemon.state import mount_state_file
+from mistralfs.fs.names import DEFAULT_LOCAL_NAMES
 from mistralfs.usage import ConfigError
 
 __all__ = ["DEFAULT_SERVER_URL", "ConfigError"]
@@ -42,6 +43,17 @@ def parse_size(text: str) -> int:
         )
     number, unit, _ = match.groups()
     return int(float(number) * _UNITS[unit.upper()])
+
+
+def parse_local_names(text: str) -> tuple[str, ...]:
+    """`--local-names`: globs separated by `/` (which no name holds), replacing the
+    default list; the word `default` stands for it, and an empty value means none."""
+    patterns: list[str] = []
+    for pattern in text.split("/") if text else []:
+        if not pattern:
+            raise ConfigError(f"empty pattern in --local-names {text!r}: separate globs with one /")
+        patterns += DEFAULT_LOCAL_NAMES if pattern == "default" else [pattern]
+    return tuple(patterns)
 
 
 def default_cache_dir() -> Path:
@@ -104,6 +116,7 @@ class MountConfig:
     disk_cache: Path | None = None
     disk_cache_size: int = DEFAULT_DISK_CACHE_SIZE
     ca_file: Path | None = None  # the only TLS trust when set (see mistralfs/api/tls.py)
+    local_names: tuple[str, ...] = DEFAULT_LOCAL_NAMES  # scratch files, never uploaded
 
     @property
     def pid_file(self) -> Path:
@@ -139,6 +152,7 @@ _VALUE_OPTIONS = {
     "stop_timeout": "--stop-timeout",
     "disk_cache": "--disk-cache",
     "disk_cache_size": "--disk-cache-size",
+    "local_names": "--local-names",
 }
 _FLAG_OPTIONS = {
     "read_only": "--read-only",

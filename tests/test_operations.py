@@ -605,27 +605,28 @@ async def test_content_changed_after_a_refused_close_is_uploaded_at_release(
 async def test_a_file_removed_while_its_upload_is_under_way_leaves_nothing_behind(
     stack: Stack, how: str
 ) -> None:
-    """vim creates its swap file, closes it and removes it at once, while the release
-    uploads it: the account must not keep a file no name shows."""
+    """A program creates a file, closes it and removes it at once (as vim did with its
+    swap file before scratch names stayed local), while the release uploads it: the
+    account must not keep a file no name shows."""
     batch = await stack.folder("batch")
     await upload(stack, "other.txt", b"other")
     await hold_up(stack, "POST", 0.6)
-    info, _ = await stack.ops.create(batch, b".f.swp", 0o600, os.O_RDWR, None)
+    info, _ = await stack.ops.create(batch, b"f.tmp", 0o600, os.O_RDWR, None)
     await stack.ops.flush(info.fh)  # nothing done: the file is uploaded at release
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stack.ops.release, info.fh)
         await trio.sleep(0.2)  # the release's upload is held up in the emulator
         if how == "unlink":
-            await stack.ops.unlink(batch, b".f.swp", None)
+            await stack.ops.unlink(batch, b"f.tmp", None)
         else:
-            await stack.ops.rename(batch, b"other.txt", batch, b".f.swp", 0, None)
+            await stack.ops.rename(batch, b"other.txt", batch, b"f.tmp", 0, None)
     stored = [(f.filename, f.bytes) for f in await stack.client.list_all()]
     if how == "unlink":
         assert stored == [("other.txt", 5)]
-        await expect_missing(stack.ops, batch, b".f.swp")
+        await expect_missing(stack.ops, batch, b"f.tmp")
     else:
-        assert stored == [(".f.swp", 5)]
-        assert await stack.read_file((await stack.ops.lookup(batch, b".f.swp")).st_ino) == b"other"
+        assert stored == [("f.tmp", 5)]
+        assert await stack.read_file((await stack.ops.lookup(batch, b"f.tmp")).st_ino) == b"other"
     assert list((stack.cache_dir / "recovery").glob("*")) == []
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import emulator_admin
 import httpx
 import pytest
 from conftest import RunningEmulator
@@ -285,6 +286,96 @@ def test_vim_edit_leaves_no_swap_file_in_the_account(mounted: Mounted, sdk: Mist
     time.sleep(1.0)  # those uploads end well within this; what they stored must be gone
     assert_account(sdk, mounted, {"batch/notes.jsonl": b'{"n": 2}\n'})
     assert_gone(sdk, old.id)
+
+
+# -- scratch files: one upload per file saved ----------------------------------------
+
+
+def requests_made(emulator: RunningEmulator, method: str) -> int:
+    """`method` requests to /v1/files since the log was cleared, uploads at release included."""
+    time.sleep(0.5)  # an upload at a release the tool did not wait for has begun by now
+    log = emulator_admin.requests(emulator.url, emulator.api_key)
+    return sum(r["method"] == method and r["path"].startswith("/v1/files") for r in log)
+
+
+def assert_quiet_log(mounted: Mounted) -> None:
+    """No failed upload, nothing kept for recovery: scratch files are not failures."""
+    notable = [
+        line for line in mounted.log().splitlines() if " WARNING " in line or " ERROR " in line
+    ]
+    assert notable == [], log_excerpt(mounted)
+    assert list(mounted.cache_dir.glob("recovery/*")) == []
+
+
+def test_sed_i_makes_one_upload(
+    mounted: Mounted, sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    path = mounted / "fine-tune" / "train.jsonl"
+    path.write_bytes(JSONL)
+    [old] = remote_files(sdk)
+    emulator_admin.clear_requests(emulator_process.url, emulator_process.api_key)
+    run(mounted, "sed", "-i", "s/a/b/", path)  # writes ./sedXXXXXX, renames it over the file
+    assert requests_made(emulator_process, "POST") == 1
+    assert requests_made(emulator_process, "DELETE") == 1
+    expected = b"".join(line.replace(b"a", b"b", 1) + b"\n" for line in JSONL.splitlines())
+    assert_account(sdk, mounted, {"fine-tune/train.jsonl": expected})
+    assert_gone(sdk, old.id)
+    assert_quiet_log(mounted)
+
+
+@pytest.mark.parametrize("folder", ["batch", "fine-tune"])
+def test_a_vim_save_makes_one_upload(
+    folder: str, mounted: Mounted, sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    """vim's swap files (.NAME.swp, .swx), its probe 4913 and its backup NAME~ stay local:
+    they made 5 uploads and 5 deletes, and in fine-tune/ a refused upload of the swap file."""
+    path = mounted / folder / "notes.jsonl"
+    path.write_bytes(JSONL)
+    [old] = remote_files(sdk)
+    emulator_admin.clear_requests(emulator_process.url, emulator_process.api_key)
+    run(
+        mounted,
+        "vim",
+        "-u",
+        "NONE",
+        "-i",
+        "NONE",
+        "-N",
+        "-es",
+        "-c",
+        "%s/a 1/a 9/",
+        "-c",
+        "wq",
+        path,
+    )
+    assert requests_made(emulator_process, "POST") == 1
+    assert requests_made(emulator_process, "DELETE") == 1
+    assert_account(sdk, mounted, {f"{folder}/notes.jsonl": JSONL.replace(b"a 1", b"a 9")})
+    assert_gone(sdk, old.id)
+    assert_quiet_log(mounted)
+
+
+def test_an_rsync_copy_makes_one_upload_per_file(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    files = {"a.jsonl": JSONL, "b.jsonl": JSONL * 3, "empty.jsonl": b""}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    emulator_admin.clear_requests(emulator_process.url, emulator_process.api_key)
+    run(mounted, "rsync", "-a", f"{source}/", f"{mounted / 'batch'}/")  # .NAME.XXXXXX, renamed
+    assert requests_made(emulator_process, "POST") == 3
+    assert_account(sdk, mounted, {f"batch/{name}": data for name, data in files.items()})
+    files["b.jsonl"] = JSONL * 4
+    (source / "b.jsonl").write_bytes(files["b.jsonl"])
+    emulator_admin.clear_requests(emulator_process.url, emulator_process.api_key)
+    # The mount keeps no mtimes (they are the upload's time): by size, only b.jsonl differs.
+    run(mounted, "rsync", "-a", "--size-only", f"{source}/", f"{mounted / 'batch'}/")
+    assert requests_made(emulator_process, "POST") == 1
+    assert requests_made(emulator_process, "DELETE") == 1
+    assert_account(sdk, mounted, {f"batch/{name}": data for name, data in files.items()})
+    assert_quiet_log(mounted)
 
 
 def gio_env(tmp_path: Path) -> dict[str, str]:

@@ -73,6 +73,8 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         disk_cache_size=args.disk_cache_size or DEFAULT_DISK_CACHE_SIZE,
         ca_file=_ca_file(args.ca_file),
     )
+    if args.local_names is not None:
+        config.local_names = args.local_names
     _ = config.pid_file, config.control_socket  # an unsafe runtime folder refuses the mount now
     return config
 

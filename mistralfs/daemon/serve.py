@@ -135,6 +135,7 @@ async def _serve_mounted(
         dir_cache_time=config.dir_cache_time,
         read_only=config.read_only,
         max_throughput=config.max_throughput,
+        local_names=config.local_names,
     )
     parts = build_filesystem(client, nursery, options, disk=disk)
     fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer
@@ -183,6 +184,7 @@ async def _serve_mounted(
         # we unmount, so no dead mount is left behind.
         pyfuse3.close(unmount=not unmounted_by_kernel)
         _note_no_trash(config.mountpoint, False)
+        writer.drop_local()  # scratch files live as long as the mount
         if stopped:  # a clean stop: what was read is on disk for the next mount
             with trio.move_on_after(DISK_FLUSH_SECONDS):
                 await disk.flush()

@@ -12,6 +12,7 @@ from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.activity import Activity
 from mistralfs.fs.disk_cache import DiskCache, NoDiskCache
 from mistralfs.fs.filesystem import Filesystem
+from mistralfs.fs.names import DEFAULT_LOCAL_NAMES, LocalNames
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.reader import FREE_GROWTH_BLOCKS, BlockReader
 from mistralfs.fs.writer import Writer
@@ -30,6 +31,7 @@ class FsOptions:
     read_only: bool = False
     max_throughput: float | None = None  # bytes per second; None: no target
     free_growth_blocks: int = FREE_GROWTH_BLOCKS  # see reader.py
+    local_names: tuple[str, ...] = DEFAULT_LOCAL_NAMES  # scratch files: see names.py
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def build_filesystem(
 ) -> FsParts:
     """The filesystem over `client`; its background work runs in `nursery`."""
     activity = Activity()
-    namespace = Namespace(client, options.dir_cache_time)
+    namespace = Namespace(client, options.dir_cache_time, LocalNames(options.local_names))
     reader = BlockReader(
         client,
         nursery,

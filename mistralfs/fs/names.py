@@ -9,6 +9,8 @@ only those that come back the same (`storable`) are taken.
 
 from __future__ import annotations
 
+import fnmatch
+import re
 import unicodedata
 
 NAME_MAX = 255  # bytes, as statfs reports
@@ -86,3 +88,34 @@ def folder_name(purpose: str) -> str:
     if name in ("", ".", ".."):
         name = f"purpose-{name.encode('utf-8').hex() or 'empty'}"
     return _truncate_utf8(name, NAME_MAX)
+
+
+# Names that programs give their scratch files: they live in the local spool only (see
+# `LocalNames`). Each pattern is an fnmatch glob, matched case-sensitively against the
+# whole name. `_X6` is what mkstemp puts for XXXXXX. Real names they would also catch
+# (documented in docs/SEMANTICS.md, "Scratch files"): a hidden name with a 6-letter
+# extension (`.env.sample`), `sed` and 6 letters or digits (`sediment1`), `4913`, and
+# names ending in `~` or wrapped in `#`.
+_X6 = "[A-Za-z0-9]" * 6
+DEFAULT_LOCAL_NAMES = (
+    ".*.sw?",  # vim's and nano's swap files (.NAME.swp, .swo, ...), vim's probe .NAME.swx
+    "4913",  # vim's probe of whether it may create files in the folder
+    "*~",  # backups: vim's while it saves, emacs, nano, gedit
+    "sed" + _X6,  # sed -i writes sedXXXXXX, then renames it over the file
+    ".?*." + _X6,  # rsync's .NAME.XXXXXX, renamed over NAME once complete
+    ".goutputstream-" + _X6,  # GLib (gedit, file managers) saving a file
+    ".~lock.*#",  # LibreOffice's lock file
+    "#*#",  # emacs's auto-save file
+    ".#*",  # emacs's lock (a symlink, refused here: emacs then goes on without it)
+)
+
+
+class LocalNames:
+    """Whether a name is a scratch file's: `name in local_names`."""
+
+    def __init__(self, patterns: tuple[str, ...] = DEFAULT_LOCAL_NAMES) -> None:
+        self.patterns = patterns
+        self._match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+    def __contains__(self, name: object) -> bool:
+        return bool(self.patterns) and isinstance(name, str) and bool(self._match.match(name))

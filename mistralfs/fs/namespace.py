@@ -23,7 +23,7 @@ import trio
 from mistralfs.api import RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.failures import RecentFailures
-from mistralfs.fs.names import folder_name, plain_name, with_id
+from mistralfs.fs.names import LocalNames, folder_name, plain_name, with_id
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class FileNode:
     local_size: int | None = None  # set while a spool holds newer content than `remote`
     local_time: int = 0
     presence: Presence = field(default_factory=lambda: Presence.NAMED)
+    # Given a scratch file's name through the mount (`LocalNames`): its content lives in
+    # the spool only, never uploaded; a remote file renamed to such a name keeps it.
+    local: bool = False
     # Serialises uploads, renames and opening or dropping the spool of this file.
     lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
@@ -114,9 +117,12 @@ Node = Root | Folder | FileNode
 class Namespace:
     """Inode table and folder contents, refreshed from the API when stale."""
 
-    def __init__(self, client: FilesApi, dir_cache_time: float) -> None:
+    def __init__(
+        self, client: FilesApi, dir_cache_time: float, local_names: LocalNames | None = None
+    ) -> None:
         self._client = client
         self.dir_cache_time = dir_cache_time
+        self.local_names = local_names if local_names is not None else LocalNames()
         self.root = Root()
         self._nodes: dict[int, Node] = {self.root.inode: self.root}
         self._next_inode = self.root.inode + 1
@@ -243,6 +249,7 @@ class Namespace:
             filename=name,
             local_size=0,
             local_time=now,
+            local=name in self.local_names,
         )
         self._nodes[node.inode] = node
         folder.entries[name] = node
@@ -274,6 +281,7 @@ class Namespace:
         if node.folder.entries.get(node.name) is node:
             del node.folder.entries[node.name]
         node.folder, node.name, node.filename = folder, name, name
+        node.local = name in self.local_names
         folder.entries[name] = node
         if node.presence is Presence.GONE:  # a listing dropped it while it was renamed
             node.presence = Presence.NAMED

@@ -3,7 +3,7 @@
 Each spool has a `.json` note (written by the writer) saying its folder, name, whether
 the file was closed after its last write (`complete`), whether its content is already
 in the account (`uploaded`), and when its last upload began. At the next mount:
-- an uploaded spool is dropped;
+- an uploaded spool is dropped, and so is a scratch file's (`local`);
 - a complete one is uploaded, unless the upload that was in flight at the crash got
   through (a file of that name, size and MD5 created since it began, looked for once
   that upload could no longer be on its way), and the versions it replaced are deleted;
@@ -46,7 +46,10 @@ async def recover(client: FilesApi, spools: list[Path], recovery_dir: Path) -> N
         except (OSError, ValueError):
             meta = {}
         where = f"{meta.get('purpose', '?')}/{meta.get('filename', spool.name)}"
-        if meta.get("uploaded") and meta.get("complete"):
+        if meta.get("local"):
+            log.info("recovery: %s was a scratch file, kept only while mounted; dropped", where)
+            remove(spool)
+        elif meta.get("uploaded") and meta.get("complete"):
             log.info("recovery: %s was already uploaded; dropping its spool", where)
             remove(spool)
         elif meta.get("complete") and meta.get("purpose") and meta.get("filename"):

@@ -172,6 +172,7 @@ class Spool:
             "complete": self.closed_since_write and self.state is not SpoolState.INCOMPLETE,
             "uploaded": not self.changed,
             "upload_started": self.upload_started,
+            "local": node.local,  # a scratch file's: dropped after a crash, never uploaded
             "replaces": [r.id for r in self.replaces]
             + ([node.remote.id] if node.remote is not None else []),
         }

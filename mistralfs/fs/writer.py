@@ -15,6 +15,11 @@ The first `close()` after data was written (FUSE `flush`) uploads and returns th
 upload's outcome, because errors from `release` reach nobody. Changes made without
 writing (a truncate, an empty new file) are uploaded when the last descriptor closes.
 The sending itself, whole or while a new file is written, is `uploads.Uploader`'s.
+
+A scratch file (`FileNode.local`: vim's swap file, sed's and rsync's temp files, a
+backup `NAME~`) is never uploaded: its current version stays open in its spool, with no
+descriptor, until its name goes or the mount ends. Renamed to a real name, it is
+uploaded once under that name, as any rename uploads.
 """
 
 from __future__ import annotations
@@ -148,6 +153,9 @@ class Writer:
     def _new_version(self, node: FileNode, state: SpoolState) -> Spool:
         """An empty spool that becomes what `node`'s name shows; older ones keep their handles."""
         spool = new_spool(self._spool_dir, node, state)
+        previous = self._current.get(node.inode)
+        if previous is not None and previous.handles == 0 and node.local:
+            self._discard(previous)  # a scratch file's content, which this one replaces
         versions = self._open.setdefault(node.inode, [])
         versions.append(spool)
         if len(versions) > 1:
@@ -206,7 +214,11 @@ class Writer:
                 spool.growing.progress.total = spool.size
             else:
                 self._uploads.stop_growing(spool, "a write before the end of the file")
-        elif spool.size >= GROWING_START_BYTES and self._uploads.may_grow(spool):
+        elif (
+            spool.size >= GROWING_START_BYTES
+            and not spool.node.local
+            and self._uploads.may_grow(spool)
+        ):
             self._uploads.start_growing(spool)
         self._shown_size(spool)
         note_changes = spool.closed_since_write or spool.state is not SpoolState.DIRTY
@@ -270,7 +282,7 @@ class Writer:
             try:
                 self._truncate(spool, size)
                 self._clean_if_already_stored(spool)
-                if spool.changed:
+                if spool.changed and not node.local:
                     await self._upload(spool)
             finally:
                 await self._release(spool)
@@ -291,9 +303,9 @@ class Writer:
             raise FsError(spool.refused.errno, f"not uploaded: {spool.refused}")
         async with node.lock:
             dirty = spool.state is SpoolState.DIRTY
-            if not dirty or not node.attached:
+            if not dirty or not node.attached or node.local:
                 spool.write_note()
-            if not dirty:
+            if not dirty or node.local:
                 return
             if node.attached:
                 await self._upload(spool)  # which notes that it is complete, as it starts
@@ -311,6 +323,9 @@ class Writer:
         if spool.handles > 0:
             return
         node = spool.node
+        if node.local:
+            self._release_local(spool)
+            return
         unsent = spool.state in (SpoolState.OPENED, SpoolState.DIRTY)
         if unsent and spool.closed_at < self._stored_close.get(node.inode, 0):
             log.debug("%s/%s: a version closed later is stored; dropping this one",
@@ -332,6 +347,42 @@ class Writer:
             self._discard(spool)
         if node.remote is None and not self._versions(node):
             self._namespace.detach(node)  # never uploaded: the name goes with the spool
+
+    def _release_local(self, spool: Spool) -> None:
+        """The last handle on a scratch file's version closed: nothing is uploaded or kept.
+
+        The version its name shows stays open, as the file's content, while it holds
+        something the account does not; any other goes.
+        """
+        node = spool.node
+        if (
+            node.attached
+            and self._current.get(node.inode) is spool
+            and (spool.changed or node.remote is None)
+            and spool.refused is None
+        ):
+            spool.write_note()
+            return
+        self._discard(spool)
+        if node.remote is None and not self._versions(node):
+            self._namespace.detach(node)
+
+    def _drop_idle(self, node: FileNode) -> None:
+        """A scratch file lost its name: its content, which no descriptor holds, goes.
+
+        (Another file's version with no descriptor may be uploading at its release.)"""
+        if not node.local:
+            return
+        for spool in list(self._versions(node)):
+            if spool.handles == 0:
+                self._discard(spool)
+
+    def drop_local(self) -> None:
+        """The mount ends: scratch files, which live as long as it, go."""
+        for versions in list(self._open.values()):
+            for spool in list(versions):
+                if spool.node.local:
+                    self._discard(spool)
 
     @staticmethod
     def _clean_if_already_stored(spool: Spool) -> None:
@@ -369,6 +420,11 @@ class Writer:
             started = time.monotonic()
             source = f"{node.folder.purpose}/{node.name}"
             spool = self._current.get(node.inode)
+            if name in self._namespace.local_names or self._back_to_remote_name(
+                node, spool, folder, name
+            ):
+                await self._rename_locally(node, spool, folder, name)
+                return
             if spool is not None and node.remote is None and not spool.closed_since_write:
                 self._uploads.stop_growing(spool, "the file was renamed")
                 target, replaced = self._target(folder, name)
@@ -412,6 +468,41 @@ class Writer:
             )
 
     @staticmethod
+    def _back_to_remote_name(
+        node: FileNode, spool: Spool | None, folder: Folder, name: str
+    ) -> bool:
+        """A remote file renamed to a scratch name, unchanged, going back to the name the
+        account holds it under (a failed save putting its backup back)."""
+        remote = node.remote
+        return (
+            node.local
+            and (spool is None or not spool.changed)
+            and remote is not None
+            and (remote.purpose, remote.filename) == (folder.purpose, name)
+        )
+
+    async def _rename_locally(
+        self, node: FileNode, spool: Spool | None, folder: Folder, name: str
+    ) -> None:
+        """A rename that uploads nothing: to a scratch name, or back from one.
+
+        A remote file keeps its remote file (removing it deletes that); changes not
+        uploaded stay in the spool. What the rename replaces goes.
+        """
+        source = f"{node.folder.purpose}/{node.name}"
+        if spool is not None:
+            self._uploads.stop_growing(spool, "the file was renamed")
+        target, replaced = self._target(folder, name)
+        self._replace_name(node, target, folder, name)
+        pending = spool.replaces if spool is not None else []
+        if spool is not None:
+            spool.replaces = []
+        for version in self._versions(node):
+            version.write_note()
+        log.info("renamed %s to %s/%s; nothing uploaded", source, folder.purpose, name)
+        await self._uploads.delete(node, [*pending, *replaced])
+
+    @staticmethod
     def _target(folder: Folder, name: str) -> tuple[FileNode | None, list[RemoteFile]]:
         """The file a rename to `name` replaces, and its remote version."""
         target = folder.entries.get(name)
@@ -423,6 +514,7 @@ class Writer:
         if target is not None:
             # Its remote file is deleted once the rename's upload replaced it.
             self._namespace.detach(target, deleted=False, why=Presence.REPLACED)
+            self._drop_idle(target)
         self._namespace.move(node, folder, name)
 
     # -- uploading ----------------------------------------------------------------
@@ -476,10 +568,15 @@ class Writer:
         """`node` was deleted while open: an upload under way must not store it."""
         for spool in self._versions(node):
             self._uploads.stop_growing(spool, "the file was deleted")
+        self._drop_idle(node)
 
     def pending(self) -> int:
         """Files changed through an open descriptor and not uploaded yet."""
-        return sum(spool.changed for versions in self._open.values() for spool in versions)
+        return sum(
+            spool.changed and not spool.node.local
+            for versions in self._open.values()
+            for spool in versions
+        )
 
     async def wait_idle(self) -> None:
         """Return once no upload is in flight."""
