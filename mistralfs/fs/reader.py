@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -28,6 +28,10 @@ from mistralfs.api import RemoteFile, SignedUrl, UrlExpired
 from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.disk_cache import DiskCache, NoDiskCache
 from mistralfs.fs.failures import RecentFailures
+
+# A block's bytes: from the network as bytes, from the disk tier as a memoryview of its
+# mapped file. Both are served to FUSE without a copy.
+Block = bytes | memoryview
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class _Fetch:
     """One block request in flight; later readers of the block wait on it."""
 
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: Block | None = None
     error: BaseException | None = None
     reserved: int = 0  # bytes of the cache's bound held for it until it lands
 
@@ -128,7 +132,7 @@ class BlockReader:
         self._disk = disk or NoDiskCache()
         self._nursery = nursery
         self.block_size = block_size
-        self._blocks: LRUCache[BlockKey, bytes] = LRUCache(maxsize=cache_size, getsizeof=len)
+        self._blocks: LRUCache[BlockKey, Block] = LRUCache(maxsize=cache_size, getsizeof=len)
         self._inflight: dict[BlockKey, _Fetch] = {}
         self._urls: TLRUCache[str, SignedUrl] = TLRUCache(
             maxsize=4096,
@@ -431,7 +435,7 @@ class BlockReader:
             "signed_urls": len(self._urls),
         }
 
-    async def _block(self, remote: RemoteFile, index: int) -> bytes:
+    async def _block(self, remote: RemoteFile, index: int) -> Block:
         key = (remote.id, index)
         while True:
             cached = self._blocks.get(key)
@@ -449,7 +453,7 @@ class BlockReader:
                 raise fetch.error
             # The fetching task was cancelled: try again as the fetcher.
 
-    async def _fetch_shared(self, remote: RemoteFile, index: int) -> bytes:
+    async def _fetch_shared(self, remote: RemoteFile, index: int) -> Block:
         return (await self._fetch_run(remote, index, self._register(remote, index, 1)))[0]
 
     def _register(self, remote: RemoteFile, first: int, count: int) -> list[_Fetch]:
@@ -471,7 +475,7 @@ class BlockReader:
 
     async def _fetch_run(
         self, remote: RemoteFile, first: int, fetches: list[_Fetch], *, after_own: bool = False
-    ) -> list[bytes]:
+    ) -> Sequence[Block]:
         """The registered blocks from `first` on, in one request; each shared with its
         waiters, and cached, as soon as it is in.
 
@@ -482,7 +486,7 @@ class BlockReader:
         """
         keys = [(remote.id, index) for index in range(first, first + len(fetches))]
 
-        def land(offset: int, block: bytes) -> None:
+        def land(offset: int, block: Block) -> None:
             fetch = fetches[offset]
             if fetch.done.is_set():
                 return  # handed over already (a retried request hands its blocks again)
@@ -495,12 +499,16 @@ class BlockReader:
         try:
             if after_own:
                 await trio.lowlevel.checkpoint()
-            blocks = await self._disk.load(remote.id, remote.bytes, first, len(fetches))
-            if blocks is None:
-                blocks = await self._failures.run(
+            loaded = await self._disk.load(remote.id, remote.bytes, first, len(fetches))
+            blocks: list[Block]
+            if loaded is None:
+                fetched = await self._failures.run(
                     remote.id, lambda: self._fetch(remote, first, len(fetches), land)
                 )
-                self._disk.store(remote.id, remote.bytes, first, blocks)
+                self._disk.store(remote.id, remote.bytes, first, fetched)
+                blocks = [*fetched]
+            else:
+                blocks = [*loaded]
             for offset, block in zip(range(len(fetches)), blocks, strict=True):
                 land(offset, block)
             return blocks
