@@ -43,6 +43,13 @@ async def test_client_reads_multi_mebibyte_ranges_intact(
             assert await client.read_range(url, start, length) == data[start : start + length]
 
 
+def test_chunks_that_are_whole_pieces_are_kept_without_a_copy() -> None:
+    """What the transport reads in block-sized pieces is cached as it came."""
+    chunks = [os.urandom(100), os.urandom(100), os.urandom(30)]
+    pieces = _cut(chunks, 0, 230, 100)
+    assert all(piece is chunk for piece, chunk in zip(pieces, chunks, strict=True))
+
+
 @given(
     data=st.binary(max_size=300),
     cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=6),

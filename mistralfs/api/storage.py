@@ -58,8 +58,6 @@ def _content_range(value: str | None) -> tuple[int, int] | None:
 
 def cut(chunks: list[bytes], skip: int, length: int, piece_size: int) -> list[bytes]:
     """`length` bytes after the first `skip` of `chunks`, in pieces of `piece_size`."""
-    if not skip and _already_cut(chunks, length, piece_size):
-        return chunks  # no copy at all
     cutter = Cutter(skip, length, piece_size)
     for chunk in chunks:
         cutter.feed(chunk)
@@ -110,15 +108,6 @@ class Cutter:
             self.pieces.append(b"".join(self._parts))
             self._parts, self._filled = [], 0
         return self.pieces
-
-
-def _already_cut(chunks: list[bytes], length: int, piece_size: int) -> bool:
-    """Whether `chunks` are `length` bytes in pieces of `piece_size` (the last shorter)."""
-    if sum(len(chunk) for chunk in chunks) != length:
-        return False
-    return all(len(chunk) == piece_size for chunk in chunks[:-1]) and (
-        not chunks or len(chunks[-1]) <= piece_size
-    )
 
 
 def _content_length(response: httpx.Response) -> int | None:
