@@ -1,7 +1,7 @@
 """Async client for Mistral AI's Files API (httpx under trio): models, errors, retries."""
 
 from mistralfs import DEFAULT_SERVER_URL
-from mistralfs.api.client import FilesClient, GrowingUpload
+from mistralfs.api.client import FilesClient
 from mistralfs.api.errors import (
     ApiError,
     AuthError,
@@ -19,6 +19,7 @@ from mistralfs.api.errors import (
 from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
 from mistralfs.api.retry import RetryPolicy
 from mistralfs.api.upload_body import GrowingFile, StreamAbandoned
+from mistralfs.api.uploads import GrowingUpload
 
 __all__ = [
     "DEFAULT_SERVER_URL",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
-from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 from urllib.parse import quote
@@ -41,13 +40,12 @@ from mistralfs.api.calls import (
 from mistralfs.api.errors import ApiError, ProtocolError
 from mistralfs.api.listing import Listing
 from mistralfs.api.lost_uploads import RecentFiles, StoredFileSearch
-from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
-from mistralfs.api.protocol import GrowingSend
+from mistralfs.api.models import RemoteFile, SignedUrl
 from mistralfs.api.retry import RetryPolicy
 from mistralfs.api.storage import StorageReads
 from mistralfs.api.upload_answer import SeenIds
-from mistralfs.api.upload_body import CHUNK_SIZE, GrowingFile
-from mistralfs.api.uploads import MAX_UPLOAD_BYTES, GrowingUpload, Uploads
+from mistralfs.api.upload_body import CHUNK_SIZE
+from mistralfs.api.uploads import MAX_UPLOAD_BYTES, Uploads
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +85,15 @@ class FilesClient:
         stored_search = StoredFileSearch(self._listing.list_page, calls.url("/v1/files"), recent)
         self._uploads = Uploads(calls, recent, self._seen, stored_search, max_upload_bytes)
         self._storage = StorageReads(calls)
+        # The parts' endpoints, as they are (their modules say what each does).
+        self.list_files = self._listing.list_files
+        self.list_all = self._listing.list_all
+        self.upload = self._uploads.upload
+        self.growing_upload = self._uploads.growing_upload
+        self.find_upload = self._uploads.find_upload
+        self.read_range = self._storage.read_range
+        self.read_range_pieces = self._storage.read_range_pieces
+        self.connect_ahead = self._storage.connect_ahead
 
     @property
     def server_url(self) -> str:
@@ -124,116 +131,6 @@ class FilesClient:
         the transport was replaced)."""
         transport = self._calls.transport
         return transport.idle_connections(url) if transport is not None else 0
-
-    # ------------------------------------------------------------ the parts' endpoints
-
-    async def list_files(
-        self,
-        *,
-        purpose: str | None = None,
-        page: int = 0,
-        page_size: int = 100,
-        search: str | None = None,
-        sample_types: Sequence[str] = (),
-        sources: Sequence[str] = (),
-        mimetypes: Sequence[str] = (),
-        include_total: bool = True,
-        deadline: float | None = None,
-    ) -> FilePage:
-        """One page of ``GET /v1/files`` (see listing.py)."""
-        return await self._listing.list_files(
-            purpose=purpose,
-            page=page,
-            page_size=page_size,
-            search=search,
-            sample_types=sample_types,
-            sources=sources,
-            mimetypes=mimetypes,
-            include_total=include_total,
-            deadline=deadline,
-        )
-
-    async def list_all(
-        self,
-        *,
-        purpose: str | None = None,
-        page_size: int = 100,
-        max_parallel: int = 8,
-        search: str | None = None,
-        sample_types: Sequence[str] = (),
-        sources: Sequence[str] = (),
-        mimetypes: Sequence[str] = (),
-    ) -> list[RemoteFile]:
-        """Every matching file, in the service's order, each id once (see listing.py)."""
-        return await self._listing.list_all(
-            purpose=purpose,
-            page_size=page_size,
-            max_parallel=max_parallel,
-            search=search,
-            sample_types=sample_types,
-            sources=sources,
-            mimetypes=mimetypes,
-        )
-
-    async def upload(
-        self,
-        path: pathlib.Path,
-        *,
-        filename: str,
-        purpose: str,
-        progress: Callable[[int], None] | None = None,
-        dedupe: bool = True,
-        after: GrowingSend | None = None,
-    ) -> RemoteFile:
-        """``POST /v1/files`` of the file at ``path``, stored once (see uploads.py)."""
-        if after is not None and not isinstance(after, GrowingUpload):
-            raise TypeError(f"not a growing upload of this client: {after!r}")
-        return await self._uploads.upload(
-            path, filename=filename, purpose=purpose, progress=progress, dedupe=dedupe,
-            after=after,
-        )  # fmt: skip
-
-    def growing_upload(
-        self,
-        path: pathlib.Path,
-        growing: GrowingFile,
-        *,
-        filename: str,
-        purpose: str,
-        progress: Callable[[int], None] | None = None,
-    ) -> GrowingUpload:
-        """An upload of a file still being written (see uploads.py)."""
-        return self._uploads.growing_upload(
-            path, growing, filename=filename, purpose=purpose, progress=progress
-        )
-
-    async def find_upload(
-        self, path: pathlib.Path, *, filename: str, purpose: str, started: float
-    ) -> RemoteFile | None:
-        """The file an upload begun at ``started`` stored, if any (see uploads.py)."""
-        return await self._uploads.find_upload(
-            path, filename=filename, purpose=purpose, started=started
-        )
-
-    async def read_range(self, url: str, start: int, length: int) -> bytes:
-        """Bytes ``[start, start+length)`` of a signed URL (see storage.py)."""
-        return await self._storage.read_range(url, start, length)
-
-    async def read_range_pieces(
-        self,
-        url: str,
-        start: int,
-        length: int,
-        piece_size: int,
-        on_piece: Callable[[int, bytes], None] | None = None,
-    ) -> list[bytes]:
-        """A signed URL's range in pieces of ``piece_size``, each handed to ``on_piece``
-        as it comes if given (see storage.py)."""
-        return await self._storage.read_range_pieces(url, start, length, piece_size, on_piece)
-
-    async def connect_ahead(self, url: str) -> None:
-        """A connection to the storage host of ``url``, opened now (see storage.py)."""
-        await self._storage.connect_ahead(url)
 
     # ------------------------------------------------------------ one file's endpoints
 
@@ -331,9 +228,7 @@ class FilesClient:
         """A cheap authenticated call, so ``mount`` fails early on a bad key or no network;
         ``retry`` replaces the client's retry policy for it."""
         deadline = trio.current_time() + retry.total_budget if retry is not None else None
-        await self._listing.list_files(
-            page_size=1, include_total=False, deadline=deadline, policy=retry
-        )
+        await self.list_files(page_size=1, include_total=False, deadline=deadline, policy=retry)
 
     async def warm_up(self) -> None:
         """Open the connections that the first listing and the first read will need:

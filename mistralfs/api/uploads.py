@@ -29,6 +29,7 @@ from mistralfs.api.lost_uploads import (
     UploadAttempt,
 )
 from mistralfs.api.models import RemoteFile
+from mistralfs.api.protocol import GrowingSend
 from mistralfs.api.retry import RetryPolicy
 from mistralfs.api.upload_answer import SeenIds, checked_upload_answer
 from mistralfs.api.upload_body import GrowingFile, GrowingSpoolBody, SpoolBody, file_identity
@@ -74,7 +75,7 @@ class Uploads:
         purpose: str,
         progress: Callable[[int], None] | None = None,
         dedupe: bool = True,
-        after: GrowingUpload | None = None,
+        after: GrowingSend | None = None,
     ) -> RemoteFile:
         """``POST /v1/files`` streaming ``path`` from disk; reopened on every attempt.
 
@@ -100,6 +101,8 @@ class Uploads:
         api_path = "/v1/files"
         url = self._calls.url(api_path)
         deadline = trio.current_time() + self._calls.retry.total_budget
+        if after is not None and not isinstance(after, GrowingUpload):
+            raise TypeError(f"not a growing upload of this client: {after!r}")
         attempts: list[UploadAttempt] = list(after.attempts) if after is not None else []
         # Files already seen cannot be the one an attempt of this upload stored.
         if after is not None:
