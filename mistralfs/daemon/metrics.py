@@ -248,21 +248,20 @@ class MountMetrics:
 def bind(address: tuple[str, int]) -> socket.socket:
     """The endpoint's listening socket, or a MetricsError saying why not."""
     host, port = address
+    sock = None
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise MetricsError(f"cannot serve metrics at {format_address(address)}: {exc}") from exc
-    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
+        return sock
     except OSError as exc:
-        sock.close()
+        if sock is not None:
+            sock.close()
         reason = exc.strerror or str(exc)
         raise MetricsError(f"cannot serve metrics at {format_address(address)}: {reason}") from exc
-    return sock
 
 
 def _app(registry: CollectorRegistry) -> Callable[..., Any]:
