@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,13 +166,65 @@ def test_scrape_counts_what_the_mount_did(
         assert text.endswith("# EOF\n")
 
 
-def test_classic_text_format_and_other_paths(metered: Mounted) -> None:
-    url = status_of(metered)["metrics"]
-    answer = httpx.get(url, timeout=10)  # no Accept: Prometheus' text format 0.0.4
+def test_uploads_in_flight_show_bytes_sent_of_their_total_in_either_format(
+    metered: Mounted, emulator_process: RunningEmulator
+) -> None:
+    set_faults(  # the service takes two seconds to answer this upload
+        emulator_process.url,
+        emulator_process.api_key,
+        {"method": "POST", "path_prefix": "/v1/files", "status": None, "delay": 2.0},
+    )
+    scrape = Scraper(status_of(metered)["metrics"])
+    size = 3 * 1024 * 1024
+    writer = threading.Thread(
+        target=(metered / "batch" / "slow.bin").write_bytes, args=(b"s" * size,)
+    )
+    writer.start()
+    try:
+        during = wait_for(lambda: (s := scrape()) and value(s, "mistralfs_uploads_in_flight") and s)
+        assert value(during, "mistralfs_uploads_in_flight") == 1
+        assert value(during, "mistralfs_uploads_in_flight_total_bytes") == size
+        assert 0 <= value(during, "mistralfs_uploads_in_flight_sent_bytes") <= size
+        assert value(during, "mistralfs_uploads_total") == 0
+    finally:
+        writer.join(timeout=30)
+    after = scrape()
+    assert value(after, "mistralfs_uploads_in_flight") == 0
+    assert value(after, "mistralfs_uploads_in_flight_total_bytes") == 0
+    assert value(after, "mistralfs_uploaded_bytes_total") == size
+    assert value(after, "mistralfs_upload_seconds_sum", outcome="ok") >= 2.0
+
+    # Without an Accept header: Prometheus' classic text format, the same values.
+    answer = httpx.get(scrape.url, timeout=10)
     assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples = samples_of(answer.text, openmetrics=False)
-    assert value(samples, "mistralfs_uploads_in_flight") == 0
-    assert httpx.get(url.removesuffix("/metrics") + "/other", timeout=10).status_code == 404
+    assert value(samples_of(answer.text, openmetrics=False), "mistralfs_uploads_total") == 1
+    assert httpx.get(scrape.url.replace("/metrics", "/"), timeout=10).status_code == 404
+
+
+def test_blocks_evicted_from_memory_are_read_from_the_disk_tier(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    small, large = os.urandom(200_000), os.urandom(1024 * 1024)
+    sdk.files.upload(file={"file_name": "a.bin", "content": small}, purpose="batch")
+    sdk.files.upload(file={"file_name": "b.bin", "content": large}, purpose="batch")
+    options = ["--disk-cache", str(tmp_path / "blocks"), "--cache-size", "1M"]
+    with mount(emulator_process, tmp_path, *options, "--metrics-address", ":0") as mounted:
+        scrape = Scraper(status_of(mounted)["metrics"])
+        assert (mounted / "batch" / "a.bin").read_bytes() == small
+        assert (mounted / "batch" / "b.bin").read_bytes() == large  # a.bin leaves memory
+        both = len(small) + len(large)
+        wait_for(lambda: value(scrape(), "mistralfs_disk_cache_bytes") >= both)  # with headers
+        before = scrape()
+        with open(mounted / "batch" / "a.bin", "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert f.read() == small
+        after = scrape()
+    tier = "mistralfs_read_bytes_total"
+    assert value(before, tier, source="network") == both
+    assert value(before, tier, source="disk") == 0
+    assert value(after, tier, source="disk") == len(small)
+    assert value(after, tier, source="network") == both
+    assert value(after, "mistralfs_disk_cache_hits_total") == 1
 
 
 def test_port_in_use_refuses_the_mount(emulator_process: RunningEmulator, tmp_path: Path) -> None:

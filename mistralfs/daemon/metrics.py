@@ -294,7 +294,7 @@ async def serve_metrics(
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn's socket from here on
     config.accesslog = None
     config.errorlog = logging.getLogger(f"{__name__}.http")
-    config.loglevel = "WARNING"  # not hypercorn's "Running on" line: ours says it
+    config.errorlog.setLevel(logging.WARNING)  # not hypercorn's "Running on": ours says it
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(hypercorn.trio.serve, _app(metrics.registry), config)
         url = binds[0] + PATH
