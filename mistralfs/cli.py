@@ -17,6 +17,7 @@ from mistralfs.config import (
     DEFAULT_STOP_TIMEOUT,
     ConfigError,
     options_to_args,
+    parse_address,
     parse_local_names,
     parse_size,
 )
@@ -44,6 +45,13 @@ def _seconds(text: str) -> float:
 def _local_names(text: str) -> tuple[str, ...]:
     try:
         return parse_local_names(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
@@ -138,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "spool only, never uploaded: globs separated by /, replacing the default list "
         "('default' stands for it, '' means none); see docs/SEMANTICS.md",
     )
+    mount.add_argument(
+        "--metrics-address",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (OpenMetrics) at http://HOST:PORT/metrics; HOST "
+        "defaults to 127.0.0.1 (e.g. :9464); off by default; see docs/METRICS.md",
+    )
     mount.add_argument("--read-only", action="store_true", help="refuse every change")
     mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     mount.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
@@ -152,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options as mount(8) passes them: server_url=URL, api_key_file=F, "
         "ca_file=F, cache_size=SIZE, max_throughput=RATE, dir_cache_time=S, cache_dir=DIR, "
         "disk_cache=DIR, disk_cache_size=SIZE, local_names=PATTERNS, log_file=F, log_level=L, "
+        "metrics_address=HOST:PORT, "
         "read_only (or ro), "
         "allow_other; fstab's _netdev, nofail, noauto, x-* are ignored",
     )

@@ -147,6 +147,8 @@ async def _serve_mounted(
     nursery.start_soon(disk.run)
     nursery.start_soon(client.warm_up)
 
+    metrics_url: list[str] = []  # once the endpoint serves
+
     def snapshot() -> dict[str, object]:
         return {
             "mountpoint": str(config.mountpoint),
@@ -160,8 +162,15 @@ async def _serve_mounted(
             "disk_cache": disk.stats(),
             "requests": dict(client.stats.requests),
             "errors": dict(client.stats.errors),
+            "answers": dict(client.stats.answers),
+            "retries": dict(client.stats.retries),
+            "metrics": metrics_url[0] if metrics_url else None,
             "gc": collector_stats(),
         }
+
+    if config.metrics_address is not None:  # before mounting: a port in use refuses the mount
+        address = config.metrics_address
+        metrics_url.append(await _start_metrics(address, client, snapshot, activity, nursery))
 
     leftovers = leftover_spools(config.spool_dir)  # before this mount makes its own
     try:
@@ -190,6 +199,28 @@ async def _serve_mounted(
                 await disk.flush()
         nursery.cancel_scope.cancel()
     log.info("unmounted %s", config.mountpoint)
+
+
+async def _start_metrics(
+    address: tuple[str, int],
+    client: FilesClient,
+    snapshot: Callable[[], dict[str, object]],
+    activity: Activity,
+    nursery: trio.Nursery,
+) -> str:
+    """Serve the metrics at `address` in `nursery`; their URL.
+
+    Imported here: most mounts serve none, and need not load prometheus_client.
+    """
+    from mistralfs.daemon.metrics import MetricsError, MountMetrics, bind, serve_metrics
+
+    try:
+        sock = bind(address)
+    except MetricsError as exc:
+        raise MountError(str(exc)) from exc
+    metrics = MountMetrics(snapshot, activity, client.stats)
+    url: str = await nursery.start(serve_metrics, sock, metrics)
+    return url
 
 
 async def open_disk_cache(config: MountConfig) -> DiskCache | NoDiskCache:

@@ -74,5 +74,7 @@ def build_filesystem(
         recovery_dir=options.recovery_dir,
         max_file_size=options.max_file_size,
     )
-    fs = Filesystem(client, namespace, reader, writer, read_only=options.read_only)
+    fs = Filesystem(
+        client, namespace, reader, writer, read_only=options.read_only, activity=activity
+    )
     return FsParts(fs, namespace, reader, writer, activity)

@@ -18,6 +18,7 @@ from typing import TypeVar
 from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.files_api import FILE_FIELDS, SHOWN_BY_STAT
+from mistralfs.fs.activity import Activity
 from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
@@ -60,8 +61,10 @@ class Filesystem:
         writer: Writer,
         *,
         read_only: bool,
+        activity: Activity | None = None,
     ) -> None:
         self._client = client
+        self.activity = activity or Activity()  # reads report their durations here
         self.namespace = namespace
         self._reader = reader
         self._readahead = FolderReadahead(reader)
@@ -195,10 +198,15 @@ class Filesystem:
         remote = handle.node.remote
         if remote is None:  # a local file whose upload failed and was given up
             raise FsError(errno.EIO, f"{handle.node.name}: content is no longer available")
+        started, ok = time.perf_counter(), False
         try:
-            return await self._reader.read(remote, offset, size, handle.read_state)
+            data = await self._reader.read(remote, offset, size, handle.read_state)
+            ok = True
+            return data
         except ApiError as exc:
             raise self._fetch_error(handle.node, exc) from exc
+        finally:
+            self.activity.read_done(started, ok)
 
     def _fetch_error(self, node: FileNode, exc: ApiError) -> FsError:
         """Fetching content failed: a file found deleted loses its name; else EIO or EACCES."""
