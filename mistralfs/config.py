@@ -57,6 +57,11 @@ def parse_local_names(text: str) -> tuple[str, ...]:
     return tuple(patterns)
 
 
+def format_local_names(patterns: tuple[str, ...]) -> str:
+    """The `--local-names` value that `parse_local_names` reads back as `patterns`."""
+    return "/".join(patterns)
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """`--metrics-address`: `HOST:PORT`, `[IPv6]:PORT`, or `:PORT` / `PORT` for 127.0.0.1.
 

@@ -31,6 +31,7 @@ from mistralfs.config import (
     MountConfig,
     default_cache_dir,
     format_address,
+    format_local_names,
     read_api_key,
 )
 from mistralfs.daemon.state import mount_state_file, read_pid, wait_for_exit
@@ -255,6 +256,7 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
         command += ["--disk-cache-size", str(config.disk_cache_size)]
     if config.metrics_address is not None:
         command += ["--metrics-address", format_address(config.metrics_address)]
+    command += ["--local-names", format_local_names(config.local_names)]
     env = {name: value for name, value in os.environ.items() if name != "MISTRAL_API_KEY"}
     stderr = open_private_append(log_file)
     try:
