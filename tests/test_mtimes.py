@@ -40,7 +40,7 @@ async def kept(tmp_path: Path) -> AsyncIterator[FakeStack]:
 
 
 @contextlib.asynccontextmanager
-async def mounted(root: Path, api: FakeFilesApi) -> AsyncIterator[FakeStack]:
+async def mounted(root: Path, api: FakeFilesApi, **extra: bool) -> AsyncIterator[FakeStack]:
     """A mount of `api` (in memory) whose times file is under `root`; again with the
     same account and root, a remount."""
     options = FsOptions(
@@ -51,6 +51,7 @@ async def mounted(root: Path, api: FakeFilesApi) -> AsyncIterator[FakeStack]:
         max_file_size=64 * 1024 * 1024,
         dir_cache_time=0,
         times_file=root / "times" / "mount.sqlite3",
+        **extra,
     )
     async with trio.open_nursery() as nursery:
         parts = build_filesystem(api, nursery, options)
@@ -193,6 +194,15 @@ async def test_a_folders_times_are_not_kept(kept: FakeStack) -> None:
     batch = await kept.folder("batch")
     before = (await kept.ops.getattr(batch)).st_mtime_ns
     assert (await set_times(kept, batch, mtime_ns=MTIME)).st_mtime_ns == before
+
+
+async def test_a_read_only_mount_keeps_no_times(tmp_path: Path) -> None:
+    api = FakeFilesApi()
+    remote = api.add("a.jsonl", "batch", b"{}\n")
+    async with mounted(tmp_path, api, read_only=True) as stack:
+        inode = await stack.inode("batch", "a.jsonl")
+        assert (await set_times(stack, inode, mtime_ns=MTIME)).st_mtime_ns == remote.created_at * NS
+        assert stored(stack) == {}
 
 
 # -- what the store holds, and for how long ------------------------------------------------
