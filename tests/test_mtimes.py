@@ -247,6 +247,24 @@ async def test_a_damaged_store_is_set_aside_and_the_mount_goes_on(tmp_path: Path
     assert path.with_name("mount.sqlite3.damaged").read_bytes().startswith(b"not a database")
 
 
+@pytest.mark.logs_expected
+def test_a_store_that_cannot_be_opened_is_left_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Locked by another process (or not readable): not taken for a damaged one."""
+    path = tmp_path / "times.sqlite3"
+    TimesFile(path).close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("PRAGMA locking_mode=EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")
+        store = TimesFile(path, timeout=0.1)
+        store.put("file-1", Times(ATIME, MTIME))  # kept in memory
+        assert store.get("file-1") == Times(ATIME, MTIME)
+        other.execute("ROLLBACK")
+    assert "times set now are kept only until this mount ends" in caplog.text
+    assert not list(tmp_path.glob("*.damaged*"))
+
+
 async def test_each_change_is_committed_at_once(tmp_path: Path) -> None:
     """A crash loses nothing set before it: another connection sees every change as
     soon as it is made, with no close (WAL, one transaction per change)."""

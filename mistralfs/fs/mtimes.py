@@ -55,29 +55,31 @@ class TimesFile:
     With no path, nothing is written (a mount's tests that need no remount).
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, timeout: float = 5.0) -> None:
         self._path = path
+        self._timeout = timeout  # for a lock another process holds
         self._times: dict[str, Times] = {}
         self._db: sqlite3.Connection | None = None
         if path is not None:
             self._db = self._open(path)
 
     def _open(self, path: Path) -> sqlite3.Connection | None:
-        """The database at `path`, created if missing; a damaged one is set aside."""
+        """The database at `path`, created if missing; a damaged one is set aside.
+
+        One that cannot be opened (no permission, locked) is left as it is: this mount
+        then keeps times in memory only."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
-            log.warning("kept times: cannot create %s (%s); times set are not kept "
-                        "across mounts", path.parent, exc)  # fmt: skip
-            return None
+            return self._unusable(path.parent, exc)
         for attempt in range(2):
             try:
                 return self._load(path)
-            except sqlite3.DatabaseError as exc:
+            except sqlite3.OperationalError as exc:
+                return self._unusable(path, exc)
+            except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
                 if attempt:
-                    log.warning("kept times: cannot use %s (%s); times set are not kept "
-                                "across mounts", path, exc)  # fmt: skip
-                    return None
+                    return self._unusable(path, exc)
                 aside = path.with_name(path.name + ".damaged")
                 log.warning("kept times: %s is damaged (%s); set aside as %s, starting "
                             "afresh", path, exc, aside)  # fmt: skip
@@ -86,8 +88,15 @@ class TimesFile:
                         Path(str(path) + suffix).replace(str(aside) + suffix)
         return None
 
+    @staticmethod
+    def _unusable(path: Path, exc: Exception) -> None:
+        log.warning("kept times: cannot use %s (%s); times set now are kept only until "
+                    "this mount ends", path, exc)  # fmt: skip
+
     def _load(self, path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+        db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=self._timeout
+        )
         try:
             # WAL, and no fsync per change: a crash of the daemon loses nothing committed,
             # a power cut at most the last changes; neither leaves a damaged database.
