@@ -109,7 +109,9 @@ def test_touch_d_and_cp_p_times_survive_a_remount(
     emulator_process: RunningEmulator, tmp_path: Path
 ) -> None:
     source = tmp_path / "report.jsonl"
-    make_tree(tmp_path, {"report.jsonl": JSONL * 50})
+    # Past GROWING_START_BYTES: cp's upload is under way while it writes, and its
+    # futimens comes before the close that ends it.
+    make_tree(tmp_path, {"report.jsonl": JSONL * (5 * 2**20 // len(JSONL))})
     with mount(emulator_process, tmp_path, "--dir-cache-time", "1") as mounted:
         batch = mounted / "batch"
         run(mounted, "touch", "-d", "2001-02-03 04:05:06.5 UTC", batch / "new.txt")
