@@ -167,6 +167,11 @@ class MountConfig:
     def recovery_dir(self) -> Path:
         return self.cache_dir / "recovery"
 
+    @property
+    def times_file(self) -> Path:
+        """The times programs set, by file id (fs/mtimes.py); per mountpoint, as the spool."""
+        return self.cache_dir / "times" / f"{self.spool_dir.name}.sqlite3"
+
 
 # `-o` spellings of the mount options, for mount(8), fstab and mount.fuse3.
 _VALUE_OPTIONS = {

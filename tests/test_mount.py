@@ -266,7 +266,7 @@ def test_unmount_returns_after_the_daemon_exits(
         assert not process_alive(pid)
 
 
-def test_metadata_changes_are_accepted_without_effect(
+def test_mode_and_owner_changes_are_accepted_without_effect(
     mounted: Mounted, tmp_path: Path, sdk: Mistral
 ) -> None:
     path = mounted / "batch" / "meta.txt"
@@ -277,7 +277,7 @@ def test_metadata_changes_are_accepted_without_effect(
     os.chown(path, os.getuid(), os.getgid())
     after = os.stat(path)
     assert stat.S_IMODE(after.st_mode) == 0o644
-    assert after.st_mtime == before.st_mtime
+    assert after.st_mtime == 1_000_000_000 != before.st_mtime  # times are kept: mtimes.py
     source = tmp_path / "p.txt"
     source.write_bytes(b"preserved\n")
     os.utime(source, (1_000_000_000, 1_000_000_000))

@@ -1011,7 +1011,8 @@ async def test_truncate_without_an_open_file_uploads_at_once(stack: Stack) -> No
     inode = await stack.write_file("batch", "t.txt", b"0123456789")
     attr = pyfuse3.EntryAttributes()
     attr.st_size = 4
-    fields = SimpleNamespace(update_size=True)  # pyfuse3's SetattrFields is read-only
+    # pyfuse3's SetattrFields is read-only
+    fields = SimpleNamespace(update_size=True, update_atime=False, update_mtime=False)
     assert (await stack.ops.setattr(inode, attr, fields, None, None)).st_size == 4
     assert await stack.read_file(inode) == b"0123"
     [file_id] = (await remote_state(stack)).values()
@@ -1217,7 +1218,13 @@ async def test_touch_uploads_the_new_empty_file_at_close(stack: Stack) -> None:
     info, attrs = await stack.ops.create(
         await stack.folder("batch"), b"touched", 0o644, os.O_WRONLY, None
     )
-    await stack.ops.setattr(attrs.st_ino, attrs, SimpleNamespace(update_size=False), info.fh, None)
+    await stack.ops.setattr(
+        attrs.st_ino,
+        attrs,
+        SimpleNamespace(update_size=False, update_atime=False, update_mtime=False),
+        info.fh,
+        None,
+    )
     await stack.ops.flush(info.fh)
     assert [(f.filename, f.bytes) for f in await stack.client.list_all()] == [("touched", 0)]
     await stack.clear_requests()
@@ -1411,7 +1418,8 @@ async def test_a_truncate_while_written_stops_the_upload_and_the_file_goes_whole
     assert await posts(stack) == 1  # under way
     size = pyfuse3.EntryAttributes()
     size.st_size = MiB
-    fields = SimpleNamespace(update_size=True)  # pyfuse3's SetattrFields is read-only
+    # pyfuse3's SetattrFields is read-only
+    fields = SimpleNamespace(update_size=True, update_atime=False, update_mtime=False)
     assert (await stack.ops.setattr(attrs.st_ino, size, fields, info.fh, None)).st_size == MiB
     await stack.ops.flush(info.fh)
     await stack.ops.release(info.fh)

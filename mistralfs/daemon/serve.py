@@ -136,14 +136,13 @@ async def _serve_mounted(
         read_only=config.read_only,
         max_throughput=config.max_throughput,
         local_names=config.local_names,
+        times_file=config.times_file,
     )
     parts = build_filesystem(client, nursery, options, disk=disk)
     fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer
     activity = parts.activity
     namespace.on_name_removed = namespace.on_name_added = _forget_in_kernel
     namespace.on_attrs_changed = _forget_attrs_in_kernel
-    namespace.on_deleted_elsewhere = disk.forget
-    namespace.on_account_listed = disk.keep_only
     nursery.start_soon(disk.run)
     nursery.start_soon(client.warm_up)
 

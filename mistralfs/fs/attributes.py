@@ -16,6 +16,7 @@ import time
 import pyfuse3
 
 from mistralfs.api import RemoteFile
+from mistralfs.fs.mtimes import KeptTimes
 from mistralfs.fs.namespace import STANDARD_PURPOSES, FileNode, Folder, Namespace, Node
 
 BLOCK = 4096
@@ -30,8 +31,9 @@ LOCAL_TIMEOUT = 1.0
 class Attributes:
     """EntryAttributes per node, with kernel cache timeouts that follow the listings."""
 
-    def __init__(self, namespace: Namespace, *, read_only: bool) -> None:
+    def __init__(self, namespace: Namespace, times: KeptTimes, *, read_only: bool) -> None:
         self._namespace = namespace
+        self._times = times
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._file_mode = stat.S_IFREG | (0o444 if read_only else 0o644)
@@ -61,6 +63,8 @@ class Attributes:
                 seconds = remote.created_at if remote is not None else node.local_time
                 entry = self._file(node, node.size, seconds)
                 timeout = min(LOCAL_TIMEOUT, namespace.dir_cache_time)
+            times = self._times.times_of(node)  # those a program set, else the upload's
+            entry.st_atime_ns, entry.st_mtime_ns = times.atime_ns, times.mtime_ns
         else:
             folder_entry = self._folders.get(node.inode)
             entry = folder_entry if folder_entry is not None else self._folder(node.inode)

@@ -3,8 +3,10 @@ for the tests alike, so that what the tests run is what the mount runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -12,10 +14,13 @@ from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.activity import Activity
 from mistralfs.fs.disk_cache import DiskCache, NoDiskCache
 from mistralfs.fs.filesystem import Filesystem
+from mistralfs.fs.mtimes import KeptTimes, TimesFile
 from mistralfs.fs.names import DEFAULT_LOCAL_NAMES, LocalNames
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.reader import FREE_GROWTH_BLOCKS, BlockReader
 from mistralfs.fs.writer import Writer
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class FsOptions:
     max_throughput: float | None = None  # bytes per second; None: no target
     free_growth_blocks: int = FREE_GROWTH_BLOCKS  # see reader.py
     local_names: tuple[str, ...] = DEFAULT_LOCAL_NAMES  # scratch files: see names.py
+    times_file: Path | None = None  # where set times are kept (mtimes.py); None: memory
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class FsParts:
     reader: BlockReader
     writer: Writer
     activity: Activity
+    times: KeptTimes
 
 
 def build_filesystem(
@@ -74,7 +81,29 @@ def build_filesystem(
         recovery_dir=options.recovery_dir,
         max_file_size=options.max_file_size,
     )
+    times = KeptTimes(TimesFile(options.times_file), writer.spool_for)
+    kept = disk if disk is not None else NoDiskCache()  # what is kept by file id goes with it
+    namespace.on_file_bound = times.bound
+    namespace.on_id_forgotten = times.forget
+    namespace.on_deleted_elsewhere = _each(kept.forget, times.forget)
+    namespace.on_account_listed = _each(kept.keep_only, times.keep_only)
     fs = Filesystem(
-        client, namespace, reader, writer, read_only=options.read_only, activity=activity
+        client,
+        namespace,
+        reader,
+        writer,
+        read_only=options.read_only,
+        times=times,
+        activity=activity,
     )
-    return FsParts(fs, namespace, reader, writer, activity)
+    return FsParts(fs, namespace, reader, writer, activity, times)
+
+
+def _each(*calls: Callable[[T], None]) -> Callable[[T], None]:
+    """One hook for several parts that keep things by file id."""
+
+    def each(argument: T) -> None:
+        for call in calls:
+            call(argument)
+
+    return each

@@ -20,6 +20,7 @@ from mistralfs.api.protocol import FilesApi
 from mistralfs.files_api import FILE_FIELDS, SHOWN_BY_STAT
 from mistralfs.fs.activity import Activity
 from mistralfs.fs.errors import FsError, errno_for
+from mistralfs.fs.mtimes import KeptTimes
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
 from mistralfs.fs.reader import BlockReader, ReadState
@@ -61,6 +62,7 @@ class Filesystem:
         writer: Writer,
         *,
         read_only: bool,
+        times: KeptTimes,
         activity: Activity | None = None,
     ) -> None:
         self._client = client
@@ -70,6 +72,7 @@ class Filesystem:
         self._readahead = FolderReadahead(reader)
         self._writer = writer
         self.read_only = read_only
+        self.times = times
         self._handles: dict[int, Handle] = {}
         self._fh_counter = itertools.count(1)
 
@@ -165,6 +168,8 @@ class Filesystem:
             )
         except ApiError as exc:
             raise self._fetch_error(node, exc) from exc
+        if write and flags & os.O_TRUNC:
+            self.times.content_changed(node)
         keep_pages = spool is None and self._writer.kernel_may_keep_pages(node)
         return self._new_handle(Handle(node=node, spool=spool, writes=write)), keep_pages
 
@@ -222,10 +227,32 @@ class Filesystem:
         handle = self._handle(fh)
         if handle.spool is None:
             raise FsError(errno.EBADF)
+        self.times.content_changed(handle.node)
         return await self._writer.write(handle.spool, offset, data)
 
-    async def setattr(self, inode: int, size: int | None, fh: int | None) -> None:
-        """Only the size can change; mode, owner and times are accepted with no effect."""
+    async def setattr(
+        self,
+        inode: int,
+        size: int | None,
+        fh: int | None,
+        *,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """A new size, then a file's times (kept locally: see mtimes.py)."""
+        await self._set_size(inode, size, fh)
+        node = self.node(inode)
+        # Read-only: accepted with no effect, as mode and owner are.
+        if (
+            (atime_ns, mtime_ns) != (None, None)
+            and isinstance(node, FileNode)
+            and not self.read_only
+        ):
+            self.times.set(node, atime_ns, mtime_ns)
+
+    async def _set_size(self, inode: int, size: int | None, fh: int | None) -> None:
+        """Only the size can change; mode, owner and a folder's times are accepted with
+        no effect."""
         node = self._file(inode) if size is not None else self.node(inode)
         spool = self._handle(fh).spool if fh is not None else None
         if size is None:
@@ -234,6 +261,7 @@ class Filesystem:
             return
         self._refuse_if_read_only()
         assert isinstance(node, FileNode)
+        self.times.content_changed(node)
         if spool is not None:
             await self._writer.truncate(spool, size)
             return
@@ -291,6 +319,7 @@ class Filesystem:
             deleted.add(remote.id)
         self.namespace.detach(node, why=Presence.REMOVED)
         self._writer.unlinked(node)
+        self.times.node_gone(node)
         for file_id in deleted:  # no listing fetched before the deletions brings one back
             self.namespace.forget_id(file_id)
 
