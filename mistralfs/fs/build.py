@@ -15,6 +15,7 @@ from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.names import DEFAULT_LOCAL_NAMES, LocalNames
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.reader import FREE_GROWTH_BLOCKS, BlockReader
+from mistralfs.fs.refusals import RefusalListener, ignore
 from mistralfs.fs.writer import Writer
 
 
@@ -51,8 +52,12 @@ def build_filesystem(
     options: FsOptions,
     *,
     disk: DiskCache | NoDiskCache | None = None,
+    on_refused: RefusalListener = ignore,
 ) -> FsParts:
-    """The filesystem over `client`; its background work runs in `nursery`."""
+    """The filesystem over `client`; its background work runs in `nursery`.
+
+    `on_refused` hears of each upload that did not happen (the daemon tells the desktop).
+    """
     activity = Activity()
     namespace = Namespace(client, options.dir_cache_time, LocalNames(options.local_names))
     reader = BlockReader(
@@ -73,6 +78,7 @@ def build_filesystem(
         spool_dir=options.spool_dir,
         recovery_dir=options.recovery_dir,
         max_file_size=options.max_file_size,
+        on_refused=on_refused,
     )
     fs = Filesystem(client, namespace, reader, writer, read_only=options.read_only)
     return FsParts(fs, namespace, reader, writer, activity)
