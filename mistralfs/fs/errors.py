@@ -32,12 +32,15 @@ import errno
 
 from mistralfs.api import ApiError, AuthError, NotFound, Rejected, TooLarge
 
+# The content, refused by the service (see above).
+REFUSED = errno.EBADMSG
+
 # Most specific first: TooLarge is a Rejected too.
 _REMOTE: tuple[tuple[type[ApiError], int], ...] = (
     (AuthError, errno.EACCES),
     (NotFound, errno.ENOENT),
     (TooLarge, errno.EFBIG),
-    (Rejected, errno.EBADMSG),
+    (Rejected, REFUSED),
 )
 _MEANINGFUL_WHEN_READING = frozenset({errno.EACCES, errno.ENOENT})
 

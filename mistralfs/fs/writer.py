@@ -37,7 +37,7 @@ import trio
 from mistralfs.api import RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.activity import Activity
-from mistralfs.fs.errors import FsError, reason
+from mistralfs.fs.errors import REFUSED, FsError, reason
 from mistralfs.fs.kept import KeptEntry, discard, note_reason, read_entry
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Presence
 from mistralfs.fs.reader import BlockReader
@@ -423,9 +423,11 @@ class Writer:
     def _keep(self, spool: Spool, error: FsError | None) -> None:
         """Move a version whose upload failed to the recovery folder, with the reason.
 
-        Its name stays and shows it (a file that was never uploaded reads what was
-        kept; `user.mistral.error` says why) until it is uploaded, removed, or the
-        entry is retried or discarded (`mistralfs recovery`).
+        Content the service refused keeps its name, which shows it (a file that was
+        never uploaded reads what was kept; `user.mistral.error` says why) until it is
+        uploaded, removed, or the entry is retried or discarded (`mistralfs recovery`).
+        Content that failed otherwise (a full disk, a service that did not answer or
+        lied) may be incomplete or may even be stored: it is only kept.
         """
         node = spool.node
         kept = keep(spool.path, self._recovery_dir)
@@ -437,7 +439,7 @@ class Writer:
         where = f"{node.folder.purpose}/{node.name}"
         log.warning("%s was not uploaded (%s); its content (%d bytes) is kept at %s",
                     where, why, spool.size, kept)  # fmt: skip
-        if node.attached:
+        if node.attached and error is not None and error.errno == REFUSED:
             self._drop_kept(node, "a newer version of it was kept")
             self._kept[node.inode] = read_entry(kept)
         self._on_refused(UploadRefused(where, why, kept=kept.name.removesuffix(".spool")))
