@@ -1,6 +1,6 @@
 """Content the service refuses, as a person meets it with real tools (issue #17, 1-2).
 
-cp, sed -i, gio copy and mv report "Bad message" (EBADMSG), not "Invalid argument";
+cp, sed -i, gio copy, mc and mv report "Bad message" (EBADMSG), not "Invalid argument";
 the refused name stays, reads what was written and says why in `user.mistral.error`;
 `mv` into a purpose that refuses the file uploads once and says so truthfully; and
 `mistralfs recovery` lists, retries, saves and discards what was kept, with a running
@@ -217,3 +217,38 @@ def test_mv_of_a_refused_name_into_a_purpose_that_takes_it_uploads_it(
     assert (mounted / "batch" / "y.txt").read_bytes() == b"text for batch\n"
     env = cli_env(mounted, emulator_process)
     assert json.loads(recovery(mounted, env, "list", "--json").stdout) == []
+
+
+def test_midnight_commander_shows_bad_message_for_a_refused_copy(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral
+) -> None:
+    from test_tools import Tmux, panel_rows, select
+
+    tmux = Tmux()
+    try:
+        local = tmp_path / "local"
+        local.mkdir()
+        (local / "notes.txt").write_bytes(b"plain text, which OCR does not take\n")
+        home = tmp_path / "mc-home"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "TMUX"))}
+        env.update(HOME=str(home), TERM="xterm-256color", XDG_CONFIG_HOME=str(home / ".config"))
+        env.update(XDG_DATA_HOME=str(home / ".local"), XDG_CACHE_HOME=str(home / ".cache"))
+        shell = (
+            f"TERM=xterm-256color {tool('mc')} -u -a '{mounted / 'ocr'}' '{local}'; "
+            'echo "mc exited with status $?"; sleep 600'
+        )
+        tmux("new-session", "-d", "-s", tmux.session, "-x", "200", "-y", "50", shell, env=env)
+        tmux.wait(lambda s: "notes.txt" in panel_rows(s, 1), "the local panel")
+        tmux.keys("Tab")
+        select(tmux, 1, "notes.txt")
+        tmux.keys("F5")
+        tmux.wait(lambda s: 'Copy file "notes.txt"' in s, "the copy dialog")
+        tmux.keys("Enter")
+        screen = tmux.wait(lambda s: "Bad message" in s, "mc to report the refusal")
+        assert "Invalid argument" not in screen, screen
+        assert remote_files(sdk) == []
+    finally:
+        tmux.kill()
+    why = getfattr(mounted / "ocr" / "notes.txt", "user.mistral.error")
+    assert "text/plain" in why

@@ -458,6 +458,7 @@ class Writer:
                  node.folder.purpose, node.name, entry.id)  # fmt: skip
         if node.remote is None and not self._versions(node) and node.attached:
             self._namespace.detach(node)
+        self._namespace.invalidate()  # a retry may have stored it: the next look lists anew
         return None
 
     def forget_gone_kept(self) -> None:
