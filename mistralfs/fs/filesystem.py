@@ -87,7 +87,6 @@ class Filesystem:
 
     async def lookup(self, parent_inode: int, name: str) -> Node:
         parent = self.node(parent_inode)
-        self._writer.forget_gone_kept()
         found: Node | None
         if isinstance(parent, Root):
             found = await self._listed(self.namespace.find_folder(name))
@@ -96,6 +95,9 @@ class Filesystem:
             found = parent.entries.get(name)
         else:
             raise FsError(errno.ENOTDIR)
+        if isinstance(found, FileNode) and found.remote is None:
+            self._writer.kept_for(found)  # an entry retried or discarded elsewhere: no name
+            found = found if found.attached else None
         if found is None:
             raise FsError(errno.ENOENT)
         if isinstance(found, FileNode) and found.remote is not None:
