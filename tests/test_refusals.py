@@ -252,3 +252,27 @@ def test_midnight_commander_shows_bad_message_for_a_refused_copy(
         tmux.kill()
     why = getfattr(mounted / "ocr" / "notes.txt", "user.mistral.error")
     assert "text/plain" in why
+
+
+def test_recovery_works_on_the_cache_folder_without_a_mount(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    from mounting import mount
+
+    source = tmp_path / "z.txt"
+    source.write_bytes(b"text, later for batch\n")
+    with mount(emulator_process, tmp_path) as mounted:
+        failing("cp", source, mounted / "ocr")
+    env = cli_env(mounted, emulator_process)
+    [entry] = json.loads(recovery(mounted, env, "list", "--json").stdout)
+    assert entry["filename"] == "z.txt" and "text/plain" in entry["error"]
+    # No mount runs to take the server from: it is given, as to `mount`.
+    retried = recovery(
+        mounted, env, "retry", entry["id"], "--purpose", "batch",
+        "--server-url", emulator_process.url,
+    )  # fmt: skip
+    assert retried.returncode == 0, retried.stderr
+    assert "uploaded ocr/z.txt as batch/z.txt" in retried.stdout
+    [stored] = remote_files(sdk)
+    assert (stored.purpose, stored.filename) == ("batch", "z.txt")
+    assert json.loads(recovery(mounted, env, "list", "--json").stdout) == []
