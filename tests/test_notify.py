@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from conftest import RunningEmulator
 from jeepney import HeaderFields, MessageType, new_method_return
 from jeepney.bus_messages import message_bus
@@ -151,3 +152,20 @@ async def test_a_bus_that_cannot_be_reached_costs_one_info_line(
     lines = [r for r in caplog.records if r.name == "mistralfs.daemon.notify"]
     assert [r.levelno for r in lines] == [logging.INFO], lines
     assert "no desktop notifications" in lines[0].getMessage()
+
+
+async def test_a_burst_of_refusals_is_one_notification(
+    session_bus: str, desktop: NotificationService
+) -> None:
+    notifier = DesktopNotifier(env={"DBUS_SESSION_BUS_ADDRESS": session_bus})
+    for index in range(7):
+        notifier.refused(UploadRefused(f"ocr/{index}.txt", "422 <not a document>", kept="x"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(notifier.run)
+        await trio.to_thread.run_sync(lambda: wait_for(lambda: desktop.calls, timeout=5))
+        await trio.sleep(0.5)  # nothing else comes
+        nursery.cancel_scope.cancel()
+    [(summary, body)] = desktop.texts()
+    assert summary == "7 files were not stored"
+    assert "ocr/0.txt: 422 &lt;not a document&gt;" in body  # markup escaped
+    assert "ocr/4.txt" in body and "ocr/5.txt" not in body and "and 2 more" in body

@@ -8,7 +8,9 @@ Without a bus, or when the bus or its notification service fails, nothing happen
 one INFO line says so, and the mount goes on as before.
 
 The filesystem calls `DesktopNotifier.refused` (a `RefusalListener`), which only
-queues; `run` sends, one notification at a time, connecting at the first one.
+queues; `run` sends, one notification at a time, connecting at the first one. A burst
+of refusals (a folder copied into a purpose that refuses its files) is one
+notification that names the first few and counts the rest.
 """
 
 from __future__ import annotations
@@ -33,12 +35,23 @@ NOTIFICATIONS = DBusAddress(
 )
 APP_NAME = "mistralfs"
 ICON = "dialog-warning"
-WAITING = 32  # notifications queued while the bus is slow; later ones are dropped
+WAITING = 256  # refusals queued while the bus is slow; later ones are dropped
 CALL_SECONDS = 5.0  # connecting, or one Notify call
+# Refusals that come this close together (`cp -r`, rsync into a refusing folder) make
+# one notification, not a flood of them.
+GATHER_SECONDS = 0.3
+LISTED = 5  # refusals a gathered notification names; the rest are counted
 
 
-def notification_text(event: UploadRefused) -> tuple[str, str]:
-    """The summary and body of the notification for `event` (the body is markup)."""
+def notification_text(events: list[UploadRefused]) -> tuple[str, str]:
+    """The summary and body of the notification for `events` (the body is markup)."""
+    if len(events) > 1:
+        lines = [f"{e.where}: {e.reason}" for e in events[:LISTED]]
+        if len(events) > LISTED:
+            lines.append(f"and {len(events) - LISTED} more")
+        lines.append("What was written is kept: mistralfs recovery list")
+        return f"{len(events)} files were not stored", html.escape("\n".join(lines), quote=False)
+    [event] = events
     if event.renamed_from is not None:
         summary = f"{event.renamed_from} was not moved to {event.where}"
         after = "It stays where it was."
@@ -77,17 +90,24 @@ class DesktopNotifier:
             return
         async with self._receive:
             async for event in self._receive:
+                events = [event]
+                await trio.sleep(GATHER_SECONDS)
+                while True:
+                    try:
+                        events.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
                 try:
                     with trio.fail_after(CALL_SECONDS):
-                        await self._notify(event)
+                        await self._notify(events)
                 except Exception as exc:  # whatever the bus does, the mount goes on
                     log.info("no desktop notifications: the session bus at %s did not take "
                              "one (%s)", self._address, exc or type(exc).__name__)  # fmt: skip
                     self._address = None
                     return
 
-    async def _notify(self, event: UploadRefused) -> None:
-        summary, body = notification_text(event)
+    async def _notify(self, events: list[UploadRefused]) -> None:
+        summary, body = notification_text(events)
         assert self._address is not None
         message = new_method_call(
             NOTIFICATIONS,
