@@ -104,6 +104,8 @@ def render(snapshot: dict) -> str:
     lines.append(f" errors: {errors or 'none'}")
     for failure in snapshot.get("failed", [])[-5:]:
         lines.append(f"  failed {failure['purpose']}/{failure['name']}: {failure['error']}")
+    if snapshot.get("failed"):
+        lines.append("  (retry, save or discard them: mistralfs recovery list)")
     return "\n".join(lines)
 
 
