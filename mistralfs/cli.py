@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON snapshot")
     status.add_argument("--watch", action="store_true", help="refresh every second until ^C")
 
+    _add_recovery_parser(sub)
+
     unmount = sub.add_parser(
         "unmount",
         help="unmount MOUNTPOINT after uploads in flight finish",
@@ -266,6 +268,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_recovery_parser(sub: argparse._SubParsersAction) -> None:
+    recovery = sub.add_parser(
+        "recovery",
+        help="list, retry, save or discard what failed uploads left in the cache folder",
+        description="Content whose upload was refused or failed is kept in CACHE_DIR/recovery/ "
+        "with the reason. List it, upload it again (into another purpose with --purpose), "
+        "save it elsewhere, or discard it. Works with or without a running mount.",
+    )
+    actions = recovery.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--cache-dir", type=Path, help="the mount's cache folder (default as for mount)"
+    )
+    listing = actions.add_parser("list", parents=[common], help="each entry with its reason")
+    listing.add_argument("--json", action="store_true", help="print the entries as JSON")
+    again = actions.add_parser("retry", parents=[common], help="upload an entry again")
+    again.add_argument("id", help="the entry's id, or a unique start of it")
+    again.add_argument("--purpose", help="upload into this purpose instead (e.g. batch)")
+    again.add_argument("--name", help="upload under this file name instead")
+    again.add_argument(
+        "--server-url", help="default: the running mount's of this cache folder, else as mount"
+    )
+    again.add_argument("--api-key-file", type=Path, help="read the API key from this file")
+    again.add_argument("--ca-file", type=Path, metavar="FILE", help="as for mount")
+    keep = actions.add_parser("save", parents=[common], help="move an entry's content to DEST")
+    keep.add_argument("id", help="the entry's id, or a unique start of it")
+    keep.add_argument("dest", type=Path, help="a file to create, or a folder to put it in")
+    drop = actions.add_parser("discard", parents=[common], help="delete an entry")
+    drop.add_argument("id", help="the entry's id, or a unique start of it")
+
+
 def _fault_plan(text: str) -> object:
     from mistralfs.emulator.faults import FaultSpecError, parse_plan
 
@@ -306,7 +339,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = ("mount", "unmount", "status", "demo", "emulator")
+COMMANDS = ("mount", "unmount", "status", "demo", "emulator", "recovery")
 
 
 def _from_mount_helper(argv: list[str]) -> list[str]:
@@ -337,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             from mistralfs.daemon.status import status_command
 
             return status_command(args.mountpoint, as_json=args.json, watch=args.watch)
+        if args.command == "recovery":
+            from mistralfs.daemon.recovery_cmd import recovery_command
+
+            return recovery_command(args.action, args)
         if args.command == "demo":
             from mistralfs.demo import demo_command
 

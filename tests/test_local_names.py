@@ -230,7 +230,7 @@ async def test_a_scratch_file_refused_under_its_real_name_fails_the_rename(
     await create_written(fake, "fine-tune", "sedAAAAAA", b"not json\n")
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await rename(fake, "fine-tune", "sedAAAAAA", "train.jsonl")
-    assert raised.value.errno == errno.EINVAL
+    assert raised.value.errno == errno.EBADMSG
     assert await fake.names("fine-tune") == ["sedAAAAAA"]  # nothing changed
     assert fake.api.held() == {}
 

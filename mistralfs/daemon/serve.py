@@ -23,6 +23,8 @@ from mistralfs.config import MountConfig
 from mistralfs.daemon import systemd
 from mistralfs.daemon.collector import collector_stats, settle_startup_heap
 from mistralfs.daemon.control import serve_status
+from mistralfs.daemon.notify import DesktopNotifier
+from mistralfs.daemon.status import kept_failures
 from mistralfs.fs.activity import Activity
 from mistralfs.fs.build import FsOptions, build_filesystem
 from mistralfs.fs.disk_cache import (
@@ -138,7 +140,9 @@ async def _serve_mounted(
         local_names=config.local_names,
         times_file=config.times_file,
     )
-    parts = build_filesystem(client, nursery, options, disk=disk)
+    notifier = DesktopNotifier()  # refused uploads reach the desktop, where there is one
+    nursery.start_soon(notifier.run)
+    parts = build_filesystem(client, nursery, options, disk=disk, on_refused=notifier.refused)
     fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer
     activity = parts.activity
     namespace.on_name_removed = namespace.on_name_added = _forget_in_kernel
@@ -157,6 +161,9 @@ async def _serve_mounted(
             **activity.snapshot(),
             "pending": writer.pending(),
             "recovered": len(list(config.recovery_dir.glob("*.spool"))),
+            "failed": kept_failures(config.recovery_dir),  # until retried or discarded
+            "cache_dir": str(config.cache_dir),
+            "ca_file": str(config.ca_file) if config.ca_file else None,
             "cache": reader.stats(),
             "disk_cache": disk.stats(),
             "requests": dict(client.stats.requests),

@@ -18,6 +18,7 @@ from mistralfs.fs.mtimes import KeptTimes, TimesFile
 from mistralfs.fs.names import DEFAULT_LOCAL_NAMES, LocalNames
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.reader import FREE_GROWTH_BLOCKS, BlockReader
+from mistralfs.fs.refusals import RefusalListener, ignore
 from mistralfs.fs.writer import Writer
 
 T = TypeVar("T")
@@ -58,8 +59,12 @@ def build_filesystem(
     options: FsOptions,
     *,
     disk: DiskCache | NoDiskCache | None = None,
+    on_refused: RefusalListener = ignore,
 ) -> FsParts:
-    """The filesystem over `client`; its background work runs in `nursery`."""
+    """The filesystem over `client`; its background work runs in `nursery`.
+
+    `on_refused` hears of each upload that did not happen (the daemon tells the desktop).
+    """
     activity = Activity()
     namespace = Namespace(client, options.dir_cache_time, LocalNames(options.local_names))
     reader = BlockReader(
@@ -80,6 +85,7 @@ def build_filesystem(
         spool_dir=options.spool_dir,
         recovery_dir=options.recovery_dir,
         max_file_size=options.max_file_size,
+        on_refused=on_refused,
     )
     times = KeptTimes(TimesFile(options.times_file), writer.spool_for)
     kept = disk if disk is not None else NoDiskCache()  # what is kept by file id goes with it

@@ -36,6 +36,7 @@ XATTR_PREFIX = "user.mistral."
 XATTR_FIELDS = tuple(name for name in FILE_FIELDS if name not in SHOWN_BY_STAT)
 XATTR_SIGNED_URL = XATTR_PREFIX + "signed_url"
 XATTR_MIME = "user.mime_type"
+XATTR_ERROR = XATTR_PREFIX + "error"  # why the content its name shows is not uploaded
 
 
 @dataclass(eq=False)
@@ -100,6 +101,9 @@ class Filesystem:
             found = parent.entries.get(name)
         else:
             raise FsError(errno.ENOTDIR)
+        if isinstance(found, FileNode) and found.remote is None:
+            self._writer.kept_for(found)  # an entry retried or discarded elsewhere: no name
+            found = found if found.attached else None
         if found is None:
             raise FsError(errno.ENOENT)
         if isinstance(found, FileNode) and found.remote is not None:
@@ -126,6 +130,7 @@ class Filesystem:
             return [(f.name, f) for f in await self._listed(self.namespace.folders())]
         if isinstance(node, Folder):
             await self._listed(self.namespace.ensure_folder_fresh(node))
+            self._writer.forget_gone_kept()
             entries = sorted(node.entries.items())
             self._reader.prefetch_urls(
                 [f.remote for _, f in entries if f.remote is not None and f.local_size is None]
@@ -160,7 +165,7 @@ class Filesystem:
         write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if write:
             self._refuse_if_read_only()
-        elif self._writer.spool_for(node) is None:
+        elif self._writer.spool_for(node) is None and node.remote is not None:
             await self._check_still_there(node)
         try:
             spool = await self._writer.open_handle(
@@ -340,15 +345,16 @@ class Filesystem:
 
     def xattr_names(self, inode: int) -> list[str]:
         node = self.node(inode)
+        refused = isinstance(node, FileNode) and self._writer.kept_for(node) is not None
         if not isinstance(node, FileNode) or node.remote is None:
-            return []
+            return [XATTR_ERROR] if refused else []
         names = [XATTR_PREFIX + f for f in XATTR_FIELDS if self._xattr_field(node, f) is not None]
         # Not user.mistral.signed_url: it is read by name. Listed, every tool that copies
         # metadata (cp -a, rsync -X, tar --xattrs, file managers) would cost an API call
         # per file and keep a link that reads the file without the key in the copy.
         if node.remote.mimetype:
             names.append(XATTR_MIME)
-        return names
+        return names + ([XATTR_ERROR] if refused else [])
 
     async def xattr(self, inode: int, name: str) -> bytes:
         node = self.node(inode)
@@ -356,6 +362,10 @@ class Filesystem:
             # No security labels, ACLs or trusted attributes here. ENOTSUP (not ENODATA)
             # lets `ls -l` stop asking for them after the first file of the mount.
             raise FsError(errno.ENOTSUP)
+        if name == XATTR_ERROR and isinstance(node, FileNode):
+            kept = self._writer.kept_for(node)
+            if kept is not None and kept.error is not None:
+                return kept.error.encode("utf-8")
         if not isinstance(node, FileNode) or node.remote is None:
             raise FsError(errno.ENODATA)
         value: object = None
