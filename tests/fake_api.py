@@ -42,6 +42,9 @@ def fine_tune_refusal(data: bytes) -> str | None:
     return None
 
 
+EXPIRY_UNIT = 3600  # seconds in one unit of an upload's `expiry`, as the emulator takes it
+
+
 @dataclass
 class StoredFile:
     remote: RemoteFile
@@ -69,8 +72,18 @@ class FakeFilesApi:
 
     # -- what tests use to arrange and look -------------------------------------------
 
-    def add(self, filename: str, purpose: str, content: bytes) -> RemoteFile:
-        """A file stored by someone else."""
+    def add(
+        self,
+        filename: str,
+        purpose: str,
+        content: bytes,
+        *,
+        expires_at: int | None = None,
+        visibility: str | None = "workspace",
+        source: str = "upload",
+    ) -> RemoteFile:
+        """A file stored by someone else; one whose `expires_at` (wall clock) has passed
+        is gone, as on the service."""
         remote = RemoteFile(
             id=str(uuid.uuid4()),
             bytes=len(content),
@@ -78,10 +91,12 @@ class FakeFilesApi:
             filename=filename,
             purpose=purpose,
             sample_type=None,
-            source="upload",
+            source=source,
             num_lines=None,
             mimetype=None,
             signature=None,
+            expires_at=expires_at,
+            visibility=visibility,
         )
         self.files[remote.id] = StoredFile(remote, content)
         return remote
@@ -104,9 +119,13 @@ class FakeFilesApi:
         if pending:
             raise pending.pop(0)
 
+    def _gone(self, stored: StoredFile) -> bool:
+        expires_at = stored.remote.expires_at
+        return expires_at is not None and expires_at <= time.time()
+
     def _get(self, file_id: str) -> StoredFile:
         stored = self.files.get(file_id)
-        if stored is None:
+        if stored is None or self._gone(stored):
             raise NotFound("No file found", status=404, method="GET", url=f"/v1/files/{file_id}")
         return stored
 
@@ -125,7 +144,7 @@ class FakeFilesApi:
         return [
             stored.remote
             for stored in self.files.values()
-            if purpose is None or stored.remote.purpose == purpose
+            if (purpose is None or stored.remote.purpose == purpose) and not self._gone(stored)
         ]
 
     async def upload(
@@ -136,6 +155,8 @@ class FakeFilesApi:
         purpose: str,
         progress: Callable[[int], None] | None = None,
         after: GrowingSend | None = None,
+        expiry: int | None = None,
+        visibility: str | None = None,
     ) -> RemoteFile:
         self._count("upload")
         content = await trio.Path(path).read_bytes()
@@ -144,7 +165,10 @@ class FakeFilesApi:
             raise Rejected(refusal, status=400, method="POST", url="/v1/files")
         if progress is not None:
             progress(len(content))
-        return self.add(filename, purpose, content)
+        expires_at = None if expiry is None else int(time.time()) + expiry * EXPIRY_UNIT
+        return self.add(
+            filename, purpose, content, expires_at=expires_at, visibility=visibility or "workspace"
+        )
 
     def growing_upload(
         self,
@@ -154,6 +178,8 @@ class FakeFilesApi:
         filename: str,
         purpose: str,
         progress: Callable[[int], None] | None = None,
+        expiry: int | None = None,
+        visibility: str | None = None,
     ) -> GrowingSend:
         raise AssertionError("the fake sends no growing uploads (sends_growing_uploads)")
 

@@ -131,6 +131,7 @@ async def test_upload_retrieve_and_every_field(client: FilesClient, tmp_path: pa
     assert up.signature == hashlib.md5(JSONL).hexdigest()
     assert up.deleted is False
     assert up.extra.get("object") == "file"
+    assert (up.expires_at, up.visibility) == (None, "workspace")
 
     got = await client.retrieve(up.id)
     assert got == up  # compare ignores ``extra`` (retrieve adds fields like deleted)
@@ -398,7 +399,8 @@ def test_from_json_keeps_extra_fields_and_unknown_values() -> None:
     assert f.purpose == "agentic_safety"
     assert f.sample_type == "something_new"
     assert f.source == "some_future_source"
-    assert f.extra == {"object": "file", "visibility": "user", "expires_at": 123}
+    assert f.extra == {"object": "file"}
+    assert (f.expires_at, f.visibility) == (123, "user")
     # Missing optional fields are fine.
     g = RemoteFile.from_json(
         {"id": "g", "bytes": 0, "created_at": 0, "filename": "", "purpose": "p"}
@@ -776,6 +778,92 @@ async def test_list_all_without_total_walks_until_short_page(
     assert len(everything) == 7 and len({f.id for f in everything}) == 7
     assert all(f.sample_type == "batch_error" for f in everything)
     assert await client.list_all(purpose="ocr") == []
+
+
+async def test_a_listing_without_total_is_read_page_by_page_to_a_short_page(
+    client: FilesClient, admin: Admin
+) -> None:
+    """A service that leaves `total` out: pages are read one by one until a short one;
+    only page 0 asks for the total, the others say include_total=false."""
+    for i in range(7):
+        await admin.batch_output(f'{{"i": {i}}}\n'.encode(), "batch_result")
+    # The emulator answers include_total=false with a null total, which the client keeps.
+    page = await client.list_files(page_size=3, include_total=False)
+    assert page.total is None and len(page.files) == 3
+    lie = {"records": [], "total": False}  # the real listing, without its total
+    await admin.fault(method="GET", path_prefix="/v1/files", status=None, lie=lie, times=None)
+    assert (await client.list_files(page_size=3)).total is None
+    await admin.clear_requests()
+    everything = await client.list_all(page_size=3)
+    assert len({f.id for f in everything}) == 7
+    queries = [parse_qs(r["query"]) for r in await admin.requests() if r["path"] == "/v1/files"]
+    assert [q["page"] for q in queries] == [["0"], ["1"], ["2"]]
+    assert [q["include_total"] for q in queries] == [["true"], ["false"], ["false"]]
+
+
+async def test_expiry_and_visibility_are_sent_only_when_given(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    src = write(tmp_path, "req.jsonl", JSONL)
+    before = int(time.time())
+    short = await client.upload(src, filename="a.jsonl", purpose="batch", expiry=2,
+                                visibility="user")  # fmt: skip
+    assert short.visibility == "user"
+    assert short.expires_at is not None
+    assert before + 2 * 3600 <= short.expires_at <= time.time() + 2 * 3600 + 2
+    plain = await client.upload(src, filename="b.jsonl", purpose="batch")
+    assert (plain.expires_at, plain.visibility) == (None, "workspace")
+    listed = {f.id: f for f in await client.list_all()}
+    assert (listed[short.id].expires_at, listed[short.id].visibility) == (
+        short.expires_at,
+        "user",
+    )
+    assert (await client.retrieve(short.id)).expires_at == short.expires_at
+
+    fields: list[dict[str, str]] = []
+
+    async def form_fields(scope: Any, receive: Any, send: Any) -> None:
+        """Records the text parts of each upload (the emulator's own parser reads them)."""
+        from starlette.requests import Request
+
+        from mistralfs.emulator.upload import receive_upload
+
+        form = await receive_upload(Request(scope, receive), tmp_path / "got", 1 << 20)
+        fields.append(form.fields)
+        answer_fields = {"id": f"f{len(fields)}", "object": "file", "bytes": len(JSONL)}
+        answer_fields |= {"created_at": before, "filename": "c.jsonl", "purpose": "batch"}
+        body = json.dumps(answer_fields)
+        await answer(send, 200, [(b"content-type", b"application/json")], body.encode())
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, form_fields)
+        async with FilesClient(url, "k", retry=FAST) as other:
+            await other.upload(src, filename="c.jsonl", purpose="batch")
+            await other.upload(src, filename="c.jsonl", purpose="batch", expiry=5)
+            await other.upload(src, filename="c.jsonl", purpose="batch", visibility="user")
+        nursery.cancel_scope.cancel()
+    assert fields == [
+        {"purpose": "batch"},
+        {"purpose": "batch", "expiry": "5"},
+        {"purpose": "batch", "visibility": "user"},
+    ]
+
+
+async def test_a_growing_upload_sends_expiry_and_visibility(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    path = write(tmp_path, "grow.bin", b"")
+    growing = GrowingFile()
+    upload = client.growing_upload(
+        path, growing, filename="grow.bin", purpose="batch", expiry=1, visibility="user"
+    )
+    async with trio.open_nursery() as nursery:
+        result: list[RemoteFile] = []
+        nursery.start_soon(lambda: _collect(upload.run(), result))
+        await feed(path, growing, [b"x" * 1000])
+        growing.finish(path.stat().st_size)
+    (stored,) = result
+    assert stored.visibility == "user" and stored.expires_at is not None
 
 
 # ------------------------------------------------------------------ error bodies

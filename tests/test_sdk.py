@@ -7,12 +7,13 @@ only: its async API is asyncio-based and these tests do not run under trio.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from conftest import RunningEmulator
-from emulator_admin import add_batch_output, clear_requests, requests
+from emulator_admin import add_batch_output, advance_clock, clear_requests, requests
 from mistralai.client import Mistral, errors
 
 JSONL = b'{"messages": [{"role": "user", "content": "hello"}]}\n{"messages": []}\n'
@@ -101,7 +102,42 @@ def test_list_with_filters_and_pages(sdk: Mistral, emulator_process: RunningEmul
     assert {f.id for f in both.data} == {out["id"], *(f.id for f in ft)}
 
     no_total = sdk.files.list(include_total=False, purpose="ocr")
-    assert no_total.total == 1
+    assert no_total.total is None
+    assert [f.id for f in no_total.data] == [pdf.id]
+
+
+def test_expiry_and_visibility_on_upload_retrieve_and_list(
+    sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    before = int(time.time())
+    short = sdk.files.upload(
+        file={"file_name": "short.jsonl", "content": JSONL},
+        purpose="batch",
+        expiry=2,
+        visibility="user",
+    )
+    assert short.visibility == "user"
+    assert short.expires_at is not None
+    assert before + 2 * 3600 <= short.expires_at <= time.time() + 2 * 3600 + 1  # hours
+    plain = sdk.files.upload(file={"file_name": "plain.jsonl", "content": JSONL})
+    assert (plain.purpose, plain.expires_at, plain.visibility) == ("fine-tune", None, "workspace")
+
+    got = sdk.files.retrieve(file_id=short.id)
+    assert (got.expires_at, got.visibility) == (short.expires_at, "user")
+    listed = {f.id: f for f in sdk.files.list().data}
+    assert (listed[short.id].expires_at, listed[short.id].visibility) == (short.expires_at, "user")
+
+    with pytest.raises(errors.SDKError) as excinfo:
+        sdk.files.upload(file={"file_name": "x.jsonl", "content": JSONL}, expiry=0)
+    assert excinfo.value.status_code == 422
+    assert '"expiry"' in excinfo.value.body
+
+    # Two hours on (the emulator's clock, moved by its test route), the file is gone.
+    advance_clock(emulator_process.url, emulator_process.api_key, 2 * 3600 + 1)
+    assert [f.id for f in sdk.files.list().data] == [plain.id]
+    with pytest.raises(errors.SDKError) as excinfo:
+        sdk.files.retrieve(file_id=short.id)
+    assert excinfo.value.status_code == 404
 
 
 def test_sdk_errors_and_request_log(sdk: Mistral, emulator_process: RunningEmulator) -> None:

@@ -60,6 +60,9 @@ class RemoteFile:
     num_lines: int | None
     mimetype: str | None
     signature: str | None
+    # Optional fields of newer services: absent (None) on files of older ones.
+    expires_at: int | None = None
+    visibility: str | None = None
     deleted: bool = False
     extra: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
     # False when the service sent `"bytes": null` (its own spec's examples do): `bytes`
@@ -115,6 +118,8 @@ class RemoteFile:
             num_lines=_opt_int(data.get("num_lines")),
             mimetype=_opt_str(data.get("mimetype")),
             signature=_opt_str(data.get("signature")),
+            expires_at=_opt_int(data.get("expires_at")),
+            visibility=_opt_str(data.get("visibility")),
             deleted=data.get("deleted") is True,
             extra=MappingProxyType(extra),
             size_known=size_known,

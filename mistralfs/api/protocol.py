@@ -58,8 +58,11 @@ class FilesApi(Protocol):
         purpose: str,
         progress: Callable[[int], None] | None = None,
         after: GrowingSend | None = None,
+        expiry: int | None = None,
+        visibility: str | None = None,
     ) -> RemoteFile:
-        """Store the file at `path` once; `after` is a growing upload of it that failed."""
+        """Store the file at `path` once; `after` is a growing upload of it that failed.
+        `expiry` and `visibility` are sent only when given (the service's defaults)."""
         ...
 
     def growing_upload(
@@ -70,6 +73,8 @@ class FilesApi(Protocol):
         filename: str,
         purpose: str,
         progress: Callable[[int], None] | None = None,
+        expiry: int | None = None,
+        visibility: str | None = None,
     ) -> GrowingSend: ...
 
     async def find_upload(

@@ -4,7 +4,8 @@ Public routes (all need ``Authorization: Bearer <key>``)::
 
     GET    /v1/files                    list (page, page_size, include_total, purpose,
                                         search, sample_type*, source*, mimetypes*)
-    POST   /v1/files                    upload (multipart: file, purpose, expiry, visibility)
+    POST   /v1/files                    upload (multipart: file; optional purpose, expiry,
+                                        visibility: see upload_params.py)
     GET    /v1/files/{id}               retrieve (with "deleted": false)
     DELETE /v1/files/{id}               delete
     GET    /v1/files/{id}/content       download (application/octet-stream)
@@ -29,6 +30,8 @@ Admin routes for tests and tools (same auth; never faulted, never in the request
     GET    /v1/_emulator/requests       {"count": N, "requests": [{method, path, query, status,
                                         range, time, fault}, ...]}; status 0 = no answer sent
     DELETE /v1/_emulator/requests       clear the log
+    GET    /v1/_emulator/clock          {"now": unix seconds, "offset": seconds}
+    POST   /v1/_emulator/clock          {"advance": SECONDS}: move the emulator's clock on
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from mistralfs.emulator.upload import (
     UploadTooLarge,
     receive_upload,
 )
+from mistralfs.emulator.upload_params import parse_upload_params
 from mistralfs.emulator.validation import ContentError, count_jsonl_lines, inspect_upload
 
 log = logging.getLogger("mistralfs.emulator")
@@ -197,7 +201,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
 
 
 async def list_files(request: Request) -> Response:
-    """GET /v1/files: newest first; ``total`` is always sent (older SDKs require it)."""
+    """GET /v1/files: newest first; ``total`` is null with ``include_total=false``
+    (older SDKs, which require it, never send that)."""
     storage, _ = _state(request)
     params = request.query_params
     query = ListQuery(
@@ -208,8 +213,9 @@ async def list_files(request: Request) -> Response:
         sample_types=params.getlist("sample_type"),
         sources=params.getlist("source"),
         mimetypes=params.getlist("mimetypes"),
+        include_total=_bool_param(request, "include_total", True),
     )
-    _bool_param(request, "include_total", True)
+    storage.purge_expired()
     records, total = storage.list(query)
     return JSONResponse({"data": [r.to_api() for r in records], "object": "list", "total": total})
 
@@ -239,19 +245,21 @@ async def _streamed_form(request: Request) -> AsyncIterator[UploadForm | Respons
 
 
 async def upload_file(request: Request) -> Response:
-    """POST /v1/files: stream to a temp file, validate per purpose, then publish atomically."""
-    storage, _ = _state(request)
+    """POST /v1/files: stream to a temp file, validate per purpose, then publish atomically.
+
+    Only ``file`` is required; see upload_params.py for the others' defaults."""
+    storage, config = _state(request)
     async with _streamed_form(request) as form:
         if isinstance(form, Response):
             return form
-        purpose = form.fields.get("purpose", "")
         problems = []
         if form.file_path is None and "file" in form.fields:
             problems.append(errors.not_a_file(["body", "file"], form.fields["file"]))
         elif form.file_path is None:
             problems.append(errors.missing(["body", "file"]))
-        if not purpose:
-            problems.append(errors.missing(["body", "purpose"]))
+        params, invalid = parse_upload_params(form.fields)
+        problems += invalid
+        purpose = params.purpose
         if problems:
             return errors.validation_response(problems)
         assert form.file_path is not None and form.filename is not None
@@ -271,6 +279,8 @@ async def upload_file(request: Request) -> Response:
             num_lines=info.num_lines,
             mimetype=info.mimetype,
             signature=info.md5,
+            expires_at=params.expires_at(storage.clock.now(), config.expiry_unit),
+            visibility=params.visibility,
         )
         log.info("stored %s (%d bytes, purpose %s)", record.id, record.bytes, purpose)
         return JSONResponse(record.to_api())
@@ -426,14 +436,7 @@ async def add_batch_output(request: Request) -> Response:
         sample_type = form.fields.get("sample_type") or "batch_result"
         if sample_type not in ("batch_result", "batch_error"):
             return errors.validation_response(
-                [
-                    {
-                        "type": "enum",
-                        "loc": ["body", "sample_type"],
-                        "msg": "Input should be 'batch_result' or 'batch_error'",
-                        "input": sample_type,
-                    }
-                ]
+                [errors.enum(["body", "sample_type"], sample_type, ("batch_result", "batch_error"))]
             )
         num_lines = await trio.to_thread.run_sync(count_jsonl_lines, form.file_path)
         record = storage.add_file(
@@ -475,6 +478,22 @@ async def faults_route(request: Request) -> Response:
     if injector.random is not None:
         body["random"] = injector.random.describe()
     return JSONResponse(body)
+
+
+async def clock_route(request: Request) -> Response:
+    """GET the emulator's clock; POST ``{"advance": SECONDS}`` moves it forward (files
+    expire, batch jobs' timestamps follow it)."""
+    storage, _ = _state(request)
+    if request.method == "POST":
+        try:
+            spec = json.loads(await request.body())
+            seconds = spec.get("advance") if isinstance(spec, dict) else None
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                raise ValueError('expected {"advance": SECONDS}')
+            storage.clock.advance(seconds)
+        except ValueError as exc:
+            return errors.detail(422, f"Invalid clock change: {exc}")
+    return JSONResponse({"now": storage.clock.time(), "offset": storage.clock.offset})
 
 
 async def requests_route(request: Request) -> Response:
@@ -823,6 +842,7 @@ def create_app(config: EmulatorConfig, storage: Storage | None = None) -> Starle
         Route(ADMIN_PREFIX + "batch-outputs", add_batch_output, methods=["POST"]),
         Route(ADMIN_PREFIX + "faults", faults_route, methods=["GET", "POST", "DELETE"]),
         Route(ADMIN_PREFIX + "requests", requests_route, methods=["GET", "DELETE"]),
+        Route(ADMIN_PREFIX + "clock", clock_route, methods=["GET", "POST"]),
     ]
     app = Starlette(
         routes=routes,
