@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import RunningEmulator
-from emulator_admin import add_batch_output, advance_clock, clear_requests, requests
+from emulator_admin import add_batch_output, add_file, advance_clock, clear_requests, requests
 from mistralai.client import Mistral, errors
 
 JSONL = b'{"messages": [{"role": "user", "content": "hello"}]}\n{"messages": []}\n'
@@ -161,3 +161,21 @@ def test_sdk_errors_and_request_log(sdk: Mistral, emulator_process: RunningEmula
         ("POST", "/v1/files", 400),
         ("GET", "/v1/files", 401),
     ]
+
+
+def test_purposes_of_today_and_undeletable_repository_files(
+    sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    safety = sdk.files.upload(
+        file={"file_name": "cases.jsonl", "content": JSONL}, purpose="agentic_safety"
+    )
+    audio = sdk.files.upload(file={"file_name": "talk.mp3", "content": b"ID3\x03\x00"},
+                             purpose="audio")  # fmt: skip
+    assert [f.id for f in sdk.files.list(purpose="agentic_safety").data] == [safety.id]
+    assert [f.id for f in sdk.files.list(purpose="audio").data] == [audio.id]
+    repo = add_file(emulator_process.url, emulator_process.api_key, JSONL, purpose="fine-tune")
+    assert sdk.files.retrieve(file_id=repo["id"]).source == "repository"
+    with pytest.raises(errors.SDKError) as excinfo:
+        sdk.files.delete(file_id=repo["id"])
+    assert excinfo.value.status_code == 403
+    assert [f.id for f in sdk.files.list(source=["repository"]).data] == [repo["id"]]

@@ -10,6 +10,7 @@ Public routes (all need ``Authorization: Bearer <key>``)::
     DELETE /v1/files/{id}               delete
     GET    /v1/files/{id}/content       download (application/octet-stream)
     GET    /v1/files/{id}/url?expiry=H  signed URL, H in 1..168 hours (default 24)
+    *      /v1/fine_tuning/jobs[/...]   410 Gone: the fine-tuning jobs API is retired
 
 Signed URL route (HMAC in the query, see signing.py)::
 
@@ -22,6 +23,8 @@ the storage host.
 Admin routes for tests and tools (same auth; never faulted, never in the request log)::
 
     POST   /v1/_emulator/batch-outputs  multipart file + sample_type (batch_result|batch_error)
+    POST   /v1/_emulator/files          multipart file + purpose, source, sample_type, expiry,
+                                        visibility: any file (e.g. source repository)
     POST   /v1/_emulator/faults         JSON rule or list of rules, or {"random": SPEC|null}
                                         (seeded random faults; see faults.py; answers
                                         that lie, see lies.py)
@@ -76,7 +79,13 @@ from mistralfs.emulator.upload import (
     receive_upload,
 )
 from mistralfs.emulator.upload_params import parse_upload_params
-from mistralfs.emulator.validation import ContentError, count_jsonl_lines, inspect_upload
+from mistralfs.emulator.validation import (
+    ContentError,
+    count_jsonl_lines,
+    describe_content,
+    inspect_upload,
+    sample_type_for,
+)
 
 log = logging.getLogger("mistralfs.emulator")
 
@@ -85,6 +94,10 @@ STREAM_CHUNK = 256 * 1024
 MAX_EXPIRY_HOURS = 168
 DRAIN_LIMIT = 1024 * 1024 * 1024
 DRAIN_SECONDS = 120.0
+# Files the service keeps for a repository are not the account's to delete. How the
+# service refuses is not documented: a 403 in its usual shape (docs/EMULATOR.md).
+UNDELETABLE_SOURCES = ("repository",)
+UNDELETABLE_MESSAGE = "Files from a repository cannot be deleted"
 _TRUE = {"true", "1", "yes", "on", "t", "y"}
 _FALSE = {"false", "0", "no", "off", "f", "n"}
 
@@ -297,6 +310,8 @@ async def delete_file(request: Request) -> Response:
     """DELETE /v1/files/{id}."""
     storage, _ = _state(request)
     file_id = _file_id(request)
+    if _record(storage, file_id).source in UNDELETABLE_SOURCES:
+        return errors.detail(403, UNDELETABLE_MESSAGE)
     if not storage.delete(file_id):
         raise HTTPException(404, "File not found")
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
@@ -340,6 +355,21 @@ async def signed_url(request: Request) -> Response:
         str(request.base_url), storage.secret, record.id, expires_at, config.storage_url
     )
     return JSONResponse({"url": url})
+
+
+# --- retired APIs --------------------------------------------------------------------------
+
+RETIRED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+async def fine_tuning_jobs_retired(request: Request) -> Response:
+    """/v1/fine_tuning/jobs[/...]: the fine-tuning jobs API is retired (API-NOTES). The
+    files it took (purpose fine-tune) stay in accounts and are served as ever."""
+    return errors.detail(
+        410,
+        "The fine-tuning jobs API has been retired: fine-tuning jobs can no longer be "
+        "created, listed or managed. Existing fine-tune files remain available.",
+    )
 
 
 # --- storage (signed URLs) -----------------------------------------------------------------
@@ -449,6 +479,46 @@ async def add_batch_output(request: Request) -> Response:
             num_lines=num_lines,
             mimetype="application/jsonl",
             signature=None,
+        )
+        return JSONResponse(record.to_api())
+
+
+SOURCES = ("upload", "repository", "mistral")
+
+
+async def add_any_file(request: Request) -> Response:
+    """POST /v1/_emulator/files: a file as the service may hold it, content unchecked.
+
+    Multipart ``file``; optional ``purpose``, ``expiry``, ``visibility`` (as uploads take
+    them), ``source`` (upload | repository | mistral; default repository) and
+    ``sample_type`` (default: what an upload of that purpose gets)."""
+    storage, config = _state(request)
+    async with _streamed_form(request) as form:
+        if isinstance(form, Response):
+            return form
+        params, problems = parse_upload_params(form.fields)
+        if form.file_path is None:
+            problems.insert(0, errors.missing(["body", "file"]))
+        source = form.fields.get("source") or "repository"
+        if source not in SOURCES:
+            problems.append(errors.enum(["body", "source"], source, SOURCES))
+        if problems:
+            return errors.validation_response(problems)
+        assert form.file_path is not None
+        filename = form.filename or "file"
+        info = await trio.to_thread.run_sync(describe_content, form.file_path, filename)
+        record = storage.add_file(
+            form.file_path,
+            move=True,
+            filename=filename,
+            purpose=params.purpose,
+            sample_type=form.fields.get("sample_type") or sample_type_for(params.purpose),
+            source=source,
+            num_lines=info.num_lines,
+            mimetype=info.mimetype,
+            signature=info.md5,
+            expires_at=params.expires_at(storage.clock.now(), config.expiry_unit),
+            visibility=params.visibility,
         )
         return JSONResponse(record.to_api())
 
@@ -839,7 +909,12 @@ def create_app(config: EmulatorConfig, storage: Storage | None = None) -> Starle
         Route("/v1/files/{file_id}/content", download_file, methods=["GET"]),
         Route("/v1/files/{file_id}/url", signed_url, methods=["GET"]),
         Route("/storage/{file_id}", storage_blob, methods=["GET", "HEAD"]),
+        Route("/v1/fine_tuning/jobs", fine_tuning_jobs_retired, methods=RETIRED_METHODS),
+        Route(
+            "/v1/fine_tuning/jobs/{rest:path}", fine_tuning_jobs_retired, methods=RETIRED_METHODS
+        ),
         Route(ADMIN_PREFIX + "batch-outputs", add_batch_output, methods=["POST"]),
+        Route(ADMIN_PREFIX + "files", add_any_file, methods=["POST"]),
         Route(ADMIN_PREFIX + "faults", faults_route, methods=["GET", "POST", "DELETE"]),
         Route(ADMIN_PREFIX + "requests", requests_route, methods=["GET", "DELETE"]),
         Route(ADMIN_PREFIX + "clock", clock_route, methods=["GET", "POST"]),
