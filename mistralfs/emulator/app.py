@@ -10,6 +10,8 @@ Public routes (all need ``Authorization: Bearer <key>``)::
     DELETE /v1/files/{id}               delete
     GET    /v1/files/{id}/content       download (application/octet-stream)
     GET    /v1/files/{id}/url?expiry=H  signed URL, H in 1..168 hours (default 24)
+    *      /v1/batch/jobs[/...]         batch jobs: list, create, get, delete, cancel
+                                        (see batch_routes.py, batch_jobs.py)
     *      /v1/fine_tuning/jobs[/...]   410 Gone: the fine-tuning jobs API is retired
 
 Signed URL route (HMAC in the query, see signing.py)::
@@ -58,7 +60,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mistralfs.emulator import errors, signing
+from mistralfs.emulator import batch_routes, errors, signing
+from mistralfs.emulator.batch_jobs import BatchJobs, JobStore
 from mistralfs.emulator.config import EmulatorConfig
 from mistralfs.emulator.faults import (
     Fault,
@@ -69,6 +72,9 @@ from mistralfs.emulator.faults import (
     route_of,
     status_body,
 )
+from mistralfs.emulator.params import bool_param as _bool_param
+from mistralfs.emulator.params import int_param as _int_param
+from mistralfs.emulator.params import uuid_param
 from mistralfs.emulator.requestlog import RequestLog
 from mistralfs.emulator.storage import FileRecord, ListQuery, Storage
 from mistralfs.emulator.transport import reset_connection
@@ -98,8 +104,6 @@ DRAIN_SECONDS = 120.0
 # service refuses is not documented: a 403 in its usual shape (docs/EMULATOR.md).
 UNDELETABLE_SOURCES = ("repository",)
 UNDELETABLE_MESSAGE = "Files from a repository cannot be deleted"
-_TRUE = {"true", "1", "yes", "on", "t", "y"}
-_FALSE = {"false", "0", "no", "off", "f", "n"}
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -110,21 +114,8 @@ def _state(request: Request) -> tuple[Storage, EmulatorConfig]:
 
 
 def _file_id(request: Request) -> str:
-    """The canonical UUID of the path parameter; 422 in FastAPI's shape otherwise."""
-    raw = request.path_params["file_id"]
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        if len(raw.replace("-", "")) != 32:
-            reason = f"invalid length: expected length 32 for simple format, found {len(raw)}"
-        else:
-            reason = (
-                "invalid character: expected an optional prefix of `urn:uuid:` "
-                "followed by [0-9a-fA-F-]"
-            )
-        raise errors.ValidationFailed(
-            [errors.uuid_parsing(["path", "file_id"], raw, reason)]
-        ) from None
+    """The canonical UUID of the path's file id; 422 in FastAPI's shape otherwise."""
+    return uuid_param(request, "file_id")
 
 
 def _record(storage: Storage, file_id: str) -> FileRecord:
@@ -132,35 +123,6 @@ def _record(storage: Storage, file_id: str) -> FileRecord:
     if record is None:
         raise HTTPException(404, "File not found")
     return record
-
-
-def _int_param(
-    request: Request, name: str, default: int, *, ge: int | None = None, le: int | None = None
-) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    loc = ["query", name]
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise errors.ValidationFailed([errors.int_parsing(loc, raw)]) from None
-    if ge is not None and value < ge:
-        raise errors.ValidationFailed([errors.bound(loc, raw, ge=ge)])
-    if le is not None and value > le:
-        raise errors.ValidationFailed([errors.bound(loc, raw, le=le)])
-    return value
-
-
-def _bool_param(request: Request, name: str, default: bool) -> bool:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise errors.ValidationFailed([errors.bool_parsing(["query", name], raw)])
 
 
 async def _blob_stream(file: Any, start: int, length: int) -> AsyncIterator[bytes]:
@@ -228,6 +190,7 @@ async def list_files(request: Request) -> Response:
         mimetypes=params.getlist("mimetypes"),
         include_total=_bool_param(request, "include_total", True),
     )
+    await request.app.state.batch_jobs.move_all()  # outputs of jobs done by now show
     storage.purge_expired()
     records, total = storage.list(query)
     return JSONResponse({"data": [r.to_api() for r in records], "object": "list", "total": total})
@@ -909,6 +872,11 @@ def create_app(config: EmulatorConfig, storage: Storage | None = None) -> Starle
         Route("/v1/files/{file_id}/content", download_file, methods=["GET"]),
         Route("/v1/files/{file_id}/url", signed_url, methods=["GET"]),
         Route("/storage/{file_id}", storage_blob, methods=["GET", "HEAD"]),
+        Route("/v1/batch/jobs", batch_routes.list_jobs, methods=["GET"]),
+        Route("/v1/batch/jobs", batch_routes.create_job, methods=["POST"]),
+        Route("/v1/batch/jobs/{job_id}", batch_routes.get_job, methods=["GET"]),
+        Route("/v1/batch/jobs/{job_id}", batch_routes.delete_job, methods=["DELETE"]),
+        Route("/v1/batch/jobs/{job_id}/cancel", batch_routes.cancel_job, methods=["POST"]),
         Route("/v1/fine_tuning/jobs", fine_tuning_jobs_retired, methods=RETIRED_METHODS),
         Route(
             "/v1/fine_tuning/jobs/{rest:path}", fine_tuning_jobs_retired, methods=RETIRED_METHODS
@@ -928,6 +896,9 @@ def create_app(config: EmulatorConfig, storage: Storage | None = None) -> Starle
     )
     app.state.config = config
     app.state.storage = storage
+    app.state.batch_jobs = BatchJobs(
+        JobStore(config.data_dir), storage, storage.clock, config.batch_delay
+    )
     app.state.faults = FaultInjector(parse_plan(config.faults) if config.faults else None)
     app.state.requests = RequestLog()
     app.add_middleware(AuthMiddleware, api_key=config.api_key)
