@@ -1534,3 +1534,20 @@ async def test_a_bad_batch_job_record_is_skipped_with_a_warning(
         nursery.cancel_scope.cancel()
     assert [j.id for j in listed] == ["j1"]
     assert "batch job record skipped" in caplog.text
+
+
+@pytest.mark.logs_expected
+async def test_batch_job_reads_survive_seeded_faults(client: FilesClient, admin: Admin) -> None:
+    body = {"requests": [{"body": {}}], "endpoint": "/v1/embeddings", "model": "m"}
+    made = [(await admin.http.post("/v1/batch/jobs", json=body)).json()["id"] for _ in range(3)]
+    r = await admin.http.post(
+        "/v1/_emulator/faults",
+        json={"random": "seed=5;route=jobs;rate=0.3;kinds=503,reset,badjson"},
+    )
+    assert r.status_code == 200, r.text
+    await admin.clear_requests()
+    for _ in range(3):
+        assert [j.id for j in await client.list_batch_jobs(page_size=2)] == made[::-1]
+        assert (await client.get_batch_job(made[0])).id == made[0]
+    faulted = [r for r in await admin.requests() if r["fault"]]
+    assert faulted and all(r["path"].startswith("/v1/batch/jobs") for r in faulted)
