@@ -15,6 +15,10 @@ FILE_FIELDS = (
     "num_lines",
     "mimetype",
     "signature",
+    # Newer, optional and nullable (SDK 3.7; see shared/API-NOTES.md): unix seconds after
+    # which the service no longer holds the file, and who may see it (workspace | user).
+    "expires_at",
+    "visibility",
 )
 # Shown as a file's size and name, not as extended attributes.
 SHOWN_BY_STAT = ("bytes", "filename")

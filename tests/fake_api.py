@@ -17,12 +17,20 @@ import json
 import pathlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from mistralfs.api import NotFound, ProtocolError, Rejected, RemoteFile, SignedUrl, UrlExpired
+from mistralfs.api import (
+    BatchJob,
+    NotFound,
+    ProtocolError,
+    Rejected,
+    RemoteFile,
+    SignedUrl,
+    UrlExpired,
+)
 from mistralfs.api.calls import RequestStats
 from mistralfs.api.protocol import GrowingSend
 from mistralfs.api.storage import cut
@@ -42,6 +50,9 @@ def fine_tune_refusal(data: bytes) -> str | None:
     return None
 
 
+EXPIRY_UNIT = 3600  # seconds in one unit of an upload's `expiry`, as the emulator takes it
+
+
 @dataclass
 class StoredFile:
     remote: RemoteFile
@@ -56,6 +67,7 @@ class FakeFilesApi:
         default_factory=lambda: {"fine-tune": fine_tune_refusal}
     )
     files: dict[str, StoredFile] = field(default_factory=dict)
+    jobs: dict[str, BatchJob] = field(default_factory=dict)  # batch jobs, oldest first
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
     failures: dict[str, list[Exception]] = field(default_factory=dict)
     stats: RequestStats = field(default_factory=RequestStats)
@@ -69,8 +81,18 @@ class FakeFilesApi:
 
     # -- what tests use to arrange and look -------------------------------------------
 
-    def add(self, filename: str, purpose: str, content: bytes) -> RemoteFile:
-        """A file stored by someone else."""
+    def add(
+        self,
+        filename: str,
+        purpose: str,
+        content: bytes,
+        *,
+        expires_at: int | None = None,
+        visibility: str | None = "workspace",
+        source: str = "upload",
+    ) -> RemoteFile:
+        """A file stored by someone else; one whose `expires_at` (wall clock) has passed
+        is gone, as on the service."""
         remote = RemoteFile(
             id=str(uuid.uuid4()),
             bytes=len(content),
@@ -78,13 +100,32 @@ class FakeFilesApi:
             filename=filename,
             purpose=purpose,
             sample_type=None,
-            source="upload",
+            source=source,
             num_lines=None,
             mimetype=None,
             signature=None,
+            expires_at=expires_at,
+            visibility=visibility,
         )
         self.files[remote.id] = StoredFile(remote, content)
         return remote
+
+    def add_job(self, job: BatchJob | None = None, **fields: object) -> BatchJob:
+        """A batch job (given, or made of `fields` over a finished one), or its new state."""
+        if job is None:
+            values: dict[str, object] = {
+                "id": str(uuid.uuid4()),
+                "status": "SUCCESS",
+                "endpoint": "/v1/chat/completions",
+                "model": "m",
+                "input_files": (),
+                "output_file": None,
+                "error_file": None,
+                "created_at": next(self._clock),
+            }
+            job = BatchJob(**(values | fields))  # type: ignore[arg-type]
+        self.jobs[job.id] = job
+        return job
 
     def held(self) -> dict[tuple[str, str], list[bytes]]:
         """(purpose, filename) -> the contents stored under it."""
@@ -104,9 +145,13 @@ class FakeFilesApi:
         if pending:
             raise pending.pop(0)
 
+    def _gone(self, stored: StoredFile) -> bool:
+        expires_at = stored.remote.expires_at
+        return expires_at is not None and expires_at <= time.time()
+
     def _get(self, file_id: str) -> StoredFile:
         stored = self.files.get(file_id)
-        if stored is None:
+        if stored is None or self._gone(stored):
             raise NotFound("No file found", status=404, method="GET", url=f"/v1/files/{file_id}")
         return stored
 
@@ -125,7 +170,7 @@ class FakeFilesApi:
         return [
             stored.remote
             for stored in self.files.values()
-            if purpose is None or stored.remote.purpose == purpose
+            if (purpose is None or stored.remote.purpose == purpose) and not self._gone(stored)
         ]
 
     async def upload(
@@ -136,6 +181,8 @@ class FakeFilesApi:
         purpose: str,
         progress: Callable[[int], None] | None = None,
         after: GrowingSend | None = None,
+        expiry: int | None = None,
+        visibility: str | None = None,
     ) -> RemoteFile:
         self._count("upload")
         content = await trio.Path(path).read_bytes()
@@ -144,7 +191,10 @@ class FakeFilesApi:
             raise Rejected(refusal, status=400, method="POST", url="/v1/files")
         if progress is not None:
             progress(len(content))
-        return self.add(filename, purpose, content)
+        expires_at = None if expiry is None else int(time.time()) + expiry * EXPIRY_UNIT
+        return self.add(
+            filename, purpose, content, expires_at=expires_at, visibility=visibility or "workspace"
+        )
 
     def growing_upload(
         self,
@@ -154,6 +204,8 @@ class FakeFilesApi:
         filename: str,
         purpose: str,
         progress: Callable[[int], None] | None = None,
+        expiry: int | None = None,
+        visibility: str | None = None,
     ) -> GrowingSend:
         raise AssertionError("the fake sends no growing uploads (sends_growing_uploads)")
 
@@ -222,3 +274,18 @@ class FakeFilesApi:
 
     async def connect_ahead(self, url: str) -> None:
         self._count("connect_ahead")
+
+    async def list_batch_jobs(
+        self, *, statuses: Sequence[str] = (), page_size: int = 100
+    ) -> list[BatchJob]:
+        self._count("list_batch_jobs")
+        jobs = [job for job in self.jobs.values() if not statuses or job.status in statuses]
+        return jobs[::-1]
+
+    async def get_batch_job(self, job_id: str) -> BatchJob:
+        self._count("get_batch_job")
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound("Batch job not found", status=404, method="GET",
+                           url=f"/v1/batch/jobs/{job_id}")  # fmt: skip
+        return job

@@ -131,6 +131,7 @@ async def test_upload_retrieve_and_every_field(client: FilesClient, tmp_path: pa
     assert up.signature == hashlib.md5(JSONL).hexdigest()
     assert up.deleted is False
     assert up.extra.get("object") == "file"
+    assert (up.expires_at, up.visibility) == (None, "workspace")
 
     got = await client.retrieve(up.id)
     assert got == up  # compare ignores ``extra`` (retrieve adds fields like deleted)
@@ -378,6 +379,26 @@ async def test_batch_output_and_unknown_purpose_tolerated(
     assert audio.id in {x.id for x in await client.list_all(purpose="audio")}
 
 
+async def test_a_repository_file_is_listed_and_its_delete_refused_with_the_reason(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    r = await admin.http.post(
+        "/v1/_emulator/files", files={"file": ("base.jsonl", JSONL)}, data={"purpose": "batch"}
+    )
+    repo_id = r.json()["id"]
+    (listed,) = await client.list_all(purpose="batch")
+    assert (listed.id, listed.source) == (repo_id, "repository")
+    with pytest.raises(AuthError) as excinfo:  # a 403: EACCES in a mount
+        await client.delete(repo_id)
+    assert excinfo.value.status == 403
+    assert "cannot be deleted" in str(excinfo.value)
+    assert (await client.retrieve(repo_id)).id == repo_id
+    safety = await client.upload(
+        write(tmp_path, "s.jsonl", JSONL), filename="s.jsonl", purpose="agentic_safety"
+    )
+    assert [f.id for f in await client.list_all(purpose="agentic_safety")] == [safety.id]
+
+
 def test_from_json_keeps_extra_fields_and_unknown_values() -> None:
     data = {
         "id": "f1",
@@ -398,7 +419,8 @@ def test_from_json_keeps_extra_fields_and_unknown_values() -> None:
     assert f.purpose == "agentic_safety"
     assert f.sample_type == "something_new"
     assert f.source == "some_future_source"
-    assert f.extra == {"object": "file", "visibility": "user", "expires_at": 123}
+    assert f.extra == {"object": "file"}
+    assert (f.expires_at, f.visibility) == (123, "user")
     # Missing optional fields are fine.
     g = RemoteFile.from_json(
         {"id": "g", "bytes": 0, "created_at": 0, "filename": "", "purpose": "p"}
@@ -776,6 +798,92 @@ async def test_list_all_without_total_walks_until_short_page(
     assert len(everything) == 7 and len({f.id for f in everything}) == 7
     assert all(f.sample_type == "batch_error" for f in everything)
     assert await client.list_all(purpose="ocr") == []
+
+
+async def test_a_listing_without_total_is_read_page_by_page_to_a_short_page(
+    client: FilesClient, admin: Admin
+) -> None:
+    """A service that leaves `total` out: pages are read one by one until a short one;
+    only page 0 asks for the total, the others say include_total=false."""
+    for i in range(7):
+        await admin.batch_output(f'{{"i": {i}}}\n'.encode(), "batch_result")
+    # The emulator answers include_total=false with a null total, which the client keeps.
+    page = await client.list_files(page_size=3, include_total=False)
+    assert page.total is None and len(page.files) == 3
+    lie = {"records": [], "total": False}  # the real listing, without its total
+    await admin.fault(method="GET", path_prefix="/v1/files", status=None, lie=lie, times=None)
+    assert (await client.list_files(page_size=3)).total is None
+    await admin.clear_requests()
+    everything = await client.list_all(page_size=3)
+    assert len({f.id for f in everything}) == 7
+    queries = [parse_qs(r["query"]) for r in await admin.requests() if r["path"] == "/v1/files"]
+    assert [q["page"] for q in queries] == [["0"], ["1"], ["2"]]
+    assert [q["include_total"] for q in queries] == [["true"], ["false"], ["false"]]
+
+
+async def test_expiry_and_visibility_are_sent_only_when_given(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    src = write(tmp_path, "req.jsonl", JSONL)
+    before = int(time.time())
+    short = await client.upload(src, filename="a.jsonl", purpose="batch", expiry=2,
+                                visibility="user")  # fmt: skip
+    assert short.visibility == "user"
+    assert short.expires_at is not None
+    assert before + 2 * 3600 <= short.expires_at <= time.time() + 2 * 3600 + 2
+    plain = await client.upload(src, filename="b.jsonl", purpose="batch")
+    assert (plain.expires_at, plain.visibility) == (None, "workspace")
+    listed = {f.id: f for f in await client.list_all()}
+    assert (listed[short.id].expires_at, listed[short.id].visibility) == (
+        short.expires_at,
+        "user",
+    )
+    assert (await client.retrieve(short.id)).expires_at == short.expires_at
+
+    fields: list[dict[str, str]] = []
+
+    async def form_fields(scope: Any, receive: Any, send: Any) -> None:
+        """Records the text parts of each upload (the emulator's own parser reads them)."""
+        from starlette.requests import Request
+
+        from mistralfs.emulator.upload import receive_upload
+
+        form = await receive_upload(Request(scope, receive), tmp_path / "got", 1 << 20)
+        fields.append(form.fields)
+        answer_fields = {"id": f"f{len(fields)}", "object": "file", "bytes": len(JSONL)}
+        answer_fields |= {"created_at": before, "filename": "c.jsonl", "purpose": "batch"}
+        body = json.dumps(answer_fields)
+        await answer(send, 200, [(b"content-type", b"application/json")], body.encode())
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, form_fields)
+        async with FilesClient(url, "k", retry=FAST) as other:
+            await other.upload(src, filename="c.jsonl", purpose="batch")
+            await other.upload(src, filename="c.jsonl", purpose="batch", expiry=5)
+            await other.upload(src, filename="c.jsonl", purpose="batch", visibility="user")
+        nursery.cancel_scope.cancel()
+    assert fields == [
+        {"purpose": "batch"},
+        {"purpose": "batch", "expiry": "5"},
+        {"purpose": "batch", "visibility": "user"},
+    ]
+
+
+async def test_a_growing_upload_sends_expiry_and_visibility(
+    client: FilesClient, tmp_path: pathlib.Path
+) -> None:
+    path = write(tmp_path, "grow.bin", b"")
+    growing = GrowingFile()
+    upload = client.growing_upload(
+        path, growing, filename="grow.bin", purpose="batch", expiry=1, visibility="user"
+    )
+    async with trio.open_nursery() as nursery:
+        result: list[RemoteFile] = []
+        nursery.start_soon(lambda: _collect(upload.run(), result))
+        await feed(path, growing, [b"x" * 1000])
+        growing.finish(path.stat().st_size)
+    (stored,) = result
+    assert stored.visibility == "user" and stored.expires_at is not None
 
 
 # ------------------------------------------------------------------ error bodies
@@ -1338,3 +1446,137 @@ async def test_uploads_go_through_the_proxy_named_for_the_api_host(
     async with FilesClient(emulator.url, emulator.api_key, retry=quick) as c:
         stored = await c.upload(path, filename="p.bin", purpose="batch")
         assert [f.id for f in await c.list_all()] == [stored.id]
+
+
+# ------------------------------------------------------------------ batch jobs
+
+
+async def test_batch_jobs_are_listed_page_by_page_and_read_one_by_one(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    source = await client.upload(write(tmp_path, "in.jsonl", JSONL), filename="in.jsonl",
+                                 purpose="batch")  # fmt: skip
+    made = []
+    for i in range(5):
+        r = await admin.http.post(
+            "/v1/batch/jobs",
+            json={"input_files": [source.id], "endpoint": "/v1/chat/completions",
+                  "model": "m", "metadata": {"name": f"job-{i}"}},
+        )  # fmt: skip
+        made.append(r.json()["id"])
+    await admin.clear_requests()
+    jobs = await client.list_batch_jobs(page_size=2)
+    assert [j.id for j in jobs] == made[::-1]  # newest first, each once
+    pages = [parse_qs(r["query"])["page"] for r in await admin.requests()]
+    assert pages == [["0"], ["1"], ["2"]]
+    first = jobs[-1]
+    assert (first.name, first.input_files, first.endpoint) == (
+        "job-0",
+        (source.id,),
+        "/v1/chat/completions",
+    )
+    assert first.total_requests == 2 and first.created_at > 0
+
+    await admin.http.post("/v1/_emulator/clock", json={"advance": 3})  # past the default delay
+    done = await client.get_batch_job(first.id)
+    assert done.done and done.status == "SUCCESS"
+    assert (done.succeeded_requests, done.failed_requests) == (2, 0)
+    assert done.output_file is not None and done.error_file is None
+    assert done.started_at is not None and done.completed_at is not None
+    output = await client.retrieve(done.output_file)
+    assert (output.source, output.sample_type) == ("mistral", "batch_result")
+    assert {j.id for j in await client.list_batch_jobs(statuses=["SUCCESS"])} == set(made)
+    assert await client.list_batch_jobs(statuses=["QUEUED", "RUNNING"]) == []
+    with pytest.raises(NotFound):
+        await client.get_batch_job("0b7c9b61-3f6c-4b0e-9d6a-2f7a4d1c8e11")
+
+
+def test_batch_job_from_json_is_tolerant() -> None:
+    from mistralfs.api import BatchJob
+
+    job = BatchJob.from_json(
+        {"id": "j", "status": "SOMETHING_NEW", "input_files": ["a", 3], "total_requests": "x",
+         "errors": [{"message": "m", "count": 2}, {"message": "m"}, "odd"], "metadata": None,
+         "outputs": [], "object": "batch"}
+    )  # fmt: skip
+    assert (job.status, job.done, job.input_files, job.total_requests) == (
+        "SOMETHING_NEW",
+        False,
+        ("a",),
+        0,
+    )
+    assert (job.errors, job.name, job.created_at, dict(job.extra)) == (
+        ("m",),
+        None,
+        0,
+        {"outputs": []},
+    )
+    for bad in [{"status": "QUEUED"}, {"id": "j"}, {"id": 5, "status": "QUEUED"}, []]:
+        with pytest.raises(ProtocolError):
+            BatchJob.from_json(bad)
+
+
+@pytest.mark.logs_expected
+async def test_a_bad_batch_job_record_is_skipped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = {"id": "j1", "status": "RUNNING", "object": "batch"}
+    listing = {"data": [{"id": None, "status": "QUEUED"}, good], "object": "list", "total": 2}
+
+    async def jobs(scope: Any, receive: Any, send: Any) -> None:
+        body = json.dumps(listing).encode()
+        await answer(send, 200, [(b"content-type", b"application/json")], body)
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, jobs)
+        async with FilesClient(url, "k", retry=FAST) as other:
+            listed = await other.list_batch_jobs()
+        nursery.cancel_scope.cancel()
+    assert [j.id for j in listed] == ["j1"]
+    assert "batch job record skipped" in caplog.text
+
+
+@pytest.mark.logs_expected
+async def test_batch_job_reads_survive_seeded_faults(client: FilesClient, admin: Admin) -> None:
+    body = {"requests": [{"body": {}}], "endpoint": "/v1/embeddings", "model": "m"}
+    made = [(await admin.http.post("/v1/batch/jobs", json=body)).json()["id"] for _ in range(3)]
+    r = await admin.http.post(
+        "/v1/_emulator/faults",
+        json={"random": "seed=5;route=jobs;rate=0.3;kinds=503,reset,badjson"},
+    )
+    assert r.status_code == 200, r.text
+    await admin.clear_requests()
+    for _ in range(3):
+        assert [j.id for j in await client.list_batch_jobs(page_size=2)] == made[::-1]
+        assert (await client.get_batch_job(made[0])).id == made[0]
+    faulted = [r for r in await admin.requests() if r["fault"]]
+    assert faulted and all(r["path"].startswith("/v1/batch/jobs") for r in faulted)
+
+
+async def test_the_fake_account_answers_jobs_and_expiry_as_the_client_does(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    """tests/fake_api.py stands in for FilesClient in the fast tier: the same answers."""
+    from fake_api import FakeFilesApi
+
+    fake = FakeFilesApi()
+    src = write(tmp_path, "in.jsonl", JSONL)
+    for api in (client, fake):
+        kept = await api.upload(src, filename="kept.jsonl", purpose="batch")
+        short = await api.upload(src, filename="s.jsonl", purpose="batch", expiry=1,
+                                 visibility="user")  # fmt: skip
+        assert (kept.expires_at, kept.visibility) == (None, "workspace")
+        assert short.visibility == "user" and short.expires_at is not None
+        assert short.expires_at - time.time() == pytest.approx(3600, abs=5)
+        assert {f.id for f in await api.list_all(purpose="batch")} == {kept.id, short.id}
+        with pytest.raises(NotFound):
+            await api.get_batch_job("0b7c9b61-3f6c-4b0e-9d6a-2f7a4d1c8e11")
+        assert await api.list_batch_jobs() == []
+    first, second = fake.add_job(metadata={"name": "a"}), fake.add_job(status="RUNNING")
+    assert [j.id for j in await fake.list_batch_jobs()] == [second.id, first.id]
+    assert [j.id for j in await fake.list_batch_jobs(statuses=["RUNNING"])] == [second.id]
+    assert (await fake.get_batch_job(first.id)).name == "a"
+    gone = fake.add("old.jsonl", "batch", b"x", expires_at=int(time.time()) - 1)
+    assert gone.id not in {f.id for f in await fake.list_all()}
+    with pytest.raises(NotFound):
+        await fake.content(gone.id, 1)

@@ -76,6 +76,10 @@ async def uploaded(
     return r.json()
 
 
+# sample_type values of the spec (SDK 3.7's SampleType), and ocr_input seen in practice.
+SPEC_SAMPLE_TYPES = {"pretrain", "instruct", "batch_request", "batch_result", "batch_error"}
+SPEC_SAMPLE_TYPES |= {"ocr_input"}
+
 FILE_FIELDS = {
     "id",
     "object",
@@ -88,6 +92,8 @@ FILE_FIELDS = {
     "num_lines",
     "mimetype",
     "signature",
+    "expires_at",
+    "visibility",
 }
 
 
@@ -109,6 +115,8 @@ async def test_upload_fine_tune_returns_every_field(client: httpx.AsyncClient) -
     assert f["num_lines"] == 3  # the blank line is not counted
     assert f["mimetype"] == "application/jsonl"
     assert f["signature"] == hashlib.md5(JSONL).hexdigest()
+    assert f["expires_at"] is None
+    assert f["visibility"] == "workspace"
 
 
 @pytest.mark.parametrize(
@@ -161,23 +169,142 @@ async def test_missing_parts_give_fastapi_422(client: httpx.AsyncClient) -> None
             {"type": "missing", "loc": ["body", "file"], "msg": "Field required", "input": None}
         ]
     }
-    r = await client.post("/v1/files", files={"file": ("a.jsonl", JSONL)})
-    assert r.status_code == 422
-    assert r.json()["detail"] == [
-        {"type": "missing", "loc": ["body", "purpose"], "msg": "Field required", "input": None}
-    ]
     r = await client.post("/v1/files", content=b"not multipart")
     assert r.status_code == 422
-    assert [e["loc"] for e in r.json()["detail"]] == [["body", "file"], ["body", "purpose"]]
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "file"]]
 
 
-async def test_expiry_and_visibility_are_accepted(client: httpx.AsyncClient) -> None:
+async def test_expiry_and_visibility_are_kept_and_returned(
+    client: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    before = int(time.time())
     r = await client.post(
         "/v1/files",
         files={"file": ("a.jsonl", JSONL)},
         data={"purpose": "fine-tune", "expiry": "3", "visibility": "user"},
     )
     assert r.status_code == 200, r.text
+    f = r.json()
+    assert f["visibility"] == "user"
+    assert before + 3 * 3600 <= f["expires_at"] <= time.time() + 3 * 3600 + 1  # hours
+    assert (await client.get(f"/v1/files/{f['id']}")).json()["expires_at"] == f["expires_at"]
+    listed = (await client.get("/v1/files")).json()["data"]
+    assert [(g["id"], g["expires_at"], g["visibility"]) for g in listed] == [
+        (f["id"], f["expires_at"], "user")
+    ]
+    # Empty values are missing ones (as FastAPI reads forms): the defaults apply.
+    r = await client.post(
+        "/v1/files",
+        files={"file": ("b.jsonl", JSONL)},
+        data={"purpose": "fine-tune", "expiry": "", "visibility": ""},
+    )
+    assert (r.json()["expires_at"], r.json()["visibility"]) == (None, "workspace")
+
+
+@pytest.mark.parametrize(
+    ("data", "loc", "error_type"),
+    [
+        ({"visibility": "public"}, ["body", "visibility"], "enum"),
+        ({"visibility": "User"}, ["body", "visibility"], "enum"),
+        ({"expiry": "soon"}, ["body", "expiry"], "int_parsing"),
+        ({"expiry": "1.5"}, ["body", "expiry"], "int_parsing"),
+        ({"expiry": "0"}, ["body", "expiry"], "greater_than_equal"),
+        ({"expiry": "-3"}, ["body", "expiry"], "greater_than_equal"),
+        ({"expiry": "9" * 30}, ["body", "expiry"], "less_than_equal"),
+    ],
+)
+async def test_bad_expiry_or_visibility_is_fastapi_422(
+    client: httpx.AsyncClient, data: dict[str, str], loc: list[str], error_type: str
+) -> None:
+    r = await client.post(
+        "/v1/files", files={"file": ("a.jsonl", JSONL)}, data={"purpose": "fine-tune", **data}
+    )
+    assert r.status_code == 422, r.text
+    (problem,) = r.json()["detail"]
+    assert (problem["type"], problem["loc"], problem["input"]) == (error_type, loc, data[loc[1]])
+    assert (await client.get("/v1/files")).json()["data"] == []
+
+
+async def test_an_expired_file_is_gone(client: httpx.AsyncClient) -> None:
+    """Past its `expires_at` (here: the emulator's clock moved 1 h on), a file is neither
+    listed nor served: retrieve, content, url and delete answer 404, its URL too."""
+    short = (
+        await client.post(
+            "/v1/files",
+            files={"file": ("short.jsonl", JSONL)},
+            data={"purpose": "batch", "expiry": "1"},
+        )
+    ).json()
+    lasting = await uploaded(client, "lasting.jsonl", JSONL)
+    url = await _signed(client, short["id"])
+    assert (await client.get(f"/v1/files/{short['id']}/content")).status_code == 200
+    r = await client.post("/v1/_emulator/clock", json={"advance": 3600 - 5})
+    assert r.status_code == 200 and r.json()["offset"] == 3595
+    assert (await client.get(f"/v1/files/{short['id']}")).status_code == 200  # not yet
+    await client.post("/v1/_emulator/clock", json={"advance": 10})
+    listing = (await client.get("/v1/files")).json()
+    assert [f["id"] for f in listing["data"]] == [lasting["id"]]
+    assert listing["total"] == 1
+    for method, path in [
+        ("GET", ""),
+        ("GET", "/content"),
+        ("GET", "/url"),
+        ("DELETE", ""),
+    ]:
+        r = await client.request(method, f"/v1/files/{short['id']}{path}")
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json() == {"detail": "File not found"}
+    async with httpx.AsyncClient() as storage_client:
+        assert (await storage_client.get(url)).status_code == 404
+    assert (await client.get(f"/v1/files/{lasting['id']}")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "spec", [{"advance": -1}, {"advance": "1"}, {"back": 3}, [], {"advance": 1e300}]
+)
+async def test_clock_moves_only_forward(client: httpx.AsyncClient, spec: Any) -> None:
+    r = await client.post("/v1/_emulator/clock", json=spec)
+    assert r.status_code == 422
+    assert "Invalid clock change" in r.json()["detail"]
+    assert (await client.get("/v1/_emulator/clock")).json()["offset"] == 0
+
+
+def test_expired_files_are_purged_and_old_data_folders_gain_the_new_columns(
+    tmp_path: pathlib.Path,
+) -> None:
+    import sqlite3
+
+    from mistralfs.emulator.storage import Storage
+
+    db = sqlite3.connect(tmp_path / "files.sqlite3")
+    db.execute(
+        "CREATE TABLE files (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
+        "bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, filename TEXT NOT NULL, "
+        "purpose TEXT NOT NULL, sample_type TEXT NOT NULL, source TEXT NOT NULL, "
+        "num_lines INTEGER, mimetype TEXT, signature TEXT)"
+    )
+    old_id = str(uuid.uuid4())
+    db.execute(
+        "INSERT INTO files (id, bytes, created_at, filename, purpose, sample_type, source) "
+        "VALUES (?, 0, 1, 'old.txt', 'batch', 'batch_request', 'upload')",
+        (old_id,),
+    )
+    db.commit()
+    db.close()
+    storage = Storage(tmp_path)
+    try:
+        old = storage.get(old_id)
+        assert old is not None and (old.expires_at, old.visibility) == (None, None)
+        now = storage.clock.now()
+        gone = storage.add_file(b"x", filename="a", purpose="batch", sample_type="x",
+                                expires_at=now + 10)  # fmt: skip
+        assert storage.blob_path(gone.id).exists()
+        storage.clock.advance(10)
+        assert storage.purge_expired() == 1
+        assert not storage.blob_path(gone.id).exists()
+        assert storage.get(gone.id) is None
+    finally:
+        storage.close()
 
 
 # --- content validation ---------------------------------------------------------------------
@@ -353,10 +480,12 @@ async def test_pagination_from_zero_newest_first(client: httpx.AsyncClient) -> N
     assert set(r.json()["data"][0]) == FILE_FIELDS
 
 
-async def test_include_total_false_still_sends_total(client: httpx.AsyncClient) -> None:
+async def test_include_total_false_leaves_the_total_null(client: httpx.AsyncClient) -> None:
     await uploaded(client, "a.jsonl", JSONL, "fine-tune")
     r = await client.get("/v1/files", params={"include_total": "false"})
-    assert r.json()["total"] == 1
+    assert r.json()["total"] is None
+    assert len(r.json()["data"]) == 1
+    assert (await client.get("/v1/files", params={"include_total": "true"})).json()["total"] == 1
 
 
 @pytest.mark.parametrize(
@@ -1043,7 +1172,7 @@ def _file_part(filename: bytes, body: bytes = b"x") -> bytes:
             {"Content-Type": "multipart/form-data"},
             b"x",
             422,
-            [["body", "file"], ["body", "purpose"]],
+            [["body", "file"]],
         ),
         (MULTIPART, _multipart(PURPOSE_PART), 422, [["body", "file"]]),
         (
@@ -1052,14 +1181,23 @@ def _file_part(filename: bytes, body: bytes = b"x") -> bytes:
             422,
             [["body", "file"]],
         ),
-        (MULTIPART, _multipart(_file_part(b"a")), 422, [["body", "purpose"]]),
         (
             MULTIPART,
             _multipart(
-                _part(b'Content-Disposition: form-data; name="purpose"', b""), _file_part(b"a")
+                PURPOSE_PART,
+                _part(b'Content-Disposition: form-data; name="visibility"', b"everyone"),
+                _file_part(b"a"),
             ),
             422,
-            [["body", "purpose"]],
+            [["body", "visibility"]],
+        ),
+        (
+            MULTIPART,
+            _multipart(
+                _part(b'Content-Disposition: form-data; name="expiry"', b"soon"), _file_part(b"a")
+            ),
+            422,
+            [["body", "expiry"]],
         ),
         ({"Content-Type": "application/json"}, b'{"purpose": "batch"}', 422, None),
     ],
@@ -1071,8 +1209,8 @@ def _file_part(filename: bytes, body: bytes = b"x") -> bytes:
         "no-boundary",
         "no-file",
         "file-without-filename",
-        "no-purpose",
-        "empty-purpose",
+        "bad-visibility",
+        "bad-expiry",
         "json-body",
     ],
 )
@@ -1098,18 +1236,97 @@ async def test_malformed_uploads_are_refused_not_500(
     assert list((emulator.data_dir / "blobs").iterdir()) == []
 
 
-async def test_empty_purpose_is_a_missing_field(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/files", files={"file": ("a.jsonl", JSONL)}, data={"purpose": ""})
-    assert r.status_code == 422
-    assert r.json()["detail"] == [
-        {"type": "missing", "loc": ["body", "purpose"], "msg": "Field required", "input": None}
-    ]
+@pytest.mark.parametrize("data", [{}, {"purpose": ""}], ids=["missing", "empty"])
+async def test_a_missing_purpose_is_fine_tune(
+    client: httpx.AsyncClient, data: dict[str, str]
+) -> None:
+    """`purpose` is optional; the emulator's default is fine-tune (docs/EMULATOR.md), whose
+    content rules then apply."""
+    r = await client.post("/v1/files", files={"file": ("a.jsonl", JSONL)}, data=data)
+    assert r.status_code == 200, r.text
+    assert (r.json()["purpose"], r.json()["sample_type"]) == ("fine-tune", "instruct")
+    r = await client.post("/v1/files", files={"file": ("a.pdf", PDF)}, data=data)
+    assert r.status_code == 400
+    assert r.json()["detail"] == "Invalid file format."
 
 
 async def test_unknown_purpose_is_accepted_like_the_service(client: httpx.AsyncClient) -> None:
     """The service takes purposes beyond the spec's three (audio, ...); so does the emulator."""
     f = await uploaded(client, "x.bin", b"data", "made-up-purpose")
     assert (f["purpose"], f["sample_type"]) == ("made-up-purpose", "pretrain")
+
+
+@pytest.mark.parametrize(
+    ("purpose", "filename", "content"),
+    [("audio", "talk.mp3", b"ID3\x03\x00rest"), ("agentic_safety", "cases.jsonl", JSONL)],
+)
+async def test_audio_and_agentic_safety_are_purposes_like_the_others(
+    client: httpx.AsyncClient, purpose: str, filename: str, content: bytes
+) -> None:
+    f = await uploaded(client, filename, content, purpose)
+    assert f["purpose"] == purpose
+    assert f["sample_type"] in SPEC_SAMPLE_TYPES
+    listed = (await client.get("/v1/files", params={"purpose": purpose})).json()
+    assert [g["id"] for g in listed["data"]] == [f["id"]]
+
+
+async def test_repository_files_are_listed_and_served_but_not_deleted(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post(
+        "/v1/_emulator/files",
+        files={"file": ("base.jsonl", JSONL)},
+        data={"purpose": "fine-tune", "sample_type": "pretrain"},
+    )
+    assert r.status_code == 200, r.text
+    f = r.json()
+    assert (f["source"], f["purpose"], f["sample_type"]) == ("repository", "fine-tune", "pretrain")
+    assert (f["num_lines"], f["mimetype"]) == (3, "application/jsonl")
+    assert f["signature"] == hashlib.md5(JSONL).hexdigest()
+    r = await client.delete(f"/v1/files/{f['id']}")
+    assert r.status_code == 403
+    assert r.json() == {"detail": "Files from a repository cannot be deleted"}
+    assert (await client.get(f"/v1/files/{f['id']}/content")).content == JSONL
+    listed = (await client.get("/v1/files", params={"source": "repository"})).json()["data"]
+    assert [g["id"] for g in listed] == [f["id"]]
+
+
+@pytest.mark.parametrize(
+    ("data", "loc"),
+    [({"source": "elsewhere"}, ["body", "source"]), ({"expiry": "x"}, ["body", "expiry"])],
+)
+async def test_admin_file_route_checks_its_fields(
+    client: httpx.AsyncClient, data: dict[str, str], loc: list[str]
+) -> None:
+    r = await client.post("/v1/_emulator/files", files={"file": ("a", b"x")}, data=data)
+    assert r.status_code == 422
+    assert [p["loc"] for p in r.json()["detail"]] == [loc]
+    r = await client.post("/v1/_emulator/files", data={"source": "upload"})
+    assert [p["loc"] for p in r.json()["detail"]] == [["body", "file"]]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/fine_tuning/jobs"),
+        ("POST", "/v1/fine_tuning/jobs"),
+        ("GET", f"/v1/fine_tuning/jobs/{uuid.uuid4()}"),
+        ("POST", f"/v1/fine_tuning/jobs/{uuid.uuid4()}/cancel"),
+    ],
+)
+async def test_the_fine_tuning_jobs_api_is_gone(
+    client: httpx.AsyncClient,
+    anon: httpx.AsyncClient,
+    emulator: RunningEmulator,
+    method: str,
+    path: str,
+) -> None:
+    ft = await uploaded(client, "train.jsonl", JSONL, "fine-tune")
+    r = await client.request(method, path, json={"training_files": [ft["id"]]})
+    assert r.status_code == 410
+    assert "retired" in r.json()["detail"]
+    assert (await anon.request(method, emulator.url + path)).status_code == 401  # key first
+    assert (await client.get(f"/v1/files/{ft['id']}/content")).content == JSONL
 
 
 async def test_huge_page_size_is_fine(client: httpx.AsyncClient) -> None:

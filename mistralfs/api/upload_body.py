@@ -18,7 +18,7 @@ import os
 import pathlib
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import BinaryIO
 
 import httpx
@@ -47,13 +47,20 @@ def form_quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "%0D").replace("\n", "%0A")
 
 
-def multipart_parts(filename: str, purpose: str, boundary: str) -> tuple[bytes, bytes]:
-    """What goes before the file's bytes (the purpose part, the file part's header) and after."""
+def multipart_parts(
+    filename: str, purpose: str, boundary: str, fields: Sequence[tuple[str, str]] = ()
+) -> tuple[bytes, bytes]:
+    """What goes before the file's bytes (the purpose part, other text `fields`, the file
+    part's header) and after."""
     content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    head = (
+    texts = "".join(
         f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="purpose"\r\n\r\n'
-        f"{purpose}\r\n"
+        f'Content-Disposition: form-data; name="{form_quote(name)}"\r\n\r\n'
+        f"{value}\r\n"
+        for name, value in (("purpose", purpose), *fields)
+    )
+    head = (
+        f"{texts}"
         f"--{boundary}\r\n"
         f'Content-Disposition: form-data; name="file"; filename="{form_quote(filename)}"\r\n'
         f"Content-Type: {content_type}\r\n\r\n"
@@ -106,6 +113,7 @@ class SpoolBody(_FileBody):
         max_size: int | None,
         progress: Callable[[int], None] | None,
         url: str,
+        fields: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__(path, progress)
         try:
@@ -121,7 +129,7 @@ class SpoolBody(_FileBody):
                     url=url,
                 )
             boundary = secrets.token_hex(16)
-            head, self._tail = multipart_parts(filename, purpose, boundary)
+            head, self._tail = multipart_parts(filename, purpose, boundary, fields)
             self.headers = {
                 "Content-Type": f"multipart/form-data; boundary={boundary}",
                 "Content-Length": str(len(head) + size + len(self._tail)),
@@ -248,12 +256,13 @@ class GrowingSpoolBody(_FileBody):
         purpose: str,
         progress: Callable[[int], None] | None,
         idle_limit: float,
+        fields: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__(path, progress)
         self._growing = growing
         self._idle_limit = idle_limit
         boundary = secrets.token_hex(16)
-        self._head, self._tail = multipart_parts(filename, purpose, boundary)
+        self._head, self._tail = multipart_parts(filename, purpose, boundary, fields)
         self.headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         self.size = -1
         self.identity: Identity = (0, 0, -1, 0)

@@ -43,6 +43,18 @@ GROWING_IDLE_LIMIT = 5.0
 LENGTH_REQUIRED_STATUSES = (411, 501)
 
 
+def optional_fields(expiry: int | None, visibility: str | None) -> list[tuple[str, str]]:
+    """The upload's optional form fields, only those given (the service's defaults apply
+    to the others): ``expiry`` (an integer; its unit is the service's) and ``visibility``
+    (``workspace`` or ``user``)."""
+    fields = []
+    if expiry is not None:
+        fields.append(("expiry", str(int(expiry))))
+    if visibility is not None:
+        fields.append(("visibility", visibility))
+    return fields
+
+
 class Uploads:
     """Whole and growing uploads, and the search for what a lost attempt stored."""
 
@@ -76,6 +88,8 @@ class Uploads:
         progress: Callable[[int], None] | None = None,
         dedupe: bool = True,
         after: GrowingSend | None = None,
+        expiry: int | None = None,
+        visibility: str | None = None,
     ) -> RemoteFile:
         """``POST /v1/files`` streaming ``path`` from disk; reopened on every attempt.
 
@@ -97,6 +111,8 @@ class Uploads:
         ``after`` is a `GrowingUpload` of the same file that did not succeed: its
         attempt counts as this upload's first, so if its whole body went out, the
         file it may have stored is looked for before uploading again.
+
+        ``expiry`` and ``visibility`` are sent only when given (see `optional_fields`).
         """
         api_path = "/v1/files"
         url = self._calls.url(api_path)
@@ -111,9 +127,10 @@ class Uploads:
             known = self.recent.ids() if dedupe and self._calls.retry.max_attempts > 1 else None
         digest = FileDigest(path)
         mark = after.mark if after is not None else self.seen.mark()
+        fields = optional_fields(expiry, visibility)
 
         async def open_body() -> tuple[Any, dict[str, str], Any]:
-            body = SpoolBody(path, filename, purpose, self._max_upload, progress, url)
+            body = SpoolBody(path, filename, purpose, self._max_upload, progress, url, fields)
             attempts.append(UploadAttempt(started=time.time(), body=body))
             return body, body.headers, body
 
@@ -195,6 +212,8 @@ class Uploads:
         filename: str,
         purpose: str,
         progress: Callable[[int], None] | None = None,
+        expiry: int | None = None,
+        visibility: str | None = None,
     ) -> GrowingUpload:
         """An upload of ``path`` that starts while the file is still being appended to.
 
@@ -202,7 +221,8 @@ class Uploads:
         `sends_growing_uploads` is set.
         """
         return GrowingUpload(self, path, growing, filename=filename, purpose=purpose,
-                             progress=progress)  # fmt: skip
+                             progress=progress,
+                             fields=optional_fields(expiry, visibility))  # fmt: skip
 
     async def send_growing(self, upload: GrowingUpload) -> RemoteFile:
         url = self._calls.url("/v1/files")
@@ -215,6 +235,7 @@ class Uploads:
                 upload.purpose,
                 upload.progress,
                 GROWING_IDLE_LIMIT,
+                upload.fields,
             )
             upload.attempts.append(UploadAttempt(started=time.time(), body=body))
             return body, body.headers, body
@@ -288,6 +309,7 @@ class GrowingUpload:
         filename: str,
         purpose: str,
         progress: Callable[[int], None] | None,
+        fields: list[tuple[str, str]] | None = None,
     ) -> None:
         self._uploads = uploads
         self.path = path
@@ -295,6 +317,7 @@ class GrowingUpload:
         self.filename = filename
         self.purpose = purpose
         self.progress = progress
+        self.fields = fields or []  # the optional form fields (expiry, visibility)
         self.attempts: list[UploadAttempt] = []
         self.refusal: Rejected | None = None  # a 4xx answer to it
         # Files already seen cannot be the one this attempt stored.

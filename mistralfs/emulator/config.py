@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from mistralfs.emulator.faults import RandomPlan
 from mistralfs.emulator.tls import ensure_self_signed, server_context_check
+from mistralfs.emulator.upload_params import EXPIRY_UNIT_SECONDS
 
 
 @dataclass
@@ -37,6 +38,10 @@ class EmulatorConfig:
     tls: bool = False
     tls_cert: pathlib.Path | None = None
     tls_key: pathlib.Path | None = None
+    # Seconds in one unit of an upload's `expiry` (undocumented; hours, see upload_params.py).
+    expiry_unit: int = EXPIRY_UNIT_SECONDS
+    # Seconds a batch job takes from QUEUED to done (half queued, half running).
+    batch_delay: float = 2.0
 
     def tls_files(self) -> tuple[pathlib.Path, pathlib.Path | None] | None:
         """The certificate and key to serve HTTPS with (made for ``tls``), checked

@@ -84,6 +84,20 @@ def bool_parsing(loc: list[str], value: str) -> dict[str, Any]:
     }
 
 
+def enum(loc: list[str], value: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """FastAPI's entry for a value outside an enumeration."""
+    expected = " or ".join(f"'{a}'" for a in allowed)
+    if len(allowed) > 2:
+        expected = ", ".join(f"'{a}'" for a in allowed[:-1]) + f" or '{allowed[-1]}'"
+    return {
+        "type": "enum",
+        "loc": loc,
+        "msg": f"Input should be {expected}",
+        "input": value,
+        "ctx": {"expected": expected},
+    }
+
+
 def uuid_parsing(loc: list[str], value: str, reason: str) -> dict[str, Any]:
     """FastAPI's entry for a path parameter that is not a UUID."""
     return {

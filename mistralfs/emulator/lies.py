@@ -13,7 +13,9 @@ Each lies only where it can (a rule's other requests go through untouched):
 - ``{"fields": {NAME: VALUE, ...}}``: a JSON object answer (an upload's File,
   a retrieve, a signed URL) has these fields set, say another file's ``id`` or a wrong ``bytes``.
 - ``{"records": [{...}, ...]}``: a listing gets these file records first in its
-  ``data`` (and ``total`` grows by as many), say one with ``"bytes": -5``.
+  ``data`` (and ``total`` grows by as many), say one with ``"bytes": -5``; with
+  ``"total": false`` the listing has no ``total`` at all (``"records": []`` and
+  ``"total": false``: the real listing, without its total).
 - ``{"endless": true}``: a listing whose every page is full of files never seen
   before, with a ``total`` always two pages past the page asked for; nothing real
   is listed. ``"total": false`` leaves the total out of every page.
@@ -83,7 +85,7 @@ class Lie:
 
     def applies_to(self, route: str | None) -> bool:
         """Listing lies lie about listings, body lies about content, fields about JSON."""
-        if self.endless or self.records:
+        if self.endless or self.records or not self.total:
             return route == "list"
         if self.extra_bytes:
             return route in ("content", "storage")
@@ -96,7 +98,7 @@ class Lie:
             return {"endless": True, "total": self.total}
         if self.extra_bytes:
             return {"extra_bytes": self.extra_bytes, "length": self.length}
-        return {"records": self.records}
+        return {"records": self.records, "total": self.total}
 
     async def tell(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve the request through `app`, with this lie in its answer."""
@@ -113,7 +115,10 @@ class Lie:
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             total = data.get("total")
             total = total + len(self.records) if isinstance(total, int) else total
-            return {**data, "data": [*self.records, *data["data"]], "total": total}
+            listing = {**data, "data": [*self.records, *data["data"]], "total": total}
+            if not self.total:
+                del listing["total"]
+            return listing
         return data
 
 

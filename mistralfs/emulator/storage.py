@@ -26,12 +26,12 @@ import secrets
 import shutil
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mistralfs.emulator.clock import Clock
 from mistralfs.files_api import FILE_FIELDS
 
 _SCHEMA = """
@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS files (
     source TEXT NOT NULL,
     num_lines INTEGER,
     mimetype TEXT,
-    signature TEXT
+    signature TEXT,
+    expires_at INTEGER,
+    visibility TEXT
 );
 CREATE INDEX IF NOT EXISTS files_order ON files (created_at DESC, seq DESC);
 CREATE INDEX IF NOT EXISTS files_purpose_order ON files (purpose, created_at DESC, seq DESC);
@@ -55,6 +57,8 @@ CREATE INDEX IF NOT EXISTS files_purpose_order ON files (purpose, created_at DES
 _SQL_MAX = 2**62  # SQLite integers are 64-bit; larger pages are simply empty
 
 _COLUMNS = FILE_FIELDS
+# Columns added since the first data folders were made: added to an older table on open.
+_ADDED_COLUMNS = {"expires_at": "INTEGER", "visibility": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class FileRecord:
     num_lines: int | None
     mimetype: str | None
     signature: str | None
+    expires_at: int | None = None
+    visibility: str | None = None
 
     def to_api(self) -> dict[str, Any]:
         """The JSON object the real service returns (``object`` included)."""
@@ -100,13 +106,19 @@ class ListQuery:
     sample_types: Sequence[str] = ()
     sources: Sequence[str] = ()
     mimetypes: Sequence[str] = ()
+    include_total: bool = True
 
 
 class Storage:
-    """Metadata and blobs of one data directory."""
+    """Metadata and blobs of one data directory.
 
-    def __init__(self, data_dir: pathlib.Path) -> None:
+    A file whose ``expires_at`` has passed on ``clock`` is gone: never listed nor
+    found again, and removed (row and blob) when next met.
+    """
+
+    def __init__(self, data_dir: pathlib.Path, clock: Clock | None = None) -> None:
         self.data_dir = pathlib.Path(data_dir)
+        self.clock = clock or Clock()
         self.blobs_dir = self.data_dir / "blobs"
         self.tmp_dir = self.data_dir / "tmp"
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +132,14 @@ class Storage:
             self.data_dir / "files.sqlite3", check_same_thread=False, isolation_level=None
         )
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS files_expiry ON files (expires_at) "
+            "WHERE expires_at IS NOT NULL"
+        )
 
     def close(self) -> None:
         """Close the database; the object is unusable afterwards."""
@@ -157,6 +177,8 @@ class Storage:
         mimetype: str | None = None,
         signature: str | None = None,
         created_at: int | None = None,
+        expires_at: int | None = None,
+        visibility: str | None = "workspace",
         move: bool = False,
     ) -> FileRecord:
         """Store a file and return its record.
@@ -180,7 +202,7 @@ class Storage:
         record = FileRecord(
             id=file_id,
             bytes=size,
-            created_at=int(time.time()) if created_at is None else created_at,
+            created_at=self.clock.now() if created_at is None else created_at,
             filename=filename,
             purpose=purpose,
             sample_type=sample_type,
@@ -188,6 +210,8 @@ class Storage:
             num_lines=num_lines,
             mimetype=mimetype,
             signature=signature,
+            expires_at=expires_at,
+            visibility=visibility,
         )
         try:
             with self._lock:
@@ -202,9 +226,16 @@ class Storage:
         return record
 
     def add_batch_output(
-        self, content: bytes | os.PathLike[str], *, filename: str, sample_type: str = "batch_result"
+        self,
+        content: bytes | os.PathLike[str],
+        *,
+        filename: str,
+        sample_type: str = "batch_result",
+        num_lines: int | None = None,
+        move: bool = False,
     ) -> FileRecord:
-        """Store a batch job output as the service does: source mistral, no signature."""
+        """Store a batch job output as the service does: source mistral, no signature;
+        its lines are counted unless ``num_lines`` says how many (``move`` as add_file)."""
         from mistralfs.emulator.validation import count_jsonl_lines
 
         record = self.add_file(
@@ -213,21 +244,46 @@ class Storage:
             purpose="batch",
             sample_type=sample_type,
             source="mistral",
+            num_lines=num_lines,
             mimetype="application/jsonl",
             signature=None,
+            move=move,
         )
+        if num_lines is not None:
+            return record
         lines = count_jsonl_lines(self.blob_path(record.id))
         with self._lock:
             self._db.execute("UPDATE files SET num_lines = ? WHERE id = ?", (lines, record.id))
         return FileRecord(**{**asdict(record), "num_lines": lines})
 
     def get(self, file_id: str) -> FileRecord | None:
-        """The record of ``file_id`` (canonical UUID string), or None."""
+        """The record of ``file_id`` (canonical UUID string), or None (expired included)."""
         with self._lock:
             row = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM files WHERE id = ?", (file_id,)
             ).fetchone()
-        return FileRecord(*row) if row else None
+        record = FileRecord(*row) if row else None
+        if record is not None and self._expired(record):
+            self.delete(record.id)
+            return None
+        return record
+
+    def _expired(self, record: FileRecord) -> bool:
+        return record.expires_at is not None and record.expires_at <= self.clock.now()
+
+    def purge_expired(self) -> int:
+        """Remove every file whose time has passed; how many there were."""
+        with self._lock:
+            ids = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                    (self.clock.now(),),
+                )
+            ]
+        for file_id in ids:
+            self.delete(file_id)
+        return len(ids)
 
     def delete(self, file_id: str) -> bool:
         """Remove metadata then blob; False if there was no such file.
@@ -241,10 +297,11 @@ class Storage:
         self.blob_path(file_id).unlink(missing_ok=True)
         return True
 
-    def list(self, query: ListQuery) -> tuple[list[FileRecord], int]:
-        """One page of matching records, newest first, and the total match count."""
-        where: list[str] = []
-        args: list[Any] = []
+    def list(self, query: ListQuery) -> tuple[list[FileRecord], int | None]:
+        """One page of matching records, newest first, and the total match count (None
+        unless ``query.include_total``: counting costs a scan the service spares too)."""
+        where: list[str] = ["(expires_at IS NULL OR expires_at > ?)"]
+        args: list[Any] = [self.clock.now()]
         if query.purpose is not None:
             where.append("purpose = ?")
             args.append(query.purpose)
@@ -259,9 +316,11 @@ class Storage:
             if values:
                 where.append(f"{column} IN ({', '.join('?' for _ in values)})")
                 args.extend(values)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause = f"WHERE {' AND '.join(where)}"
+        total: int | None = None
         with self._lock:
-            total = self._db.execute(f"SELECT count(*) FROM files {clause}", args).fetchone()[0]
+            if query.include_total:
+                total = self._db.execute(f"SELECT count(*) FROM files {clause}", args).fetchone()[0]
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM files {clause} "
                 "ORDER BY created_at DESC, seq DESC LIMIT ? OFFSET ?",
