@@ -20,7 +20,7 @@ import httpx
 import pandas as pd
 import pytest
 from conftest import RunningEmulator, emulator_process_with
-from emulator_admin import add_batch_output, clear_requests, requests
+from emulator_admin import add_batch_output, clear_faults, clear_requests, requests, set_faults
 
 from mistralfs.fs.filesystem import XATTR_FIELDS
 from mistralfs.pyfs import KeyRefused, MistralFileSystem, ServiceRefused
@@ -305,3 +305,18 @@ def test_duplicates_and_odd_names_read_as_in_the_mount(
             assert file_id == fs.ukey(f"batch/{name}")
             assert (mounted / "batch" / name).read_bytes() == fs.cat(f"batch/{name}")
     assert fs.info("batch/a\u2215b.jsonl")["filename"] == odd["filename"] == "a/b.jsonl"
+
+
+@pytest.mark.logs_expected  # the client's WARNING for each retry
+def test_rate_limits_are_waited_out_as_the_service_says(
+    fs: MistralFileSystem, server: RunningEmulator
+) -> None:
+    """What each Dask worker meets when the account's rate limit is reached."""
+    fs.pipe("batch/r.jsonl", b"{}\n")
+    fs.invalidate_cache()
+    rule = {"method": "GET", "path_prefix": "/v1/files", "status": 429, "retry_after": 1}
+    set_faults(server.url, server.api_key, {**rule, "times": 2})
+    started = time.monotonic()
+    assert fs.cat("batch/r.jsonl") == b"{}\n"
+    assert time.monotonic() - started >= 2  # Retry-After: 1, twice
+    clear_faults(server.url, server.api_key)
