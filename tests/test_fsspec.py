@@ -320,3 +320,27 @@ def test_rate_limits_are_waited_out_as_the_service_says(
     assert fs.cat("batch/r.jsonl") == b"{}\n"
     assert time.monotonic() - started >= 2  # Retry-After: 1, twice
     clear_faults(server.url, server.api_key)
+
+
+FORK_SCRIPT = """
+import os, sys, fsspec
+options = dict(api_key=sys.argv[1], server_url=sys.argv[2])
+fs = fsspec.filesystem("mistral", **options)
+assert fs.cat("batch/f.jsonl") == b"{}\\n"
+pid = os.fork()
+if pid == 0:
+    child = fsspec.filesystem("mistral", **options)
+    assert child is not fs
+    assert child.cat("batch/f.jsonl") == b"{}\\n"
+    sys.exit(0)  # the parent's filesystem is finalized here too: it must not wait
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert fs.cat("batch/f.jsonl") == b"{}\\n"
+"""
+
+
+def test_a_forked_child_opens_its_own_client(fs: MistralFileSystem, options: dict) -> None:
+    """As multiprocessing's fork does: the parent's trio thread is not in the child."""
+    fs.pipe("batch/f.jsonl", b"{}\n")
+    script = [sys.executable, "-c", FORK_SCRIPT, options["api_key"], options["server_url"]]
+    subprocess.run(script, check=True, timeout=60)

@@ -132,7 +132,7 @@ class MistralFileSystem(AsyncFileSystem):
         filesystem is garbage-collected, or at exit)."""
         with self._thread_lock:
             thread, self._thread = self._thread, None
-        if thread is not None and self._thread_pid == os.getpid():
+        if thread is not None:
             thread.close()
 
     async def _api(self, call: Callable[[FilesClient], Awaitable[T]], path: str) -> T:
@@ -161,7 +161,7 @@ class MistralFileSystem(AsyncFileSystem):
     def _file_entry(self, folder: str, name: str, remote: RemoteFile) -> Entry:
         entry: Entry = {"name": f"{folder}/{name}", "size": remote.bytes, "type": "file"}
         # The remote fields, under the names the mount's user.mistral.* attributes have.
-        entry.update({f: getattr(remote, f) for f in FILE_FIELDS if f != "bytes"})
+        entry.update({f: getattr(remote, f, None) for f in FILE_FIELDS if f != "bytes"})
         return entry
 
     @staticmethod
