@@ -22,8 +22,9 @@ import pytest
 from conftest import RunningEmulator, emulator_process_with
 from emulator_admin import add_batch_output, clear_faults, clear_requests, requests, set_faults
 
+from mistralfs.emulator.tls import self_signed_paths
 from mistralfs.fs.filesystem import XATTR_FIELDS
-from mistralfs.pyfs import KeyRefused, MistralFileSystem, ServiceRefused
+from mistralfs.pyfs import KeyRefused, MistralFileSystem, ServiceFailed, ServiceRefused
 from mistralfs.pyfs.filesystem import WHOLE_READ_MAX
 
 
@@ -344,3 +345,25 @@ def test_a_forked_child_opens_its_own_client(fs: MistralFileSystem, options: dic
     fs.pipe("batch/f.jsonl", b"{}\n")
     script = [sys.executable, "-c", FORK_SCRIPT, options["api_key"], options["server_url"]]
     subprocess.run(script, check=True, timeout=60)
+
+
+@pytest.mark.logs_expected  # the client's ERROR for the refused certificate
+def test_tls_trusts_what_the_mount_trusts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ca_file`, else SSL_CERT_FILE; never an unverified connection."""
+    with emulator_process_with(tmp_path, "--tls") as running:
+        cert = self_signed_paths(running.data_dir)[0]
+        options = {"api_key": running.api_key, "server_url": running.url}
+        with_ca = MistralFileSystem(ca_file=str(cert), skip_instance_cache=True, **options)
+        with_ca.pipe("batch/t.jsonl", b"{}\n")
+        assert with_ca.cat("batch/t.jsonl") == b"{}\n"  # the API, then a signed URL
+        with_ca.close()
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        from_env = MistralFileSystem(skip_instance_cache=True, **options)
+        assert from_env.ls("batch", detail=False) == ["batch/t.jsonl"]
+        from_env.close()
+        monkeypatch.delenv("SSL_CERT_FILE")
+        untrusted = MistralFileSystem(skip_instance_cache=True, **options)
+        with pytest.raises(ServiceFailed, match="certificate verify failed"):
+            untrusted.ls("batch")
+        untrusted.close()
