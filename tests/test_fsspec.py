@@ -218,7 +218,7 @@ def test_a_wrong_key_is_refused_without_showing_it(server: RunningEmulator) -> N
     wrong.close()
 
 
-def test_missing_paths_raise_file_not_found(fs: MistralFileSystem) -> None:
+def test_missing_paths_raise_file_not_found(fs: MistralFileSystem, options: dict) -> None:
     fs.pipe("batch/here.jsonl", b"{}\n")
     for call in (
         lambda: fs.cat("batch/gone.jsonl"),
@@ -237,7 +237,7 @@ def test_missing_paths_raise_file_not_found(fs: MistralFileSystem) -> None:
     with httpx.Client(base_url=fs.server_url) as http:
         http.delete(
             f"/v1/files/{fs.ukey('batch/here.jsonl')}",
-            headers={"Authorization": f"Bearer {fs._api_key}"},
+            headers={"Authorization": f"Bearer {options['api_key']}"},
         ).raise_for_status()
     with pytest.raises(FileNotFoundError):
         fs.cat("batch/here.jsonl")
