@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cachetools import LRUCache
 from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.callbacks import DEFAULT_CALLBACK
 
@@ -51,6 +52,7 @@ PAGE_SIZE = 1000  # a folder of a thousand files is one request, as in the mount
 WHOLE_READ_MAX = 1024**2  # a file this small is read whole from /content: one request
 SIGNED_URL_HOURS = 24
 SIGNED_URL_MARGIN = 300.0  # seconds: a URL this close to its expiry is renewed first
+MAX_SIGNED_URLS = 4096  # kept for the files read last
 NO_FOLDERS = "mistral:// holds one folder per purpose, and no folder inside them"
 
 
@@ -92,7 +94,7 @@ class MistralFileSystem(AsyncFileSystem):
         self._thread_lock = threading.Lock()
         self._purposes: dict[str, str] = {}  # folder name -> purpose, from the root listing
         self._made: set[str] = set()  # purposes made here by mkdir, shown while empty
-        self._urls: dict[str, SignedUrl] = {}  # file id -> its signed URL
+        self._urls: LRUCache[str, SignedUrl] = LRUCache(MAX_SIGNED_URLS)  # by file id
         self._listing_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
