@@ -27,6 +27,9 @@ from mistralfs.fs.filesystem import XATTR_FIELDS
 from mistralfs.pyfs import KeyRefused, MistralFileSystem, ServiceFailed, ServiceRefused
 from mistralfs.pyfs.filesystem import WHOLE_READ_MAX
 
+# A filesystem's finalizer that fails (say, blocking on a trio thread) fails the test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEmulator]:
@@ -367,3 +370,19 @@ def test_tls_trusts_what_the_mount_trusts(tmp_path: Path, monkeypatch: pytest.Mo
         with pytest.raises(ServiceFailed, match="certificate verify failed"):
             untrusted.ls("batch")
         untrusted.close()
+
+
+def test_putting_many_files_lists_the_folder_once(
+    fs: MistralFileSystem, server: RunningEmulator, tmp_path: Path
+) -> None:
+    """Each upload and delete updates the cached listing, as the mount's own do."""
+    for i in range(12):
+        (tmp_path / f"part-{i:02}.jsonl").write_bytes(b'{"i": %d}\n' % i)
+    fs.ls("batch")
+    clear_requests(server.url, server.api_key)
+    fs.put([str(p) for p in sorted(tmp_path.glob("*.jsonl"))], "batch/")
+    fs.rm([f"batch/part-{i:02}.jsonl" for i in range(6)])
+    assert [r for r in routes(server) if r == ("GET", "/v1/files")] == []
+    assert fs.ls("batch", detail=False) == [f"batch/part-{i:02}.jsonl" for i in range(6, 12)]
+    fs.invalidate_cache()
+    assert fs.ls("batch", detail=False) == [f"batch/part-{i:02}.jsonl" for i in range(6, 12)]

@@ -27,6 +27,9 @@ from fsspec.tests.abstract import (
 
 from mistralfs.pyfs import MistralFileSystem
 
+# A filesystem's finalizer that fails (say, blocking on a trio thread) fails the test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEmulator]:

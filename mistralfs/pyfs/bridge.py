@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 import anyio
+import trio
 from anyio.from_thread import BlockingPortal
 
 from mistralfs.api import FilesClient
@@ -69,14 +70,15 @@ class TrioThread:
 
     def close(self) -> None:
         """Close the client's connections, then stop the loop and its thread. Idempotent,
-        from any thread: a finalizer may run wherever the garbage collector does, and
-        the trio thread cannot wait for itself, so from there another thread closes. In a
-        forked child the thread is not there: nothing to close (the parent still uses it)."""
+        from any thread: a finalizer may run wherever the garbage collector does, and a
+        trio thread (this one or another filesystem's) may not block, so from there
+        another thread closes. In a forked child the thread is not there: nothing to
+        close (the parent still uses it)."""
         with self._close_lock:
             if self._closed or os.getpid() != self._pid:
                 return
             self._closed = True
-        if threading.current_thread() is self._thread:
+        if trio.lowlevel.in_trio_run():
             threading.Thread(target=self._stop, name="mistralfs-trio-close").start()
         else:
             self._stop()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime
 import errno
 import os
@@ -39,7 +38,7 @@ from mistralfs import DEFAULT_SERVER_URL
 from mistralfs.api import ApiError, FilesClient, RemoteFile, SignedUrl, UrlExpired
 from mistralfs.config import DEFAULT_DIR_CACHE_TIME, read_api_key
 from mistralfs.files_api import FILE_FIELDS
-from mistralfs.fs.names import STANDARD_PURPOSES, folder_name, shown_names, storable
+from mistralfs.fs.names import STANDARD_PURPOSES, folder_name, free_name, shown_names, storable
 from mistralfs.pyfs.bridge import TrioThread
 from mistralfs.pyfs.errors import translated
 from mistralfs.pyfs.files import MistralFile
@@ -240,12 +239,13 @@ class MistralFileSystem(AsyncFileSystem):
         return found
 
     async def _find_entry(
-        self, folder: str, purpose: str, name: str, refresh: bool = False
+        self, folder: str, purpose: str, name: str, refresh: bool = False, recheck: bool = True
     ) -> Entry | None:
-        """A file's entry; a listing from the cache that lacks it is fetched again."""
+        """A file's entry; with `recheck`, a listing from the cache that lacks it is
+        fetched again (the file may have been made elsewhere since)."""
         if "/" in name:
             return None
-        cached = not refresh and folder in self.dircache
+        cached = recheck and not refresh and folder in self.dircache
         entries = await self._list_folder(folder, purpose, refresh)
         found = next((e for e in entries if e["name"] == f"{folder}/{name}"), None)
         if found is None and cached:
@@ -376,21 +376,51 @@ class MistralFileSystem(AsyncFileSystem):
 
     async def _upload(self, local: Path, path: str, mode: str = "overwrite") -> None:
         """Upload `local` once as `path` with its folder's purpose; a file the name
-        held is deleted once the new one is stored (`mode="create"`: FileExistsError)."""
+        held is deleted once the new one is stored (`mode="create"`: FileExistsError).
+
+        The folder's cached listing is trusted for whether the name is free, as the
+        mount trusts its own (a file made elsewhere since may then stay beside the new
+        one, under its own name), so that putting many files lists the folder once."""
         folder, name = self._writable(path)
         path = f"{folder}/{name}"
         purpose = await self._purpose_of(folder) or folder
-        old = await self._find_entry(folder, purpose, name)
-        if old is not None and mode == "create":
+        create = mode == "create"
+        old = await self._find_entry(folder, purpose, name, refresh=create, recheck=False)
+        if old is not None and create:
             raise FileExistsError(errno.EEXIST, "the file exists", path)
         # Over a name that carries an id, the new file keeps the remote filename.
         filename = old["filename"] if old is not None else name
-        await self._api(lambda c: c.upload(local, filename=filename, purpose=purpose), path)
-        self.invalidate_cache(path)
+        stored = await self._api(
+            lambda c: c.upload(local, filename=filename, purpose=purpose), path
+        )
         if old is not None:
             old_id = old["id"]
-            with contextlib.suppress(FileNotFoundError):  # deleted elsewhere meanwhile
+            try:
                 await self._api(lambda c: c.delete(old_id), path)
+            except FileNotFoundError:
+                pass  # deleted elsewhere meanwhile
+            except BaseException:
+                self.invalidate_cache(path)  # both files are there: list them again
+                raise
+        self._note_upload(folder, name if old is not None else None, stored, old)
+
+    def _note_upload(
+        self, folder: str, name: str | None, stored: RemoteFile, old: Entry | None
+    ) -> None:
+        """Show a new file in the cached listing, as the mount does: under the name
+        it replaced, or under the name a new file gets in that folder."""
+        entries: list[Entry] | None = self.dircache.get(folder)
+        if folder not in self._purposes:
+            self.dircache.pop("", None)  # maybe a new purpose: the root changes too
+        if entries is None:
+            return
+        gone = {stored.id, old["id"] if old is not None else None}
+        entries[:] = [e for e in entries if e["id"] not in gone]  # a listing made meanwhile
+        if name is None:
+            taken = {e["name"].partition("/")[2] for e in entries}
+            name = free_name(taken, stored.filename, stored.id)
+        entries.append(self._file_entry(folder, name, stored))
+        entries.sort(key=lambda e: e["name"])  # in place: the listing's age stays as is
 
     async def _put_file(
         self,
@@ -436,11 +466,16 @@ class MistralFileSystem(AsyncFileSystem):
             return  # a purpose folder goes with its last file
         info = await self._file_info(path)
         file_id = info["id"]
+        self._urls.pop(file_id, None)
         try:
             await self._api(lambda c: c.delete(file_id), info["name"])
-        finally:
+        except BaseException:
             self.invalidate_cache(path)
-            self._urls.pop(file_id, None)
+            raise
+        # The others keep their names until the next listing, as in the mount.
+        entries: list[Entry] | None = self.dircache.get(folder)
+        if entries is not None and info in entries:
+            entries.remove(info)
 
     async def _mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
         folder, name = self._split(path)
