@@ -220,7 +220,8 @@ class MistralFileSystem(AsyncFileSystem):
                 raise FileNotFoundError(errno.ENOENT, "no such purpose folder", path)
         else:
             entries = [await self._info(path, refresh=refresh)]
-        return entries if detail else [e["name"] for e in entries]
+        # A copy: the cached list changes with this filesystem's own writes.
+        return list(entries) if detail else [e["name"] for e in entries]
 
     async def _info(self, path: str, refresh: bool = False, **kwargs: Any) -> Entry:
         path = self._strip_protocol(path)
