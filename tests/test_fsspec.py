@@ -5,6 +5,7 @@ One emulator serves the module; each test starts from an empty account.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import subprocess
@@ -386,3 +387,26 @@ def test_putting_many_files_lists_the_folder_once(
     assert fs.ls("batch", detail=False) == [f"batch/part-{i:02}.jsonl" for i in range(6, 12)]
     fs.invalidate_cache()
     assert fs.ls("batch", detail=False) == [f"batch/part-{i:02}.jsonl" for i in range(6, 12)]
+
+
+def test_an_asyncio_program_awaits_it_and_may_cancel(
+    options: dict, server: RunningEmulator
+) -> None:
+    """`asynchronous=True` from the caller's own loop; a cancelled call ends at once and
+    leaves the client as it was."""
+
+    async def main() -> None:
+        fs = MistralFileSystem(asynchronous=True, skip_instance_cache=True, **options)
+        await fs._pipe_file("batch/a.jsonl", b"{}\n")
+        assert await fs._cat_file("batch/a.jsonl") == b"{}\n"
+        slow = {"method": "GET", "path_prefix": "/v1/files", "status": None, "delay": 3.0}
+        set_faults(server.url, server.api_key, {**slow, "times": 1})
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(fs._ls("batch", refresh=True), 0.5)
+        assert time.monotonic() - started < 2
+        clear_faults(server.url, server.api_key)
+        assert await fs._ls("batch", detail=False, refresh=True) == ["batch/a.jsonl"]
+        fs.close()
+
+    asyncio.run(main())

@@ -6,7 +6,7 @@ worker thread with `trio.to_thread`. fsspec runs its async methods on an asyncio
 (its own IO thread, or the caller's). So each filesystem runs its client on a trio
 loop of its own, in a daemon thread, and reaches it through an anyio `BlockingPortal`:
 `call_async` awaits the trio task from asyncio, and cancelling the asyncio side cancels
-the trio task. Nothing of the client is touched from any other thread.
+the trio task (without waiting for it). Nothing of the client is touched from any other thread.
 
 The thread is started here rather than by anyio's `start_blocking_portal`, whose
 generator, garbage-collected in a forked child (Dask and multiprocessing fork), would
@@ -65,8 +65,11 @@ class TrioThread:
             raise
 
     async def run(self, call: Callable[[FilesClient], Awaitable[T]]) -> T:
-        """Await `call(client)` on the trio thread, from any asyncio (or anyio) loop."""
-        return await self._portal.call_async(call, self._client)
+        """Await `call(client)` on the trio thread, from any asyncio (or anyio) loop.
+
+        Cancelled, it returns at once: the trio task is cancelled too, and ends when its
+        HTTP exchange, which a worker thread cannot drop halfway, is over."""
+        return await self._portal.call_async(call, self._client, abandon_on_cancel=True)
 
     def close(self) -> None:
         """Close the client's connections, then stop the loop and its thread. Idempotent,
