@@ -4,6 +4,8 @@
 - `fs/` (the filesystem) uses the client through `api/` and knows nothing of processes,
   command lines or settings files;
 - `daemon/` puts a filesystem in a process;
+- `pyfs/` (`mistral://` for fsspec) puts the client under fsspec: of the filesystem it
+  takes the naming rules (`fs/names.py`) only, so that it runs where FUSE does not;
 - the emulator is a server of its own and imports nothing of the client or the mount;
 - and no module imports itself back through others (an import cycle), not even from
   inside a function.
@@ -88,15 +90,23 @@ def test_no_module_imports_itself_back() -> None:
 
 def test_each_layer_imports_only_the_layers_below_it() -> None:
     allowed_above = {
-        "mistralfs.api": ("mistralfs.daemon", "mistralfs.fs", "mistralfs.cli", "mistralfs.config"),
-        "mistralfs.fs": ("mistralfs.daemon", "mistralfs.cli", "mistralfs.config"),
+        "mistralfs.api": (
+            "mistralfs.daemon",
+            "mistralfs.fs",
+            "mistralfs.cli",
+            "mistralfs.config",
+            "mistralfs.pyfs",
+        ),
+        "mistralfs.fs": ("mistralfs.daemon", "mistralfs.cli", "mistralfs.config", "mistralfs.pyfs"),
         "mistralfs.emulator": (
             "mistralfs.api",
             "mistralfs.fs",
             "mistralfs.daemon",
             "mistralfs.cli",
             "mistralfs.config",
+            "mistralfs.pyfs",
         ),
+        "mistralfs.pyfs": ("mistralfs.daemon", "mistralfs.cli", "mistralfs.emulator"),
     }
     wrong = [
         f"{module} imports {target}"
@@ -105,6 +115,18 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
         if module == layer or module.startswith(layer + ".")
         for target in targets
         if any(target == f or target.startswith(f + ".") for f in forbidden)
+    ]
+    assert wrong == []
+
+
+def test_pyfs_takes_only_the_naming_rules_of_the_filesystem() -> None:
+    """The rest of fs/ needs pyfuse3, which fsspec users on macOS or Windows lack."""
+    wrong = [
+        f"{module} imports {target}"
+        for module, targets in _imports().items()
+        if module.startswith("mistralfs.pyfs")
+        for target in targets
+        if target.startswith("mistralfs.fs.") and target != "mistralfs.fs.names"
     ]
     assert wrong == []
 

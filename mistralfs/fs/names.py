@@ -12,8 +12,12 @@ from __future__ import annotations
 import fnmatch
 import re
 import unicodedata
+from collections.abc import Container, Iterable
+from typing import Protocol, TypeVar
 
 NAME_MAX = 255  # bytes, as statfs reports
+# The purposes whose folders are shown even while they hold no file.
+STANDARD_PURPOSES = ("fine-tune", "batch", "ocr")
 
 
 def _clean(text: str) -> str:
@@ -80,6 +84,46 @@ def plain_name(filename: str, file_id: str) -> tuple[str, bool]:
     if len(name.encode("utf-8")) > NAME_MAX:
         return with_id(name, file_id), True
     return name, False
+
+
+class Listed(Protocol):
+    """What naming needs of a remote file (`api.RemoteFile` has it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def created_at(self) -> int: ...
+
+
+L = TypeVar("L", bound=Listed)
+
+
+def oldest_first(files: Iterable[L]) -> list[L]:
+    """The order in which files new to a folder claim their names: the oldest first, so
+    that it keeps the plain name and newer ones carry their id."""
+    return sorted(files, key=lambda f: (f.created_at, f.id))
+
+
+def free_name(taken: Container[str], filename: str, file_id: str) -> str:
+    """The name a file gets in a folder whose `taken` names are held by others: its
+    plain name if free, else `stem (id8).ext` (the whole id in the unlikely case that
+    is taken too)."""
+    name, unique = plain_name(filename, file_id)
+    if unique or name not in taken:
+        return name
+    tagged = with_id(name, file_id)
+    return tagged if tagged not in taken else with_id(name, file_id.replace("-", ""))
+
+
+def shown_names(files: Iterable[L]) -> dict[str, L]:
+    """The names a folder holding just `files` shows, as a mount started now shows them
+    (the mount's own writes may keep other names for files it already showed)."""
+    names: dict[str, L] = {}
+    for listed in oldest_first(files):
+        names[free_name(names, listed.filename, listed.id)] = listed
+    return names
 
 
 def folder_name(purpose: str) -> str:

@@ -23,11 +23,16 @@ import trio
 from mistralfs.api import RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.failures import RecentFailures
-from mistralfs.fs.names import LocalNames, folder_name, plain_name, with_id
+from mistralfs.fs.names import (
+    STANDARD_PURPOSES,
+    LocalNames,
+    folder_name,
+    free_name,
+    oldest_first,
+)
 
 log = logging.getLogger(__name__)
 
-STANDARD_PURPOSES = ("fine-tune", "batch", "ocr")
 # Large pages: a folder of a thousand files is one request. The client follows the
 # service if it caps the page size.
 LIST_PAGE_SIZE = 1000
@@ -383,12 +388,11 @@ class Namespace:
                 self.detach(node, deleted=False)
                 self.on_deleted_elsewhere(file_id)
 
-        fresh = [
+        fresh = oldest_first(
             f
             for f in current.values()
             if f.id not in self._inode_by_id and (f.purpose, f.filename) not in self._uploading
-        ]
-        fresh.sort(key=lambda f: (f.created_at, f.id))  # the oldest claims the plain name
+        )
         for remote in fresh:
             folder = self._folder_for(remote.purpose)
             node = FileNode(
@@ -406,11 +410,7 @@ class Namespace:
         return frozenset(current)
 
     def _free_name(self, folder: Folder, remote: RemoteFile) -> str:
-        name, unique = plain_name(remote.filename, remote.id)
-        if unique or name not in folder.entries:
-            return name
-        tagged = with_id(name, remote.id)
-        return tagged if tagged not in folder.entries else with_id(name, remote.id.replace("-", ""))
+        return free_name(folder.entries, remote.filename, remote.id)
 
     def _folder_for(self, purpose: str) -> Folder:
         folder = self._folders.get(purpose)
