@@ -136,6 +136,7 @@ async def _serve_mounted(
         read_only=config.read_only,
         max_throughput=config.max_throughput,
         local_names=config.local_names,
+        upload_defaults=config.upload_defaults,
     )
     parts = build_filesystem(client, nursery, options, disk=disk)
     fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer

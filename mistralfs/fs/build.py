@@ -3,7 +3,7 @@ for the tests alike, so that what the tests run is what the mount runs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -15,6 +15,7 @@ from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.names import DEFAULT_LOCAL_NAMES, LocalNames
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.reader import FREE_GROWTH_BLOCKS, BlockReader
+from mistralfs.fs.upload_settings import UploadSettings
 from mistralfs.fs.writer import Writer
 
 
@@ -32,6 +33,8 @@ class FsOptions:
     max_throughput: float | None = None  # bytes per second; None: no target
     free_growth_blocks: int = FREE_GROWTH_BLOCKS  # see reader.py
     local_names: tuple[str, ...] = DEFAULT_LOCAL_NAMES  # scratch files: see names.py
+    # --visibility, --expiry
+    upload_defaults: UploadSettings = field(default_factory=UploadSettings)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ def build_filesystem(
         spool_dir=options.spool_dir,
         recovery_dir=options.recovery_dir,
         max_file_size=options.max_file_size,
+        upload_defaults=options.upload_defaults,
     )
     fs = Filesystem(client, namespace, reader, writer, read_only=options.read_only)
     return FsParts(fs, namespace, reader, writer, activity)

@@ -18,11 +18,12 @@ from typing import TypeVar
 from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.files_api import FILE_FIELDS, SHOWN_BY_STAT
-from mistralfs.fs.errors import FsError, errno_for
+from mistralfs.fs.errors import NO_CUSTOM_METADATA, FsError, errno_for, refused
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
 from mistralfs.fs.reader import BlockReader, ReadState
 from mistralfs.fs.spool import Spool
+from mistralfs.fs.upload_settings import SETTABLE_XATTRS, with_xattr, xattr_value
 from mistralfs.fs.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,8 @@ class Filesystem:
 
     async def open(self, inode: int, flags: int) -> tuple[int, bool]:
         """A handle on the file, and whether the kernel may keep its cached pages."""
-        node = self._file(inode)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        node = self._file(inode)
         if write:
             self._refuse_if_read_only()
         elif self._writer.spool_for(node) is None:
@@ -303,9 +304,13 @@ class Filesystem:
 
     def xattr_names(self, inode: int) -> list[str]:
         node = self.node(inode)
-        if not isinstance(node, FileNode) or node.remote is None:
+        if not isinstance(node, FileNode):
             return []
+        settings = [n for n in SETTABLE_XATTRS if self._setting(node, n) is not None]
+        if node.remote is None:
+            return settings
         names = [XATTR_PREFIX + f for f in XATTR_FIELDS if self._xattr_field(node, f) is not None]
+        names += [n for n in settings if n not in names]
         # Not user.mistral.signed_url: it is read by name. Listed, every tool that copies
         # metadata (cp -a, rsync -X, tar --xattrs, file managers) would cost an API call
         # per file and keep a link that reads the file without the key in the copy.
@@ -319,10 +324,12 @@ class Filesystem:
             # No security labels, ACLs or trusted attributes here. ENOTSUP (not ENODATA)
             # lets `ls -l` stop asking for them after the first file of the mount.
             raise FsError(errno.ENOTSUP)
-        if not isinstance(node, FileNode) or node.remote is None:
-            raise FsError(errno.ENODATA)
         value: object = None
-        if name == XATTR_SIGNED_URL:
+        if isinstance(node, FileNode) and name in SETTABLE_XATTRS:
+            value = self._setting(node, name)
+        elif not isinstance(node, FileNode) or node.remote is None:
+            raise FsError(errno.ENODATA)
+        elif name == XATTR_SIGNED_URL:
             try:
                 value = (await self._reader.signed_url(node.remote.id)).url
             except ApiError as exc:
@@ -338,6 +345,28 @@ class Filesystem:
     @staticmethod
     def _xattr_field(node: FileNode, name: str) -> object:
         return getattr(node.remote, name, None)
+
+    def _setting(self, node: FileNode, name: str) -> str | None:
+        return xattr_value(node, name, self._writer.upload_defaults, time.time())
+
+    async def set_xattr(self, inode: int, name: str, value: bytes | None) -> None:
+        """Set (or with None, remove) a file's upload setting; other names are refused.
+
+        A change of what the file's next upload would send is uploaded as any change
+        is (see `Writer.settings_changed`); the same value again changes nothing.
+        """
+        node = self.node(inode)
+        if self.read_only or not isinstance(node, FileNode) or name not in SETTABLE_XATTRS:
+            raise refused(self.read_only, NO_CUSTOM_METADATA)
+        before = self._writer.upload_settings(node)
+        node.upload_settings = with_xattr(node.upload_settings, name, value)
+        if self._writer.upload_settings(node) != before:
+            log.info("%s/%s: %s set to %s", node.folder.name, node.name, name,
+                     value.decode("utf-8") if value is not None else "the default")  # fmt: skip
+            try:
+                await self._writer.settings_changed(node)
+            except ApiError as exc:
+                raise self._fetch_error(node, exc) from exc
 
     # -- helpers -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from mistralfs.api import RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.failures import RecentFailures
 from mistralfs.fs.names import LocalNames, folder_name, plain_name, with_id
+from mistralfs.fs.upload_settings import UploadSettings, expired
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class FileNode:
     # Given a scratch file's name through the mount (`LocalNames`): its content lives in
     # the spool only, never uploaded; a remote file renamed to such a name keeps it.
     local: bool = False
+    # Its own upload settings (xattrs user.mistral.visibility, .expiry): see upload_settings.py
+    upload_settings: UploadSettings = field(default_factory=UploadSettings)
     # Serialises uploads, renames and opening or dropping the spool of this file.
     lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
@@ -358,7 +362,13 @@ class Namespace:
 
         # Files of other purposes (from a service that ignored the filter) are left to
         # their own folders' listings.
-        current = {f.id: f for f in files if covered(f) and f.id not in self._deleted_ids}
+        # A file past its `expires_at` is gone, even if the service still lists it.
+        now = time.time()
+        current = {
+            f.id: f
+            for f in files
+            if covered(f) and f.id not in self._deleted_ids and not expired(f, now)
+        }
         for file_id, (remote, uploaded_at) in list(self._own_uploads.items()):
             if not covered(remote):
                 continue

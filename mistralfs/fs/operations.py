@@ -26,7 +26,7 @@ from pyfuse3 import (
 )
 
 from mistralfs.fs.attributes import BLOCK, Attributes
-from mistralfs.fs.errors import NO_CUSTOM_METADATA, NOT_SUPPORTED, FsError, refused
+from mistralfs.fs.errors import NOT_SUPPORTED, FsError, refused
 from mistralfs.fs.filesystem import Filesystem
 from mistralfs.fs.names import NAME_MAX, storable
 from mistralfs.fs.namespace import Node
@@ -300,13 +300,13 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext | None
     ) -> None:
-        raise refused(self.fs.read_only, NO_CUSTOM_METADATA)
+        await self.fs.set_xattr(inode, name.decode("utf-8", errors="replace"), value)
 
     @_fuse_errors
     async def removexattr(
         self, inode: InodeT, name: XAttrNameT, ctx: RequestContext | None
     ) -> None:
-        raise refused(self.fs.read_only, NO_CUSTOM_METADATA)
+        await self.fs.set_xattr(inode, name.decode("utf-8", errors="replace"), None)
 
     async def access(self, inode: InodeT, mode: ModeT, ctx: RequestContext | None) -> bool:
         return True
