@@ -282,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the --tls-cert certificate's PEM key (default: in the --tls-cert file)",
     )
+    emulator.add_argument(
+        "--batch-delay",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long a batch job takes from QUEUED to done (default 2)",
+    )
     return parser
 
 
@@ -315,6 +322,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         tls=args.tls,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        batch_delay=args.batch_delay,
     )
     try:
         config.tls_files()  # a certificate that cannot serve: one line, before binding

@@ -69,3 +69,18 @@ def advance_clock(url: str, api_key: str, seconds: float) -> float:
         r = client.post("/v1/_emulator/clock", json={"advance": seconds})
         r.raise_for_status()
         return r.json()["offset"]
+
+
+def add_file(
+    url: str,
+    api_key: str,
+    content: bytes,
+    filename: str = "file.jsonl",
+    **fields: str,
+) -> dict[str, Any]:
+    """Create any file, content unchecked (`source` defaults to repository; also `purpose`,
+    `sample_type`, `expiry`, `visibility`); returns its File object."""
+    with _client(url, api_key) as client:
+        r = client.post("/v1/_emulator/files", files={"file": (filename, content)}, data=fields)
+        r.raise_for_status()
+        return r.json()

@@ -379,6 +379,26 @@ async def test_batch_output_and_unknown_purpose_tolerated(
     assert audio.id in {x.id for x in await client.list_all(purpose="audio")}
 
 
+async def test_a_repository_file_is_listed_and_its_delete_refused_with_the_reason(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    r = await admin.http.post(
+        "/v1/_emulator/files", files={"file": ("base.jsonl", JSONL)}, data={"purpose": "batch"}
+    )
+    repo_id = r.json()["id"]
+    (listed,) = await client.list_all(purpose="batch")
+    assert (listed.id, listed.source) == (repo_id, "repository")
+    with pytest.raises(AuthError) as excinfo:  # a 403: EACCES in a mount
+        await client.delete(repo_id)
+    assert excinfo.value.status == 403
+    assert "cannot be deleted" in str(excinfo.value)
+    assert (await client.retrieve(repo_id)).id == repo_id
+    safety = await client.upload(
+        write(tmp_path, "s.jsonl", JSONL), filename="s.jsonl", purpose="agentic_safety"
+    )
+    assert [f.id for f in await client.list_all(purpose="agentic_safety")] == [safety.id]
+
+
 def test_from_json_keeps_extra_fields_and_unknown_values() -> None:
     data = {
         "id": "f1",

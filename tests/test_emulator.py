@@ -76,6 +76,10 @@ async def uploaded(
     return r.json()
 
 
+# sample_type values of the spec (SDK 3.7's SampleType), and ocr_input seen in practice.
+SPEC_SAMPLE_TYPES = {"pretrain", "instruct", "batch_request", "batch_result", "batch_error"}
+SPEC_SAMPLE_TYPES |= {"ocr_input"}
+
 FILE_FIELDS = {
     "id",
     "object",
@@ -1250,6 +1254,79 @@ async def test_unknown_purpose_is_accepted_like_the_service(client: httpx.AsyncC
     """The service takes purposes beyond the spec's three (audio, ...); so does the emulator."""
     f = await uploaded(client, "x.bin", b"data", "made-up-purpose")
     assert (f["purpose"], f["sample_type"]) == ("made-up-purpose", "pretrain")
+
+
+@pytest.mark.parametrize(
+    ("purpose", "filename", "content"),
+    [("audio", "talk.mp3", b"ID3\x03\x00rest"), ("agentic_safety", "cases.jsonl", JSONL)],
+)
+async def test_audio_and_agentic_safety_are_purposes_like_the_others(
+    client: httpx.AsyncClient, purpose: str, filename: str, content: bytes
+) -> None:
+    f = await uploaded(client, filename, content, purpose)
+    assert f["purpose"] == purpose
+    assert f["sample_type"] in SPEC_SAMPLE_TYPES
+    listed = (await client.get("/v1/files", params={"purpose": purpose})).json()
+    assert [g["id"] for g in listed["data"]] == [f["id"]]
+
+
+async def test_repository_files_are_listed_and_served_but_not_deleted(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post(
+        "/v1/_emulator/files",
+        files={"file": ("base.jsonl", JSONL)},
+        data={"purpose": "fine-tune", "sample_type": "pretrain"},
+    )
+    assert r.status_code == 200, r.text
+    f = r.json()
+    assert (f["source"], f["purpose"], f["sample_type"]) == ("repository", "fine-tune", "pretrain")
+    assert (f["num_lines"], f["mimetype"]) == (3, "application/jsonl")
+    assert f["signature"] == hashlib.md5(JSONL).hexdigest()
+    r = await client.delete(f"/v1/files/{f['id']}")
+    assert r.status_code == 403
+    assert r.json() == {"detail": "Files from a repository cannot be deleted"}
+    assert (await client.get(f"/v1/files/{f['id']}/content")).content == JSONL
+    listed = (await client.get("/v1/files", params={"source": "repository"})).json()["data"]
+    assert [g["id"] for g in listed] == [f["id"]]
+
+
+@pytest.mark.parametrize(
+    ("data", "loc"),
+    [({"source": "elsewhere"}, ["body", "source"]), ({"expiry": "x"}, ["body", "expiry"])],
+)
+async def test_admin_file_route_checks_its_fields(
+    client: httpx.AsyncClient, data: dict[str, str], loc: list[str]
+) -> None:
+    r = await client.post("/v1/_emulator/files", files={"file": ("a", b"x")}, data=data)
+    assert r.status_code == 422
+    assert [p["loc"] for p in r.json()["detail"]] == [loc]
+    r = await client.post("/v1/_emulator/files", data={"source": "upload"})
+    assert [p["loc"] for p in r.json()["detail"]] == [["body", "file"]]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/fine_tuning/jobs"),
+        ("POST", "/v1/fine_tuning/jobs"),
+        ("GET", f"/v1/fine_tuning/jobs/{uuid.uuid4()}"),
+        ("POST", f"/v1/fine_tuning/jobs/{uuid.uuid4()}/cancel"),
+    ],
+)
+async def test_the_fine_tuning_jobs_api_is_gone(
+    client: httpx.AsyncClient,
+    anon: httpx.AsyncClient,
+    emulator: RunningEmulator,
+    method: str,
+    path: str,
+) -> None:
+    ft = await uploaded(client, "train.jsonl", JSONL, "fine-tune")
+    r = await client.request(method, path, json={"training_files": [ft["id"]]})
+    assert r.status_code == 410
+    assert "retired" in r.json()["detail"]
+    assert (await anon.request(method, emulator.url + path)).status_code == 401  # key first
+    assert (await client.get(f"/v1/files/{ft['id']}/content")).content == JSONL
 
 
 async def test_huge_page_size_is_fine(client: httpx.AsyncClient) -> None:

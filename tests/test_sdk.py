@@ -7,13 +7,15 @@ only: its async API is asyncio-based and these tests do not run under trio.
 from __future__ import annotations
 
 import hashlib
+import json
+import pathlib
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import RunningEmulator
-from emulator_admin import add_batch_output, advance_clock, clear_requests, requests
+from conftest import RunningEmulator, emulator_process_with
+from emulator_admin import add_batch_output, add_file, advance_clock, clear_requests, requests
 from mistralai.client import Mistral, errors
 
 JSONL = b'{"messages": [{"role": "user", "content": "hello"}]}\n{"messages": []}\n'
@@ -161,3 +163,107 @@ def test_sdk_errors_and_request_log(sdk: Mistral, emulator_process: RunningEmula
         ("POST", "/v1/files", 400),
         ("GET", "/v1/files", 401),
     ]
+
+
+def test_purposes_of_today_and_undeletable_repository_files(
+    sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    safety = sdk.files.upload(
+        file={"file_name": "cases.jsonl", "content": JSONL}, purpose="agentic_safety"
+    )
+    audio = sdk.files.upload(file={"file_name": "talk.mp3", "content": b"ID3\x03\x00"},
+                             purpose="audio")  # fmt: skip
+    assert [f.id for f in sdk.files.list(purpose="agentic_safety").data] == [safety.id]
+    assert [f.id for f in sdk.files.list(purpose="audio").data] == [audio.id]
+    repo = add_file(emulator_process.url, emulator_process.api_key, JSONL, purpose="fine-tune")
+    assert sdk.files.retrieve(file_id=repo["id"]).source == "repository"
+    with pytest.raises(errors.SDKError) as excinfo:
+        sdk.files.delete(file_id=repo["id"])
+    assert excinfo.value.status_code == 403
+    assert [f.id for f in sdk.files.list(source=["repository"]).data] == [repo["id"]]
+
+
+REQUESTS = (
+    b'{"custom_id": "cheese", "body": {"messages": [{"role": "user", '
+    b'"content": "Best cheese?"}]}}\n'
+    b"this line is not JSON\n"
+    b'{"custom_id": "wine", "body": {"max_tokens": 9, "messages": [{"role": "user", '
+    b'"content": "Best wine?"}]}}\n'
+)
+
+
+@pytest.fixture
+def fast_jobs(tmp_path: pathlib.Path) -> Iterator[Mistral]:
+    """The SDK on an emulator whose batch jobs take 0.4 s (the --batch-delay flag)."""
+    with (
+        emulator_process_with(tmp_path, "--batch-delay", "0.4") as emulator,
+        Mistral(api_key=emulator.api_key, server_url=emulator.url) as client,
+    ):
+        yield client
+
+
+def test_a_batch_job_end_to_end(fast_jobs: Mistral) -> None:
+    sdk = fast_jobs
+    source = sdk.files.upload(file={"file_name": "questions.jsonl", "content": REQUESTS},
+                              purpose="batch")  # fmt: skip
+    job = sdk.batch.jobs.create(
+        input_files=[source.id],
+        endpoint="/v1/chat/completions",
+        model="mistral-small-latest",
+        metadata={"name": "tasting"},
+    )
+    assert (job.status, job.total_requests, job.input_files) == ("QUEUED", 3, [source.id])
+    assert job.output_file is None and job.completed_at is None
+    seen = [job.status]
+    deadline = time.monotonic() + 10
+    while job.status not in ("SUCCESS", "FAILED") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = sdk.batch.jobs.get(job_id=job.id)
+        if job.status != seen[-1]:
+            seen.append(job.status)
+    assert seen == ["QUEUED", "RUNNING", "SUCCESS"]
+    assert (job.completed_requests, job.succeeded_requests, job.failed_requests) == (3, 2, 1)
+    assert job.created_at <= job.started_at <= job.completed_at  # type: ignore[operator]
+    assert job.metadata == {"name": "tasting"} and job.model == "mistral-small-latest"
+
+    assert job.output_file is not None and job.error_file is not None
+    output = sdk.files.retrieve(file_id=job.output_file)
+    assert (output.purpose, output.source, output.sample_type) == (
+        "batch",
+        "mistral",
+        "batch_result",
+    )
+    response = sdk.files.download(file_id=job.output_file)
+    try:
+        lines = [json.loads(line) for line in response.read().splitlines()]
+    finally:
+        response.close()
+    assert [line["custom_id"] for line in lines] == ["cheese", "wine"]
+    answer = lines[0]["response"]
+    assert answer["status_code"] == 200
+    assert answer["body"]["choices"][0]["message"]["role"] == "assistant"
+    assert "Best cheese?" in answer["body"]["choices"][0]["message"]["content"]
+    response = sdk.files.download(file_id=job.error_file)
+    try:
+        (error,) = [json.loads(line) for line in response.read().splitlines()]
+    finally:
+        response.close()
+    assert error["response"] is None and "line 2" in error["error"]["message"]
+    listed = {f.id for f in sdk.files.list(source=["mistral"]).data}
+    assert listed == {job.output_file, job.error_file}
+
+    listing = sdk.batch.jobs.list(status=["SUCCESS"], metadata={"name": "tasting"})
+    assert listing.total == 1 and [j.id for j in listing.data or []] == [job.id]
+    assert sdk.batch.jobs.list(metadata={"name": "other"}).total == 0
+    assert sdk.batch.jobs.list(status=["QUEUED", "RUNNING"]).total == 0
+
+    # A job cancelled before it ran ends CANCELLED, with no outputs.
+    other = sdk.batch.jobs.create(input_files=[source.id], endpoint="/v1/chat/completions",
+                                  model="mistral-small-latest")  # fmt: skip
+    cancelled = sdk.batch.jobs.cancel(job_id=other.id)
+    assert cancelled.status == "CANCELLATION_REQUESTED"
+    deadline = time.monotonic() + 10
+    while cancelled.status != "CANCELLED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        cancelled = sdk.batch.jobs.get(job_id=other.id)
+    assert cancelled.status == "CANCELLED" and cancelled.output_file is None

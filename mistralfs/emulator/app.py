@@ -10,6 +10,9 @@ Public routes (all need ``Authorization: Bearer <key>``)::
     DELETE /v1/files/{id}               delete
     GET    /v1/files/{id}/content       download (application/octet-stream)
     GET    /v1/files/{id}/url?expiry=H  signed URL, H in 1..168 hours (default 24)
+    *      /v1/batch/jobs[/...]         batch jobs: list, create, get, delete, cancel
+                                        (see batch_routes.py, batch_jobs.py)
+    *      /v1/fine_tuning/jobs[/...]   410 Gone: the fine-tuning jobs API is retired
 
 Signed URL route (HMAC in the query, see signing.py)::
 
@@ -22,6 +25,8 @@ the storage host.
 Admin routes for tests and tools (same auth; never faulted, never in the request log)::
 
     POST   /v1/_emulator/batch-outputs  multipart file + sample_type (batch_result|batch_error)
+    POST   /v1/_emulator/files          multipart file + purpose, source, sample_type, expiry,
+                                        visibility: any file (e.g. source repository)
     POST   /v1/_emulator/faults         JSON rule or list of rules, or {"random": SPEC|null}
                                         (seeded random faults; see faults.py; answers
                                         that lie, see lies.py)
@@ -55,7 +60,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mistralfs.emulator import errors, signing
+from mistralfs.emulator import batch_routes, errors, signing
+from mistralfs.emulator.batch_jobs import BatchJobs, JobStore
 from mistralfs.emulator.config import EmulatorConfig
 from mistralfs.emulator.faults import (
     Fault,
@@ -66,6 +72,9 @@ from mistralfs.emulator.faults import (
     route_of,
     status_body,
 )
+from mistralfs.emulator.params import bool_param as _bool_param
+from mistralfs.emulator.params import int_param as _int_param
+from mistralfs.emulator.params import uuid_param
 from mistralfs.emulator.requestlog import RequestLog
 from mistralfs.emulator.storage import FileRecord, ListQuery, Storage
 from mistralfs.emulator.transport import reset_connection
@@ -76,7 +85,13 @@ from mistralfs.emulator.upload import (
     receive_upload,
 )
 from mistralfs.emulator.upload_params import parse_upload_params
-from mistralfs.emulator.validation import ContentError, count_jsonl_lines, inspect_upload
+from mistralfs.emulator.validation import (
+    ContentError,
+    count_jsonl_lines,
+    describe_content,
+    inspect_upload,
+    sample_type_for,
+)
 
 log = logging.getLogger("mistralfs.emulator")
 
@@ -85,8 +100,10 @@ STREAM_CHUNK = 256 * 1024
 MAX_EXPIRY_HOURS = 168
 DRAIN_LIMIT = 1024 * 1024 * 1024
 DRAIN_SECONDS = 120.0
-_TRUE = {"true", "1", "yes", "on", "t", "y"}
-_FALSE = {"false", "0", "no", "off", "f", "n"}
+# Files the service keeps for a repository are not the account's to delete. How the
+# service refuses is not documented: a 403 in its usual shape (docs/EMULATOR.md).
+UNDELETABLE_SOURCES = ("repository",)
+UNDELETABLE_MESSAGE = "Files from a repository cannot be deleted"
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -97,21 +114,8 @@ def _state(request: Request) -> tuple[Storage, EmulatorConfig]:
 
 
 def _file_id(request: Request) -> str:
-    """The canonical UUID of the path parameter; 422 in FastAPI's shape otherwise."""
-    raw = request.path_params["file_id"]
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        if len(raw.replace("-", "")) != 32:
-            reason = f"invalid length: expected length 32 for simple format, found {len(raw)}"
-        else:
-            reason = (
-                "invalid character: expected an optional prefix of `urn:uuid:` "
-                "followed by [0-9a-fA-F-]"
-            )
-        raise errors.ValidationFailed(
-            [errors.uuid_parsing(["path", "file_id"], raw, reason)]
-        ) from None
+    """The canonical UUID of the path's file id; 422 in FastAPI's shape otherwise."""
+    return uuid_param(request, "file_id")
 
 
 def _record(storage: Storage, file_id: str) -> FileRecord:
@@ -119,35 +123,6 @@ def _record(storage: Storage, file_id: str) -> FileRecord:
     if record is None:
         raise HTTPException(404, "File not found")
     return record
-
-
-def _int_param(
-    request: Request, name: str, default: int, *, ge: int | None = None, le: int | None = None
-) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    loc = ["query", name]
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise errors.ValidationFailed([errors.int_parsing(loc, raw)]) from None
-    if ge is not None and value < ge:
-        raise errors.ValidationFailed([errors.bound(loc, raw, ge=ge)])
-    if le is not None and value > le:
-        raise errors.ValidationFailed([errors.bound(loc, raw, le=le)])
-    return value
-
-
-def _bool_param(request: Request, name: str, default: bool) -> bool:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise errors.ValidationFailed([errors.bool_parsing(["query", name], raw)])
 
 
 async def _blob_stream(file: Any, start: int, length: int) -> AsyncIterator[bytes]:
@@ -215,6 +190,7 @@ async def list_files(request: Request) -> Response:
         mimetypes=params.getlist("mimetypes"),
         include_total=_bool_param(request, "include_total", True),
     )
+    await request.app.state.batch_jobs.move_all()  # outputs of jobs done by now show
     storage.purge_expired()
     records, total = storage.list(query)
     return JSONResponse({"data": [r.to_api() for r in records], "object": "list", "total": total})
@@ -297,6 +273,8 @@ async def delete_file(request: Request) -> Response:
     """DELETE /v1/files/{id}."""
     storage, _ = _state(request)
     file_id = _file_id(request)
+    if _record(storage, file_id).source in UNDELETABLE_SOURCES:
+        return errors.detail(403, UNDELETABLE_MESSAGE)
     if not storage.delete(file_id):
         raise HTTPException(404, "File not found")
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
@@ -340,6 +318,21 @@ async def signed_url(request: Request) -> Response:
         str(request.base_url), storage.secret, record.id, expires_at, config.storage_url
     )
     return JSONResponse({"url": url})
+
+
+# --- retired APIs --------------------------------------------------------------------------
+
+RETIRED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+async def fine_tuning_jobs_retired(request: Request) -> Response:
+    """/v1/fine_tuning/jobs[/...]: the fine-tuning jobs API is retired (API-NOTES). The
+    files it took (purpose fine-tune) stay in accounts and are served as ever."""
+    return errors.detail(
+        410,
+        "The fine-tuning jobs API has been retired: fine-tuning jobs can no longer be "
+        "created, listed or managed. Existing fine-tune files remain available.",
+    )
 
 
 # --- storage (signed URLs) -----------------------------------------------------------------
@@ -449,6 +442,46 @@ async def add_batch_output(request: Request) -> Response:
             num_lines=num_lines,
             mimetype="application/jsonl",
             signature=None,
+        )
+        return JSONResponse(record.to_api())
+
+
+SOURCES = ("upload", "repository", "mistral")
+
+
+async def add_any_file(request: Request) -> Response:
+    """POST /v1/_emulator/files: a file as the service may hold it, content unchecked.
+
+    Multipart ``file``; optional ``purpose``, ``expiry``, ``visibility`` (as uploads take
+    them), ``source`` (upload | repository | mistral; default repository) and
+    ``sample_type`` (default: what an upload of that purpose gets)."""
+    storage, config = _state(request)
+    async with _streamed_form(request) as form:
+        if isinstance(form, Response):
+            return form
+        params, problems = parse_upload_params(form.fields)
+        if form.file_path is None:
+            problems.insert(0, errors.missing(["body", "file"]))
+        source = form.fields.get("source") or "repository"
+        if source not in SOURCES:
+            problems.append(errors.enum(["body", "source"], source, SOURCES))
+        if problems:
+            return errors.validation_response(problems)
+        assert form.file_path is not None
+        filename = form.filename or "file"
+        info = await trio.to_thread.run_sync(describe_content, form.file_path, filename)
+        record = storage.add_file(
+            form.file_path,
+            move=True,
+            filename=filename,
+            purpose=params.purpose,
+            sample_type=form.fields.get("sample_type") or sample_type_for(params.purpose),
+            source=source,
+            num_lines=info.num_lines,
+            mimetype=info.mimetype,
+            signature=info.md5,
+            expires_at=params.expires_at(storage.clock.now(), config.expiry_unit),
+            visibility=params.visibility,
         )
         return JSONResponse(record.to_api())
 
@@ -839,7 +872,17 @@ def create_app(config: EmulatorConfig, storage: Storage | None = None) -> Starle
         Route("/v1/files/{file_id}/content", download_file, methods=["GET"]),
         Route("/v1/files/{file_id}/url", signed_url, methods=["GET"]),
         Route("/storage/{file_id}", storage_blob, methods=["GET", "HEAD"]),
+        Route("/v1/batch/jobs", batch_routes.list_jobs, methods=["GET"]),
+        Route("/v1/batch/jobs", batch_routes.create_job, methods=["POST"]),
+        Route("/v1/batch/jobs/{job_id}", batch_routes.get_job, methods=["GET"]),
+        Route("/v1/batch/jobs/{job_id}", batch_routes.delete_job, methods=["DELETE"]),
+        Route("/v1/batch/jobs/{job_id}/cancel", batch_routes.cancel_job, methods=["POST"]),
+        Route("/v1/fine_tuning/jobs", fine_tuning_jobs_retired, methods=RETIRED_METHODS),
+        Route(
+            "/v1/fine_tuning/jobs/{rest:path}", fine_tuning_jobs_retired, methods=RETIRED_METHODS
+        ),
         Route(ADMIN_PREFIX + "batch-outputs", add_batch_output, methods=["POST"]),
+        Route(ADMIN_PREFIX + "files", add_any_file, methods=["POST"]),
         Route(ADMIN_PREFIX + "faults", faults_route, methods=["GET", "POST", "DELETE"]),
         Route(ADMIN_PREFIX + "requests", requests_route, methods=["GET", "DELETE"]),
         Route(ADMIN_PREFIX + "clock", clock_route, methods=["GET", "POST"]),
@@ -853,6 +896,9 @@ def create_app(config: EmulatorConfig, storage: Storage | None = None) -> Starle
     )
     app.state.config = config
     app.state.storage = storage
+    app.state.batch_jobs = BatchJobs(
+        JobStore(config.data_dir), storage, storage.clock, config.batch_delay
+    )
     app.state.faults = FaultInjector(parse_plan(config.faults) if config.faults else None)
     app.state.requests = RequestLog()
     app.add_middleware(AuthMiddleware, api_key=config.api_key)

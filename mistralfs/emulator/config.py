@@ -40,6 +40,8 @@ class EmulatorConfig:
     tls_key: pathlib.Path | None = None
     # Seconds in one unit of an upload's `expiry` (undocumented; hours, see upload_params.py).
     expiry_unit: int = EXPIRY_UNIT_SECONDS
+    # Seconds a batch job takes from QUEUED to done (half queued, half running).
+    batch_delay: float = 2.0
 
     def tls_files(self) -> tuple[pathlib.Path, pathlib.Path | None] | None:
         """The certificate and key to serve HTTPS with (made for ``tls``), checked

@@ -48,10 +48,13 @@ async def serve(
     storage = Storage(config.data_dir)
     try:
         app = _create_app(config, storage)
-        hc = _hypercorn_config(config)
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(hypercorn.trio.serve, app, hc)
-            task_status.started(binds[0])
+        try:
+            hc = _hypercorn_config(config)
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(hypercorn.trio.serve, app, hc)
+                task_status.started(binds[0])
+        finally:
+            app.state.batch_jobs.store.close()
     finally:
         storage.close()
 

@@ -226,9 +226,16 @@ class Storage:
         return record
 
     def add_batch_output(
-        self, content: bytes | os.PathLike[str], *, filename: str, sample_type: str = "batch_result"
+        self,
+        content: bytes | os.PathLike[str],
+        *,
+        filename: str,
+        sample_type: str = "batch_result",
+        num_lines: int | None = None,
+        move: bool = False,
     ) -> FileRecord:
-        """Store a batch job output as the service does: source mistral, no signature."""
+        """Store a batch job output as the service does: source mistral, no signature;
+        its lines are counted unless ``num_lines`` says how many (``move`` as add_file)."""
         from mistralfs.emulator.validation import count_jsonl_lines
 
         record = self.add_file(
@@ -237,9 +244,13 @@ class Storage:
             purpose="batch",
             sample_type=sample_type,
             source="mistral",
+            num_lines=num_lines,
             mimetype="application/jsonl",
             signature=None,
+            move=move,
         )
+        if num_lines is not None:
+            return record
         lines = count_jsonl_lines(self.blob_path(record.id))
         with self._lock:
             self._db.execute("UPDATE files SET num_lines = ? WHERE id = ?", (lines, record.id))

@@ -213,6 +213,15 @@ def check_jsonl(path: os.PathLike[str] | str) -> tuple[int, list[dict[str, Any]]
     return count, errors
 
 
+def describe_content(path: os.PathLike[str] | str, filename: str) -> Inspection:
+    """Metadata of content taken as it is (no purpose's rules): for files the service
+    made itself. ``sample_type`` is left empty for the caller to decide."""
+    mimetype = detect_mimetype(path, filename)
+    md5, size = md5_of(path)
+    num_lines = count_jsonl_lines(path) if mimetype == "application/jsonl" else None
+    return Inspection(size=size, md5=md5, mimetype=mimetype, sample_type="", num_lines=num_lines)
+
+
 def inspect_upload(path: os.PathLike[str] | str, filename: str, purpose: str) -> Inspection:
     """Derive metadata and enforce the purpose's rules; raises ContentError on refusal."""
     mimetype = detect_mimetype(path, filename)
