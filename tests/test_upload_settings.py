@@ -256,3 +256,25 @@ def test_an_expired_file_leaves_the_mount_at_the_next_listing(
         advance_clock(emulator_process.url, emulator_process.api_key, 2 * HOUR)
         wait_for(lambda: os.listdir(m / "batch") == ["kept.jsonl"], timeout=5)
         assert [f.filename for f in remote_files(sdk)] == ["kept.jsonl"]
+
+
+@pytest.mark.fuse
+def test_a_setting_given_while_a_large_file_is_written_goes_with_it(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    """A new file of more than 4 MiB starts uploading while it is written: a setting given
+    then stops that upload, and the file is sent whole, with it, at close."""
+    data = tmp_path / "big.bin"
+    data.write_bytes(os.urandom(6 * 1024 * 1024))
+    with mount(emulator_process, tmp_path) as m:
+        path = m / "batch" / "big.bin"
+        script = f'exec 3>"{path}"; cat "{data}" >&3; '
+        script += f'setfattr -n user.mistral.visibility -v user "{path}"; exec 3>&-'
+        subprocess.run(["bash", "-c", script], check=True, timeout=60)
+        [remote] = remote_files(sdk)
+        assert (remote.filename, remote.visibility, remote.size_bytes) == (
+            "big.bin",
+            "user",
+            6 * 1024 * 1024,
+        )
+        assert sdk.files.download(file_id=remote.id).read() == data.read_bytes()
