@@ -17,12 +17,20 @@ import json
 import pathlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from mistralfs.api import NotFound, ProtocolError, Rejected, RemoteFile, SignedUrl, UrlExpired
+from mistralfs.api import (
+    BatchJob,
+    NotFound,
+    ProtocolError,
+    Rejected,
+    RemoteFile,
+    SignedUrl,
+    UrlExpired,
+)
 from mistralfs.api.calls import RequestStats
 from mistralfs.api.protocol import GrowingSend
 from mistralfs.api.storage import cut
@@ -59,6 +67,7 @@ class FakeFilesApi:
         default_factory=lambda: {"fine-tune": fine_tune_refusal}
     )
     files: dict[str, StoredFile] = field(default_factory=dict)
+    jobs: dict[str, BatchJob] = field(default_factory=dict)  # batch jobs, oldest first
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
     failures: dict[str, list[Exception]] = field(default_factory=dict)
     stats: RequestStats = field(default_factory=RequestStats)
@@ -100,6 +109,23 @@ class FakeFilesApi:
         )
         self.files[remote.id] = StoredFile(remote, content)
         return remote
+
+    def add_job(self, job: BatchJob | None = None, **fields: object) -> BatchJob:
+        """A batch job (given, or made of `fields` over a finished one), or its new state."""
+        if job is None:
+            values: dict[str, object] = {
+                "id": str(uuid.uuid4()),
+                "status": "SUCCESS",
+                "endpoint": "/v1/chat/completions",
+                "model": "m",
+                "input_files": (),
+                "output_file": None,
+                "error_file": None,
+                "created_at": next(self._clock),
+            }
+            job = BatchJob(**(values | fields))  # type: ignore[arg-type]
+        self.jobs[job.id] = job
+        return job
 
     def held(self) -> dict[tuple[str, str], list[bytes]]:
         """(purpose, filename) -> the contents stored under it."""
@@ -248,3 +274,18 @@ class FakeFilesApi:
 
     async def connect_ahead(self, url: str) -> None:
         self._count("connect_ahead")
+
+    async def list_batch_jobs(
+        self, *, statuses: Sequence[str] = (), page_size: int = 100
+    ) -> list[BatchJob]:
+        self._count("list_batch_jobs")
+        jobs = [job for job in self.jobs.values() if not statuses or job.status in statuses]
+        return jobs[::-1]
+
+    async def get_batch_job(self, job_id: str) -> BatchJob:
+        self._count("get_batch_job")
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound("Batch job not found", status=404, method="GET",
+                           url=f"/v1/batch/jobs/{job_id}")  # fmt: skip
+        return job

@@ -1446,3 +1446,91 @@ async def test_uploads_go_through_the_proxy_named_for_the_api_host(
     async with FilesClient(emulator.url, emulator.api_key, retry=quick) as c:
         stored = await c.upload(path, filename="p.bin", purpose="batch")
         assert [f.id for f in await c.list_all()] == [stored.id]
+
+
+# ------------------------------------------------------------------ batch jobs
+
+
+async def test_batch_jobs_are_listed_page_by_page_and_read_one_by_one(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    source = await client.upload(write(tmp_path, "in.jsonl", JSONL), filename="in.jsonl",
+                                 purpose="batch")  # fmt: skip
+    made = []
+    for i in range(5):
+        r = await admin.http.post(
+            "/v1/batch/jobs",
+            json={"input_files": [source.id], "endpoint": "/v1/chat/completions",
+                  "model": "m", "metadata": {"name": f"job-{i}"}},
+        )  # fmt: skip
+        made.append(r.json()["id"])
+    await admin.clear_requests()
+    jobs = await client.list_batch_jobs(page_size=2)
+    assert [j.id for j in jobs] == made[::-1]  # newest first, each once
+    pages = [parse_qs(r["query"])["page"] for r in await admin.requests()]
+    assert pages == [["0"], ["1"], ["2"]]
+    first = jobs[-1]
+    assert (first.name, first.input_files, first.endpoint) == (
+        "job-0",
+        (source.id,),
+        "/v1/chat/completions",
+    )
+    assert first.total_requests == 2 and first.created_at > 0
+
+    await admin.http.post("/v1/_emulator/clock", json={"advance": 3})  # past the default delay
+    done = await client.get_batch_job(first.id)
+    assert done.done and done.status == "SUCCESS"
+    assert (done.succeeded_requests, done.failed_requests) == (2, 0)
+    assert done.output_file is not None and done.error_file is None
+    assert done.started_at is not None and done.completed_at is not None
+    output = await client.retrieve(done.output_file)
+    assert (output.source, output.sample_type) == ("mistral", "batch_result")
+    assert {j.id for j in await client.list_batch_jobs(statuses=["SUCCESS"])} == set(made)
+    assert await client.list_batch_jobs(statuses=["QUEUED", "RUNNING"]) == []
+    with pytest.raises(NotFound):
+        await client.get_batch_job("0b7c9b61-3f6c-4b0e-9d6a-2f7a4d1c8e11")
+
+
+def test_batch_job_from_json_is_tolerant() -> None:
+    from mistralfs.api import BatchJob
+
+    job = BatchJob.from_json(
+        {"id": "j", "status": "SOMETHING_NEW", "input_files": ["a", 3], "total_requests": "x",
+         "errors": [{"message": "m", "count": 2}, {"message": "m"}, "odd"], "metadata": None,
+         "outputs": [], "object": "batch"}
+    )  # fmt: skip
+    assert (job.status, job.done, job.input_files, job.total_requests) == (
+        "SOMETHING_NEW",
+        False,
+        ("a",),
+        0,
+    )
+    assert (job.errors, job.name, job.created_at, dict(job.extra)) == (
+        ("m",),
+        None,
+        0,
+        {"outputs": []},
+    )
+    for bad in [{"status": "QUEUED"}, {"id": "j"}, {"id": 5, "status": "QUEUED"}, []]:
+        with pytest.raises(ProtocolError):
+            BatchJob.from_json(bad)
+
+
+@pytest.mark.logs_expected
+async def test_a_bad_batch_job_record_is_skipped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = {"id": "j1", "status": "RUNNING", "object": "batch"}
+    listing = {"data": [{"id": None, "status": "QUEUED"}, good], "object": "list", "total": 2}
+
+    async def jobs(scope: Any, receive: Any, send: Any) -> None:
+        body = json.dumps(listing).encode()
+        await answer(send, 200, [(b"content-type", b"application/json")], body)
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, jobs)
+        async with FilesClient(url, "k", retry=FAST) as other:
+            listed = await other.list_batch_jobs()
+        nursery.cancel_scope.cancel()
+    assert [j.id for j in listed] == ["j1"]
+    assert "batch job record skipped" in caplog.text

@@ -16,7 +16,7 @@ from mistralfs.api.errors import (
     UploadMismatch,
     UrlExpired,
 )
-from mistralfs.api.models import FilePage, RemoteFile, SignedUrl
+from mistralfs.api.models import BatchJob, FilePage, RemoteFile, SignedUrl
 from mistralfs.api.retry import RetryPolicy
 from mistralfs.api.upload_body import GrowingFile, StreamAbandoned
 from mistralfs.api.uploads import GrowingUpload
@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_SERVER_URL",
     "ApiError",
     "AuthError",
+    "BatchJob",
     "CertificateRejected",
     "FilePage",
     "FilesClient",

@@ -6,6 +6,7 @@
 - listing.py: listing the account;
 - uploads.py: whole and growing uploads, and finding what a lost upload stored;
 - storage.py: reading byte ranges of signed URLs;
+- batch_jobs.py: listing batch jobs and reading one (read only);
 and the small endpoints below (one file's metadata, its content, its signed URL,
 deleting it). protocol.py says what of it the filesystem uses.
 
@@ -29,6 +30,7 @@ import httpx
 import trio
 
 from mistralfs import __version__
+from mistralfs.api.batch_jobs import BatchJobs
 from mistralfs.api.calls import (
     MAX_ERROR_BODY,
     MAX_JSON_BODY,
@@ -85,6 +87,7 @@ class FilesClient:
         stored_search = StoredFileSearch(self._listing.list_page, calls.url("/v1/files"), recent)
         self._uploads = Uploads(calls, recent, self._seen, stored_search, max_upload_bytes)
         self._storage = StorageReads(calls)
+        self._batch_jobs = BatchJobs(calls)
         # The parts' endpoints, as they are (their modules say what each does).
         self.list_files = self._listing.list_files
         self.list_all = self._listing.list_all
@@ -94,6 +97,8 @@ class FilesClient:
         self.read_range = self._storage.read_range
         self.read_range_pieces = self._storage.read_range_pieces
         self.connect_ahead = self._storage.connect_ahead
+        self.list_batch_jobs = self._batch_jobs.list_batch_jobs
+        self.get_batch_job = self._batch_jobs.get_batch_job
 
     @property
     def server_url(self) -> str:

@@ -30,6 +30,24 @@ MAX_LISTED_FILES = 500_000
 MAX_ODD_RECORDS = 10_000  # bad listing records remembered, so that each is warned about once
 
 
+def check_bounds(
+    calls: ApiCalls, url: str, what: str, count: int, pages: int, limit: int, deadline: float
+) -> None:
+    """Stop a listing that goes on: ProtocolError past `limit` items (`what`), Unavailable
+    (timed out) past `deadline`, the end of the retry policy's total budget."""
+    if count >= limit:
+        raise ProtocolError(f"the listing goes on past {limit} {what}", method="GET", url=url)
+    if trio.current_time() >= deadline:
+        late = Unavailable(
+            f"the listing did not end within {calls.retry.total_budget:g}s "
+            f"({count} {what} in {pages} pages)",
+            method="GET",
+            url=url,
+        )
+        late.timed_out = True
+        raise late
+
+
 class Listing:
     """Pages and whole listings; every file listed is noted in ``recent`` and ``seen``
     (what upload answers and lost uploads are checked against)."""
@@ -183,19 +201,8 @@ class Listing:
         seen = {f.id for files in pages.values() for f in files}
         tail = 1 if total is not None else math.inf  # pages past those ``total`` makes
         while not complete and len(pages[last_page]) == page_size and tail > 0:
-            if len(seen) >= MAX_LISTED_FILES:
-                raise ProtocolError(
-                    f"the listing goes on past {MAX_LISTED_FILES} files", method="GET", url=url
-                )
-            if trio.current_time() >= deadline:
-                late = Unavailable(
-                    f"the listing did not end within {self._calls.retry.total_budget:g}s "
-                    f"({len(seen)} files in {last_page + 1} pages)",
-                    method="GET",
-                    url=url,
-                )
-                late.timed_out = True
-                raise late
+            check_bounds(self._calls, url, "files", len(seen), last_page + 1, MAX_LISTED_FILES,
+                         deadline)  # fmt: skip
             last_page += 1
             tail -= 1
             result = await self.list_files(

@@ -153,3 +153,87 @@ class SignedUrl:
 def _redact(url: str) -> str:
     base, sep, _query = url.partition("?")
     return base + ("?..." if sep else "")
+
+
+# A batch job's statuses that do not change any more (the others may).
+FINAL_JOB_STATUSES = frozenset({"SUCCESS", "FAILED", "TIMEOUT_EXCEEDED", "CANCELLED"})
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(v for v in value if isinstance(v, str))
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch job as the service describes it (``/v1/batch/jobs``): what it read, what
+    it wrote, how far it got. Tolerant like `RemoteFile`: statuses are plain strings,
+    odd counts are 0, unknown fields go to ``extra``."""
+
+    id: str
+    status: str
+    endpoint: str | None
+    model: str | None
+    input_files: tuple[str, ...]
+    output_file: str | None
+    error_file: str | None
+    created_at: int
+    started_at: int | None = None
+    completed_at: int | None = None
+    total_requests: int = 0
+    completed_requests: int = 0
+    succeeded_requests: int = 0
+    failed_requests: int = 0
+    agent_id: str | None = None
+    metadata: Mapping[str, object] = field(default_factory=dict, compare=False)
+    errors: tuple[str, ...] = ()  # the service's error messages, each once
+    extra: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def done(self) -> bool:
+        """Whether its status is final (its files, if any, are all written)."""
+        return self.status in FINAL_JOB_STATUSES
+
+    @property
+    def name(self) -> str | None:
+        """The ``name`` its metadata gives, if any (how users tell their jobs apart)."""
+        name = self.metadata.get("name")
+        return name if isinstance(name, str) and name else None
+
+    @classmethod
+    def from_json(cls, data: object) -> BatchJob:
+        """Build from a decoded JSON object; ProtocolError if it has no id or status."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"expected a batch job object, got {type(data).__name__}")
+        job_id, status = data.get("id"), data.get("status")
+        if not isinstance(job_id, str) or not job_id:
+            raise ProtocolError("batch job object has a non-string or empty 'id'")
+        if not isinstance(status, str) or not status:
+            raise ProtocolError(f"batch job {job_id}: 'status' is not a string")
+        metadata = data.get("metadata")
+        errors = data.get("errors")
+        messages: list[object] = []
+        if isinstance(errors, list):
+            messages = [e.get("message") for e in errors if isinstance(e, dict)]
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"object"}
+        return cls(
+            id=job_id,
+            status=status,
+            endpoint=_opt_str(data.get("endpoint")),
+            model=_opt_str(data.get("model")),
+            input_files=_str_list(data.get("input_files")),
+            output_file=_opt_str(data.get("output_file")),
+            error_file=_opt_str(data.get("error_file")),
+            created_at=_opt_int(data.get("created_at")) or 0,
+            started_at=_opt_int(data.get("started_at")),
+            completed_at=_opt_int(data.get("completed_at")),
+            total_requests=_opt_int(data.get("total_requests")) or 0,
+            completed_requests=_opt_int(data.get("completed_requests")) or 0,
+            succeeded_requests=_opt_int(data.get("succeeded_requests")) or 0,
+            failed_requests=_opt_int(data.get("failed_requests")) or 0,
+            agent_id=_opt_str(data.get("agent_id")),
+            metadata=MappingProxyType(dict(metadata) if isinstance(metadata, dict) else {}),
+            errors=tuple(dict.fromkeys(m for m in messages if isinstance(m, str))),
+            extra=MappingProxyType({k: v for k, v in data.items() if k not in known}),
+        )

@@ -8,11 +8,11 @@ small and explicit. Errors are the exceptions of errors.py, whichever side raise
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from mistralfs.api.calls import RequestStats
-from mistralfs.api.models import RemoteFile, SignedUrl
+from mistralfs.api.models import BatchJob, RemoteFile, SignedUrl
 from mistralfs.api.upload_body import GrowingFile
 
 
@@ -105,4 +105,14 @@ class FilesApi(Protocol):
 
     async def connect_ahead(self, url: str) -> None:
         """Open a connection for reading `url` now, if that means anything."""
+        ...
+
+    async def list_batch_jobs(
+        self, *, statuses: Sequence[str] = (), page_size: int = 100
+    ) -> list[BatchJob]:
+        """Every batch job (of these statuses), newest first."""
+        ...
+
+    async def get_batch_job(self, job_id: str) -> BatchJob:
+        """One batch job as it is now (NotFound if there is none)."""
         ...
