@@ -18,7 +18,9 @@ from typing import TypeVar
 from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.files_api import FILE_FIELDS, SHOWN_BY_STAT
-from mistralfs.fs.errors import NO_CUSTOM_METADATA, FsError, errno_for, refused
+from mistralfs.fs.errors import NO_CUSTOM_METADATA, READ_ONLY_VIEW, FsError, errno_for, refused
+from mistralfs.fs.jobs import JOB_NODES, JobNode, JobsView
+from mistralfs.fs.names import JOBS_FOLDER
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
 from mistralfs.fs.reader import BlockReader, ReadState
@@ -70,11 +72,15 @@ class Filesystem:
         self.read_only = read_only
         self._handles: dict[int, Handle] = {}
         self._fh_counter = itertools.count(1)
+        self.jobs = JobsView(client, namespace)  # jobs/, read-only (see jobs.py)
+        self._snapshots: dict[int, bytes] = {}  # open job.json files: what they read
 
     # -- names ------------------------------------------------------------------
 
-    def node(self, inode: int) -> Node:
-        node = self.namespace.node(inode)
+    def node(self, inode: int) -> Node | JobNode:
+        node: Node | JobNode | None = self.namespace.node(inode)
+        if node is None:
+            node = self.jobs.node(inode)
         if node is None:
             raise FsError(errno.ENOENT)
         return node
@@ -85,9 +91,13 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         return node
 
-    async def lookup(self, parent_inode: int, name: str) -> Node:
+    async def lookup(self, parent_inode: int, name: str) -> Node | JobNode:
         parent = self.node(parent_inode)
+        if isinstance(parent, JOB_NODES):
+            return await self.jobs.lookup(parent, name)
         found: Node | None
+        if isinstance(parent, Root) and name == JOBS_FOLDER:
+            return self.jobs.root
         if isinstance(parent, Root):
             found = await self._listed(self.namespace.find_folder(name))
         elif isinstance(parent, Folder):
@@ -114,11 +124,14 @@ class Filesystem:
         parent.absences_told = True
         return self.namespace.fresh_for(parent)
 
-    async def list_dir(self, inode: int) -> Sequence[tuple[str, Node]]:
+    async def list_dir(self, inode: int) -> Sequence[tuple[str, Node | JobNode]]:
         """A folder's entries at this moment; readdir pages through this snapshot."""
         node = self.node(inode)
+        if isinstance(node, JOB_NODES):
+            return await self.jobs.entries(node)
         if isinstance(node, Root):
-            return [(f.name, f) for f in await self._listed(self.namespace.folders())]
+            folders = await self._listed(self.namespace.folders())
+            return [*((f.name, f) for f in folders), (JOBS_FOLDER, self.jobs.root)]
         if isinstance(node, Folder):
             await self._listed(self.namespace.ensure_folder_fresh(node))
             entries = sorted(node.entries.items())
@@ -152,6 +165,8 @@ class Filesystem:
     async def open(self, inode: int, flags: int) -> tuple[int, bool]:
         """A handle on the file, and whether the kernel may keep its cached pages."""
         write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if isinstance(job_node := self.node(inode), JOB_NODES):
+            return await self._open_in_jobs(job_node, write, flags)
         node = self._file(inode)
         if write:
             self._refuse_if_read_only()
@@ -165,6 +180,17 @@ class Filesystem:
             raise self._fetch_error(node, exc) from exc
         keep_pages = spool is None and self._writer.kernel_may_keep_pages(node)
         return self._new_handle(Handle(node=node, spool=spool, writes=write)), keep_pages
+
+    async def _open_in_jobs(self, node: JobNode, write: bool, flags: int) -> tuple[int, bool]:
+        """job.json reads what the listing showed; a job's file, its file in batch/."""
+        if write:
+            raise FsError(READ_ONLY_VIEW, "jobs/ is read-only")
+        opened = self.jobs.opened(node)
+        if isinstance(opened, FileNode):
+            return await self.open(opened.inode, flags)
+        fh = next(self._fh_counter)
+        self._snapshots[fh] = opened
+        return fh, False
 
     async def _check_still_there(self, node: FileNode) -> None:
         """Opening a file deleted elsewhere fails with ENOENT, not later with EIO.
@@ -180,6 +206,7 @@ class Filesystem:
             raise self._fetch_error(node, exc) from exc
 
     def create(self, parent_inode: int, name: str) -> tuple[int, FileNode]:
+        self.jobs.refuse(self.node(parent_inode))
         self._refuse_if_read_only()
         parent = self.node(parent_inode)
         if not isinstance(parent, Folder):
@@ -190,6 +217,8 @@ class Filesystem:
         return self._new_handle(Handle(node=spool.node, spool=spool, writes=True)), spool.node
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        if (snapshot := self._snapshots.get(fh)) is not None:
+            return snapshot[offset : offset + size]
         handle = self._handle(fh)
         if handle.spool is not None:
             return self._writer.read(handle.spool, offset, size)
@@ -219,6 +248,8 @@ class Filesystem:
 
     async def setattr(self, inode: int, size: int | None, fh: int | None) -> None:
         """Only the size can change; mode, owner and times are accepted with no effect."""
+        if size is not None:
+            self.jobs.refuse(self.node(inode))
         node = self._file(inode) if size is not None else self.node(inode)
         spool = self._handle(fh).spool if fh is not None else None
         if size is None:
@@ -236,11 +267,14 @@ class Filesystem:
             raise self._fetch_error(node, exc) from exc
 
     async def flush(self, fh: int) -> None:
+        if fh in self._snapshots:
+            return
         handle = self._handle(fh)
         if handle.spool is not None and handle.writes:
             await self._writer.flush(handle.spool)
 
     async def release(self, fh: int) -> None:
+        self._snapshots.pop(fh, None)
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.spool is not None:
             await self._writer.release(handle.spool)
@@ -253,6 +287,7 @@ class Filesystem:
     async def rename(
         self, old_parent: int, old_name: str, new_parent: int, new_name: str, *, replace: bool
     ) -> None:
+        self.jobs.refuse(self.node(old_parent), self.node(new_parent))
         self._refuse_if_read_only()
         node = await self.lookup(old_parent, old_name)
         if not isinstance(node, FileNode):
@@ -271,6 +306,7 @@ class Filesystem:
             raise self._fetch_error(node, exc) from exc
 
     async def unlink(self, parent_inode: int, name: str) -> None:
+        self.jobs.refuse(self.node(parent_inode))
         self._refuse_if_read_only()
         node = await self.lookup(parent_inode, name)
         if not isinstance(node, FileNode):
@@ -304,6 +340,7 @@ class Filesystem:
 
     def xattr_names(self, inode: int) -> list[str]:
         node = self.node(inode)
+        node = self.jobs.target(node) or node  # a job's file: its file in batch/
         if not isinstance(node, FileNode):
             return []
         settings = [n for n in SETTABLE_XATTRS if self._setting(node, n) is not None]
@@ -320,6 +357,7 @@ class Filesystem:
 
     async def xattr(self, inode: int, name: str) -> bytes:
         node = self.node(inode)
+        node = self.jobs.target(node) or node  # a job's file: its file in batch/
         if not name.startswith(USER_NAMESPACE):
             # No security labels, ACLs or trusted attributes here. ENOTSUP (not ENODATA)
             # lets `ls -l` stop asking for them after the first file of the mount.
@@ -356,6 +394,7 @@ class Filesystem:
         is (see `Writer.settings_changed`); the same value again changes nothing.
         """
         node = self.node(inode)
+        self.jobs.refuse(node)
         if self.read_only or not isinstance(node, FileNode) or name not in SETTABLE_XATTRS:
             raise refused(self.read_only, NO_CUSTOM_METADATA)
         before = self._writer.upload_settings(node)

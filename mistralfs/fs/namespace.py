@@ -426,6 +426,10 @@ class Namespace:
             self._nodes[folder.inode] = folder
         return folder
 
+    def new_inode(self) -> int:
+        """An inode for a node kept outside the namespace (jobs/: see jobs.py)."""
+        return self._new_inode()
+
     def _new_inode(self) -> int:
         inode = self._next_inode
         self._next_inode += 1
