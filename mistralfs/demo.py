@@ -29,6 +29,7 @@ from mistralfs.daemon.state import process_alive
 DEMO_KEY = "emulator-key"
 EMULATOR_START_TIMEOUT = 20.0
 DEMO_DIR_CACHE_TIME = 1.0
+DEMO_BATCH_DELAY = 6.0  # seconds the demo's batch job takes: long enough to see it run
 
 SAMPLE_FINE_TUNE = "".join(
     json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
@@ -85,6 +86,7 @@ def _spawn_emulator(state: Path, port: int) -> str | None:
     log = open(state / "emulator.log", "ab")  # noqa: SIM115 - handed to the child
     command = [sys.executable, "-m", "mistralfs", "emulator", "--port", str(port)]
     command += ["--data", str(state / "emulator"), "--api-key", DEMO_KEY]
+    command += ["--batch-delay", str(DEMO_BATCH_DELAY)]
     child = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
         start_new_session=True, cwd="/",
@@ -103,12 +105,16 @@ def _spawn_emulator(state: Path, port: int) -> str | None:
     return url
 
 
-def _seed(url: str) -> None:
-    """Put example files in an empty demo account, and run one batch job over them."""
-    headers = {"Authorization": f"Bearer {DEMO_KEY}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+def _demo_api(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {DEMO_KEY}"}, timeout=30)
+
+
+def _seed(url: str) -> str | None:
+    """Put example files in an empty demo account; the id of the requests for its batch
+    job (None if the account held files already)."""
+    with _demo_api(url) as http:
         if http.get("/v1/files", params={"page_size": 1}).json().get("total"):
-            return
+            return None
         uploads = [
             ("fine-tune", "capitals.jsonl", SAMPLE_FINE_TUNE),
             ("batch", "requests.jsonl", SAMPLE_BATCH),
@@ -120,8 +126,15 @@ def _seed(url: str) -> None:
             )
             answer.raise_for_status()
             ids.append(answer.json()["id"])
-        # The job's output and error files appear in batch/ and jobs/ once it is done.
-        http.post("/v1/batch/jobs", json={**DEMO_JOB, "input_files": ids[1:]}).raise_for_status()
+        return ids[1]
+
+
+def _start_job(url: str, requests_id: str) -> None:
+    """The demo's batch job, started once the mount is up so that jobs/ shows it run:
+    its output appears in batch/ and in its folder in jobs/ once it is done."""
+    with _demo_api(url) as http:
+        job = {**DEMO_JOB, "input_files": [requests_id]}
+        http.post("/v1/batch/jobs", json=job).raise_for_status()
 
 
 def demo_command(mountpoint: Path, state: Path, stop: bool) -> int:
@@ -143,11 +156,13 @@ def demo_command(mountpoint: Path, state: Path, stop: bool) -> int:
     args = ["mount", str(mountpoint), "--cache-dir", str(state / "cache")]
     env = dict(os.environ)
     server = ""
+    requests_id: str | None = None
+    url = ""
     if env.get("MISTRAL_API_KEY"):
         target = env.get("MISTRAL_SERVER_URL", "the Mistral API")
     else:
         url = _emulator_url(state) or _start_emulator(state)
-        _seed(url)
+        requests_id = _seed(url)
         # Listings of a local emulator cost nothing: trusted briefly, so that jobs/ shows
         # the demo job moving on within a second or two.
         args += ["--server-url", url, "--dir-cache-time", str(DEMO_DIR_CACHE_TIME)]
@@ -162,13 +177,15 @@ From Python (the official SDK):
     result = subprocess.run([sys.executable, "-m", "mistralfs", *args], env=env, check=False)
     if result.returncode != 0:
         return result.returncode
+    if requests_id is not None:
+        _start_job(url, requests_id)
     print(
         f"""
 mistralfs is mounted at {mountpoint}, showing {target}.{server}
 Try:
   ls -l {mountpoint}/*
   ls -l {mountpoint}/jobs/*/    # a batch job: job.json, its input, then its output
-  cat {mountpoint}/jobs/*/output.jsonl    # once the job is done (a few seconds)
+  cat {mountpoint}/jobs/*/output.jsonl    # once the job is done ({DEMO_BATCH_DELAY:g} s)
   cp some-training-data.jsonl {mountpoint}/fine-tune/     # uploads it
   getfattr -d {mountpoint}/fine-tune/capitals.jsonl      # the remote metadata
   rm {mountpoint}/batch/requests.jsonl                   # deletes it remotely
