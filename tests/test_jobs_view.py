@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import pyfuse3
 import pytest
+import trio
+import trio.testing
 from conftest import RunningEmulator
 from fake_api import FakeFilesApi
 from fs_driver import ROOT, FsDriver, fast_filesystem
@@ -141,6 +143,25 @@ async def test_a_jobs_outputs_appear_once_the_service_has_them(tmp_path: Path) -
         assert await read_all(fs.ops, inode) == RESULTS
         status = await read_all(fs.ops, await walk(fs.ops, "jobs", job.id, "job.json"))
         assert json.loads(status)["status"] == "SUCCESS"
+
+
+async def test_a_jobs_output_is_looked_for_in_batch_while_its_listing_is_trusted(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    api = FakeFilesApi()
+    requests = api.add("requests.jsonl", "batch", REQUESTS)
+    job = start_job(api, [requests.id])
+    async with stack(tmp_path, api, dir_cache_time=60) as fs:
+        assert await listing(fs.ops, "jobs") == [job.id]  # the job as of t=0
+        mock_clock.jump(30)
+        assert await fs.names("batch") == ["requests.jsonl"]  # trusted until t=90
+        output, _ = finish_job(api, job, RESULTS, None)
+        mock_clock.jump(31)
+        # The job, fetched again, names a file that batch/'s listing cannot hold: that
+        # listing is fetched again now rather than at t=90.
+        inode = await walk(fs.ops, "jobs", job.id, "output.jsonl")
+        assert await read_all(fs.ops, inode) == RESULTS
+        assert output.filename in await fs.names("batch")
 
 
 async def test_jobs_are_trusted_for_the_folder_cache_time(tmp_path: Path) -> None:
