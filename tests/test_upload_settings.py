@@ -23,7 +23,7 @@ from fs_driver import ROOT, FsDriver, fast_filesystem
 from mistralai.client import Mistral
 from mounting import mount, mount_command, remote_files, wait_for
 
-from mistralfs.api import RemoteFile
+from mistralfs.api import Rejected, RemoteFile
 from mistralfs.fs.upload_settings import UploadSettings
 
 BLOCK = 64 * 1024
@@ -278,3 +278,17 @@ def test_a_setting_given_while_a_large_file_is_written_goes_with_it(
             6 * 1024 * 1024,
         )
         assert sdk.files.download(file_id=remote.id).read() == data.read_bytes()
+
+
+@pytest.mark.logs_expected
+async def test_a_re_upload_that_fails_leaves_the_file_as_the_account_has_it(
+    tmp_path: Path,
+) -> None:
+    async with stack(tmp_path) as (fs, api):
+        await fs.write_file("batch", "a.jsonl", b"{}\n")
+        inode = await fs.inode("batch", "a.jsonl")
+        api.fail_next("upload", Rejected("Invalid file", status=400, method="POST", url="/"))
+        await expect_errno(errno.EINVAL, fs.ops.setxattr(inode, VISIBILITY, b"user", None))
+        assert stored(api).visibility == "workspace"
+        assert await fs.ops.getxattr(inode, VISIBILITY, None) == b"workspace"
+        assert await fs.read_file("batch", "a.jsonl") == b"{}\n"

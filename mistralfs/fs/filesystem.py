@@ -391,21 +391,27 @@ class Filesystem:
         """Set (or with None, remove) a file's upload setting; other names are refused.
 
         A change of what the file's next upload would send is uploaded as any change
-        is (see `Writer.settings_changed`); the same value again changes nothing.
+        is (see `Writer.settings_changed`); the same value again changes nothing. If
+        that upload fails, the file keeps the settings it had, as the account does.
         """
         node = self.node(inode)
         self.jobs.refuse(node)
         if self.read_only or not isinstance(node, FileNode) or name not in SETTABLE_XATTRS:
             raise refused(self.read_only, NO_CUSTOM_METADATA)
-        before = self._writer.upload_settings(node)
-        node.upload_settings = with_xattr(node.upload_settings, name, value)
-        if self._writer.upload_settings(node) != before:
-            log.info("%s/%s: %s set to %s", node.folder.name, node.name, name,
-                     value.decode("utf-8") if value is not None else "the default")  # fmt: skip
-            try:
-                await self._writer.settings_changed(node)
-            except ApiError as exc:
-                raise self._fetch_error(node, exc) from exc
+        before, had = self._writer.upload_settings(node), node.upload_settings
+        node.upload_settings = with_xattr(had, name, value)
+        if self._writer.upload_settings(node) == before:
+            return
+        log.info("%s/%s: %s set to %s", node.folder.name, node.name, name,
+                 value.decode("utf-8") if value is not None else "the default")  # fmt: skip
+        try:
+            await self._writer.settings_changed(node)
+        except ApiError as exc:
+            node.upload_settings = had
+            raise self._fetch_error(node, exc) from exc
+        except FsError:
+            node.upload_settings = had
+            raise
 
     # -- helpers -------------------------------------------------------------------
 
