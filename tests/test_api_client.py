@@ -1534,3 +1534,49 @@ async def test_a_bad_batch_job_record_is_skipped_with_a_warning(
         nursery.cancel_scope.cancel()
     assert [j.id for j in listed] == ["j1"]
     assert "batch job record skipped" in caplog.text
+
+
+@pytest.mark.logs_expected
+async def test_batch_job_reads_survive_seeded_faults(client: FilesClient, admin: Admin) -> None:
+    body = {"requests": [{"body": {}}], "endpoint": "/v1/embeddings", "model": "m"}
+    made = [(await admin.http.post("/v1/batch/jobs", json=body)).json()["id"] for _ in range(3)]
+    r = await admin.http.post(
+        "/v1/_emulator/faults",
+        json={"random": "seed=5;route=jobs;rate=0.3;kinds=503,reset,badjson"},
+    )
+    assert r.status_code == 200, r.text
+    await admin.clear_requests()
+    for _ in range(3):
+        assert [j.id for j in await client.list_batch_jobs(page_size=2)] == made[::-1]
+        assert (await client.get_batch_job(made[0])).id == made[0]
+    faulted = [r for r in await admin.requests() if r["fault"]]
+    assert faulted and all(r["path"].startswith("/v1/batch/jobs") for r in faulted)
+
+
+async def test_the_fake_account_answers_jobs_and_expiry_as_the_client_does(
+    client: FilesClient, admin: Admin, tmp_path: pathlib.Path
+) -> None:
+    """tests/fake_api.py stands in for FilesClient in the fast tier: the same answers."""
+    from fake_api import FakeFilesApi
+
+    fake = FakeFilesApi()
+    src = write(tmp_path, "in.jsonl", JSONL)
+    for api in (client, fake):
+        kept = await api.upload(src, filename="kept.jsonl", purpose="batch")
+        short = await api.upload(src, filename="s.jsonl", purpose="batch", expiry=1,
+                                 visibility="user")  # fmt: skip
+        assert (kept.expires_at, kept.visibility) == (None, "workspace")
+        assert short.visibility == "user" and short.expires_at is not None
+        assert short.expires_at - time.time() == pytest.approx(3600, abs=5)
+        assert {f.id for f in await api.list_all(purpose="batch")} == {kept.id, short.id}
+        with pytest.raises(NotFound):
+            await api.get_batch_job("0b7c9b61-3f6c-4b0e-9d6a-2f7a4d1c8e11")
+        assert await api.list_batch_jobs() == []
+    first, second = fake.add_job(metadata={"name": "a"}), fake.add_job(status="RUNNING")
+    assert [j.id for j in await fake.list_batch_jobs()] == [second.id, first.id]
+    assert [j.id for j in await fake.list_batch_jobs(statuses=["RUNNING"])] == [second.id]
+    assert (await fake.get_batch_job(first.id)).name == "a"
+    gone = fake.add("old.jsonl", "batch", b"x", expires_at=int(time.time()) - 1)
+    assert gone.id not in {f.id for f in await fake.list_all()}
+    with pytest.raises(NotFound):
+        await fake.content(gone.id, 1)

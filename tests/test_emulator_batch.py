@@ -93,9 +93,14 @@ async def test_a_job_moves_on_the_clock_and_writes_its_files(slow: httpx.AsyncCl
     await advance(slow, 20)
     running = await get(slow, job["id"])
     assert running["status"] == "RUNNING" and running["started_at"] >= job["created_at"] + 1790
+    assert running["completed_requests"] == 0
+    await advance(slow, HOUR / 4 - 10)  # half way through: the first two requests, answered
+    halfway = await get(slow, job["id"])
+    assert (halfway["completed_requests"], halfway["succeeded_requests"]) == (2, 2)
+    assert (halfway["failed_requests"], halfway["status"]) == (0, "RUNNING")
     # Nothing is written before the job is done.
     assert (await slow.get("/v1/files", params={"source": "mistral"})).json()["data"] == []
-    await advance(slow, HOUR / 2)
+    await advance(slow, HOUR / 4)
     done = await get(slow, job["id"])
     assert done["status"] == "SUCCESS"
     assert (done["completed_requests"], done["succeeded_requests"], done["failed_requests"]) == (

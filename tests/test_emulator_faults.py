@@ -357,7 +357,7 @@ def test_compact_and_json_forms_agree(tmp_path: pathlib.Path) -> None:
     )
     star = parse_plan("rate=0.2;kinds=cut")  # no route= : a rule for every route, seed 0
     assert star.seed == 0 and set(star.rules[0].routes) == {
-        "list", "upload", "retrieve", "delete", "content", "url", "storage"
+        "list", "upload", "retrieve", "delete", "content", "url", "storage", "jobs"
     }  # fmt: skip
 
 
@@ -372,6 +372,10 @@ def test_compact_and_json_forms_agree(tmp_path: pathlib.Path) -> None:
         ("GET", "/v1/files/abc/url", "url"),
         ("HEAD", "/storage/abc", "storage"),
         ("GET", "/storage/abc", "storage"),
+        ("GET", "/v1/batch/jobs", "jobs"),
+        ("GET", "/v1/batch/jobs/abc", "jobs"),
+        ("POST", "/v1/batch/jobs", None),
+        ("POST", "/v1/batch/jobs/abc/cancel", None),
         ("PUT", "/v1/files", None),
         ("GET", "/v1/_emulator/faults", None),
         ("GET", "/v1/files/abc/other", None),

@@ -90,6 +90,9 @@ class Job:
     succeeded_requests: int = 0
     failed_requests: int = 0
     requests: list[dict[str, Any]] | None = None  # inline requests, when given instead of files
+    # While RUNNING: "1" or "0" per request, whether the model answers it, so that the
+    # counts grow as the job goes (requests are taken in order, at an even pace).
+    outcomes: str = ""
 
     def become(self, status: JobStatus, at: float) -> None:
         if status not in TRANSITIONS[self.status]:
@@ -327,13 +330,40 @@ class BatchJobs:
         moved = False
         while (step := self._next(job)) is not None and step[1] <= now:
             status, at = step
-            if status is JobStatus.SUCCESS:
+            if status is JobStatus.RUNNING:
+                job.outcomes = await trio.to_thread.run_sync(self._outcomes, job)
+            elif status is JobStatus.SUCCESS:
                 await trio.to_thread.run_sync(self._run, job)
                 status = JobStatus.FAILED if job.errors and not job.completed_requests else status
+            if status is not JobStatus.RUNNING:
+                job.outcomes = ""
             job.become(status, at)
             moved = True
+        if job.status is JobStatus.RUNNING:
+            moved = self._progress(job, now) or moved
         if moved:
             self.store.put(job)
+
+    def _progress(self, job: Job, now: float) -> bool:
+        """The counts of a running job at `now`; whether they changed."""
+        step = self.delay / 2
+        share = min(1.0, (now - job.changed_time) / step) if step > 0 else 1.0
+        done = int(len(job.outcomes) * share)
+        succeeded = job.outcomes[:done].count("1")
+        counts = (done, succeeded, done - succeeded)
+        before = (job.completed_requests, job.succeeded_requests, job.failed_requests)
+        job.completed_requests, job.succeeded_requests, job.failed_requests = counts
+        return counts != before
+
+    def _outcomes(self, job: Job) -> str:
+        """Whether the model answers each request of the job, in order (blocking)."""
+        lines = self._lines_if_any(job)
+        answered = (
+            answer_line(raw, job_id=job.id, number=n, endpoint=job.endpoint, model=job.model,
+                        created=job.created_at).ok
+            for n, raw in enumerate(lines, 1)
+        )  # fmt: skip
+        return "".join("1" if ok else "0" for ok in answered)
 
     def _request_lines(self, job: Job) -> list[bytes] | None:
         """Every request line of the job (blank lines skipped); None if an input is gone,
@@ -350,9 +380,12 @@ class BatchJobs:
                 lines += [line for line in f if line.strip()]
         return lines
 
+    def _lines_if_any(self, job: Job) -> list[bytes]:
+        """The job's request lines, none if an input is gone (noting nothing in the job)."""
+        return self._request_lines(Job(**{**asdict(job), "errors": []})) or []
+
     def _count_requests(self, job: Job) -> int:
-        lines = self._request_lines(Job(**{**asdict(job), "errors": []}))
-        return 0 if lines is None else len(lines)
+        return len(self._lines_if_any(job))
 
     def _run(self, job: Job) -> None:
         """The fake model over every request line: the output and error files (blocking)."""

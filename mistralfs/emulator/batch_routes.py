@@ -68,6 +68,11 @@ def _problem(kind: str, loc: list[Any], msg: str, value: Any) -> dict[str, Any]:
     return {"type": kind, "loc": loc, "msg": msg, "input": value}
 
 
+def _invalid(kind: str, loc: list[Any], msg: str, value: Any) -> errors.ValidationFailed:
+    """One FastAPI 422 entry, to raise."""
+    return errors.ValidationFailed([_problem(kind, loc, msg, value)])
+
+
 def _metadata_filter(request: Request) -> dict[str, str]:
     params = request.query_params
     wanted = {k: v for k, v in params.items() if k not in LIST_PARAMS}
@@ -78,15 +83,11 @@ def _metadata_filter(request: Request) -> dict[str, str]:
         except ValueError:
             given = None
         if not isinstance(given, dict):
-            raise errors.ValidationFailed(
-                [
-                    _problem(
-                        "dict_type",
-                        ["query", "metadata"],
-                        "Input should be a valid dictionary",
-                        raw,
-                    )
-                ]
+            raise _invalid(
+                "dict_type",
+                ["query", "metadata"],
+                "Input should be a valid dictionary",
+                raw,
             )
         wanted |= {str(k): str(v) for k, v in given.items()}
     return wanted
@@ -103,15 +104,11 @@ def _created_after(request: Request) -> float | None:
     try:
         return datetime.fromisoformat(raw).timestamp()
     except ValueError:
-        raise errors.ValidationFailed(
-            [
-                _problem(
-                    "datetime_from_date_parsing",
-                    ["query", "created_after"],
-                    "Input should be a valid datetime",
-                    raw,
-                )
-            ]
+        raise _invalid(
+            "datetime_from_date_parsing",
+            ["query", "created_after"],
+            "Input should be a valid datetime",
+            raw,
         ) from None
 
 
@@ -146,12 +143,8 @@ async def list_jobs(request: Request) -> Response:
 def _new_job(body: Any) -> NewJob:
     """The create request's body, checked as FastAPI would (ValidationFailed otherwise)."""
     if not isinstance(body, dict):
-        raise errors.ValidationFailed(
-            [
-                _problem(
-                    "model_attributes_type", ["body"], "Input should be a valid dictionary", body
-                )
-            ]
+        raise _invalid(
+            "model_attributes_type", ["body"], "Input should be a valid dictionary", body
         )
     problems: list[dict[str, Any]] = []
     endpoint = body.get("endpoint")

@@ -35,7 +35,8 @@ Compact SPEC: ``;``-separated ``key=value`` items::
 - ``route=R[,R...]`` starts a rule. Routes: ``list`` (GET /v1/files),
   ``upload`` (POST /v1/files), ``retrieve`` (GET /v1/files/{id}), ``delete``,
   ``content`` (GET .../content), ``url`` (GET .../url), ``storage`` (GET/HEAD
-  of a signed URL), or ``*`` for all of them. A request uses the first rule
+  of a signed URL), ``jobs`` (GET /v1/batch/jobs and GET /v1/batch/jobs/{id}),
+  or ``*`` for all of them. A request uses the first rule
   that names its route, so put specific rules before ``*``.
 - ``rate=P``: probability in [0, 1] that a request on the rule's routes is
   faulted.
@@ -98,8 +99,8 @@ RATE_LIMIT_BODY = {
     "code": "1300",
 }
 
-ROUTES = ("list", "upload", "retrieve", "delete", "content", "url", "storage")
-JSON_ROUTES = frozenset({"list", "upload", "retrieve", "delete", "url"})
+ROUTES = ("list", "upload", "retrieve", "delete", "content", "url", "storage", "jobs")
+JSON_ROUTES = frozenset({"list", "upload", "retrieve", "delete", "url", "jobs"})
 KIND_NAMES = ("STATUS", "429[:S]", "reset", "cut", "stall:S", "badjson", "lost")
 HISTORY_MAX = 1000
 MAX_STALL = 3600.0
@@ -114,6 +115,8 @@ _ROUTE_PATTERNS = [
     ("GET", re.compile(rf"/v1/files/{_ID}/url"), "url"),
     ("GET", re.compile(rf"/storage/{_ID}"), "storage"),
     ("HEAD", re.compile(rf"/storage/{_ID}"), "storage"),
+    ("GET", re.compile(r"/v1/batch/jobs"), "jobs"),
+    ("GET", re.compile(rf"/v1/batch/jobs/{_ID}"), "jobs"),
 ]
 
 
