@@ -19,6 +19,7 @@ from mistralfs.config import (
     DEFAULT_STOP_TIMEOUT,
     ConfigError,
     options_to_args,
+    parse_address,
     parse_local_names,
     parse_size,
 )
@@ -66,6 +67,13 @@ def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 _visibility = _argument(parse_visibility)
 _expiry = _argument(parse_expiry)
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="uploads expire after this many hours, or 'none' (default: the service's, never); "
         "a file's own xattr user.mistral.expiry wins",
     )
+    mount.add_argument(
+        "--metrics-address",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (OpenMetrics) at http://HOST:PORT/metrics; HOST "
+        "defaults to 127.0.0.1 (e.g. :9464); off by default; see docs/METRICS.md",
+    )
     mount.add_argument("--read-only", action="store_true", help="refuse every change")
     mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     mount.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
@@ -187,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ca_file=F, cache_size=SIZE, max_throughput=RATE, dir_cache_time=S, cache_dir=DIR, "
         "disk_cache=DIR, disk_cache_size=SIZE, local_names=PATTERNS, log_file=F, log_level=L, "
         "visibility=V, expiry=HOURS, "
+        "metrics_address=HOST:PORT, "
         "read_only (or ro), "
         "allow_other; fstab's _netdev, nofail, noauto, x-* are ignored",
     )
@@ -202,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("mountpoint", type=Path, nargs="?", help="default: every mount of yours")
     status.add_argument("--json", action="store_true", help="print one JSON snapshot")
     status.add_argument("--watch", action="store_true", help="refresh every second until ^C")
+
+    _add_recovery_parser(sub)
 
     unmount = sub.add_parser(
         "unmount",
@@ -292,6 +310,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_recovery_parser(sub: argparse._SubParsersAction) -> None:
+    recovery = sub.add_parser(
+        "recovery",
+        help="list, retry, save or discard what failed uploads left in the cache folder",
+        description="Content whose upload was refused or failed is kept in CACHE_DIR/recovery/ "
+        "with the reason. List it, upload it again (into another purpose with --purpose), "
+        "save it elsewhere, or discard it. Works with or without a running mount.",
+    )
+    actions = recovery.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--cache-dir", type=Path, help="the mount's cache folder (default as for mount)"
+    )
+    listing = actions.add_parser("list", parents=[common], help="each entry with its reason")
+    listing.add_argument("--json", action="store_true", help="print the entries as JSON")
+    again = actions.add_parser("retry", parents=[common], help="upload an entry again")
+    again.add_argument("id", help="the entry's id, or a unique start of it")
+    again.add_argument("--purpose", help="upload into this purpose instead (e.g. batch)")
+    again.add_argument("--name", help="upload under this file name instead")
+    again.add_argument(
+        "--server-url", help="default: the running mount's of this cache folder, else as mount"
+    )
+    again.add_argument("--api-key-file", type=Path, help="read the API key from this file")
+    again.add_argument("--ca-file", type=Path, metavar="FILE", help="as for mount")
+    keep = actions.add_parser("save", parents=[common], help="move an entry's content to DEST")
+    keep.add_argument("id", help="the entry's id, or a unique start of it")
+    keep.add_argument("dest", type=Path, help="a file to create, or a folder to put it in")
+    drop = actions.add_parser("discard", parents=[common], help="delete an entry")
+    drop.add_argument("id", help="the entry's id, or a unique start of it")
+
+
 def _fault_plan(text: str) -> object:
     from mistralfs.emulator.faults import FaultSpecError, parse_plan
 
@@ -333,7 +382,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = ("mount", "unmount", "status", "demo", "emulator")
+COMMANDS = ("mount", "unmount", "status", "demo", "emulator", "recovery")
 
 
 def _from_mount_helper(argv: list[str]) -> list[str]:
@@ -364,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             from mistralfs.daemon.status import status_command
 
             return status_command(args.mountpoint, as_json=args.json, watch=args.watch)
+        if args.command == "recovery":
+            from mistralfs.daemon.recovery_cmd import recovery_command
+
+            return recovery_command(args.action, args)
         if args.command == "demo":
             from mistralfs.demo import demo_command
 

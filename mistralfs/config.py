@@ -30,6 +30,7 @@ DEFAULT_STOP_TIMEOUT = 600.0
 DEFAULT_DISK_CACHE_SIZE = 10 * 1024**3
 MAX_FILE_SIZE = 512 * 1024**2
 SYSTEMD_CREDENTIAL = "mistral-api-key"
+METRICS_HOST = "127.0.0.1"  # --metrics-address without a host: this machine only
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -55,6 +56,35 @@ def parse_local_names(text: str) -> tuple[str, ...]:
             raise ConfigError(f"empty pattern in --local-names {text!r}: separate globs with one /")
         patterns += DEFAULT_LOCAL_NAMES if pattern == "default" else [pattern]
     return tuple(patterns)
+
+
+def format_local_names(patterns: tuple[str, ...]) -> str:
+    """The `--local-names` value that `parse_local_names` reads back as `patterns`."""
+    return "/".join(patterns)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`--metrics-address`: `HOST:PORT`, `[IPv6]:PORT`, or `:PORT` / `PORT` for 127.0.0.1.
+
+    Port 0 lets the system choose one (`status --json` shows which).
+    """
+    host, colon, port = text.strip().rpartition(":")
+    if not colon:
+        host, port = "", text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or int(port) > 65535 or (":" in host and not text.startswith("[")):
+        raise ConfigError(
+            f"invalid metrics address {text!r}: use HOST:PORT, [IPv6]:PORT or :PORT, "
+            "e.g. 127.0.0.1:9464"
+        )
+    return host or METRICS_HOST, int(port)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """(host, port) as `parse_address` reads it back, and as URLs write it."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def default_cache_dir() -> Path:
@@ -120,6 +150,7 @@ class MountConfig:
     local_names: tuple[str, ...] = DEFAULT_LOCAL_NAMES  # scratch files, never uploaded
     # --visibility, --expiry
     upload_defaults: UploadSettings = field(default_factory=UploadSettings)
+    metrics_address: tuple[str, int] | None = None  # (host, port) of /metrics; None: off
 
     @property
     def pid_file(self) -> Path:
@@ -138,6 +169,11 @@ class MountConfig:
     @property
     def recovery_dir(self) -> Path:
         return self.cache_dir / "recovery"
+
+    @property
+    def times_file(self) -> Path:
+        """The times programs set, by file id (fs/mtimes.py); per mountpoint, as the spool."""
+        return self.cache_dir / "times" / f"{self.spool_dir.name}.sqlite3"
 
 
 # `-o` spellings of the mount options, for mount(8), fstab and mount.fuse3.
@@ -158,6 +194,7 @@ _VALUE_OPTIONS = {
     "local_names": "--local-names",
     "visibility": "--visibility",
     "expiry": "--expiry",
+    "metrics_address": "--metrics-address",
 }
 _FLAG_OPTIONS = {
     "read_only": "--read-only",

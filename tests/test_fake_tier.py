@@ -63,7 +63,7 @@ async def test_a_rename_across_folders_stores_it_under_the_new_purpose(fake: Fak
 async def test_refused_content_fails_the_close_and_is_kept(fake: FakeStack) -> None:
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await fake.write_file("fine-tune", "bad.jsonl", b"not json\n")
-    assert raised.value.errno == errno.EINVAL
+    assert raised.value.errno == errno.EBADMSG
     assert fake.api.held() == {}
     kept = list((fake.cache_dir / "recovery").glob("*.spool"))
     assert [path.read_bytes() for path in kept] == [b"not json\n"]

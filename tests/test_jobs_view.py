@@ -200,7 +200,8 @@ async def test_nothing_in_jobs_can_be_changed(tmp_path: Path) -> None:
             )
             attrs = pyfuse3.EntryAttributes()
             attrs.st_size = 0
-            truncate = SimpleNamespace(update_size=True)  # pyfuse3's SetattrFields is read-only
+            # pyfuse3's SetattrFields is read-only
+            truncate = SimpleNamespace(update_size=True, update_atime=False, update_mtime=False)
             await expect_errno(errno.EROFS, ops.setattr(inode, attrs, truncate, None, None))
         await expect_errno(
             errno.EROFS, ops.rename(batch, b"requests.jsonl", folder, b"input.jsonl", 0, None)

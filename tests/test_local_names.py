@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
+from conftest import RunningEmulator
 from fake_api import FakeFilesApi
 from fs_driver import FsDriver
+from mistralai.client import Mistral
+from mounting import mount
 from test_fake_tier import FakeStack, fake  # noqa: F401 - the fast tier's fixture
 
 from mistralfs.config import ConfigError, options_to_args, parse_local_names
@@ -227,7 +230,7 @@ async def test_a_scratch_file_refused_under_its_real_name_fails_the_rename(
     await create_written(fake, "fine-tune", "sedAAAAAA", b"not json\n")
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await rename(fake, "fine-tune", "sedAAAAAA", "train.jsonl")
-    assert raised.value.errno == errno.EINVAL
+    assert raised.value.errno == errno.EBADMSG
     assert await fake.names("fine-tune") == ["sedAAAAAA"]  # nothing changed
     assert fake.api.held() == {}
 
@@ -246,3 +249,23 @@ async def test_after_a_crash_scratch_files_are_dropped_not_uploaded(
     assert api.calls["upload"] == 0
     assert list((tmp_path / "spool").iterdir()) == []
     assert not (tmp_path / "recovery").exists()
+
+
+# -- the option on a real mount --------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_the_option_reaches_a_background_daemon(
+    emulator_process: RunningEmulator, sdk: Mistral, tmp_path: Path
+) -> None:
+    """`mistralfs mount` starts its daemon in the background by default: the list given
+    on its command line is the one that daemon uses (the default list no longer holds
+    `.swp` once `--local-names '*.tmp'` replaces it)."""
+    with mount(emulator_process, tmp_path, "--local-names", "*.tmp") as mounted:
+        (mounted / "batch" / "draft.tmp").write_bytes(b"scratch\n")
+        (mounted / "batch" / ".notes.swp").write_bytes(b"not scratch now\n")
+        names = {entry.name for entry in (mounted / "batch").iterdir()}
+        assert {"draft.tmp", ".notes.swp"} <= names
+        stored = {f.filename for f in sdk.files.list(page_size=100).data}
+    assert ".notes.swp" in stored
+    assert "draft.tmp" not in stored

@@ -575,14 +575,20 @@ async def test_refused_content_fails_flush_and_is_kept(stack: Stack) -> None:
     folder = await stack.folder("fine-tune")
     info, _ = await stack.ops.create(folder, b"bad.jsonl", 0o644, os.O_WRONLY, None)
     await stack.ops.write(info.fh, 0, b"not json\n")
-    await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    await expect_errno(errno.EBADMSG, stack.ops.flush(info.fh))
     assert await posts(stack) == 1
     await stack.ops.release(info.fh)
-    await expect_missing(stack.ops, folder, b"bad.jsonl")
     kept = list((stack.cache_dir / "recovery").glob("*.spool"))
     assert [p.read_bytes() for p in kept] == [b"not json\n"]
     assert await stack.client.list_all() == []
     # The release keeps the refused bytes; it does not send them a second time.
+    assert await posts(stack) == 1
+    # The name stays while its content is kept: it reads what was written, and says why.
+    inode = (await stack.ops.lookup(folder, b"bad.jsonl")).st_ino
+    assert await stack.read_file(inode) == b"not json\n"
+    assert b"user.mistral.error" in await stack.ops.listxattr(inode, None)
+    why = await stack.ops.getxattr(inode, b"user.mistral.error", None)
+    assert why.startswith(b"400 Invalid file format") and b"line 1" in why
     assert await posts(stack) == 1
 
 
@@ -593,7 +599,7 @@ async def test_content_changed_after_a_refused_close_is_uploaded_at_release(
     folder = await stack.folder("fine-tune")
     info, _ = await stack.ops.create(folder, b"fixed.jsonl", 0o644, os.O_RDWR, None)
     await stack.ops.write(info.fh, 0, b"not json\n")
-    await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    await expect_errno(errno.EBADMSG, stack.ops.flush(info.fh))
     # Another descriptor of the same open file goes on and mends the content.
     await stack.ops.write(info.fh, 0, b'{"a": 1}\n')
     await stack.ops.release(info.fh)
@@ -767,10 +773,10 @@ async def test_a_readers_close_neither_uploads_nor_hears_a_writers_changes(
     inode = (await stack.ops.lookup(folder, b"draft.jsonl")).st_ino
     reader = await stack.ops.open(inode, os.O_RDONLY, None)
     assert await stack.ops.read(reader.fh, 0, 100) == b"not json yet\n"  # the local copy
-    await stack.ops.flush(reader.fh)  # no EINVAL: the refusal is the writer's to hear
+    await stack.ops.flush(reader.fh)  # no EBADMSG: the refusal is the writer's to hear
     await stack.ops.release(reader.fh)
     assert await posts(stack) == 0
-    await expect_errno(errno.EINVAL, stack.ops.flush(writer.fh))
+    await expect_errno(errno.EBADMSG, stack.ops.flush(writer.fh))
     await stack.ops.release(writer.fh)
     assert await posts(stack) == 1
 
@@ -978,7 +984,7 @@ async def test_failed_overwrite_keeps_the_old_file(stack: Stack) -> None:
     before = await remote_state(stack)
     info = await stack.ops.open(inode, os.O_WRONLY | os.O_TRUNC, None)
     await stack.ops.write(info.fh, 0, b"broken\n")
-    await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    await expect_errno(errno.EBADMSG, stack.ops.flush(info.fh))
     await stack.ops.release(info.fh)
     assert await remote_state(stack) == before
     assert (await stack.ops.getattr(inode)).st_size == len(b'{"ok": 1}\n')
@@ -1011,7 +1017,8 @@ async def test_truncate_without_an_open_file_uploads_at_once(stack: Stack) -> No
     inode = await stack.write_file("batch", "t.txt", b"0123456789")
     attr = pyfuse3.EntryAttributes()
     attr.st_size = 4
-    fields = SimpleNamespace(update_size=True)  # pyfuse3's SetattrFields is read-only
+    # pyfuse3's SetattrFields is read-only
+    fields = SimpleNamespace(update_size=True, update_atime=False, update_mtime=False)
     assert (await stack.ops.setattr(inode, attr, fields, None, None)).st_size == 4
     assert await stack.read_file(inode) == b"0123"
     [file_id] = (await remote_state(stack)).values()
@@ -1050,7 +1057,7 @@ async def test_rename_refused_by_the_target_purpose_changes_nothing(stack: Stack
     before = await remote_state(stack)
     batch, fine_tune = await stack.folder("batch"), await stack.folder("fine-tune")
     await expect_errno(
-        errno.EINVAL, stack.ops.rename(batch, b"notes.txt", fine_tune, b"notes.jsonl", 0, None)
+        errno.EBADMSG, stack.ops.rename(batch, b"notes.txt", fine_tune, b"notes.jsonl", 0, None)
     )
     assert await remote_state(stack) == before
     assert await stack.names("batch") == ["notes.txt"]
@@ -1217,7 +1224,13 @@ async def test_touch_uploads_the_new_empty_file_at_close(stack: Stack) -> None:
     info, attrs = await stack.ops.create(
         await stack.folder("batch"), b"touched", 0o644, os.O_WRONLY, None
     )
-    await stack.ops.setattr(attrs.st_ino, attrs, SimpleNamespace(update_size=False), info.fh, None)
+    await stack.ops.setattr(
+        attrs.st_ino,
+        attrs,
+        SimpleNamespace(update_size=False, update_atime=False, update_mtime=False),
+        info.fh,
+        None,
+    )
     await stack.ops.flush(info.fh)
     assert [(f.filename, f.bytes) for f in await stack.client.list_all()] == [("touched", 0)]
     await stack.clear_requests()
@@ -1411,7 +1424,8 @@ async def test_a_truncate_while_written_stops_the_upload_and_the_file_goes_whole
     assert await posts(stack) == 1  # under way
     size = pyfuse3.EntryAttributes()
     size.st_size = MiB
-    fields = SimpleNamespace(update_size=True)  # pyfuse3's SetattrFields is read-only
+    # pyfuse3's SetattrFields is read-only
+    fields = SimpleNamespace(update_size=True, update_atime=False, update_mtime=False)
     assert (await stack.ops.setattr(attrs.st_ino, size, fields, info.fh, None)).st_size == MiB
     await stack.ops.flush(info.fh)
     await stack.ops.release(info.fh)
@@ -1454,7 +1468,7 @@ async def test_content_refused_as_it_was_written_is_refused_whole_too(stack: Sta
     folder = await stack.folder("fine-tune")
     info, _ = await stack.ops.create(folder, b"bad.jsonl", 0o644, os.O_WRONLY, None)
     await write_in_order(stack, info.fh, b"not json\n" * (GROWING // 9))
-    await expect_errno(errno.EINVAL, stack.ops.flush(info.fh))
+    await expect_errno(errno.EBADMSG, stack.ops.flush(info.fh))
     assert await posts(stack) == 2  # as it was written, then whole
     assert stack.client.sends_growing_uploads  # refused whole too: the content, not the form
     await stack.ops.release(info.fh)

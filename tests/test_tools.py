@@ -370,7 +370,7 @@ def test_an_rsync_copy_makes_one_upload_per_file(
     files["b.jsonl"] = JSONL * 4
     (source / "b.jsonl").write_bytes(files["b.jsonl"])
     emulator_admin.clear_requests(emulator_process.url, emulator_process.api_key)
-    # The mount keeps no mtimes (they are the upload's time): by size, only b.jsonl differs.
+    # By size, only b.jsonl differs (by mtime too: test_mtimes_tools.py).
     run(mounted, "rsync", "-a", "--size-only", f"{source}/", f"{mounted / 'batch'}/")
     assert requests_made(emulator_process, "POST") == 1
     assert requests_made(emulator_process, "DELETE") == 1

@@ -24,6 +24,7 @@ from mistralai.client import Mistral
 from mounting import mount, mount_command, remote_files, wait_for
 
 from mistralfs.api import Rejected, RemoteFile
+from mistralfs.fs.errors import errno_for
 from mistralfs.fs.upload_settings import UploadSettings
 
 BLOCK = 64 * 1024
@@ -287,8 +288,9 @@ async def test_a_re_upload_that_fails_leaves_the_file_as_the_account_has_it(
     async with stack(tmp_path) as (fs, api):
         await fs.write_file("batch", "a.jsonl", b"{}\n")
         inode = await fs.inode("batch", "a.jsonl")
-        api.fail_next("upload", Rejected("Invalid file", status=400, method="POST", url="/"))
-        await expect_errno(errno.EINVAL, fs.ops.setxattr(inode, VISIBILITY, b"user", None))
+        refusal = Rejected("Invalid file", status=400, method="POST", url="/")
+        api.fail_next("upload", refusal)
+        await expect_errno(errno_for(refusal), fs.ops.setxattr(inode, VISIBILITY, b"user", None))
         assert stored(api).visibility == "workspace"
         assert await fs.ops.getxattr(inode, VISIBILITY, None) == b"workspace"
         assert await fs.read_file("batch", "a.jsonl") == b"{}\n"

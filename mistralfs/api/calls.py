@@ -135,6 +135,10 @@ def route(url: str) -> str:
     return _ID_SEGMENT.sub("/{id}", urllib.parse.urlsplit(url).path)  # httpx.URL: 10x slower
 
 
+def _unobserved(kind: str, seconds: float) -> None:
+    """No one measures how long calls take: the metrics endpoint is off."""
+
+
 @dataclass
 @dataclass
 class RequestStats:
@@ -142,6 +146,12 @@ class RequestStats:
 
     requests: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Answers by route and HTTP status (`GET /v1/files/{id}/url 404`), and attempts after
+    # the first by route: for `status --json` and the metrics endpoint.
+    answers: collections.Counter[str] = field(default_factory=collections.Counter)
+    retries: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Told (kind, seconds) as each call ends, its retries included: the metrics' histogram.
+    observe: Callable[[str, float], None] = _unobserved
 
 
 class ApiCalls:
@@ -267,6 +277,8 @@ class ApiCalls:
                 if found is not None:
                     return found
             self.stats.requests[kind] += 1
+            if n > 1:
+                self.stats.retries[kind] += 1
             resource: Any = None
             try:
                 request = self._http.build_request(
@@ -291,6 +303,7 @@ class ApiCalls:
                 )
                 try:
                     status = response.status_code
+                    self.stats.answers[f"{kind} {status}"] += 1
                     if status >= 300 and status not in pass_statuses:
                         err_body = await read_bounded(response, MAX_ERROR_BODY)
                         err = self.error(response, err_body, method, log_url, storage=storage)
@@ -305,6 +318,7 @@ class ApiCalls:
                 if resource is not None:
                     await resource.aclose()
 
+        started = trio.current_time()
         try:
             return await run_with_retries(
                 policy or self.retry, attempt, method=method, url=log_url, deadline=deadline
@@ -312,6 +326,8 @@ class ApiCalls:
         except ApiError as exc:
             self.stats.errors[type(exc).__name__] += 1
             raise
+        finally:
+            self.stats.observe(kind, trio.current_time() - started)
 
     def attempt_timeout(self, deadline: float) -> httpx.Timeout:
         """This attempt's timeouts: the configured ones, never more than the budget left.

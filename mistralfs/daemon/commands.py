@@ -30,6 +30,8 @@ from mistralfs.config import (
     ConfigError,
     MountConfig,
     default_cache_dir,
+    format_address,
+    format_local_names,
     read_api_key,
 )
 from mistralfs.daemon.state import mount_state_file, read_pid, wait_for_exit
@@ -73,6 +75,7 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
         disk_cache=disk_cache,
         disk_cache_size=args.disk_cache_size or DEFAULT_DISK_CACHE_SIZE,
         ca_file=_ca_file(args.ca_file),
+        metrics_address=args.metrics_address,
     )
     if args.local_names is not None:
         config.local_names = args.local_names
@@ -257,6 +260,9 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
     if config.disk_cache is not None:
         command += ["--disk-cache", str(config.disk_cache)]
         command += ["--disk-cache-size", str(config.disk_cache_size)]
+    if config.metrics_address is not None:
+        command += ["--metrics-address", format_address(config.metrics_address)]
+    command += ["--local-names", format_local_names(config.local_names)]
     env = {name: value for name, value in os.environ.items() if name != "MISTRAL_API_KEY"}
     stderr = open_private_append(log_file)
     try:

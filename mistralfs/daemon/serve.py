@@ -23,6 +23,8 @@ from mistralfs.config import MountConfig
 from mistralfs.daemon import systemd
 from mistralfs.daemon.collector import collector_stats, settle_startup_heap
 from mistralfs.daemon.control import serve_status
+from mistralfs.daemon.notify import DesktopNotifier
+from mistralfs.daemon.status import kept_failures
 from mistralfs.fs.activity import Activity
 from mistralfs.fs.build import FsOptions, build_filesystem
 from mistralfs.fs.disk_cache import (
@@ -137,16 +139,19 @@ async def _serve_mounted(
         max_throughput=config.max_throughput,
         local_names=config.local_names,
         upload_defaults=config.upload_defaults,
+        times_file=config.times_file,
     )
-    parts = build_filesystem(client, nursery, options, disk=disk)
+    notifier = DesktopNotifier()  # refused uploads reach the desktop, where there is one
+    nursery.start_soon(notifier.run)
+    parts = build_filesystem(client, nursery, options, disk=disk, on_refused=notifier.refused)
     fs, namespace, reader, writer = parts.fs, parts.namespace, parts.reader, parts.writer
     activity = parts.activity
     namespace.on_name_removed = namespace.on_name_added = _forget_in_kernel
     namespace.on_attrs_changed = _forget_attrs_in_kernel
-    namespace.on_deleted_elsewhere = disk.forget
-    namespace.on_account_listed = disk.keep_only
     nursery.start_soon(disk.run)
     nursery.start_soon(client.warm_up)
+
+    metrics_url: list[str] = []  # once the endpoint serves
 
     def snapshot() -> dict[str, object]:
         return {
@@ -157,12 +162,22 @@ async def _serve_mounted(
             **activity.snapshot(),
             "pending": writer.pending(),
             "recovered": len(list(config.recovery_dir.glob("*.spool"))),
+            "failed": kept_failures(config.recovery_dir),  # until retried or discarded
+            "cache_dir": str(config.cache_dir),
+            "ca_file": str(config.ca_file) if config.ca_file else None,
             "cache": reader.stats(),
             "disk_cache": disk.stats(),
             "requests": dict(client.stats.requests),
             "errors": dict(client.stats.errors),
+            "answers": dict(client.stats.answers),
+            "retries": dict(client.stats.retries),
+            "metrics": metrics_url[0] if metrics_url else None,
             "gc": collector_stats(),
         }
+
+    if config.metrics_address is not None:  # before mounting: a port in use refuses the mount
+        address = config.metrics_address
+        metrics_url.append(await _start_metrics(address, client, snapshot, activity, nursery))
 
     leftovers = leftover_spools(config.spool_dir)  # before this mount makes its own
     try:
@@ -191,6 +206,28 @@ async def _serve_mounted(
                 await disk.flush()
         nursery.cancel_scope.cancel()
     log.info("unmounted %s", config.mountpoint)
+
+
+async def _start_metrics(
+    address: tuple[str, int],
+    client: FilesClient,
+    snapshot: Callable[[], dict[str, object]],
+    activity: Activity,
+    nursery: trio.Nursery,
+) -> str:
+    """Serve the metrics at `address` in `nursery`; their URL.
+
+    Imported here: most mounts serve none, and need not load prometheus_client.
+    """
+    from mistralfs.daemon.metrics import MetricsError, MountMetrics, bind, serve_metrics
+
+    try:
+        sock = bind(address)
+    except MetricsError as exc:
+        raise MountError(str(exc)) from exc
+    metrics = MountMetrics(snapshot, activity, client.stats)
+    url: str = await nursery.start(serve_metrics, sock, metrics)
+    return url
 
 
 async def open_disk_cache(config: MountConfig) -> DiskCache | NoDiskCache:

@@ -11,6 +11,7 @@ from pathlib import Path
 from mistralfs.daemon.control import read_status
 from mistralfs.daemon.state import mount_state_file, process_alive, runtime_dir
 from mistralfs.fs.activity import mib
+from mistralfs.fs.kept import kept_entries
 
 BAR_WIDTH = 24
 
@@ -34,6 +35,19 @@ def snapshot_of(mountpoint: Path) -> dict[str, object]:
         return read_status(mount_state_file(mountpoint.resolve(), "sock"))
     except (OSError, ValueError) as exc:
         raise StatusError(f"{mountpoint}: no running mistralfs answers ({exc})") from exc
+
+
+def kept_failures(recovery_dir: Path) -> list[dict[str, object]]:
+    """Uploads that failed and whose content the recovery folder still keeps.
+
+    They are counted until `mistralfs recovery` (or the mount: an upload, an `rm` of the
+    name) retries or discards them, not for as long as the daemon runs.
+    """
+    return [
+        {"purpose": e.purpose, "name": e.filename, "error": e.error, "at": e.kept_at, "id": e.id}
+        for e in kept_entries(recovery_dir)
+        if e.error is not None
+    ]
 
 
 class StatusError(Exception):
@@ -90,6 +104,8 @@ def render(snapshot: dict) -> str:
     lines.append(f" errors: {errors or 'none'}")
     for failure in snapshot.get("failed", [])[-5:]:
         lines.append(f"  failed {failure['purpose']}/{failure['name']}: {failure['error']}")
+    if snapshot.get("failed"):
+        lines.append("  (retry, save or discard them: mistralfs recovery list)")
     return "\n".join(lines)
 
 

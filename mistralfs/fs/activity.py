@@ -1,7 +1,9 @@
 """What the daemon is doing, for `mistralfs status`, systemd's STATUS= and the logs.
 
 Uploads in flight report their progress here as the client streams them; failed
-uploads are remembered for a while. Nothing here changes behaviour.
+uploads are remembered for a while; reads and uploads report how long they took to
+`timings` (the metrics endpoint's histograms, when it is on). Nothing here changes
+behaviour.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -48,6 +51,18 @@ class FailedUpload:
     at: float = field(default_factory=time.time)
 
 
+def _ignore(seconds: float, ok: bool) -> None:
+    """No one measures: the metrics endpoint is off."""
+
+
+@dataclass
+class Timings:
+    """Where durations go: each is called with (seconds, whether it succeeded)."""
+
+    read: Callable[[float, bool], None] = _ignore
+    upload: Callable[[float, bool], None] = _ignore
+
+
 class Activity:
     """Uploads in flight, recent failures, and totals since the mount started."""
 
@@ -55,9 +70,15 @@ class Activity:
         self._ids = itertools.count()
         self.uploads: dict[int, UploadProgress] = {}
         self.failed: deque[FailedUpload] = deque(maxlen=50)
+        self.failed_total = 0  # `failed` keeps the last ones only
         self.uploaded = 0
         self.uploaded_bytes = 0
         self.started = time.time()
+        self.timings = Timings()
+
+    def read_done(self, started: float, ok: bool) -> None:
+        """A read of remote content that began at `started` (time.perf_counter()) ended."""
+        self.timings.read(time.perf_counter() - started, ok)
 
     def start_upload(self, name: str, purpose: str, total: int) -> int:
         key = next(self._ids)
@@ -79,7 +100,10 @@ class Activity:
             self.uploaded_bytes += upload.total
         else:
             self.failed.append(FailedUpload(upload.name, upload.purpose, error))
-        return time.monotonic() - upload.started
+            self.failed_total += 1
+        seconds = time.monotonic() - upload.started
+        self.timings.upload(seconds, error is None)
+        return seconds
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
@@ -96,6 +120,7 @@ class Activity:
         return {
             "uploads": [u.snapshot(now) for u in self.uploads.values()],
             "failed": [vars(f) for f in self.failed],
+            "failed_total": self.failed_total,
             "uploaded": self.uploaded,
             "uploaded_bytes": self.uploaded_bytes,
             "started": self.started,

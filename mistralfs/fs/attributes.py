@@ -17,6 +17,7 @@ import pyfuse3
 
 from mistralfs.api import RemoteFile
 from mistralfs.fs.jobs import JOB_NODES, JobNode, JobsView
+from mistralfs.fs.mtimes import KeptTimes
 from mistralfs.fs.namespace import STANDARD_PURPOSES, FileNode, Folder, Namespace, Node
 
 BLOCK = 4096
@@ -32,9 +33,15 @@ class Attributes:
     """EntryAttributes per node, with kernel cache timeouts that follow the listings."""
 
     def __init__(
-        self, namespace: Namespace, *, read_only: bool, jobs: JobsView | None = None
+        self,
+        namespace: Namespace,
+        times: KeptTimes,
+        *,
+        read_only: bool,
+        jobs: JobsView | None = None,
     ) -> None:
         self._namespace = namespace
+        self._times = times
         self._jobs = jobs
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -68,6 +75,8 @@ class Attributes:
                 seconds = remote.created_at if remote is not None else node.local_time
                 entry = self._file(node, node.size, seconds)
                 timeout = min(LOCAL_TIMEOUT, namespace.dir_cache_time)
+            times = self._times.times_of(node)  # those a program set, else the upload's
+            entry.st_atime_ns, entry.st_mtime_ns = times.atime_ns, times.mtime_ns
         else:
             folder_entry = self._folders.get(node.inode)
             entry = folder_entry if folder_entry is not None else self._folder(node.inode)

@@ -8,8 +8,15 @@ message reads closest to its cause:
 | 401/403: the key is refused       | EACCES | Permission denied                 |
 | 404: no such file                 | ENOENT | No such file or directory         |
 | 413: the file is too large        | EFBIG  | File too large                    |
-| another 4xx: the content, refused | EINVAL | Invalid argument                  |
+| another 4xx: the content, refused | EBADMSG| Bad message                       |
 | 5xx, no answer, a bad answer      | EIO    | Input/output error                |
+
+A refusal is EBADMSG, not EINVAL: the service found the file (the message sent) bad,
+and that is what "Bad message" says. EINVAL tells programs something else: `mv` reads
+it from `rename` as "a subdirectory of itself", and first as "this kernel lacks
+RENAME_NOREPLACE", so it renamed (and uploaded) twice; `cp` and file managers showed
+"Invalid argument", as if they had called wrongly. The service's own message goes with
+the error (`reason`): to the log, the file's `user.mistral.error` and the desktop.
 
 Reading content maps the same way, except that a refusal cannot be the reader's fault:
 anything but EACCES and ENOENT is EIO there. What a mount refuses by design (folders,
@@ -25,12 +32,15 @@ import errno
 
 from mistralfs.api import ApiError, AuthError, NotFound, Rejected, TooLarge
 
+# The content, refused by the service (see above).
+REFUSED = errno.EBADMSG
+
 # Most specific first: TooLarge is a Rejected too.
 _REMOTE: tuple[tuple[type[ApiError], int], ...] = (
     (AuthError, errno.EACCES),
     (NotFound, errno.ENOENT),
     (TooLarge, errno.EFBIG),
-    (Rejected, errno.EINVAL),
+    (Rejected, REFUSED),
 )
 _MEANINGFUL_WHEN_READING = frozenset({errno.EACCES, errno.ENOENT})
 
@@ -60,3 +70,14 @@ def errno_for(exc: ApiError, *, reading: bool = False) -> int:
 def refused(read_only: bool, otherwise: int) -> FsError:
     """What the mount does not do: EROFS on a read-only mount, else `otherwise`."""
     return FsError(errno.EROFS if read_only else otherwise)
+
+
+def reason(error: BaseException) -> str:
+    """What the service said (its status and own message), else the error's text.
+
+    An `FsError` raised from an `ApiError` carries it as its cause.
+    """
+    cause = error if isinstance(error, ApiError) else error.__cause__
+    if isinstance(cause, ApiError):
+        return f"{cause.status} {cause.message}" if cause.status is not None else cause.message
+    return str(error)

@@ -18,8 +18,10 @@ from typing import TypeVar
 from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.files_api import FILE_FIELDS, SHOWN_BY_STAT
+from mistralfs.fs.activity import Activity
 from mistralfs.fs.errors import NO_CUSTOM_METADATA, READ_ONLY_VIEW, FsError, errno_for, refused
 from mistralfs.fs.jobs import JOB_NODES, JobNode, JobsView
+from mistralfs.fs.mtimes import KeptTimes
 from mistralfs.fs.names import JOBS_FOLDER
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
@@ -37,6 +39,7 @@ XATTR_PREFIX = "user.mistral."
 XATTR_FIELDS = tuple(name for name in FILE_FIELDS if name not in SHOWN_BY_STAT)
 XATTR_SIGNED_URL = XATTR_PREFIX + "signed_url"
 XATTR_MIME = "user.mime_type"
+XATTR_ERROR = XATTR_PREFIX + "error"  # why the content its name shows is not uploaded
 
 
 @dataclass(eq=False)
@@ -63,13 +66,17 @@ class Filesystem:
         writer: Writer,
         *,
         read_only: bool,
+        times: KeptTimes,
+        activity: Activity | None = None,
     ) -> None:
         self._client = client
+        self.activity = activity or Activity()  # reads report their durations here
         self.namespace = namespace
         self._reader = reader
         self._readahead = FolderReadahead(reader)
         self._writer = writer
         self.read_only = read_only
+        self.times = times
         self._handles: dict[int, Handle] = {}
         self._fh_counter = itertools.count(1)
         self.jobs = JobsView(client, namespace)  # jobs/, read-only (see jobs.py)
@@ -105,6 +112,9 @@ class Filesystem:
             found = parent.entries.get(name)
         else:
             raise FsError(errno.ENOTDIR)
+        if isinstance(found, FileNode) and found.remote is None:
+            self._writer.kept_for(found)  # an entry retried or discarded elsewhere: no name
+            found = found if found.attached else None
         if found is None:
             raise FsError(errno.ENOENT)
         if isinstance(found, FileNode) and found.remote is not None:
@@ -134,6 +144,7 @@ class Filesystem:
             return [*((f.name, f) for f in folders), (JOBS_FOLDER, self.jobs.root)]
         if isinstance(node, Folder):
             await self._listed(self.namespace.ensure_folder_fresh(node))
+            self._writer.forget_gone_kept()
             entries = sorted(node.entries.items())
             self._reader.prefetch_urls(
                 [f.remote for _, f in entries if f.remote is not None and f.local_size is None]
@@ -170,7 +181,7 @@ class Filesystem:
         node = self._file(inode)
         if write:
             self._refuse_if_read_only()
-        elif self._writer.spool_for(node) is None:
+        elif self._writer.spool_for(node) is None and node.remote is not None:
             await self._check_still_there(node)
         try:
             spool = await self._writer.open_handle(
@@ -178,6 +189,8 @@ class Filesystem:
             )
         except ApiError as exc:
             raise self._fetch_error(node, exc) from exc
+        if write and flags & os.O_TRUNC:
+            self.times.content_changed(node)
         keep_pages = spool is None and self._writer.kernel_may_keep_pages(node)
         return self._new_handle(Handle(node=node, spool=spool, writes=write)), keep_pages
 
@@ -225,10 +238,15 @@ class Filesystem:
         remote = handle.node.remote
         if remote is None:  # a local file whose upload failed and was given up
             raise FsError(errno.EIO, f"{handle.node.name}: content is no longer available")
+        started, ok = time.perf_counter(), False
         try:
-            return await self._reader.read(remote, offset, size, handle.read_state)
+            data = await self._reader.read(remote, offset, size, handle.read_state)
+            ok = True
+            return data
         except ApiError as exc:
             raise self._fetch_error(handle.node, exc) from exc
+        finally:
+            self.activity.read_done(started, ok)
 
     def _fetch_error(self, node: FileNode, exc: ApiError) -> FsError:
         """Fetching content failed: a file found deleted loses its name; else EIO or EACCES."""
@@ -244,10 +262,32 @@ class Filesystem:
         handle = self._handle(fh)
         if handle.spool is None:
             raise FsError(errno.EBADF)
+        self.times.content_changed(handle.node)
         return await self._writer.write(handle.spool, offset, data)
 
-    async def setattr(self, inode: int, size: int | None, fh: int | None) -> None:
-        """Only the size can change; mode, owner and times are accepted with no effect."""
+    async def setattr(
+        self,
+        inode: int,
+        size: int | None,
+        fh: int | None,
+        *,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """A new size, then a file's times (kept locally: see mtimes.py)."""
+        await self._set_size(inode, size, fh)
+        node = self.node(inode)
+        # Read-only: accepted with no effect, as mode and owner are.
+        if (
+            (atime_ns, mtime_ns) != (None, None)
+            and isinstance(node, FileNode)
+            and not self.read_only
+        ):
+            self.times.set(node, atime_ns, mtime_ns)
+
+    async def _set_size(self, inode: int, size: int | None, fh: int | None) -> None:
+        """Only the size can change; mode, owner and a folder's times are accepted with
+        no effect."""
         if size is not None:
             self.jobs.refuse(self.node(inode))
         node = self._file(inode) if size is not None else self.node(inode)
@@ -258,6 +298,7 @@ class Filesystem:
             return
         self._refuse_if_read_only()
         assert isinstance(node, FileNode)
+        self.times.content_changed(node)
         if spool is not None:
             await self._writer.truncate(spool, size)
             return
@@ -320,6 +361,7 @@ class Filesystem:
             deleted.add(remote.id)
         self.namespace.detach(node, why=Presence.REMOVED)
         self._writer.unlinked(node)
+        self.times.node_gone(node)
         for file_id in deleted:  # no listing fetched before the deletions brings one back
             self.namespace.forget_id(file_id)
 
@@ -343,9 +385,10 @@ class Filesystem:
         node = self.jobs.target(node) or node  # a job's file: its file in batch/
         if not isinstance(node, FileNode):
             return []
+        kept = self._writer.kept_for(node) is not None
         settings = [n for n in SETTABLE_XATTRS if self._setting(node, n) is not None]
         if node.remote is None:
-            return settings
+            return settings + ([XATTR_ERROR] if kept else [])
         names = [XATTR_PREFIX + f for f in XATTR_FIELDS if self._xattr_field(node, f) is not None]
         names += [n for n in settings if n not in names]
         # Not user.mistral.signed_url: it is read by name. Listed, every tool that copies
@@ -353,7 +396,7 @@ class Filesystem:
         # per file and keep a link that reads the file without the key in the copy.
         if node.remote.mimetype:
             names.append(XATTR_MIME)
-        return names
+        return names + ([XATTR_ERROR] if kept else [])
 
     async def xattr(self, inode: int, name: str) -> bytes:
         node = self.node(inode)
@@ -362,6 +405,10 @@ class Filesystem:
             # No security labels, ACLs or trusted attributes here. ENOTSUP (not ENODATA)
             # lets `ls -l` stop asking for them after the first file of the mount.
             raise FsError(errno.ENOTSUP)
+        if name == XATTR_ERROR and isinstance(node, FileNode):
+            kept = self._writer.kept_for(node)
+            if kept is not None and kept.error is not None:
+                return kept.error.encode("utf-8")
         value: object = None
         if isinstance(node, FileNode) and name in SETTABLE_XATTRS:
             value = self._setting(node, name)

@@ -154,6 +154,10 @@ class Namespace:
         # every id of the account after a whole listing, so that kept content goes too.
         self.on_deleted_elsewhere: Callable[[str], None] = lambda _file_id: None
         self.on_account_listed: Callable[[frozenset[str]], None] = lambda _file_ids: None
+        # Called when an upload binds a file to a new id (with the remote file it showed
+        # before), and with each id this mount deleted: the times kept by id follow.
+        self.on_file_bound: Callable[[FileNode, RemoteFile | None], None] = lambda _n, _r: None
+        self.on_id_forgotten: Callable[[str], None] = lambda _file_id: None
         for purpose in STANDARD_PURPOSES:
             self._folder_for(purpose)
 
@@ -273,11 +277,13 @@ class Namespace:
 
     def uploaded(self, node: FileNode, remote: RemoteFile) -> None:
         """The spool behind `node` is now the remote file `remote`."""
+        previous = node.remote
         if node.remote is not None:
             self._inode_by_id.pop(node.remote.id, None)
         node.remote = remote
         self._inode_by_id[remote.id] = node.inode
         self._own_uploads[remote.id] = (remote, trio.current_time())
+        self.on_file_bound(node, previous)
         self.on_attrs_changed(node.inode)
 
     def move(self, node: FileNode, folder: Folder, name: str) -> None:
@@ -319,6 +325,7 @@ class Namespace:
             self.detach(node)
         self._deleted_ids.add(file_id)
         self._own_uploads.pop(file_id, None)
+        self.on_id_forgotten(file_id)
 
     # -- the listing --------------------------------------------------------------
 

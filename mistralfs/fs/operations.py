@@ -90,7 +90,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
-        self._attributes = Attributes(fs.namespace, read_only=fs.read_only, jobs=fs.jobs)
+        self._attributes = Attributes(fs.namespace, fs.times, read_only=fs.read_only, jobs=fs.jobs)
         self._dir_snapshots: dict[int, list[tuple[bytes, Node | JobNode]]] = {}
         self._next_dir_fh = 1
 
@@ -128,7 +128,13 @@ class Operations(pyfuse3.Operations):
         fh: FileHandleT | None,
         ctx: RequestContext | None,
     ) -> EntryAttributes:
-        await self.fs.setattr(inode, attr.st_size if fields.update_size else None, fh)
+        await self.fs.setattr(
+            inode,
+            attr.st_size if fields.update_size else None,
+            fh,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
         return self._attrs(self.fs.node(inode))
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:

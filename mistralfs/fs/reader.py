@@ -15,6 +15,7 @@ kept there after (disk_cache.py).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -159,6 +160,8 @@ class BlockReader:
         self._urls_ahead_limit = trio.CapacityLimiter(MAX_URLS_AHEAD)
         self.hits = 0
         self.misses = 0
+        # Bytes by where they came from: network and disk into memory, memory to reads.
+        self.bytes_from: collections.Counter[str] = collections.Counter()
 
     async def read(
         self, remote: RemoteFile, offset: int, size: int, state: ReadState
@@ -173,15 +176,18 @@ class BlockReader:
             # Time to first byte: the first read waits for its own bytes only, then the
             # blocks are fetched for the reads that follow.
             [data] = await self._read_range(remote, offset, end - offset, end - offset)
+            self.bytes_from["network"] += len(data)
             self._schedule(remote, first, last, self._ahead(offset, end, state), waited=False)
             return data
         self._schedule(remote, first, last, self._ahead(offset, end, state))
         parts = []
         for index in range(first, last + 1):
+            in_memory = (remote.id, index) in self._blocks
             block = await self._block(remote, index)
             start = index * self.block_size
             # A view, not a copy: pyfuse3 takes any buffer.
             parts.append(memoryview(block)[max(offset - start, 0) : end - start])
+            self.bytes_from["memory"] += len(parts[-1]) if in_memory else 0
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def copy_into(self, remote: RemoteFile, fd: int) -> None:
@@ -429,6 +435,7 @@ class BlockReader:
             "hits": self.hits,
             "misses": self.misses,
             "hit_rate": self.hits / looked_up if looked_up else None,
+            "bytes_from": dict(self.bytes_from),
             "fetches_in_flight": len(self._inflight),
             "bytes_in_flight": self._reserved,
             "requests_in_flight": self._requests,
@@ -507,8 +514,10 @@ class BlockReader:
                 )
                 self._disk.store(remote.id, remote.bytes, first, fetched)
                 blocks = [*fetched]
+                self.bytes_from["network"] += sum(map(len, blocks))
             else:
                 blocks = [*loaded]
+                self.bytes_from["disk"] += sum(map(len, blocks))
             for offset, block in zip(range(len(fetches)), blocks, strict=True):
                 land(offset, block)
             return blocks

@@ -7,12 +7,13 @@ in the account (`uploaded`), and when its last upload began. At the next mount:
 - a complete one is uploaded, unless the upload that was in flight at the crash got
   through (a file of that name, size and MD5 created since it began, looked for once
   that upload could no longer be on its way), and the versions it replaced are deleted;
-- anything else goes to the recovery folder.
+- anything else goes to the recovery folder, its note saying why (see `kept.py`).
 Every outcome is logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -22,6 +23,8 @@ import trio
 
 from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
+from mistralfs.fs.errors import reason
+from mistralfs.fs.kept import note_reason
 from mistralfs.fs.spool import keep, remove
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ async def recover(client: FilesApi, spools: list[Path], recovery_dir: Path) -> N
             await _upload(client, spool, meta, where, recovery_dir)
         else:
             kept = keep(spool, recovery_dir)
+            with contextlib.suppress(OSError):
+                note_reason(kept, "still being written when the mount stopped")
             log.warning("recovery: %s was still being written at the crash; kept at %s",
                         where, kept)  # fmt: skip
 
@@ -79,6 +84,8 @@ async def _upload(
                     pass
     except ApiError as exc:
         kept = keep(spool, recovery_dir)
+        with contextlib.suppress(OSError):
+            note_reason(kept, reason(exc))
         log.error("recovery: could not upload %s (%s); kept at %s", where, exc, kept)
         return
     remove(spool)

@@ -72,7 +72,6 @@ class Uploader:
         self._idle.set()
 
     async def send(self, spool: Spool, *, filename: str, purpose: str) -> RemoteFile:
-        node = spool.node
         growing = self._finish_growing(spool, filename, purpose)
         if growing is None:
             spool.upload_started = time.time()
@@ -93,7 +92,7 @@ class Uploader:
                 await growing.done.wait()
                 remote = growing.remote
             if remote is None:
-                settings = self.settings(node)
+                settings = self.settings(spool.node)
                 with self._namespace.uploading(purpose, filename):
                     remote = await self._client.upload(
                         spool.path,
@@ -107,11 +106,11 @@ class Uploader:
             error = None
         except ApiError as exc:
             error = str(exc)
-            log.error("upload of %s/%s failed: %s", node.folder.name, node.name, exc)
+            log.error("upload of %s/%s failed: %s", purpose, filename, exc)  # the target
             raise FsError(errno_for(exc), str(exc)) from exc
         except OSError as exc:  # the spool itself could not be read
             error = f"reading {spool.path}: {exc}"
-            log.error("upload of %s/%s failed reading %s: %s", node.folder.name, node.name,
+            log.error("upload of %s/%s failed reading %s: %s", purpose, filename,
                       spool.path, exc)  # fmt: skip
             raise FsError(errno.EIO, str(exc)) from exc
         finally:

@@ -37,9 +37,11 @@ import trio
 from mistralfs.api import RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.activity import Activity
-from mistralfs.fs.errors import FsError
+from mistralfs.fs.errors import REFUSED, FsError, reason
+from mistralfs.fs.kept import KeptEntry, discard, note_reason, read_entry
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Presence
 from mistralfs.fs.reader import BlockReader
+from mistralfs.fs.refusals import RefusalListener, UploadRefused, ignore
 from mistralfs.fs.spool import Spool, SpoolState, keep, new_spool, remove, spool_error
 from mistralfs.fs.upload_settings import UploadSettings
 from mistralfs.fs.uploads import GROWING_START_BYTES, Uploader
@@ -69,6 +71,7 @@ class Writer:
         recovery_dir: Path,
         max_file_size: int,
         upload_defaults: UploadSettings | None = None,
+        on_refused: RefusalListener = ignore,
     ) -> None:
         self._namespace = namespace
         self._reader = reader
@@ -83,6 +86,12 @@ class Writer:
         self._stored_close: dict[int, int] = {}
         # Files whose kernel page cache may hold bytes that are not their content.
         self._stale_pages: set[int] = set()
+        # Why a version's last upload failed, until it is kept or dropped.
+        self._upload_errors: dict[Spool, FsError] = {}
+        # Per file, the content its last refused version left in the recovery folder:
+        # a file never uploaded keeps its name for it (see `_keep`).
+        self._kept: dict[int, KeptEntry] = {}
+        self._on_refused = on_refused
         self._uploads = Uploader(client, namespace, reader, activity, nursery, upload_defaults)
         spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -130,25 +139,33 @@ class Writer:
             spool = self._current.get(node.inode)
             if write and truncate:
                 spool = self._new_version(node, SpoolState.OPENED)
-            elif spool is None and write:
-                spool = await self._copy_on_write(node)
+            elif spool is None and (write or node.remote is None):
+                spool = await self._copy_on_write(node)  # a refused file reads what was kept
             if spool is None:
                 return None
             spool.handles += 1
             return spool
 
     async def _copy_on_write(self, node: FileNode) -> Spool:
-        """A new current version holding the remote content."""
-        assert node.remote is not None, "a local file always has a spool"
+        """A new current version holding the remote content (or the kept content, for a
+        file whose upload was refused)."""
+        entry = self.kept_for(node) if node.remote is None else None
+        if node.remote is None and entry is None:
+            raise FsError(errno.ENOENT, f"{node.name}: its kept content is gone")
         spool = self._new_version(node, SpoolState.CLEAN)
         try:
-            await self._reader.copy_into(node.remote, spool.fd)
+            if entry is not None:
+                await trio.to_thread.run_sync(_copy_file, entry.path, spool.fd)
+            else:
+                assert node.remote is not None
+                await self._reader.copy_into(node.remote, spool.fd)
         except BaseException as exc:
             self._discard(spool)
             if isinstance(exc, OSError):
                 raise spool_error(node, exc) from exc
             raise
-        spool.size = node.local_size = node.remote.bytes
+        size = entry.size if entry is not None else node.remote.bytes if node.remote else 0
+        spool.size = node.local_size = size
         spool.appended_only = False  # an edit, not a new file written in order
         return spool
 
@@ -181,6 +198,7 @@ class Writer:
         versions.remove(spool)
         if not versions:
             del self._open[spool.node.inode]
+        self._upload_errors.pop(spool, None)
         os.close(spool.fd)
 
     def _discard(self, spool: Spool) -> None:
@@ -346,7 +364,9 @@ class Writer:
                 await self._upload(spool)  # which notes that it is complete, as it starts
             elif not node.unlinked:
                 gone = "replaced by a rename" if node.replaced else "deleted elsewhere"
-                raise FsError(errno.EIO, f"{node.name} was {gone}; not uploaded")
+                error = FsError(errno.EIO, f"{node.name} was {gone}; not uploaded")
+                self._upload_errors[spool] = error
+                raise error
 
     async def release(self, spool: Spool) -> None:
         """A handle closed; after the last one, upload what changed and drop the spool."""
@@ -376,11 +396,12 @@ class Writer:
             log.info("%s/%s: dropping the incomplete copy (%s)", node.folder.purpose,
                      node.name, spool.refused)  # fmt: skip
         if spool.worth_keeping and not node.unlinked:
+            error = self._upload_errors.get(spool) or spool.refused
             self._close(spool)
-            self._keep(spool)  # its upload failed: nothing the program wrote is lost
+            self._keep(spool, error)  # its upload failed: nothing the program wrote is lost
         else:
             self._discard(spool)
-        if node.remote is None and not self._versions(node):
+        if node.remote is None and not self._versions(node) and node.inode not in self._kept:
             self._namespace.detach(node)  # never uploaded: the name goes with the spool
 
     def _release_local(self, spool: Spool) -> None:
@@ -434,11 +455,62 @@ class Writer:
         ):
             spool.become(SpoolState.CLEAN)
 
-    def _keep(self, spool: Spool) -> None:
+    def _keep(self, spool: Spool, error: FsError | None) -> None:
+        """Move a version whose upload failed to the recovery folder, with the reason.
+
+        Content the service refused keeps its name, which shows it (a file that was
+        never uploaded reads what was kept; `user.mistral.error` says why) until it is
+        uploaded, removed, or the entry is retried or discarded (`mistralfs recovery`).
+        Content that failed otherwise (a full disk, a service that did not answer or
+        lied) may be incomplete or may even be stored: it is only kept.
+        """
+        node = spool.node
         kept = keep(spool.path, self._recovery_dir)
-        why = f" ({spool.refused})" if spool.refused is not None else ""
-        log.warning("%s/%s was not uploaded%s; its content (%d bytes) is kept at %s",
-                    spool.node.folder.name, spool.node.name, why, spool.size, kept)  # fmt: skip
+        why = reason(error) if error is not None else "not uploaded"
+        try:
+            note_reason(kept, why)
+        except OSError as exc:
+            log.debug("could not note the reason beside %s: %s", kept, exc)
+        where = f"{node.folder.purpose}/{node.name}"
+        log.warning("%s was not uploaded (%s); its content (%d bytes) is kept at %s",
+                    where, why, spool.size, kept)  # fmt: skip
+        if node.attached and error is not None and error.errno == REFUSED:
+            self._drop_kept(node, "a newer version of it was kept")
+            self._kept[node.inode] = read_entry(kept)
+        self._on_refused(UploadRefused(where, why, kept=kept.name.removesuffix(".spool")))
+
+    def kept_for(self, node: FileNode) -> KeptEntry | None:
+        """What the recovery folder keeps for `node`'s name, if its entry is still there.
+
+        An entry retried or discarded elsewhere (`mistralfs recovery`) is forgotten
+        here, and a name that showed nothing else goes with it.
+        """
+        entry = self._kept.get(node.inode)
+        if entry is None or entry.exists():
+            return entry
+        del self._kept[node.inode]
+        log.info("%s/%s: the content kept as %s is gone from the recovery folder",
+                 node.folder.purpose, node.name, entry.id)  # fmt: skip
+        if node.remote is None and not self._versions(node) and node.attached:
+            self._namespace.detach(node)
+        self._namespace.invalidate()  # a retry may have stored it: the next look lists anew
+        return None
+
+    def forget_gone_kept(self) -> None:
+        """Notice entries retried or discarded outside the mount (a stat each)."""
+        for inode in list(self._kept):
+            node = self._namespace.node(inode)
+            if isinstance(node, FileNode):
+                self.kept_for(node)
+
+    def _drop_kept(self, node: FileNode, why: str) -> None:
+        """`node`'s kept content is no longer wanted: a newer version took its place."""
+        entry = self._kept.pop(node.inode, None)
+        if entry is None or not entry.exists():
+            return
+        discard(entry)
+        log.info("%s/%s: dropped the content kept as %s: %s", node.folder.purpose, node.name,
+                 entry.id, why)  # fmt: skip
 
     # -- renaming -----------------------------------------------------------------
 
@@ -468,12 +540,21 @@ class Writer:
                 spool.write_note()
                 log.info("renamed %s to %s/%s before its upload", source, folder.purpose, name)
                 return
+            from_kept = spool is None and node.remote is None
             if spool is None:
                 spool = await self._copy_on_write(node)
             spool.handles += 1
             try:
-                with spool.uploading():
-                    remote = await self._uploads.send(spool, filename=name, purpose=folder.purpose)
+                try:
+                    with spool.uploading():
+                        remote = await self._uploads.send(
+                            spool, filename=name, purpose=folder.purpose
+                        )
+                except FsError as exc:
+                    wanted = f"{folder.purpose}/{name}"
+                    log.info("%s not renamed to %s: it stays as it was", source, wanted)
+                    self._on_refused(UploadRefused(wanted, reason(exc), renamed_from=source))
+                    raise
                 if node.removed_here:
                     # Removed through this mount while it was uploaded under its new name:
                     # the removal wins, as if it had come first.
@@ -486,6 +567,8 @@ class Writer:
                 self._replace_name(node, target, folder, name)
                 old = [node.remote] if node.remote is not None else []
                 self._namespace.uploaded(node, remote)
+                if from_kept:
+                    self._drop_kept(node, "uploaded under its new name")
                 spool.write_note()
                 await self._uploads.delete(node, [*old, *spool.replaces, *replaced])
                 spool.replaces = []
@@ -556,10 +639,15 @@ class Writer:
 
     async def _upload(self, spool: Spool) -> None:
         node = spool.node
-        with spool.uploading(on_failure=SpoolState.FAILED):
-            remote = await self._uploads.send(
-                spool, filename=node.filename, purpose=node.folder.purpose
-            )
+        try:
+            with spool.uploading(on_failure=SpoolState.FAILED):
+                remote = await self._uploads.send(
+                    spool, filename=node.filename, purpose=node.folder.purpose
+                )
+        except FsError as exc:
+            self._upload_errors[spool] = exc
+            raise
+        self._drop_kept(node, "a newer version of it was uploaded")
         if not node.attached:
             await self._nameless_upload(spool, remote)
             return
@@ -604,6 +692,7 @@ class Writer:
         for spool in self._versions(node):
             self._uploads.stop_growing(spool, "the file was deleted")
         self._drop_idle(node)
+        self._drop_kept(node, "the name was removed")
 
     def pending(self) -> int:
         """Files changed through an open descriptor and not uploaded yet."""
@@ -616,3 +705,11 @@ class Writer:
     async def wait_idle(self) -> None:
         """Return once no upload is in flight."""
         await self._uploads.wait_idle()
+
+
+def _copy_file(source: Path, fd: int) -> None:
+    """Copy `source` into the open file `fd` (in a worker thread: it may be large)."""
+    with open(source, "rb") as f:
+        offset = 0
+        while chunk := f.read(1 << 20):
+            offset += os.pwrite(fd, chunk, offset)
