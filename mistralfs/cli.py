@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from mistralfs import __version__
 from mistralfs.config import (
@@ -21,8 +23,10 @@ from mistralfs.config import (
     parse_local_names,
     parse_size,
 )
+from mistralfs.fs.upload_settings import VISIBILITIES, parse_expiry, parse_visibility
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+T = TypeVar("T")
 
 
 def _size(text: str) -> int:
@@ -47,6 +51,22 @@ def _local_names(text: str) -> tuple[str, ...]:
         return parse_local_names(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type: `parse`, whose ValueError says what is wrong with the value."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return convert
+
+
+_visibility = _argument(parse_visibility)
+_expiry = _argument(parse_expiry)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -147,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
         "('default' stands for it, '' means none); see docs/SEMANTICS.md",
     )
     mount.add_argument(
+        "--visibility",
+        type=_visibility,
+        metavar="|".join(VISIBILITIES),
+        help="who may see the files this mount uploads (default: the service's, workspace); "
+        "a file's own xattr user.mistral.visibility wins",
+    )
+    mount.add_argument(
+        "--expiry",
+        type=_expiry,
+        metavar="HOURS",
+        help="uploads expire after this many hours, or 'none' (default: the service's, never); "
+        "a file's own xattr user.mistral.expiry wins",
+    )
+    mount.add_argument(
         "--metrics-address",
         type=_address,
         metavar="HOST:PORT",
@@ -167,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options as mount(8) passes them: server_url=URL, api_key_file=F, "
         "ca_file=F, cache_size=SIZE, max_throughput=RATE, dir_cache_time=S, cache_dir=DIR, "
         "disk_cache=DIR, disk_cache_size=SIZE, local_names=PATTERNS, log_file=F, log_level=L, "
+        "visibility=V, expiry=HOURS, "
         "metrics_address=HOST:PORT, "
         "read_only (or ro), "
         "allow_other; fstab's _netdev, nofail, noauto, x-* are ignored",

@@ -17,6 +17,7 @@ from pathlib import Path
 from mistralfs import DEFAULT_SERVER_URL
 from mistralfs.daemon.state import mount_state_file
 from mistralfs.fs.names import DEFAULT_LOCAL_NAMES
+from mistralfs.fs.upload_settings import UploadSettings
 from mistralfs.usage import ConfigError
 
 __all__ = ["DEFAULT_SERVER_URL", "ConfigError"]
@@ -147,6 +148,8 @@ class MountConfig:
     disk_cache_size: int = DEFAULT_DISK_CACHE_SIZE
     ca_file: Path | None = None  # the only TLS trust when set (see mistralfs/api/tls.py)
     local_names: tuple[str, ...] = DEFAULT_LOCAL_NAMES  # scratch files, never uploaded
+    # --visibility, --expiry
+    upload_defaults: UploadSettings = field(default_factory=UploadSettings)
     metrics_address: tuple[str, int] | None = None  # (host, port) of /metrics; None: off
 
     @property
@@ -189,6 +192,8 @@ _VALUE_OPTIONS = {
     "disk_cache": "--disk-cache",
     "disk_cache_size": "--disk-cache-size",
     "local_names": "--local-names",
+    "visibility": "--visibility",
+    "expiry": "--expiry",
     "metrics_address": "--metrics-address",
 }
 _FLAG_OPTIONS = {

@@ -2,9 +2,10 @@
 
 With `MISTRAL_API_KEY` set it mounts the real account. Without, it starts a local
 emulator in the background (data under `.demo/` in the current folder), fills it once
-with a few example files, batch outputs included, and mounts that; its key is the
-emulator's default, and it keeps its port from one start to the next. `--stop` undoes
-both.
+with a few example files and starts one small batch job over them, and mounts that;
+`jobs/` then shows the job running, and its output and error files once it is done
+(the emulator's fake model takes a few seconds). Its key is the emulator's default,
+and it keeps its port from one start to the next. `--stop` undoes both.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from mistralfs.daemon.state import process_alive
 # The emulator's own default key, the one README.md and docs/EMULATOR.md name.
 DEMO_KEY = "emulator-key"
 EMULATOR_START_TIMEOUT = 20.0
+DEMO_DIR_CACHE_TIME = 1.0
+DEMO_BATCH_DELAY = 6.0  # seconds the demo's batch job takes: long enough to see it run
 
 SAMPLE_FINE_TUNE = "".join(
     json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
@@ -41,11 +44,13 @@ SAMPLE_BATCH = "".join(
     json.dumps({"custom_id": str(i), "body": {"messages": [{"role": "user", "content": q}]}}) + "\n"
     for i, q in enumerate(["Say hello.", "Name a colour."])
 )
-SAMPLE_RESULTS = "".join(
-    json.dumps({"custom_id": str(i), "response": {"status_code": 200, "body": {"text": a}}}) + "\n"
-    for i, a in enumerate(["Hello!", "Blue."])
-)
-SAMPLE_ERRORS = json.dumps({"custom_id": "2", "error": {"message": "context too long"}}) + "\n"
+# The demo's batch job: its folder in jobs/ is `DEMO_JOB_NAME (id8)`.
+DEMO_JOB_NAME = "demo"
+DEMO_JOB = {
+    "endpoint": "/v1/chat/completions",
+    "model": "mistral-small-latest",
+    "metadata": {"name": DEMO_JOB_NAME},
+}
 
 
 def _emulator_url(state: Path) -> str | None:
@@ -81,6 +86,7 @@ def _spawn_emulator(state: Path, port: int) -> str | None:
     log = open(state / "emulator.log", "ab")  # noqa: SIM115 - handed to the child
     command = [sys.executable, "-m", "mistralfs", "emulator", "--port", str(port)]
     command += ["--data", str(state / "emulator"), "--api-key", DEMO_KEY]
+    command += ["--batch-delay", str(DEMO_BATCH_DELAY)]
     child = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
         start_new_session=True, cwd="/",
@@ -99,28 +105,36 @@ def _spawn_emulator(state: Path, port: int) -> str | None:
     return url
 
 
-def _seed(url: str) -> None:
-    """Put example files in an empty demo account, batch job outputs included."""
-    headers = {"Authorization": f"Bearer {DEMO_KEY}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+def _demo_api(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {DEMO_KEY}"}, timeout=30)
+
+
+def _seed(url: str) -> str | None:
+    """Put example files in an empty demo account; the id of the requests for its batch
+    job (None if the account held files already)."""
+    with _demo_api(url) as http:
         if http.get("/v1/files", params={"page_size": 1}).json().get("total"):
-            return
+            return None
         uploads = [
             ("fine-tune", "capitals.jsonl", SAMPLE_FINE_TUNE),
             ("batch", "requests.jsonl", SAMPLE_BATCH),
         ]
+        ids = []
         for purpose, name, text in uploads:
-            http.post(
+            answer = http.post(
                 "/v1/files", data={"purpose": purpose}, files={"file": (name, text.encode())}
-            ).raise_for_status()
-        outputs = [("batch_result", "job-results.jsonl", SAMPLE_RESULTS)]
-        outputs.append(("batch_error", "job-errors.jsonl", SAMPLE_ERRORS))
-        for sample_type, name, text in outputs:
-            http.post(
-                "/v1/_emulator/batch-outputs",
-                data={"sample_type": sample_type},
-                files={"file": (name, text.encode())},
-            ).raise_for_status()
+            )
+            answer.raise_for_status()
+            ids.append(answer.json()["id"])
+        return ids[1]
+
+
+def _start_job(url: str, requests_id: str) -> None:
+    """The demo's batch job, started once the mount is up so that jobs/ shows it run:
+    its output appears in batch/ and in its folder in jobs/ once it is done."""
+    with _demo_api(url) as http:
+        job = {**DEMO_JOB, "input_files": [requests_id]}
+        http.post("/v1/batch/jobs", json=job).raise_for_status()
 
 
 def demo_command(mountpoint: Path, state: Path, stop: bool) -> int:
@@ -142,12 +156,16 @@ def demo_command(mountpoint: Path, state: Path, stop: bool) -> int:
     args = ["mount", str(mountpoint), "--cache-dir", str(state / "cache")]
     env = dict(os.environ)
     server = ""
+    requests_id: str | None = None
+    url = ""
     if env.get("MISTRAL_API_KEY"):
         target = env.get("MISTRAL_SERVER_URL", "the Mistral API")
     else:
         url = _emulator_url(state) or _start_emulator(state)
-        _seed(url)
-        args += ["--server-url", url]
+        requests_id = _seed(url)
+        # Listings of a local emulator cost nothing: trusted briefly, so that jobs/ shows
+        # the demo job moving on within a second or two.
+        args += ["--server-url", url, "--dir-cache-time", str(DEMO_DIR_CACHE_TIME)]
         env["MISTRAL_API_KEY"] = DEMO_KEY
         target = f"a local emulator at {url} (data in {state}/emulator)"
         server = f"""
@@ -159,12 +177,15 @@ From Python (the official SDK):
     result = subprocess.run([sys.executable, "-m", "mistralfs", *args], env=env, check=False)
     if result.returncode != 0:
         return result.returncode
+    if requests_id is not None:
+        _start_job(url, requests_id)
     print(
         f"""
 mistralfs is mounted at {mountpoint}, showing {target}.{server}
 Try:
   ls -l {mountpoint}/*
-  cat {mountpoint}/batch/job-results.jsonl
+  ls -l {mountpoint}/jobs/*/    # a batch job: job.json, its input, then its output
+  cat {mountpoint}/jobs/*/output.jsonl    # once the job is done ({DEMO_BATCH_DELAY:g} s)
   cp some-training-data.jsonl {mountpoint}/fine-tune/     # uploads it
   getfattr -d {mountpoint}/fine-tune/capitals.jsonl      # the remote metadata
   rm {mountpoint}/batch/requests.jsonl                   # deletes it remotely

@@ -3,14 +3,41 @@ calls `cp`, `cat`, `ls` and `>>` make, for the tests that run the filesystem dir
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
+import trio
 
+from mistralfs.api.protocol import FilesApi
+from mistralfs.fs.build import FsOptions, build_filesystem
 from mistralfs.fs.operations import Operations
 
 ROOT = pyfuse3.ROOT_INODE
+
+
+@asynccontextmanager
+async def fast_filesystem(
+    api: FilesApi, tmp_path: Path, block: int, **options: object
+) -> AsyncIterator[Operations]:
+    """The filesystem as the mount wires it, over `api`, with the fast tier's options
+    (blocks of `block` bytes, listings never trusted) and `options` besides."""
+    settings = FsOptions(
+        spool_dir=tmp_path / "spool",
+        recovery_dir=tmp_path / "recovery",
+        cache_size=64 * block,
+        block_size=block,
+        max_file_size=64 * 1024 * 1024,
+        dir_cache_time=0,
+    )
+    settings = dataclasses.replace(settings, **options)
+    async with trio.open_nursery() as nursery:
+        yield Operations(build_filesystem(api, nursery, settings).fs)
+        nursery.cancel_scope.cancel()
 
 
 @dataclass

@@ -231,7 +231,7 @@ def test_a_stale_mount_after_a_crash_is_cleared_by_the_next_mount(
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert "stale mount" in result.stderr
-        assert sorted(os.listdir(m.path)) == ["batch", "fine-tune", "ocr"]
+        assert sorted(os.listdir(m.path)) == ["batch", "fine-tune", "jobs", "ocr"]
 
 
 def test_logs_under_systemd_carry_priorities_and_no_timestamps(
@@ -325,12 +325,19 @@ def test_demo_mounts_a_seeded_emulator_kept_in_its_state_folder_and_stops(
             [sys.executable, "-c", snippet + "\nprint(len(client.files.list().data))"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
-        assert sdk_listing.returncode == 0 and int(sdk_listing.stdout) >= 4, sdk_listing.stderr
+        assert sdk_listing.returncode == 0 and int(sdk_listing.stdout) >= 2, sdk_listing.stderr
         # A second demo on the same mountpoint says how to stop the first.
         twice = cli("demo", "mnt", env=env, cwd=tmp_path)
         assert twice.returncode != 0 and "demo --stop" in twice.stderr, twice.stderr
         assert "mistralfs unmount" not in twice.stderr
-        assert "job-results.jsonl" in os.listdir(mnt / "batch")  # a batch job's output
+        # Its batch job, in jobs/, fills in once the emulator's fake model is done.
+        [job] = os.listdir(mnt / "jobs")
+        assert re.fullmatch(r"demo \([0-9a-f]{8}\)", job), job
+        assert "jobs/*/output.jsonl" in started.stdout
+        output = wait_for(lambda: (mnt / "jobs" / job / "output.jsonl").exists(), timeout=20)
+        assert output and (mnt / "jobs" / job / "output.jsonl").read_bytes()
+        status = json.loads((mnt / "jobs" / job / "job.json").read_bytes())
+        assert status["status"] == "SUCCESS" and status["metadata"] == {"name": "demo"}
         (mnt / "batch" / "mine.jsonl").write_bytes(b'{"a": 1}\n')
         # The data is in the state folder, not shared with another folder's demo.
         assert (state / "emulator").is_dir()

@@ -16,11 +16,9 @@ import pyfuse3
 import pytest
 import trio
 from fake_api import FakeFilesApi
-from fs_driver import FsDriver
+from fs_driver import FsDriver, fast_filesystem
 
 from mistralfs.api import ServerError
-from mistralfs.fs.build import FsOptions, build_filesystem
-from mistralfs.fs.operations import Operations
 
 BLOCK = 64 * 1024
 
@@ -34,18 +32,8 @@ class FakeStack(FsDriver):
 @pytest.fixture
 async def fake(tmp_path: Path) -> AsyncIterator[FakeStack]:
     api = FakeFilesApi()
-    options = FsOptions(
-        spool_dir=tmp_path / "spool",
-        recovery_dir=tmp_path / "recovery",
-        cache_size=64 * BLOCK,
-        block_size=BLOCK,
-        max_file_size=64 * 1024 * 1024,
-        dir_cache_time=0,
-    )
-    async with trio.open_nursery() as nursery:
-        parts = build_filesystem(api, nursery, options)
-        yield FakeStack(Operations(parts.fs), BLOCK, api, tmp_path)
-        nursery.cancel_scope.cancel()
+    async with fast_filesystem(api, tmp_path, BLOCK) as ops:
+        yield FakeStack(ops, BLOCK, api, tmp_path)
 
 
 async def test_a_written_file_is_stored_once_and_reads_back(fake: FakeStack) -> None:

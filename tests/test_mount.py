@@ -32,7 +32,7 @@ MiB = 1024 * 1024
 
 
 def test_root_shows_the_purpose_folders(mounted: Mounted) -> None:
-    assert sorted(os.listdir(mounted.path)) == ["batch", "fine-tune", "ocr"]
+    assert sorted(os.listdir(mounted.path)) == ["batch", "fine-tune", "jobs", "ocr"]
     root = os.stat(mounted.path)
     assert stat.S_IMODE(root.st_mode) == 0o555  # nothing can be created in it
     assert root.st_uid == os.getuid()
@@ -40,6 +40,8 @@ def test_root_shows_the_purpose_folders(mounted: Mounted) -> None:
         st = os.stat(mounted / name)
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
         assert st.st_uid == os.getuid()
+    jobs = os.stat(mounted / "jobs")  # the batch jobs, read-only (test_jobs_view.py)
+    assert stat.S_ISDIR(jobs.st_mode) and stat.S_IMODE(jobs.st_mode) == 0o555
 
 
 def test_50_mb_random_file_round_trips(

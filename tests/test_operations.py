@@ -206,7 +206,7 @@ async def expect_missing(ops: Operations, parent: int, name: bytes) -> None:
 
 async def test_root_holds_the_purpose_folders(stack: Stack) -> None:
     names = [name for name, _ in await stack.ops.fs.list_dir(ROOT)]
-    assert names == ["fine-tune", "batch", "ocr"]
+    assert names == ["fine-tune", "batch", "ocr", "jobs"]
     attrs = await stack.ops.lookup(ROOT, b"batch")
     assert stat.S_ISDIR(attrs.st_mode)
     await expect_missing(stack.ops, ROOT, b"nope")

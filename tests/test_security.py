@@ -178,7 +178,7 @@ def test_when_retries_run_out_the_call_fails_in_time_and_the_data_is_kept(
             (m / "batch" / "later.txt").write_bytes(b"keep me")
         assert raised.value.errno == errno.EIO
         assert time.monotonic() - started < 10
-        assert sorted(os.listdir(m.path)) == ["batch", "fine-tune", "ocr"]  # still serving
+        assert sorted(os.listdir(m.path)) == ["batch", "fine-tune", "jobs", "ocr"]  # still serving
         # The last release tries once more, then keeps the content.
         kept = wait_for(lambda: list((m.cache_dir / "recovery").glob("*.spool")), timeout=10)
         assert [p.read_bytes() for p in kept] == [b"keep me"]

@@ -312,7 +312,7 @@ class MountMachine(RuleBasedStateMachine):
 
     @invariant()
     def mount_shows_the_model(self) -> None:
-        assert sorted(os.listdir(self.mounted.path)) == ["batch", "fine-tune", "ocr"]
+        assert sorted(os.listdir(self.mounted.path)) == ["batch", "fine-tune", "jobs", "ocr"]
         for folder in FOLDERS:
             assert sorted(os.listdir(self.path(folder))) == sorted(self.model[folder]), folder
         for folder in FOLDERS:

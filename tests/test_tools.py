@@ -224,7 +224,7 @@ def test_folders_cannot_be_moved(mounted: Mounted, sdk: Mistral) -> None:
         timeout=60,
     )
     assert result.returncode != 0, "renaming a purpose folder must fail"
-    assert sorted(os.listdir(mounted.path)) == ["batch", "fine-tune", "ocr"]
+    assert sorted(os.listdir(mounted.path)) == ["batch", "fine-tune", "jobs", "ocr"]
     assert_account(sdk, mounted, {"batch/keep.txt": b"keep\n"})
 
 

@@ -35,6 +35,7 @@ from mistralfs.config import (
     read_api_key,
 )
 from mistralfs.daemon.state import mount_state_file, read_pid, wait_for_exit
+from mistralfs.fs.upload_settings import UploadSettings
 from mistralfs.logs import setup_logging
 from mistralfs.private import open_private_append, private_folder, write_private_file
 
@@ -78,6 +79,7 @@ def _config_from(args: argparse.Namespace) -> MountConfig:
     )
     if args.local_names is not None:
         config.local_names = args.local_names
+    config.upload_defaults = UploadSettings(args.visibility, args.expiry)
     _ = config.pid_file, config.control_socket  # an unsafe runtime folder refuses the mount now
     return config
 
@@ -251,6 +253,10 @@ def _start_background(config: MountConfig, args: argparse.Namespace) -> int:
         command += ["--ca-file", str(config.ca_file)]
     if config.max_throughput is not None:
         command += ["--max-throughput", str(config.max_throughput)]
+    if config.upload_defaults.visibility is not None:
+        command += ["--visibility", config.upload_defaults.visibility]
+    if config.upload_defaults.expiry is not None:
+        command += ["--expiry", str(config.upload_defaults.expiry or "none")]
     if config.disk_cache is not None:
         command += ["--disk-cache", str(config.disk_cache)]
         command += ["--disk-cache-size", str(config.disk_cache_size)]

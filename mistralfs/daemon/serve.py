@@ -138,6 +138,7 @@ async def _serve_mounted(
         read_only=config.read_only,
         max_throughput=config.max_throughput,
         local_names=config.local_names,
+        upload_defaults=config.upload_defaults,
         times_file=config.times_file,
     )
     notifier = DesktopNotifier()  # refused uploads reach the desktop, where there is one

@@ -16,6 +16,7 @@ import time
 import pyfuse3
 
 from mistralfs.api import RemoteFile
+from mistralfs.fs.jobs import JOB_NODES, JobNode, JobsView
 from mistralfs.fs.mtimes import KeptTimes
 from mistralfs.fs.namespace import STANDARD_PURPOSES, FileNode, Folder, Namespace, Node
 
@@ -31,9 +32,17 @@ LOCAL_TIMEOUT = 1.0
 class Attributes:
     """EntryAttributes per node, with kernel cache timeouts that follow the listings."""
 
-    def __init__(self, namespace: Namespace, times: KeptTimes, *, read_only: bool) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        times: KeptTimes,
+        *,
+        read_only: bool,
+        jobs: JobsView | None = None,
+    ) -> None:
         self._namespace = namespace
         self._times = times
+        self._jobs = jobs
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._file_mode = stat.S_IFREG | (0o444 if read_only else 0o644)
@@ -47,8 +56,11 @@ class Attributes:
         self._files: dict[int, tuple[RemoteFile, pyfuse3.EntryAttributes]] = {}
         self._folders: dict[int, pyfuse3.EntryAttributes] = {}
 
-    def of(self, node: Node) -> pyfuse3.EntryAttributes:
+    def of(self, node: Node | JobNode) -> pyfuse3.EntryAttributes:
         """The node's attributes; valid until the next call (they may be shared)."""
+        if isinstance(node, JOB_NODES):
+            assert self._jobs is not None, "jobs/ nodes come from a JobsView"
+            return self._jobs.attributes(node, self._common(node.inode))
         namespace = self._namespace
         if isinstance(node, FileNode):
             remote = node.remote

@@ -4,7 +4,7 @@ for the tests alike, so that what the tests run is what the mount runs."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +19,7 @@ from mistralfs.fs.names import DEFAULT_LOCAL_NAMES, LocalNames
 from mistralfs.fs.namespace import Namespace
 from mistralfs.fs.reader import FREE_GROWTH_BLOCKS, BlockReader
 from mistralfs.fs.refusals import RefusalListener, ignore
+from mistralfs.fs.upload_settings import UploadSettings
 from mistralfs.fs.writer import Writer
 
 T = TypeVar("T")
@@ -38,6 +39,8 @@ class FsOptions:
     max_throughput: float | None = None  # bytes per second; None: no target
     free_growth_blocks: int = FREE_GROWTH_BLOCKS  # see reader.py
     local_names: tuple[str, ...] = DEFAULT_LOCAL_NAMES  # scratch files: see names.py
+    # --visibility, --expiry
+    upload_defaults: UploadSettings = field(default_factory=UploadSettings)
     times_file: Path | None = None  # where set times are kept (mtimes.py); None: memory
 
 
@@ -85,6 +88,7 @@ def build_filesystem(
         spool_dir=options.spool_dir,
         recovery_dir=options.recovery_dir,
         max_file_size=options.max_file_size,
+        upload_defaults=options.upload_defaults,
         on_refused=on_refused,
     )
     times = KeptTimes(TimesFile(options.times_file), writer.spool_for)

@@ -47,6 +47,8 @@ _MEANINGFUL_WHEN_READING = frozenset({errno.EACCES, errno.ENOENT})
 # What a writable mount refuses by design, by operation.
 NOT_SUPPORTED = errno.EPERM  # folders, links, device nodes: the account has none
 NO_CUSTOM_METADATA = errno.ENOTSUP  # the service keeps no xattrs: cp -a and mv carry on
+BAD_SETTING = errno.EINVAL  # an upload setting (user.mistral.visibility, .expiry) it refuses
+READ_ONLY_VIEW = errno.EROFS  # jobs/: what the service's batch jobs are, never changed here
 
 
 class FsError(Exception):

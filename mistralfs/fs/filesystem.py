@@ -19,12 +19,15 @@ from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.files_api import FILE_FIELDS, SHOWN_BY_STAT
 from mistralfs.fs.activity import Activity
-from mistralfs.fs.errors import FsError, errno_for
+from mistralfs.fs.errors import NO_CUSTOM_METADATA, READ_ONLY_VIEW, FsError, errno_for, refused
+from mistralfs.fs.jobs import JOB_NODES, JobNode, JobsView
 from mistralfs.fs.mtimes import KeptTimes
+from mistralfs.fs.names import JOBS_FOLDER
 from mistralfs.fs.namespace import FileNode, Folder, Namespace, Node, Presence, Root
 from mistralfs.fs.readahead import FolderReadahead
 from mistralfs.fs.reader import BlockReader, ReadState
 from mistralfs.fs.spool import Spool
+from mistralfs.fs.upload_settings import SETTABLE_XATTRS, with_xattr, xattr_value
 from mistralfs.fs.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -76,11 +79,15 @@ class Filesystem:
         self.times = times
         self._handles: dict[int, Handle] = {}
         self._fh_counter = itertools.count(1)
+        self.jobs = JobsView(client, namespace)  # jobs/, read-only (see jobs.py)
+        self._snapshots: dict[int, bytes] = {}  # open job.json files: what they read
 
     # -- names ------------------------------------------------------------------
 
-    def node(self, inode: int) -> Node:
-        node = self.namespace.node(inode)
+    def node(self, inode: int) -> Node | JobNode:
+        node: Node | JobNode | None = self.namespace.node(inode)
+        if node is None:
+            node = self.jobs.node(inode)
         if node is None:
             raise FsError(errno.ENOENT)
         return node
@@ -91,9 +98,13 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         return node
 
-    async def lookup(self, parent_inode: int, name: str) -> Node:
+    async def lookup(self, parent_inode: int, name: str) -> Node | JobNode:
         parent = self.node(parent_inode)
+        if isinstance(parent, JOB_NODES):
+            return await self.jobs.lookup(parent, name)
         found: Node | None
+        if isinstance(parent, Root) and name == JOBS_FOLDER:
+            return self.jobs.root
         if isinstance(parent, Root):
             found = await self._listed(self.namespace.find_folder(name))
         elif isinstance(parent, Folder):
@@ -123,11 +134,14 @@ class Filesystem:
         parent.absences_told = True
         return self.namespace.fresh_for(parent)
 
-    async def list_dir(self, inode: int) -> Sequence[tuple[str, Node]]:
+    async def list_dir(self, inode: int) -> Sequence[tuple[str, Node | JobNode]]:
         """A folder's entries at this moment; readdir pages through this snapshot."""
         node = self.node(inode)
+        if isinstance(node, JOB_NODES):
+            return await self.jobs.entries(node)
         if isinstance(node, Root):
-            return [(f.name, f) for f in await self._listed(self.namespace.folders())]
+            folders = await self._listed(self.namespace.folders())
+            return [*((f.name, f) for f in folders), (JOBS_FOLDER, self.jobs.root)]
         if isinstance(node, Folder):
             await self._listed(self.namespace.ensure_folder_fresh(node))
             self._writer.forget_gone_kept()
@@ -161,8 +175,10 @@ class Filesystem:
 
     async def open(self, inode: int, flags: int) -> tuple[int, bool]:
         """A handle on the file, and whether the kernel may keep its cached pages."""
-        node = self._file(inode)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if isinstance(job_node := self.node(inode), JOB_NODES):
+            return await self._open_in_jobs(job_node, write, flags)
+        node = self._file(inode)
         if write:
             self._refuse_if_read_only()
         elif self._writer.spool_for(node) is None and node.remote is not None:
@@ -178,6 +194,17 @@ class Filesystem:
         keep_pages = spool is None and self._writer.kernel_may_keep_pages(node)
         return self._new_handle(Handle(node=node, spool=spool, writes=write)), keep_pages
 
+    async def _open_in_jobs(self, node: JobNode, write: bool, flags: int) -> tuple[int, bool]:
+        """job.json reads what the listing showed; a job's file, its file in batch/."""
+        if write:
+            raise FsError(READ_ONLY_VIEW, "jobs/ is read-only")
+        opened = self.jobs.opened(node)
+        if isinstance(opened, FileNode):
+            return await self.open(opened.inode, flags)
+        fh = next(self._fh_counter)
+        self._snapshots[fh] = opened
+        return fh, False
+
     async def _check_still_there(self, node: FileNode) -> None:
         """Opening a file deleted elsewhere fails with ENOENT, not later with EIO.
 
@@ -192,6 +219,7 @@ class Filesystem:
             raise self._fetch_error(node, exc) from exc
 
     def create(self, parent_inode: int, name: str) -> tuple[int, FileNode]:
+        self.jobs.refuse(self.node(parent_inode))
         self._refuse_if_read_only()
         parent = self.node(parent_inode)
         if not isinstance(parent, Folder):
@@ -202,6 +230,8 @@ class Filesystem:
         return self._new_handle(Handle(node=spool.node, spool=spool, writes=True)), spool.node
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        if (snapshot := self._snapshots.get(fh)) is not None:
+            return snapshot[offset : offset + size]
         handle = self._handle(fh)
         if handle.spool is not None:
             return self._writer.read(handle.spool, offset, size)
@@ -258,6 +288,8 @@ class Filesystem:
     async def _set_size(self, inode: int, size: int | None, fh: int | None) -> None:
         """Only the size can change; mode, owner and a folder's times are accepted with
         no effect."""
+        if size is not None:
+            self.jobs.refuse(self.node(inode))
         node = self._file(inode) if size is not None else self.node(inode)
         spool = self._handle(fh).spool if fh is not None else None
         if size is None:
@@ -276,11 +308,14 @@ class Filesystem:
             raise self._fetch_error(node, exc) from exc
 
     async def flush(self, fh: int) -> None:
+        if fh in self._snapshots:
+            return
         handle = self._handle(fh)
         if handle.spool is not None and handle.writes:
             await self._writer.flush(handle.spool)
 
     async def release(self, fh: int) -> None:
+        self._snapshots.pop(fh, None)
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.spool is not None:
             await self._writer.release(handle.spool)
@@ -293,6 +328,7 @@ class Filesystem:
     async def rename(
         self, old_parent: int, old_name: str, new_parent: int, new_name: str, *, replace: bool
     ) -> None:
+        self.jobs.refuse(self.node(old_parent), self.node(new_parent))
         self._refuse_if_read_only()
         node = await self.lookup(old_parent, old_name)
         if not isinstance(node, FileNode):
@@ -311,6 +347,7 @@ class Filesystem:
             raise self._fetch_error(node, exc) from exc
 
     async def unlink(self, parent_inode: int, name: str) -> None:
+        self.jobs.refuse(self.node(parent_inode))
         self._refuse_if_read_only()
         node = await self.lookup(parent_inode, name)
         if not isinstance(node, FileNode):
@@ -345,19 +382,25 @@ class Filesystem:
 
     def xattr_names(self, inode: int) -> list[str]:
         node = self.node(inode)
-        refused = isinstance(node, FileNode) and self._writer.kept_for(node) is not None
-        if not isinstance(node, FileNode) or node.remote is None:
-            return [XATTR_ERROR] if refused else []
+        node = self.jobs.target(node) or node  # a job's file: its file in batch/
+        if not isinstance(node, FileNode):
+            return []
+        kept = self._writer.kept_for(node) is not None
+        settings = [n for n in SETTABLE_XATTRS if self._setting(node, n) is not None]
+        if node.remote is None:
+            return settings + ([XATTR_ERROR] if kept else [])
         names = [XATTR_PREFIX + f for f in XATTR_FIELDS if self._xattr_field(node, f) is not None]
+        names += [n for n in settings if n not in names]
         # Not user.mistral.signed_url: it is read by name. Listed, every tool that copies
         # metadata (cp -a, rsync -X, tar --xattrs, file managers) would cost an API call
         # per file and keep a link that reads the file without the key in the copy.
         if node.remote.mimetype:
             names.append(XATTR_MIME)
-        return names + ([XATTR_ERROR] if refused else [])
+        return names + ([XATTR_ERROR] if kept else [])
 
     async def xattr(self, inode: int, name: str) -> bytes:
         node = self.node(inode)
+        node = self.jobs.target(node) or node  # a job's file: its file in batch/
         if not name.startswith(USER_NAMESPACE):
             # No security labels, ACLs or trusted attributes here. ENOTSUP (not ENODATA)
             # lets `ls -l` stop asking for them after the first file of the mount.
@@ -366,10 +409,12 @@ class Filesystem:
             kept = self._writer.kept_for(node)
             if kept is not None and kept.error is not None:
                 return kept.error.encode("utf-8")
-        if not isinstance(node, FileNode) or node.remote is None:
-            raise FsError(errno.ENODATA)
         value: object = None
-        if name == XATTR_SIGNED_URL:
+        if isinstance(node, FileNode) and name in SETTABLE_XATTRS:
+            value = self._setting(node, name)
+        elif not isinstance(node, FileNode) or node.remote is None:
+            raise FsError(errno.ENODATA)
+        elif name == XATTR_SIGNED_URL:
             try:
                 value = (await self._reader.signed_url(node.remote.id)).url
             except ApiError as exc:
@@ -385,6 +430,35 @@ class Filesystem:
     @staticmethod
     def _xattr_field(node: FileNode, name: str) -> object:
         return getattr(node.remote, name, None)
+
+    def _setting(self, node: FileNode, name: str) -> str | None:
+        return xattr_value(node, name, self._writer.upload_defaults, time.time())
+
+    async def set_xattr(self, inode: int, name: str, value: bytes | None) -> None:
+        """Set (or with None, remove) a file's upload setting; other names are refused.
+
+        A change of what the file's next upload would send is uploaded as any change
+        is (see `Writer.settings_changed`); the same value again changes nothing. If
+        that upload fails, the file keeps the settings it had, as the account does.
+        """
+        node = self.node(inode)
+        self.jobs.refuse(node)
+        if self.read_only or not isinstance(node, FileNode) or name not in SETTABLE_XATTRS:
+            raise refused(self.read_only, NO_CUSTOM_METADATA)
+        before, had = self._writer.upload_settings(node), node.upload_settings
+        node.upload_settings = with_xattr(had, name, value)
+        if self._writer.upload_settings(node) == before:
+            return
+        log.info("%s/%s: %s set to %s", node.folder.name, node.name, name,
+                 value.decode("utf-8") if value is not None else "the default")  # fmt: skip
+        try:
+            await self._writer.settings_changed(node)
+        except ApiError as exc:
+            node.upload_settings = had
+            raise self._fetch_error(node, exc) from exc
+        except FsError:
+            node.upload_settings = had
+            raise
 
     # -- helpers -------------------------------------------------------------------
 

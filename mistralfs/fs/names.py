@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 NAME_MAX = 255  # bytes, as statfs reports
 # The purposes whose folders are shown even while they hold no file.
 STANDARD_PURPOSES = ("fine-tune", "batch", "ocr")
+JOBS_FOLDER = "jobs"  # the root's batch jobs view (jobs.py): no purpose folder takes it
 
 
 def _clean(text: str) -> str:
@@ -62,10 +63,14 @@ def _truncate_utf8(text: str, max_bytes: int) -> str:
     return encoded[:max_bytes].decode("utf-8", errors="ignore")
 
 
+def _id_tag(an_id: str) -> str:
+    return f" ({_clean(an_id[:8])})"
+
+
 def with_id(name: str, file_id: str) -> str:
     """`stem (id8).ext`, shortened so that it fits in NAME_MAX bytes."""
     stem, ext = split_ext(name)
-    tag = f" ({_clean(file_id[:8])})"
+    tag = _id_tag(file_id)
     if len((tag + ext).encode("utf-8")) > NAME_MAX // 2:
         ext = ""  # an absurd extension is not worth keeping over the stem
     room = NAME_MAX - len((tag + ext).encode("utf-8"))
@@ -126,11 +131,24 @@ def shown_names(files: Iterable[L]) -> dict[str, L]:
     return names
 
 
+def labelled(label: str | None, an_id: str) -> str:
+    """A thing named by its id and, where it has one, a label people gave it (a batch
+    job's `metadata` name): `label (id8)`, shortened to NAME_MAX bytes; the whole id,
+    cleaned, when the label is missing or cleans to nothing usable."""
+    name = _clean(label or "").strip()
+    if name in ("", ".", ".."):
+        return plain_name(an_id, an_id)[0]
+    tag = _id_tag(an_id)
+    return _truncate_utf8(name, NAME_MAX - len(tag.encode("utf-8"))) + tag
+
+
 def folder_name(purpose: str) -> str:
     """Folder name for a purpose; purposes are short identifiers, but trust nothing."""
     name = _clean(purpose)
     if name in ("", ".", ".."):
         name = f"purpose-{name.encode('utf-8').hex() or 'empty'}"
+    elif name == JOBS_FOLDER:
+        name = f"purpose-{name}"
     return _truncate_utf8(name, NAME_MAX)
 
 

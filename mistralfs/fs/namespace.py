@@ -14,6 +14,7 @@ import collections
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from mistralfs.fs.names import (
     free_name,
     oldest_first,
 )
+from mistralfs.fs.upload_settings import UploadSettings, expired
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class FileNode:
     # Given a scratch file's name through the mount (`LocalNames`): its content lives in
     # the spool only, never uploaded; a remote file renamed to such a name keeps it.
     local: bool = False
+    # Its own upload settings (xattrs user.mistral.visibility, .expiry): see upload_settings.py
+    upload_settings: UploadSettings = field(default_factory=UploadSettings)
     # Serialises uploads, renames and opening or dropping the spool of this file.
     lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
@@ -370,7 +374,13 @@ class Namespace:
 
         # Files of other purposes (from a service that ignored the filter) are left to
         # their own folders' listings.
-        current = {f.id: f for f in files if covered(f) and f.id not in self._deleted_ids}
+        # A file past its `expires_at` is gone, even if the service still lists it.
+        now = time.time()
+        current = {
+            f.id: f
+            for f in files
+            if covered(f) and f.id not in self._deleted_ids and not expired(f, now)
+        }
         for file_id, (remote, uploaded_at) in list(self._own_uploads.items()):
             if not covered(remote):
                 continue
@@ -422,6 +432,10 @@ class Namespace:
             self._folders[purpose] = folder
             self._nodes[folder.inode] = folder
         return folder
+
+    def new_inode(self) -> int:
+        """An inode for a node kept outside the namespace (jobs/: see jobs.py)."""
+        return self._new_inode()
 
     def _new_inode(self) -> int:
         inode = self._next_inode

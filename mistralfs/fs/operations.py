@@ -26,8 +26,9 @@ from pyfuse3 import (
 )
 
 from mistralfs.fs.attributes import BLOCK, Attributes
-from mistralfs.fs.errors import NO_CUSTOM_METADATA, NOT_SUPPORTED, FsError, refused
+from mistralfs.fs.errors import NOT_SUPPORTED, FsError, refused
 from mistralfs.fs.filesystem import Filesystem
+from mistralfs.fs.jobs import JobNode
 from mistralfs.fs.names import NAME_MAX, storable
 from mistralfs.fs.namespace import Node
 
@@ -89,13 +90,13 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
-        self._attributes = Attributes(fs.namespace, fs.times, read_only=fs.read_only)
-        self._dir_snapshots: dict[int, list[tuple[bytes, Node]]] = {}
+        self._attributes = Attributes(fs.namespace, fs.times, read_only=fs.read_only, jobs=fs.jobs)
+        self._dir_snapshots: dict[int, list[tuple[bytes, Node | JobNode]]] = {}
         self._next_dir_fh = 1
 
     # -- attributes ---------------------------------------------------------------
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: Node | JobNode) -> pyfuse3.EntryAttributes:
         return self._attributes.of(node)
 
     @_fuse_errors
@@ -306,13 +307,13 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext | None
     ) -> None:
-        raise refused(self.fs.read_only, NO_CUSTOM_METADATA)
+        await self.fs.set_xattr(inode, name.decode("utf-8", errors="replace"), value)
 
     @_fuse_errors
     async def removexattr(
         self, inode: InodeT, name: XAttrNameT, ctx: RequestContext | None
     ) -> None:
-        raise refused(self.fs.read_only, NO_CUSTOM_METADATA)
+        await self.fs.set_xattr(inode, name.decode("utf-8", errors="replace"), None)
 
     async def access(self, inode: InodeT, mode: ModeT, ctx: RequestContext | None) -> bool:
         return True

@@ -24,6 +24,7 @@ from mistralfs.fs.errors import FsError, errno_for
 from mistralfs.fs.namespace import FileNode, Namespace
 from mistralfs.fs.reader import BlockReader
 from mistralfs.fs.spool import Spool
+from mistralfs.fs.upload_settings import UploadSettings, effective
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ class Uploader:
         reader: BlockReader,
         activity: Activity,
         nursery: trio.Nursery,
+        defaults: UploadSettings | None = None,
     ) -> None:
         self._client = client
+        self.defaults = defaults or UploadSettings()  # the mount's --visibility, --expiry
         self._namespace = namespace
         self._reader = reader
         self._activity = activity
@@ -89,6 +92,7 @@ class Uploader:
                 await growing.done.wait()
                 remote = growing.remote
             if remote is None:
+                settings = self.settings(spool.node)
                 with self._namespace.uploading(purpose, filename):
                     remote = await self._client.upload(
                         spool.path,
@@ -96,6 +100,8 @@ class Uploader:
                         purpose=purpose,
                         progress=progress.update,
                         after=growing.upload if growing is not None else None,
+                        expiry=settings.sent_expiry,
+                        visibility=settings.visibility,
                     )
             error = None
         except ApiError as exc:
@@ -119,6 +125,10 @@ class Uploader:
             seconds,
         )
         return remote
+
+    def settings(self, node: FileNode) -> UploadSettings:
+        """What `node`'s upload asks for besides its content (see upload_settings.py)."""
+        return effective(node, self.defaults, time.time())
 
     def _upload_began(self) -> None:
         self._uploads_in_flight += 1
@@ -147,10 +157,17 @@ class Uploader:
         filename, purpose = node.filename, node.folder.purpose
         file = GrowingFile()
         file.grew(spool.size)
+        settings = self.settings(node)
         key = self._activity.start_upload(filename, purpose, spool.size)
         progress = self._activity.progress(key)
         upload = self._client.growing_upload(
-            spool.path, file, filename=filename, purpose=purpose, progress=progress.update
+            spool.path,
+            file,
+            filename=filename,
+            purpose=purpose,
+            progress=progress.update,
+            expiry=settings.sent_expiry,
+            visibility=settings.visibility,
         )
         spool.growing = Growing(file, upload, progress, key)
         spool.upload_started = time.time()

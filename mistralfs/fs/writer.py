@@ -43,6 +43,7 @@ from mistralfs.fs.namespace import FileNode, Folder, Namespace, Presence
 from mistralfs.fs.reader import BlockReader
 from mistralfs.fs.refusals import RefusalListener, UploadRefused, ignore
 from mistralfs.fs.spool import Spool, SpoolState, keep, new_spool, remove, spool_error
+from mistralfs.fs.upload_settings import UploadSettings
 from mistralfs.fs.uploads import GROWING_START_BYTES, Uploader
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Writer:
         spool_dir: Path,
         recovery_dir: Path,
         max_file_size: int,
+        upload_defaults: UploadSettings | None = None,
         on_refused: RefusalListener = ignore,
     ) -> None:
         self._namespace = namespace
@@ -90,7 +92,7 @@ class Writer:
         # a file never uploaded keeps its name for it (see `_keep`).
         self._kept: dict[int, KeptEntry] = {}
         self._on_refused = on_refused
-        self._uploads = Uploader(client, namespace, reader, activity, nursery)
+        self._uploads = Uploader(client, namespace, reader, activity, nursery, upload_defaults)
         spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def spool_for(self, node: FileNode) -> Spool | None:
@@ -302,6 +304,39 @@ class Writer:
                 self._clean_if_already_stored(spool)
                 if spool.changed and not node.local:
                     await self._upload(spool)
+            finally:
+                await self._release(spool)
+
+    def upload_settings(self, node: FileNode) -> UploadSettings:
+        """What `node`'s next upload asks for besides its content."""
+        return self._uploads.settings(node)
+
+    @property
+    def upload_defaults(self) -> UploadSettings:
+        return self._uploads.defaults
+
+    async def settings_changed(self, node: FileNode) -> None:
+        """`node`'s upload settings changed: a change like any other.
+
+        A file open for writing sends them with its next upload (an upload under way
+        while it is written is stopped, to be sent whole at close); a file not uploaded
+        yet, with its first; an uploaded file with no descriptor open is uploaded again
+        now, and its old version deleted, as `truncate PATH` does.
+        """
+        async with node.lock:
+            spool = self._current.get(node.inode)
+            if spool is not None:
+                self._uploads.stop_growing(spool, "its upload settings changed")
+                if spool.state in (SpoolState.CLEAN, SpoolState.FAILED):
+                    spool.become(SpoolState.DIRTY)
+                return
+            if node.remote is None or node.local:
+                return
+            spool = await self._copy_on_write(node)
+            spool.handles += 1
+            try:
+                spool.become(SpoolState.DIRTY)
+                await self._upload(spool)
             finally:
                 await self._release(spool)
 
