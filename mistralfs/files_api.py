@@ -20,5 +20,9 @@ FILE_FIELDS = (
     "expires_at",
     "visibility",
 )
+# Sources whose files the service serves but lets no one delete or replace (a
+# repository's; see shared/API-NOTES.md and docs/EMULATOR.md): the mount shows them
+# read-only.
+UNCHANGEABLE_SOURCES = frozenset({"repository"})
 # Shown as a file's size and name, not as extended attributes.
 SHOWN_BY_STAT = ("bytes", "filename")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from mistralfs.api.errors import ProtocolError
-from mistralfs.files_api import FILE_FIELDS
+from mistralfs.files_api import FILE_FIELDS, UNCHANGEABLE_SOURCES
 
 _KNOWN_FIELDS = frozenset({*FILE_FIELDS, "deleted"})  # the rest is kept in `extra`
 
@@ -68,6 +68,11 @@ class RemoteFile:
     # False when the service sent `"bytes": null` (its own spec's examples do): `bytes`
     # is then 0, and means nothing.
     size_known: bool = True
+
+    @property
+    def unchangeable(self) -> bool:
+        """The service keeps this file as it is: it refuses to delete or replace it."""
+        return self.source in UNCHANGEABLE_SOURCES
 
     @classmethod
     def from_json(cls, data: object, notes: list[str] | None = None) -> RemoteFile:

@@ -46,6 +46,7 @@ class Attributes:
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._file_mode = stat.S_IFREG | (0o444 if read_only else 0o644)
+        self._unchangeable_mode = stat.S_IFREG | 0o444  # the service keeps it as it is
         # Nothing can be created in the root, so it does not claim to be writable: file
         # managers (GLib) then see no way to make a trash folder there and offer to
         # delete for good, instead of failing to move the file to a trash.
@@ -89,7 +90,8 @@ class Attributes:
 
     def _file(self, node: FileNode, size: int, seconds: int) -> pyfuse3.EntryAttributes:
         entry = self._common(node.inode)
-        entry.st_mode = self._file_mode
+        unchangeable = node.remote is not None and node.remote.unchangeable
+        entry.st_mode = self._unchangeable_mode if unchangeable else self._file_mode
         entry.st_nlink = 1
         entry.st_size = size
         entry.st_blocks = (size + 511) // 512

@@ -48,6 +48,7 @@ _MEANINGFUL_WHEN_READING = frozenset({errno.EACCES, errno.ENOENT})
 NOT_SUPPORTED = errno.EPERM  # folders, links, device nodes: the account has none
 NO_CUSTOM_METADATA = errno.ENOTSUP  # the service keeps no xattrs: cp -a and mv carry on
 BAD_SETTING = errno.EINVAL  # an upload setting (user.mistral.visibility, .expiry) it refuses
+UNCHANGEABLE = errno.EPERM  # a file the service keeps as it is (a repository's): as for chattr +i
 READ_ONLY_VIEW = errno.EROFS  # jobs/: what the service's batch jobs are, never changed here
 
 

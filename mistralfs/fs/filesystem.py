@@ -19,7 +19,14 @@ from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.files_api import FILE_FIELDS, SHOWN_BY_STAT
 from mistralfs.fs.activity import Activity
-from mistralfs.fs.errors import NO_CUSTOM_METADATA, READ_ONLY_VIEW, FsError, errno_for, refused
+from mistralfs.fs.errors import (
+    NO_CUSTOM_METADATA,
+    READ_ONLY_VIEW,
+    UNCHANGEABLE,
+    FsError,
+    errno_for,
+    refused,
+)
 from mistralfs.fs.jobs import JOB_NODES, JobNode, JobsView
 from mistralfs.fs.mtimes import KeptTimes
 from mistralfs.fs.names import JOBS_FOLDER
@@ -181,6 +188,7 @@ class Filesystem:
         node = self._file(inode)
         if write:
             self._refuse_if_read_only()
+            self._refuse_if_unchangeable(node)
         elif self._writer.spool_for(node) is None and node.remote is not None:
             await self._check_still_there(node)
         try:
@@ -298,6 +306,7 @@ class Filesystem:
             return
         self._refuse_if_read_only()
         assert isinstance(node, FileNode)
+        self._refuse_if_unchangeable(node)
         self.times.content_changed(node)
         if spool is not None:
             await self._writer.truncate(spool, size)
@@ -341,6 +350,9 @@ class Filesystem:
             return
         if target is not None and not replace:
             raise FsError(errno.EEXIST)
+        self._refuse_if_unchangeable(node)
+        if isinstance(target, FileNode):
+            self._refuse_if_unchangeable(target)  # replacing it would delete it
         try:
             await self._writer.rename(node, folder, new_name)
         except ApiError as exc:
@@ -352,6 +364,7 @@ class Filesystem:
         node = await self.lookup(parent_inode, name)
         if not isinstance(node, FileNode):
             raise FsError(errno.EISDIR)
+        self._refuse_if_unchangeable(node)
         # An upload of the file may end while a deletion waits (a close, or the release of
         # a new file): the version it stored is deleted too, not left nameless.
         deleted: set[str] = set()
@@ -445,6 +458,7 @@ class Filesystem:
         self.jobs.refuse(node)
         if self.read_only or not isinstance(node, FileNode) or name not in SETTABLE_XATTRS:
             raise refused(self.read_only, NO_CUSTOM_METADATA)
+        self._refuse_if_unchangeable(node)  # a new setting would mean a new upload
         before, had = self._writer.upload_settings(node), node.upload_settings
         node.upload_settings = with_xattr(had, name, value)
         if self._writer.upload_settings(node) == before:
@@ -465,6 +479,14 @@ class Filesystem:
     def _refuse_if_read_only(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS)
+
+    @staticmethod
+    def _refuse_if_unchangeable(node: FileNode) -> None:
+        """What the service lets no one delete or replace is refused here, before any
+        request, as for an immutable file."""
+        if node.remote is not None and node.remote.unchangeable:
+            source = node.remote.source
+            raise FsError(UNCHANGEABLE, f"{node.folder.name}/{node.name}: a {source} file")
 
     def _new_handle(self, handle: Handle) -> int:
         fh = next(self._fh_counter)
