@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import itertools
+import mmap
 import os
 import pathlib
 import socket
@@ -78,6 +79,26 @@ async def test_client_reads_ranges_in_block_pieces(
         pieces = await client.read_range_pieces(url, 100, 3 * MiB + 400, MiB)
     assert [len(p) for p in pieces] == [MiB, MiB, MiB, 400]
     assert b"".join(pieces) == data[100:]
+
+
+async def test_range_pieces_are_read_into_memory_of_their_own(
+    emulator: typing.Any, tmp_path: pathlib.Path
+) -> None:
+    """Each block of a range is read by the socket straight into a populated mapping of
+    its own (no bytes object, no fault per page; see transport.py), whole pieces kept
+    as they came, so that one evicted block frees its memory whatever its neighbours do."""
+    async with FilesClient(emulator.url, emulator.api_key) as client:
+        data, url = await uploaded_url(client, tmp_path, 2 * MiB + 10)
+        streamed: list[bytes] = []
+        pieces = await client.read_range_pieces(
+            url, 0, 2 * MiB + 10, MiB, lambda _i, piece: streamed.append(piece)
+        )
+        whole = await client.read_range_pieces(url, 5, MiB, MiB)
+    for piece in [*pieces, *whole]:
+        assert isinstance(piece, memoryview) and isinstance(piece.obj, mmap.mmap)
+    assert len({id(typing.cast(memoryview, p).obj) for p in pieces}) == len(pieces)
+    assert b"".join(pieces) == data and streamed == pieces[:2]
+    assert bytes(whole[0]) == data[5 : 5 + MiB]
 
 
 def test_a_proxy_from_the_environment_applies_where_no_proxy_says_so(

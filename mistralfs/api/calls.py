@@ -43,7 +43,7 @@ from mistralfs.api.retry import (
     run_with_retries,
 )
 from mistralfs.api.tls import client_context
-from mistralfs.api.transport import PIECE_SIZE, PREFETCH, ThreadedTransport
+from mistralfs.api.transport import BLOCK_BUFFERS, PIECE_SIZE, PREFETCH, ThreadedTransport
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,7 @@ class ApiCalls:
         policy: RetryPolicy | None = None,
         answer_limit: int | None = None,
         piece_size: int | None = None,
+        block_buffers: bool = False,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -249,17 +250,20 @@ class ApiCalls:
         client's retry policy for this call. ``answer_limit`` says how much of the
         answer the caller reads at most: the transport reads that much with the
         headers (in pieces of ``piece_size``), so a whole answer costs one worker
-        thread hop (see transport.py).
+        thread hop (see transport.py). ``block_buffers``: each piece of a good answer in
+        memory of its own, populated at once (transport.py).
         """
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {route(url)}"
         if deadline is None:
             deadline = trio.current_time() + self.retry.total_budget
-        extensions: dict[str, int] = {}
+        extensions: dict[str, int | bool] = {}
         if answer_limit is not None:
             extensions[PREFETCH] = answer_limit
         if piece_size is not None:
             extensions[PIECE_SIZE] = piece_size
+        if block_buffers:
+            extensions[BLOCK_BUFFERS] = True
 
         async def attempt(n: int) -> T:
             if resume is not None and n > 1:
