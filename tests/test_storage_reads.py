@@ -311,3 +311,28 @@ def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.Monkey
         assert len(made) == 1
     finally:
         tls._context.cache_clear()
+
+
+async def test_a_cookie_that_the_server_sets_is_sent_back() -> None:
+    """The client's jar looks at an answer only when it sets a cookie (the cost of
+    asking http.cookiejar about every answer is saved, see calls.py); one that does is
+    kept and sent back, as httpx does."""
+    seen: list[str | None] = []
+    body = b"0123456789"
+
+    async def app(scope: dict[str, typing.Any], receive: typing.Any, send: typing.Any) -> None:
+        cookie = dict(scope["headers"]).get(b"cookie")
+        seen.append(cookie.decode() if cookie else None)
+        headers = [(b"content-length", b"10")]
+        if len(seen) == 2:
+            headers.append((b"set-cookie", b"affinity=a1; Path=/"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, app)
+        async with FilesClient(url, "key") as client:
+            for _ in range(3):
+                assert await client.content("f1", len(body)) == body
+        nursery.cancel_scope.cancel()
+    assert seen == [None, None, "affinity=a1"]

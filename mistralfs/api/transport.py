@@ -67,6 +67,14 @@ class BlockingBody(Protocol):
     def send_blocking(self, conn: http.client.HTTPConnection) -> None: ...
 
 
+def _blocking_body(stream: object) -> BlockingBody | None:
+    """The body if it writes itself (`BlockingBody`), else None.
+
+    By its method, not `isinstance` against the protocol: a runtime protocol check walks
+    the protocol's attributes each time, about 30 us for every request."""
+    return stream if callable(getattr(stream, "send_blocking", None)) else None  # type: ignore[return-value]
+
+
 class _Pool:
     """The connections to one origin: those idle, and a bound on those in use."""
 
@@ -111,9 +119,9 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
         proxy = self.proxy_for(request.url)
         if proxy is not None:
             return await self._via_proxy(proxy).handle_async_request(request)
-        body = request.stream
+        blocking = _blocking_body(request.stream)
         data = b""
-        if not isinstance(body, BlockingBody):
+        if blocking is None:
             data = await request.aread()
         origin, https = _origin(request.url)
         pool = self._pool(origin)
@@ -122,7 +130,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             method=request.method,
             target=request.url.raw_path.decode("ascii") or "/",
             headers=request.headers.multi_items(),
-            body=body if isinstance(body, BlockingBody) else data,
+            body=blocking if blocking is not None else data,
             connect_timeout=timeouts.get("connect"),
             timeout=timeouts.get("read"),
             prefetch=request.extensions.get(PREFETCH, DEFAULT_PREFETCH),
@@ -249,7 +257,7 @@ class _Exchange:
                 conn.putheader(name, value)
             conn.endheaders()
             try:
-                if isinstance(self.body, BlockingBody):
+                if not isinstance(self.body, bytes):
                     self.body.send_blocking(conn)
                 elif self.body:
                     conn.send(self.body)
