@@ -313,6 +313,23 @@ def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.Monkey
         tls._context.cache_clear()
 
 
+async def test_blocks_are_read_into_plain_buffers_when_no_mapping_is_to_be_had(
+    emulator: typing.Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process at its limit of mappings (vm.max_map_count) still reads: each block
+    into a plain buffer, as before block buffers."""
+
+    def no_mapping(*_args: object, **_kwargs: object) -> mmap.mmap:
+        raise OSError(12, "Cannot allocate memory")
+
+    async with FilesClient(emulator.url, emulator.api_key) as client:
+        data, url = await uploaded_url(client, tmp_path, 2 * MiB + 10)
+        monkeypatch.setattr("mistralfs.api.transport.mmap.mmap", no_mapping)
+        pieces = await client.read_range_pieces(url, 3, 2 * MiB + 7, MiB, lambda _i, _p: None)
+    assert all(isinstance(piece, bytes) for piece in pieces)
+    assert b"".join(pieces) == data[3:]
+
+
 async def test_a_cookie_that_the_server_sets_is_sent_back() -> None:
     """The client's jar looks at an answer only when it sets a cookie (the cost of
     asking http.cookiejar about every answer is saved, see calls.py); one that does is

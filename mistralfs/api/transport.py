@@ -369,7 +369,10 @@ def _read_piece(response: http.client.HTTPResponse, want: int, block_buffers: bo
         want = min(want, response.length)
     if want == 0:
         return b""
-    view = memoryview(mmap.mmap(-1, want, flags=_POPULATED))
+    try:
+        view = memoryview(mmap.mmap(-1, want, flags=_POPULATED))
+    except OSError:  # no mapping to be had (vm.max_map_count reached): a plain buffer
+        return response.read(want)
     got = 0
     while got < want:
         n = response.readinto(view[got:])
