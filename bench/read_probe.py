@@ -103,6 +103,12 @@ def main() -> int:
         "--ab", metavar="VAR", help="A/B: every other mistralfs mount with VAR=1 in its environment"
     )
     parser.add_argument(
+        "--ab-path",
+        metavar="DIR",
+        help="A/B: every other mistralfs mount runs the code of another checkout (its "
+        "PYTHONPATH is DIR), e.g. a `git archive` of the commit before a change",
+    )
+    parser.add_argument(
         "--py-spy",
         type=Path,
         help="the last mistralfs read profiled: py-spy's flame graph for *.svg, its "
@@ -132,16 +138,19 @@ def main() -> int:
             subprocess.run(warm, check=True)
         with ctx:
             sides = ["mfs", "rclone"] if args.rclone else ["mfs"]
-            if args.ab:
-                sides = [f"mfs+{args.ab}", "mfs"] + (["rclone"] if args.rclone else [])
+            if args.ab or args.ab_path:
+                other = f"mfs+{args.ab}" if args.ab else "mfs@other"
+                sides = [other, "mfs"] + (["rclone"] if args.rclone else [])
                 results = {side: [] for side in sides}
+            own_path = os.environ.get("PYTHONPATH", "")
             for rep in range(args.reps):
                 for side in sides if rep % 2 == 0 else sides[::-1]:
                     spy = args.py_spy if side == "mfs" and rep == args.reps - 1 else None
                     os.environ.pop(args.ab or "-", None)
                     if "+" in side:
                         os.environ[side.split("+")[1]] = "1"
-                    r = read_once(b, side.split("+")[0], spy)
+                    os.environ["PYTHONPATH"] = args.ab_path if "@" in side else own_path
+                    r = read_once(b, side.split("+")[0].split("@")[0], spy)
                     results[side].append(r)
                     load = os.getloadavg()[0]
                     log(
