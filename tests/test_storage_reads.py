@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import itertools
+import mmap
 import os
 import pathlib
 import socket
@@ -78,6 +79,26 @@ async def test_client_reads_ranges_in_block_pieces(
         pieces = await client.read_range_pieces(url, 100, 3 * MiB + 400, MiB)
     assert [len(p) for p in pieces] == [MiB, MiB, MiB, 400]
     assert b"".join(pieces) == data[100:]
+
+
+async def test_range_pieces_are_read_into_memory_of_their_own(
+    emulator: typing.Any, tmp_path: pathlib.Path
+) -> None:
+    """Each block of a range is read by the socket straight into a populated mapping of
+    its own (no bytes object, no fault per page; see transport.py), whole pieces kept
+    as they came, so that one evicted block frees its memory whatever its neighbours do."""
+    async with FilesClient(emulator.url, emulator.api_key) as client:
+        data, url = await uploaded_url(client, tmp_path, 2 * MiB + 10)
+        streamed: list[bytes] = []
+        pieces = await client.read_range_pieces(
+            url, 0, 2 * MiB + 10, MiB, lambda _i, piece: streamed.append(piece)
+        )
+        whole = await client.read_range_pieces(url, 5, MiB, MiB)
+    for piece in [*pieces, *whole]:
+        assert isinstance(piece, memoryview) and isinstance(piece.obj, mmap.mmap)
+    assert len({id(typing.cast(memoryview, p).obj) for p in pieces}) == len(pieces)
+    assert b"".join(pieces) == data and streamed == pieces[:2]
+    assert bytes(whole[0]) == data[5 : 5 + MiB]
 
 
 def test_a_proxy_from_the_environment_applies_where_no_proxy_says_so(
@@ -290,3 +311,45 @@ def test_one_tls_context_serves_every_client_and_pool(monkeypatch: pytest.Monkey
         assert len(made) == 1
     finally:
         tls._context.cache_clear()
+
+
+async def test_blocks_are_read_into_plain_buffers_when_no_mapping_is_to_be_had(
+    emulator: typing.Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process at its limit of mappings (vm.max_map_count) still reads: each block
+    into a plain buffer, as before block buffers."""
+
+    def no_mapping(*_args: object, **_kwargs: object) -> mmap.mmap:
+        raise OSError(12, "Cannot allocate memory")
+
+    async with FilesClient(emulator.url, emulator.api_key) as client:
+        data, url = await uploaded_url(client, tmp_path, 2 * MiB + 10)
+        monkeypatch.setattr("mistralfs.api.transport.mmap.mmap", no_mapping)
+        pieces = await client.read_range_pieces(url, 3, 2 * MiB + 7, MiB, lambda _i, _p: None)
+    assert all(isinstance(piece, bytes) for piece in pieces)
+    assert b"".join(pieces) == data[3:]
+
+
+async def test_a_cookie_that_the_server_sets_is_sent_back() -> None:
+    """The client's jar looks at an answer only when it sets a cookie (the cost of
+    asking http.cookiejar about every answer is saved, see calls.py); one that does is
+    kept and sent back, as httpx does."""
+    seen: list[str | None] = []
+    body = b"0123456789"
+
+    async def app(scope: dict[str, typing.Any], receive: typing.Any, send: typing.Any) -> None:
+        cookie = dict(scope["headers"]).get(b"cookie")
+        seen.append(cookie.decode() if cookie else None)
+        headers = [(b"content-length", b"10")]
+        if len(seen) == 2:
+            headers.append((b"set-cookie", b"affinity=a1; Path=/"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with trio.open_nursery() as nursery:
+        url = await serve_asgi(nursery, app)
+        async with FilesClient(url, "key") as client:
+            for _ in range(3):
+                assert await client.content("f1", len(body)) == body
+        nursery.cancel_scope.cancel()
+    assert seen == [None, None, "affinity=a1"]

@@ -43,7 +43,7 @@ from mistralfs.api.retry import (
     run_with_retries,
 )
 from mistralfs.api.tls import client_context
-from mistralfs.api.transport import PIECE_SIZE, PREFETCH, ThreadedTransport
+from mistralfs.api.transport import BLOCK_BUFFERS, PIECE_SIZE, PREFETCH, ThreadedTransport
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,32 @@ class RequestStats:
     observe: Callable[[str, float], None] = _unobserved
 
 
+class _LeanCookies(httpx.Cookies):
+    """httpx's cookie jar, that looks at an answer only when it sets a cookie: taking
+    cookies in (httpx wraps each answer in urllib's request and email's message to ask
+    http.cookiejar) cost about 45 us of the daemon's CPU per answer, which set none."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        if "set-cookie" in response.headers:
+            super().extract_cookies(response)
+
+
+class _LeanCookieClient(httpx.AsyncClient):
+    """httpx's client, its cookies in a `_LeanCookies` jar; the rest as it is."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._jar = _LeanCookies()
+        super().__init__(**kwargs)
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._jar
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        self._jar = _LeanCookies(cookies)
+
+
 class ApiCalls:
     """How every request is made (see the module's docstring).
 
@@ -185,7 +211,7 @@ class ApiCalls:
         self.stats = RequestStats()
         tls = client_context(ca_file)  # one trust for every connection
         self.transport = ThreadedTransport(tls) if transport is None else None
-        self._http = httpx.AsyncClient(
+        self._http = _LeanCookieClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             headers={"User-Agent": user_agent},
             follow_redirects=False,
@@ -243,6 +269,7 @@ class ApiCalls:
         policy: RetryPolicy | None = None,
         answer_limit: int | None = None,
         piece_size: int | None = None,
+        block_buffers: bool = False,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -259,17 +286,20 @@ class ApiCalls:
         client's retry policy for this call. ``answer_limit`` says how much of the
         answer the caller reads at most: the transport reads that much with the
         headers (in pieces of ``piece_size``), so a whole answer costs one worker
-        thread hop (see transport.py).
+        thread hop (see transport.py). ``block_buffers``: each piece of a good answer in
+        memory of its own, populated at once (transport.py).
         """
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {route(url)}"
         if deadline is None:
             deadline = trio.current_time() + self.retry.total_budget
-        extensions: dict[str, int] = {}
+        extensions: dict[str, int | bool] = {}
         if answer_limit is not None:
             extensions[PREFETCH] = answer_limit
         if piece_size is not None:
             extensions[PIECE_SIZE] = piece_size
+        if block_buffers:
+            extensions[BLOCK_BUFFERS] = True
 
         async def attempt(n: int) -> T:
             if resume is not None and n > 1:

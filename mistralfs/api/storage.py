@@ -221,6 +221,7 @@ class StorageReads:
                 # that runs on; streamed, its first piece only.
                 answer_limit=length + 1 if on_piece is None else piece_size,
                 piece_size=piece_size,
+                block_buffers=True,
             )
         except httpx.UnsupportedProtocol as exc:
             raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None
