@@ -6,12 +6,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import RunningEmulator
-from emulator_admin import set_faults
+from emulator_admin import clear_faults, set_faults
 from mistralai.client import Mistral
 from mounting import is_mounted, mount, remote_files, wait_for
 
@@ -75,3 +76,38 @@ def test_file_closed_while_its_upload_was_in_flight_is_uploaded_once(
             assert (second / "batch" / "done.jsonl").read_bytes() == source.read_bytes()
             assert not list(second.cache_dir.glob("spool/*/*.spool"))
     assert not is_mounted(tmp_path / "mnt")
+
+
+def test_a_files_own_upload_settings_survive_a_crash_before_its_upload(
+    emulator_process: RunningEmulator, tmp_path: Path, sdk: Mistral
+) -> None:
+    """A file given `user.mistral.visibility` before its close, closed while the service
+    failed every upload, is sent by the next mount with that visibility, not the mount's."""
+    url, key = emulator_process.url, emulator_process.api_key
+    with mount(emulator_process, tmp_path, "--visibility", "workspace") as first:
+        set_faults(url, key, {"method": "POST", "path_prefix": "/v1/files", "status": 503,
+                              "times": None})  # fmt: skip
+        writer = subprocess.Popen([sys.executable, "-c", WRITE_WITH_SETTING,
+                                   str(first / "batch" / "private.jsonl")])  # fmt: skip
+        wait_for(lambda: "private.jsonl" in first.log(), timeout=10)  # its upload is retried
+        kill_daemon(first.daemon_pid())
+        writer.wait(timeout=10)
+        clear_faults(url, key)
+        with mount(emulator_process, tmp_path, "--visibility", "workspace") as second:
+            wait_for(lambda: "uploaded batch/private.jsonl" in second.log(), timeout=30)
+            [stored] = remote_files(sdk)
+            assert (stored.filename, stored.visibility) == ("private.jsonl", "user")
+
+
+# Opens the file, gives it its own visibility, writes and closes it (the close waits on
+# the upload, which the service fails until the daemon is killed).
+WRITE_WITH_SETTING = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.setxattr(sys.argv[1], "user.mistral.visibility", b"user")
+os.write(fd, b'{"secret": true}\\n')
+try:
+    os.close(fd)
+except OSError:
+    pass
+"""

@@ -25,7 +25,8 @@ from mounting import mount, mount_command, remote_files, wait_for
 
 from mistralfs.api import Rejected, RemoteFile
 from mistralfs.fs.errors import errno_for
-from mistralfs.fs.upload_settings import UploadSettings
+from mistralfs.fs.kept import kept_entries, retry
+from mistralfs.fs.upload_settings import UploadSettings, from_note
 
 BLOCK = 64 * 1024
 HOUR = 3600
@@ -294,3 +295,37 @@ async def test_a_re_upload_that_fails_leaves_the_file_as_the_account_has_it(
         assert stored(api).visibility == "workspace"
         assert await fs.ops.getxattr(inode, VISIBILITY, None) == b"workspace"
         assert await fs.read_file("batch", "a.jsonl") == b"{}\n"
+
+
+@pytest.mark.logs_expected
+async def test_a_files_own_settings_go_with_its_kept_content_and_its_retry(
+    tmp_path: Path,
+) -> None:
+    """A failed upload keeps the content and its note; the note keeps the file's own
+    settings, so `mistralfs recovery retry` (and the next mount after a crash) send
+    them, not the service's defaults."""
+    async with stack(tmp_path, defaults=UploadSettings("workspace", 24)) as (fs, api):
+        batch = await fs.folder("batch")
+        info, attrs = await fs.ops.create(batch, b"own.jsonl", 0o644, os.O_WRONLY, None)
+        await fs.ops.setxattr(attrs.st_ino, VISIBILITY, b"user", None)
+        await fs.ops.setxattr(attrs.st_ino, EXPIRY, b"2", None)
+        api.fail_next("upload", Rejected("the service is refusing today", status=400))
+        with pytest.raises(pyfuse3.FUSEError):
+            await fs.write_and_close(info.fh, b"{}\n")
+    [entry] = kept_entries(tmp_path / "recovery")
+    assert entry.settings == UploadSettings("user", 2)
+    retried = FakeFilesApi()  # the account, later
+    before = time.time()
+    remote = await retry(retried, entry)
+    assert remote.visibility == "user"
+    assert remote.expires_at is not None
+    assert before + 2 * HOUR - 5 <= remote.expires_at <= time.time() + 2 * HOUR
+
+
+def test_a_note_from_another_version_or_a_damaged_one_leaves_the_defaults() -> None:
+    defaults = UploadSettings("workspace", 24)
+    assert from_note({}, defaults, 0.0) == defaults
+    odd = {"visibility": "everyone", "expiry": True, "expires_at": "soon"}
+    assert from_note(odd, defaults, 0.0) == defaults
+    kept = {"visibility": "user", "expiry": None, "expires_at": 3 * HOUR + 1}
+    assert from_note(kept, defaults, 0.0) == UploadSettings("user", 4)  # hours left, up

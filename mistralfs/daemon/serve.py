@@ -337,7 +337,7 @@ async def _recover(
     try:
         if leftovers:
             log.info("recovery: %d spool(s) left by a previous daemon", len(leftovers))
-            await recover(client, leftovers, config.recovery_dir)
+            await recover(client, leftovers, config.recovery_dir, config.upload_defaults)
             namespace.invalidate()  # recovered uploads show up at the next listing
     finally:
         done.set()

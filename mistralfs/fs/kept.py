@@ -20,13 +20,15 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mistralfs.api import ApiError, NotFound, RemoteFile
 from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.errors import reason
 from mistralfs.fs.spool import remove
+from mistralfs.fs.upload_settings import UploadSettings, from_note
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class KeptEntry:
     kept_at: float  # when it was kept (the file's mtime)
     error: str | None  # why it was not uploaded, if known
     replaces: tuple[str, ...] = ()  # remote versions its upload was to replace
+    # What its upload asks for besides the content, as the note keeps it.
+    settings: UploadSettings = field(default_factory=UploadSettings)
 
     @property
     def where(self) -> str:
@@ -87,6 +91,7 @@ def read_entry(path: Path) -> KeptEntry:
         kept_at=stat.st_mtime,
         error=note.get("error"),
         replaces=tuple(note.get("replaces") or ()),
+        settings=from_note(note, UploadSettings(), time.time()),
     )
 
 
@@ -154,7 +159,13 @@ async def retry(
     if not purpose or not filename:
         raise ValueError(f"{entry.id}: its note is lost: say --purpose and --name")
     try:
-        remote = await client.upload(entry.path, filename=filename, purpose=purpose)
+        remote = await client.upload(
+            entry.path,
+            filename=filename,
+            purpose=purpose,
+            expiry=entry.settings.sent_expiry,
+            visibility=entry.settings.visibility,
+        )
     except ApiError as exc:
         note_reason(entry.path, reason(exc))
         raise

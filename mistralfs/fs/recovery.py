@@ -26,6 +26,7 @@ from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.errors import reason
 from mistralfs.fs.kept import note_reason
 from mistralfs.fs.spool import keep, remove
+from mistralfs.fs.upload_settings import UploadSettings, from_note
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,15 @@ def leftover_spools(spool_dir: Path) -> list[Path]:
     return sorted(spool_dir.glob("*.spool"), key=lambda p: p.stat().st_mtime)
 
 
-async def recover(client: FilesApi, spools: list[Path], recovery_dir: Path) -> None:
+async def recover(
+    client: FilesApi,
+    spools: list[Path],
+    recovery_dir: Path,
+    defaults: UploadSettings | None = None,
+) -> None:
+    """Upload, drop or keep each spool (see above); a file is sent with the upload
+    settings its note keeps, over `defaults` (this mount's `--visibility`, `--expiry`)."""
+    defaults = defaults or UploadSettings()
     for spool in spools:
         meta_path = spool.with_suffix(".json")
         try:
@@ -56,7 +65,7 @@ async def recover(client: FilesApi, spools: list[Path], recovery_dir: Path) -> N
             log.info("recovery: %s was already uploaded; dropping its spool", where)
             remove(spool)
         elif meta.get("complete") and meta.get("purpose") and meta.get("filename"):
-            await _upload(client, spool, meta, where, recovery_dir)
+            await _upload(client, spool, meta, where, recovery_dir, defaults)
         else:
             kept = keep(spool, recovery_dir)
             with contextlib.suppress(OSError):
@@ -66,14 +75,26 @@ async def recover(client: FilesApi, spools: list[Path], recovery_dir: Path) -> N
 
 
 async def _upload(
-    client: FilesApi, spool: Path, meta: dict, where: str, recovery_dir: Path
+    client: FilesApi,
+    spool: Path,
+    meta: dict,
+    where: str,
+    recovery_dir: Path,
+    defaults: UploadSettings,
 ) -> None:
     try:
         remote = await _already_uploaded(client, spool, meta)
         if remote is not None:
             log.info("recovery: %s had been uploaded as %s before the crash", where, remote.id)
         else:
-            remote = await client.upload(spool, filename=meta["filename"], purpose=meta["purpose"])
+            settings = from_note(meta, defaults, time.time())
+            remote = await client.upload(
+                spool,
+                filename=meta["filename"],
+                purpose=meta["purpose"],
+                expiry=settings.sent_expiry,
+                visibility=settings.visibility,
+            )
             log.info("recovery: uploaded %s, closed before the crash, as %s", where, remote.id)
         for old_id in meta.get("replaces") or []:
             if old_id != remote.id:

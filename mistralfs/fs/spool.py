@@ -37,6 +37,7 @@ import trio
 
 from mistralfs.api import RemoteFile
 from mistralfs.fs.errors import FsError
+from mistralfs.fs.upload_settings import noted
 
 if TYPE_CHECKING:
     from mistralfs.fs.namespace import FileNode
@@ -175,6 +176,7 @@ class Spool:
             "local": node.local,  # a scratch file's: dropped after a crash, never uploaded
             "replaces": [r.id for r in self.replaces]
             + ([node.remote.id] if node.remote is not None else []),
+            **noted(node),  # its own upload settings, which the next mount sends it with
         }
         state = tuple(note.values())
         if state != self._note_written:

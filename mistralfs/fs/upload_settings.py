@@ -18,8 +18,9 @@ change it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 from mistralfs.api import RemoteFile
 from mistralfs.fs.errors import BAD_SETTING, FsError
@@ -102,6 +103,34 @@ def kept_from(remote: RemoteFile | None, now: float) -> UploadSettings:
 def effective(node: FileNode, defaults: UploadSettings, now: float) -> UploadSettings:
     """The settings `node`'s next upload is sent with (see the module's docstring)."""
     return node.upload_settings.over(kept_from(node.remote, now).over(defaults))
+
+
+def noted(node: FileNode) -> dict[str, object]:
+    """What a crash note keeps of `node`'s own settings (levels 1 and 2 above), so that
+    the next mount sends it as this one would have (`from_note`)."""
+    own, remote = node.upload_settings, node.remote
+    kept_visibility = remote.visibility if remote is not None else None
+    return {
+        "visibility": own.visibility if own.visibility is not None else kept_visibility,
+        "expiry": own.expiry,
+        # Its replaced version's end, kept as the hours left when the upload is sent.
+        "expires_at": remote.expires_at if remote is not None and own.expiry is None else None,
+    }
+
+
+def from_note(note: Mapping[str, object], defaults: UploadSettings, now: float) -> UploadSettings:
+    """The settings a crash note says its file is sent with, over `defaults`; what the
+    note lacks, or holds in a form no mount wrote, the defaults decide."""
+    visibility, expiry, ends = (note.get(key) for key in ("visibility", "expiry", "expires_at"))
+    if not (isinstance(visibility, str) and visibility in VISIBILITIES):
+        visibility = None
+    if not _whole(expiry):
+        expiry = hours_left(ends, now) if _whole(ends) else None
+    return UploadSettings(visibility, expiry).over(defaults)
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def with_xattr(settings: UploadSettings, name: str, value: bytes | None) -> UploadSettings:
