@@ -189,6 +189,7 @@ Try:
   cp some-training-data.jsonl {mountpoint}/fine-tune/     # uploads it
   getfattr -d {mountpoint}/fine-tune/capitals.jsonl      # the remote metadata
   rm {mountpoint}/batch/requests.jsonl                   # deletes it remotely
+  {me} recovery list    # what the service refused, and why
 Unmount (and stop the demo emulator):
   {me} demo --stop {mountpoint}"""
     )

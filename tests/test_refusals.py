@@ -276,3 +276,24 @@ def test_recovery_works_on_the_cache_folder_without_a_mount(
     [stored] = remote_files(sdk)
     assert (stored.purpose, stored.filename) == ("batch", "z.txt")
     assert json.loads(recovery(mounted, env, "list", "--json").stdout) == []
+
+
+def test_recovery_without_cache_dir_finds_what_running_mounts_keep(
+    mounted: Mounted, tmp_path: Path, sdk: Mistral, emulator_process: RunningEmulator
+) -> None:
+    """The demo, and any mount with `--cache-dir`, keeps its cache elsewhere than the
+    default: `recovery` looks in the folders of the running mounts too, so the command
+    that `status` points to finds the entries it counts."""
+    env = dict(cli_env(mounted, emulator_process), XDG_CACHE_HOME=str(tmp_path / "elsewhere"))
+    source = tmp_path / "t.txt"
+    source.write_bytes(b"text\n")
+    failing("cp", source, mounted / "ocr")
+    shown = mistralfs(env, "recovery", "list")
+    assert shown.returncode == 0, shown.stderr
+    assert "ocr/t.txt" in shown.stdout and str(mounted.cache_dir) in shown.stdout
+    [entry] = json.loads(mistralfs(env, "recovery", "list", "--json").stdout)
+    moved = mistralfs(env, "recovery", "retry", entry["id"][:8], "--purpose", "batch")
+    assert moved.returncode == 0, moved.stderr
+    assert [(f.purpose, f.filename) for f in remote_files(sdk)] == [("batch", "t.txt")]
+    nothing = mistralfs(env, "recovery", "list")
+    assert "nothing kept" in nothing.stdout and str(mounted.cache_dir) in nothing.stdout

@@ -1,8 +1,9 @@
 """`mistralfs recovery list | retry | save | discard`: what the recovery folder keeps.
 
 It works on the cache folder's `recovery/` alone (`fs/kept.py`), whether a mount runs
-or not. A running mount that uses the folder notices what was retried or discarded at
-its next look at the file's folder (the name that showed the entry goes, and with it
+or not; without `--cache-dir`, on those of the running mounts and the default one. A
+running mount that uses the folder notices what was retried or discarded at its next
+look at the file's folder (the name that showed the entry goes, and with it
 `user.mistral.error`), and `mistralfs status` counts only what is still kept. A retry
 uploads with the settings of that mount, if one runs (its server), else with the
 options given; the key comes from where `mount` takes it.
@@ -11,6 +12,7 @@ options given; the key comes from where `mount` takes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,12 +39,13 @@ SHOWN_ID = 12  # characters of an entry's id that `list` shows; any unique prefi
 
 def recovery_command(action: str, args: argparse.Namespace) -> int:
     """Run one action; the exit status (0 done, 1 refused or failed, 2 bad usage)."""
-    cache_dir = (getattr(args, "cache_dir", None) or default_cache_dir()).expanduser().resolve()
-    recovery_dir = cache_dir / "recovery"
+    given = getattr(args, "cache_dir", None)
+    folders = [given.expanduser().resolve() / "recovery"] if given else _recovery_dirs()
     try:
         if action == "list":
-            return _list(recovery_dir, as_json=bool(getattr(args, "json", False)))
-        entry = find_entry(recovery_dir, args.id)
+            return _list(folders, as_json=bool(getattr(args, "json", False)))
+        entry = _find(folders, args.id)
+        cache_dir = entry.path.parent.parent
         if action == "discard":
             discard(entry)
             print(f"discarded {entry.where} ({entry.id[:SHOWN_ID]})")
@@ -57,18 +60,48 @@ def recovery_command(action: str, args: argparse.Namespace) -> int:
         return 1
 
 
-def _list(recovery_dir: Path, *, as_json: bool) -> int:
-    entries = kept_entries(recovery_dir)
+def _recovery_dirs() -> list[Path]:
+    """Without --cache-dir: the recovery folders of this user's running mounts (the demo
+    and any mount given --cache-dir keep theirs elsewhere), then the default one."""
+    folders = []
+    for mountpoint in running_mountpoints():
+        with contextlib.suppress(StatusError):
+            cache_dir = snapshot_of(mountpoint).get("cache_dir")
+            if isinstance(cache_dir, str):
+                folders.append(Path(cache_dir) / "recovery")
+    folders.append(default_cache_dir().expanduser().resolve() / "recovery")
+    return list(dict.fromkeys(folders))
+
+
+def _find(folders: list[Path], prefix: str) -> KeptEntry:
+    """The one entry, in any of `folders`, whose id starts with `prefix`."""
+    found = []
+    for folder in folders:
+        with contextlib.suppress(EntryNotFound):
+            found.append(find_entry(folder, prefix))
+    if len(found) != 1:
+        what = "no entry" if not found else f"{len(found)} entries"
+        places = " or ".join(map(str, folders))
+        raise EntryNotFound(f"{what} in {places} with the id {prefix!r}")
+    return found[0]
+
+
+def _list(folders: list[Path], *, as_json: bool) -> int:
+    entries = [entry for folder in folders for entry in kept_entries(folder)]
     if as_json:
         print(json.dumps([entry.as_dict() for entry in entries]))
         return 0
     if not entries:
-        print(f"nothing kept in {recovery_dir}")
+        print(f"nothing kept in {' or '.join(map(str, folders))}")
         return 0
-    for entry in entries:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.kept_at))
-        print(f"{entry.id[:SHOWN_ID]}  {when}  {entry.size:>10} B  {entry.where}")
-        print(f"    {entry.error or 'not uploaded (no reason noted)'}")
+    for folder in folders:
+        kept = [entry for entry in entries if entry.path.parent == folder]
+        if kept:
+            print(f"in {folder}:")
+        for entry in kept:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.kept_at))
+            print(f"{entry.id[:SHOWN_ID]}  {when}  {entry.size:>10} B  {entry.where}")
+            print(f"    {entry.error or 'not uploaded (no reason noted)'}")
     return 0
 
 
