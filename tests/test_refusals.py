@@ -146,6 +146,12 @@ def test_mv_into_a_refusing_purpose_uploads_once_and_says_why(
     assert not (mounted / "ocr" / "hello.txt").exists()
     failure = [line for line in mounted.log().splitlines() if "upload of" in line]
     assert failure and "upload of ocr/hello.txt failed" in failure[-1], failure
+    # Without a desktop, the reason is on the name that stayed, naming where it went.
+    why = getfattr(source, "user.mistral.error")
+    assert why.startswith("not moved to ocr/hello.txt: 4") and "text/plain" in why, why
+    assert "user.mistral.error" in os.listxattr(source)
+    (mounted / "batch" / "hello.txt").rename(mounted / "batch" / "hello2.txt")  # a move that works
+    assert "user.mistral.error" not in os.listxattr(mounted / "batch" / "hello2.txt")
 
 
 # -- mistralfs recovery -----------------------------------------------------------------

@@ -398,7 +398,7 @@ class Filesystem:
         node = self.jobs.target(node) or node  # a job's file: its file in batch/
         if not isinstance(node, FileNode):
             return []
-        kept = self._writer.kept_for(node) is not None
+        kept = self._error_of(node) is not None
         settings = [n for n in SETTABLE_XATTRS if self._setting(node, n) is not None]
         if node.remote is None:
             return settings + ([XATTR_ERROR] if kept else [])
@@ -419,9 +419,9 @@ class Filesystem:
             # lets `ls -l` stop asking for them after the first file of the mount.
             raise FsError(errno.ENOTSUP)
         if name == XATTR_ERROR and isinstance(node, FileNode):
-            kept = self._writer.kept_for(node)
-            if kept is not None and kept.error is not None:
-                return kept.error.encode("utf-8")
+            error = self._error_of(node)
+            if error is not None:
+                return error.encode("utf-8")
         value: object = None
         if isinstance(node, FileNode) and name in SETTABLE_XATTRS:
             value = self._setting(node, name)
@@ -479,6 +479,12 @@ class Filesystem:
     def _refuse_if_read_only(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS)
+
+    def _error_of(self, node: FileNode) -> str | None:
+        """Why the name shows what it shows (user.mistral.error): the service refused the
+        content kept under it, or the move away from it."""
+        kept = self._writer.kept_for(node)
+        return kept.error if kept is not None and kept.error is not None else node.refused_move
 
     @staticmethod
     def _refuse_if_unchangeable(node: FileNode) -> None:

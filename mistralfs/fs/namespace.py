@@ -85,6 +85,9 @@ class FileNode:
     local: bool = False
     # Its own upload settings (xattrs user.mistral.visibility, .expiry): see upload_settings.py
     upload_settings: UploadSettings = field(default_factory=UploadSettings)
+    # Why its last move through the mount was refused (shown as user.mistral.error on
+    # the name it kept), until its content is uploaded again.
+    refused_move: str | None = None
     # Serialises uploads, renames and opening or dropping the spool of this file.
     lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
@@ -286,6 +289,7 @@ class Namespace:
         if node.remote is not None:
             self._inode_by_id.pop(node.remote.id, None)
         node.remote = remote
+        node.refused_move = None
         self._inode_by_id[remote.id] = node.inode
         self._own_uploads[remote.id] = (remote, trio.current_time())
         self.on_file_bound(node, previous)

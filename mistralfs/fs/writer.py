@@ -553,6 +553,7 @@ class Writer:
                 except FsError as exc:
                     wanted = f"{folder.purpose}/{name}"
                     log.info("%s not renamed to %s: it stays as it was", source, wanted)
+                    node.refused_move = f"not moved to {wanted}: {reason(exc)}"
                     self._on_refused(UploadRefused(wanted, reason(exc), renamed_from=source))
                     raise
                 if node.removed_here:
