@@ -84,6 +84,12 @@ def test_scrape_counts_what_the_mount_did(
     remote = sdk.files.upload(file={"file_name": "data.bin", "content": data}, purpose="batch")
     url = status_of(metered)["metrics"]
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", url)
+    shown = subprocess.run(  # the port the system chose, also where people read status
+        [sys.executable, "-m", "mistralfs", "status", str(metered.path)],
+        env={**os.environ, "XDG_RUNTIME_DIR": str(metered.run_dir)},
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert f" metrics: {url}" in shown.stdout.splitlines()
     scrape = Scraper(url)
     before = scrape()
     assert value(before, "mistralfs_uploads_in_flight") == 0

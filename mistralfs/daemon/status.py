@@ -102,6 +102,8 @@ def render(snapshot: dict) -> str:
     errors = ", ".join(f"{k} {v}" for k, v in sorted(snapshot.get("errors", {}).items()))
     lines.append(f" requests: {requests or 'none'}")
     lines.append(f" errors: {errors or 'none'}")
+    if snapshot.get("metrics"):
+        lines.append(f" metrics: {snapshot['metrics']}")
     for failure in snapshot.get("failed", [])[-5:]:
         lines.append(f"  failed {failure['purpose']}/{failure['name']}: {failure['error']}")
     if snapshot.get("failed"):
