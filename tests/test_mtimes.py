@@ -122,6 +122,29 @@ async def test_touch_d_on_an_uploaded_file_keeps_its_times_under_its_id(
     assert stored(kept) == {remote_id(kept, "a.jsonl"): Times(ATIME, MTIME)}
 
 
+async def test_touch_d_downloads_nothing_and_a_later_write_still_edits_the_content(
+    kept: FakeStack,
+) -> None:
+    """A write-only open copies the file in at its first change, not at open: touch -d
+    of a large file cost a download of all of it."""
+    data = bytes(range(256)) * (3 * BLOCK // 256)
+    await kept.write_file("batch", "big.bin", data)
+    kept.api.calls.clear()
+    inode = await kept.inode("batch", "big.bin")
+    info = await kept.ops.open(inode, os.O_WRONLY, None)
+    await set_times(kept, inode, mtime_ns=MTIME, atime_ns=ATIME, fh=info.fh)
+    await kept.ops.flush(info.fh)
+    await kept.ops.release(info.fh)
+    fetched = {k: n for k, n in kept.api.calls.items() if k in ("content", "read_range", "upload")}
+    assert fetched == {}, fetched
+    assert (await stat(kept, "batch", "big.bin")).st_mtime_ns == MTIME
+    # The same kind of open, then a write: the rest of the file is still there.
+    info = await kept.ops.open(inode, os.O_WRONLY, None)
+    await kept.write_and_close(info.fh, b"XY", offset=BLOCK)
+    assert kept.api.calls["upload"] == 1
+    assert await kept.read_file("batch", "big.bin") == data[:BLOCK] + b"XY" + data[BLOCK + 2 :]
+
+
 async def test_cp_p_sets_the_times_on_the_open_file_before_its_upload(kept: FakeStack) -> None:
     fh = await kept.open_truncated("batch", "copy.jsonl")
     for offset in range(0, 3 * BLOCK, BLOCK):

@@ -189,6 +189,8 @@ class Filesystem:
         if write:
             self._refuse_if_read_only()
             self._refuse_if_unchangeable(node)
+            if self._copied_at_first_change(node, flags):
+                return self._new_handle(Handle(node=node, writes=True)), False
         elif self._writer.spool_for(node) is None and node.remote is not None:
             await self._check_still_there(node)
         try:
@@ -201,6 +203,30 @@ class Filesystem:
             self.times.content_changed(node)
         keep_pages = spool is None and self._writer.kernel_may_keep_pages(node)
         return self._new_handle(Handle(node=node, spool=spool, writes=write)), keep_pages
+
+    def _copied_at_first_change(self, node: FileNode, flags: int) -> bool:
+        """A write-only open of an uploaded file that no one is changing gets its copy of
+        the content at its first write or truncation, not at open: `touch -d` opens for
+        writing and changes nothing, and copying in a large file cost all of it."""
+        return (
+            (flags & os.O_ACCMODE) == os.O_WRONLY
+            and not flags & os.O_TRUNC
+            and node.remote is not None
+            and self._writer.spool_for(node) is None
+        )
+
+    async def _spool_to_change(self, handle: Handle) -> Spool:
+        """The version `handle` changes; made now for a handle opened without one."""
+        if handle.spool is None:
+            if not handle.writes:
+                raise FsError(errno.EBADF)
+            try:
+                spool = await self._writer.open_handle(handle.node, write=True, truncate=False)
+            except ApiError as exc:
+                raise self._fetch_error(handle.node, exc) from exc
+            assert spool is not None, "a handle that writes always gets a version"
+            handle.spool = spool
+        return handle.spool
 
     async def _open_in_jobs(self, node: JobNode, write: bool, flags: int) -> tuple[int, bool]:
         """job.json reads what the listing showed; a job's file, its file in batch/."""
@@ -268,10 +294,9 @@ class Filesystem:
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)
-        if handle.spool is None:
-            raise FsError(errno.EBADF)
+        spool = await self._spool_to_change(handle)
         self.times.content_changed(handle.node)
-        return await self._writer.write(handle.spool, offset, data)
+        return await self._writer.write(spool, offset, data)
 
     async def setattr(
         self,
@@ -308,6 +333,8 @@ class Filesystem:
         assert isinstance(node, FileNode)
         self._refuse_if_unchangeable(node)
         self.times.content_changed(node)
+        if fh is not None and spool is None and self._handle(fh).writes:
+            spool = await self._spool_to_change(self._handle(fh))  # ftruncate, first change
         if spool is not None:
             await self._writer.truncate(spool, size)
             return
