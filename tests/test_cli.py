@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import stat
 import subprocess
@@ -267,9 +268,14 @@ def test_status_watch_refreshes_until_interrupted(mounted: Mounted) -> None:
         env=env_for(mounted), stdout=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
-    time.sleep(2.5)
+    assert watch.stdout is not None
+    seen, deadline = "", time.monotonic() + 20  # two screens, however busy the machine
+    while seen.count(str(mounted.path)) < 2 and time.monotonic() < deadline:
+        if select.select([watch.stdout], [], [], 1.0)[0]:
+            seen += os.read(watch.stdout.fileno(), 65536).decode()
     watch.send_signal(signal.SIGINT)
     out, _ = watch.communicate(timeout=10)
+    out = seen + out
     assert watch.returncode == 0
     assert out.count("\033[H\033[2J") >= 2 and out.count(str(mounted.path)) >= 2
 

@@ -1388,6 +1388,10 @@ async def test_a_large_new_file_is_uploaded_while_it_is_written(stack: Stack) ->
     await write_in_order(stack, info.fh, data[:first])
     assert await posts(stack) == 0  # not yet: small files are sent whole at close
     await write_in_order(stack, info.fh, data[first:], first)
+    for _ in range(1000):  # the upload's task starts when the scheduler gets to it
+        if await posts(stack) != 0:
+            break
+        await trio.sleep(0.01)
     assert await posts(stack) == 1  # under way before the close
     await stack.ops.flush(info.fh)
     await stack.ops.release(info.fh)
