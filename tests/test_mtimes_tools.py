@@ -19,10 +19,11 @@ from test_tools import (
     Tmux,
     assert_account,
     assert_quiet_log,
+    copy_with_f5,
     panel_rows,
     requests_made,
     run,
-    select,
+    start_mc,
     tmux,  # noqa: F401 - a fixture, asked for below
     tool,
 )
@@ -142,21 +143,8 @@ def test_midnight_commander_copy_preserves_the_mtime(
 ) -> None:
     local = tmp_path / "local"
     make_tree(local, {"fromlocal.txt": b"copied by mc, attributes preserved\n" * 20})
-    home = tmp_path / "mc-home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "TMUX"))}
-    env.update(HOME=str(home), TERM="xterm-256color", XDG_CONFIG_HOME=str(home / ".config"))
-    env.update(XDG_DATA_HOME=str(home / ".local"), XDG_CACHE_HOME=str(home / ".cache"))
-    shell = (
-        f"TERM=xterm-256color {tool('mc')} -u -a '{mounted / 'batch'}' '{local}'; "
-        'echo "mc exited with status $?"; sleep 600'
-    )
-    tmux("new-session", "-d", "-s", tmux.session, "-x", "200", "-y", "50", shell, env=env)
-    tmux.wait(lambda s: "fromlocal.txt" in panel_rows(s, 1), "the local panel")
-    tmux.keys("Tab")
-    select(tmux, 1, "fromlocal.txt")
-    tmux.keys("F5")
-    screen = tmux.wait(lambda s: 'Copy file "fromlocal.txt"' in s, "the copy dialog")
+    start_mc(tmux, tmp_path / "mc-home", mounted / "batch", local)
+    screen = copy_with_f5(tmux, "fromlocal.txt")
     assert "[x] Preserve attributes" in screen, screen  # mc's default for a copy
     tmux.keys("Enter")
     screen = tmux.wait(lambda s: "fromlocal.txt" in panel_rows(s, 0), "the copy to show up")

@@ -228,28 +228,15 @@ def test_mv_of_a_refused_name_into_a_purpose_that_takes_it_uploads_it(
 def test_midnight_commander_shows_bad_message_for_a_refused_copy(
     mounted: Mounted, tmp_path: Path, sdk: Mistral
 ) -> None:
-    from test_tools import Tmux, panel_rows, select
+    from test_tools import Tmux, copy_with_f5, start_mc
 
     tmux = Tmux()
     try:
         local = tmp_path / "local"
         local.mkdir()
         (local / "notes.txt").write_bytes(b"plain text, which OCR does not take\n")
-        home = tmp_path / "mc-home"
-        home.mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "TMUX"))}
-        env.update(HOME=str(home), TERM="xterm-256color", XDG_CONFIG_HOME=str(home / ".config"))
-        env.update(XDG_DATA_HOME=str(home / ".local"), XDG_CACHE_HOME=str(home / ".cache"))
-        shell = (
-            f"TERM=xterm-256color {tool('mc')} -u -a '{mounted / 'ocr'}' '{local}'; "
-            'echo "mc exited with status $?"; sleep 600'
-        )
-        tmux("new-session", "-d", "-s", tmux.session, "-x", "200", "-y", "50", shell, env=env)
-        tmux.wait(lambda s: "notes.txt" in panel_rows(s, 1), "the local panel")
-        tmux.keys("Tab")
-        select(tmux, 1, "notes.txt")
-        tmux.keys("F5")
-        tmux.wait(lambda s: 'Copy file "notes.txt"' in s, "the copy dialog")
+        start_mc(tmux, tmp_path / "mc-home", mounted / "ocr", local)
+        copy_with_f5(tmux, "notes.txt")
         tmux.keys("Enter")
         screen = tmux.wait(lambda s: "Bad message" in s, "mc to report the refusal")
         assert "Invalid argument" not in screen, screen

@@ -720,6 +720,31 @@ def tmux() -> Iterator[Tmux]:
         session.kill()
 
 
+def start_mc(tmux: Tmux, home: Path, left: Path, right: Path) -> None:
+    """Midnight Commander in a tmux pane, `left` and `right` in its panels, its settings
+    under `home`: -u no subshell, -a plain ASCII frames. The pane stays after mc exits,
+    so that its exit status can be read."""
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "TMUX"))}
+    env.update(HOME=str(home), TERM="xterm-256color", XDG_CONFIG_HOME=str(home / ".config"))
+    env.update(XDG_DATA_HOME=str(home / ".local"), XDG_CACHE_HOME=str(home / ".cache"))
+    shell = (
+        f"TERM=xterm-256color {tool('mc')} -u -a '{left}' '{right}'; "
+        'echo "mc exited with status $?"; sleep 600'
+    )
+    tmux("new-session", "-d", "-s", tmux.session, "-x", "200", "-y", "50", shell, env=env)
+
+
+def copy_with_f5(tmux: Tmux, name: str) -> str:
+    """In mc, copy `name` from the right panel to the left one (F5); the copy dialog's
+    screen, before it is confirmed."""
+    tmux.wait(lambda s: name in panel_rows(s, 1), "the right panel")
+    tmux.keys("Tab")
+    select(tmux, 1, name)
+    tmux.keys("F5")
+    return tmux.wait(lambda s: f'Copy file "{name}"' in s, "the copy dialog")
+
+
 def select(tmux: Tmux, side: int, name: str) -> None:
     """Move the cursor of the active panel (`side`) onto `name`."""
     tmux.keys("Home")
@@ -744,17 +769,7 @@ def test_midnight_commander_browse_view_copy_delete(
     local = tmp_path / "local"
     local.mkdir()
     (local / "fromlocal.txt").write_bytes(b"copied by mc from the other panel\n" * 20)
-    home = tmp_path / "mc-home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "TMUX"))}
-    env.update(HOME=str(home), TERM="xterm-256color", XDG_CONFIG_HOME=str(home / ".config"))
-    env.update(XDG_DATA_HOME=str(home / ".local"), XDG_CACHE_HOME=str(home / ".cache"))
-    # -u: no subshell; -a: plain ASCII frames. Keep the pane after mc exits to read its status.
-    shell = (
-        f"TERM=xterm-256color {tool('mc')} -u -a '{mounted.path}' '{local}'; "
-        'echo "mc exited with status $?"; sleep 600'
-    )
-    tmux("new-session", "-d", "-s", tmux.session, "-x", "200", "-y", "50", shell, env=env)
+    start_mc(tmux, tmp_path / "mc-home", mounted.path, local)
 
     # Browse: the root shows the purpose folders; go into batch/.
     tmux.wait(lambda s: {"/batch", "/fine-tune", "/ocr"} <= set(panel_rows(s, 0)), "the root")
