@@ -20,12 +20,9 @@ from mistralfs.fs.operations import Operations
 ROOT = pyfuse3.ROOT_INODE
 
 
-@asynccontextmanager
-async def fast_filesystem(
-    api: FilesApi, tmp_path: Path, block: int, **options: object
-) -> AsyncIterator[Operations]:
-    """The filesystem as the mount wires it, over `api`, with the fast tier's options
-    (blocks of `block` bytes, listings never trusted) and `options` besides."""
+def fast_options(tmp_path: Path, block: int, **options: object) -> FsOptions:
+    """The fast tier's options (blocks of `block` bytes, listings never trusted), its
+    folders under `tmp_path`, and `options` besides."""
     settings = FsOptions(
         spool_dir=tmp_path / "spool",
         recovery_dir=tmp_path / "recovery",
@@ -34,7 +31,15 @@ async def fast_filesystem(
         max_file_size=64 * 1024 * 1024,
         dir_cache_time=0,
     )
-    settings = dataclasses.replace(settings, **options)
+    return dataclasses.replace(settings, **options)
+
+
+@asynccontextmanager
+async def fast_filesystem(
+    api: FilesApi, tmp_path: Path, block: int, **options: object
+) -> AsyncIterator[Operations]:
+    """The filesystem as the mount wires it, over `api`, with `fast_options`."""
+    settings = fast_options(tmp_path, block, **options)
     async with trio.open_nursery() as nursery:
         yield Operations(build_filesystem(api, nursery, settings).fs)
         nursery.cancel_scope.cancel()

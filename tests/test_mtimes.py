@@ -20,10 +20,11 @@ import pyfuse3
 import pytest
 import trio
 from fake_api import FakeFilesApi
+from fs_driver import fast_options
 from test_fake_tier import BLOCK, FakeStack
 from test_local_names import create_written, rename, unlink
 
-from mistralfs.fs.build import FsOptions, build_filesystem
+from mistralfs.fs.build import build_filesystem
 from mistralfs.fs.mtimes import Times, TimesFile
 from mistralfs.fs.operations import Operations
 
@@ -43,16 +44,7 @@ async def kept(tmp_path: Path) -> AsyncIterator[FakeStack]:
 async def mounted(root: Path, api: FakeFilesApi, **extra: bool) -> AsyncIterator[FakeStack]:
     """A mount of `api` (in memory) whose times file is under `root`; again with the
     same account and root, a remount."""
-    options = FsOptions(
-        spool_dir=root / "spool",
-        recovery_dir=root / "recovery",
-        cache_size=64 * BLOCK,
-        block_size=BLOCK,
-        max_file_size=64 * 1024 * 1024,
-        dir_cache_time=0,
-        times_file=root / "times" / "mount.sqlite3",
-        **extra,
-    )
+    options = fast_options(root, BLOCK, times_file=root / "times" / "mount.sqlite3", **extra)
     async with trio.open_nursery() as nursery:
         parts = build_filesystem(api, nursery, options)
         try:

@@ -14,9 +14,9 @@ import pyfuse3
 import pytest
 import trio
 from fake_api import FakeFilesApi
-from fs_driver import FsDriver
+from fs_driver import FsDriver, fast_options
 
-from mistralfs.fs.build import FsOptions, build_filesystem
+from mistralfs.fs.build import build_filesystem
 from mistralfs.fs.kept import discard, kept_entries
 from mistralfs.fs.operations import Operations
 from mistralfs.fs.refusals import UploadRefused
@@ -47,14 +47,7 @@ class Stack(FsDriver):
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     api = FakeFilesApi()
     api.refusals["ocr"] = lambda data: None if data.startswith(b"%PDF") else "Not a document"
-    options = FsOptions(
-        spool_dir=tmp_path / "spool",
-        recovery_dir=tmp_path / "recovery",
-        cache_size=64 * BLOCK,
-        block_size=BLOCK,
-        max_file_size=64 * 1024 * 1024,
-        dir_cache_time=0,
-    )
+    options = fast_options(tmp_path, BLOCK)
     events: list[UploadRefused] = []
     async with trio.open_nursery() as nursery:
         parts = build_filesystem(api, nursery, options, on_refused=events.append)
