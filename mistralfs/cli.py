@@ -23,7 +23,8 @@ from mistralfs.config import (
     parse_local_names,
     parse_size,
 )
-from mistralfs.fs.upload_settings import VISIBILITIES, parse_expiry, parse_visibility
+from mistralfs.files_api import VISIBILITIES
+from mistralfs.fs.upload_settings import parse_expiry, parse_visibility
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 T = TypeVar("T")

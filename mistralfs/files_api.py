@@ -24,5 +24,10 @@ FILE_FIELDS = (
 # repository's; see shared/API-NOTES.md and docs/EMULATOR.md): the mount shows them
 # read-only.
 UNCHANGEABLE_SOURCES = frozenset({"repository"})
+# Who may see a file (upload parameter and field `visibility`); the first is the default.
+VISIBILITIES = ("workspace", "user")
+# The unit of the upload parameter `expiry`, which the service does not document: hours,
+# as for signed URLs (API-NOTES.md). The one place to change it, for mount and emulator.
+EXPIRY_UNIT_SECONDS = 3600
 # Shown as a file's size and name, not as extended attributes.
 SHOWN_BY_STAT = ("bytes", "filename")

@@ -35,6 +35,7 @@ from mistralfs.api.calls import RequestStats
 from mistralfs.api.protocol import GrowingSend
 from mistralfs.api.storage import cut
 from mistralfs.api.upload_body import GrowingFile
+from mistralfs.files_api import EXPIRY_UNIT_SECONDS
 
 
 def fine_tune_refusal(data: bytes) -> str | None:
@@ -48,9 +49,6 @@ def fine_tune_refusal(data: bytes) -> str | None:
         except ValueError:
             return f"Invalid file format. Some lines are not valid JSON line {number}"
     return None
-
-
-EXPIRY_UNIT = 3600  # seconds in one unit of an upload's `expiry`, as the emulator takes it
 
 
 @dataclass
@@ -191,7 +189,7 @@ class FakeFilesApi:
             raise Rejected(refusal, status=400, method="POST", url="/v1/files")
         if progress is not None:
             progress(len(content))
-        expires_at = None if expiry is None else int(time.time()) + expiry * EXPIRY_UNIT
+        expires_at = None if expiry is None else int(time.time()) + expiry * EXPIRY_UNIT_SECONDS
         return self.add(
             filename, purpose, content, expires_at=expires_at, visibility=visibility or "workspace"
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mistralfs.emulator.faults import RandomPlan
 from mistralfs.emulator.tls import ensure_self_signed, server_context_check
-from mistralfs.emulator.upload_params import EXPIRY_UNIT_SECONDS
+from mistralfs.files_api import EXPIRY_UNIT_SECONDS
 
 
 @dataclass

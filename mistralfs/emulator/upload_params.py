@@ -11,14 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from mistralfs.emulator import errors
+from mistralfs.files_api import EXPIRY_UNIT_SECONDS, VISIBILITIES
 
 # A missing purpose: the service's default is not documented. The Files API began as
 # fine-tuning's, and older SDKs sent purpose "fine-tune" unless told otherwise.
 DEFAULT_PURPOSE = "fine-tune"
-VISIBILITIES = ("workspace", "user")
-DEFAULT_VISIBILITY = "workspace"
-# The unit of `expiry` is not documented: hours, as for signed URLs (`/url?expiry=H`).
-EXPIRY_UNIT_SECONDS = 3600
+DEFAULT_VISIBILITY = VISIBILITIES[0]
 # `expiry` is refused below 1 and above this (not documented either): an expiry time
 # must stay a 64-bit count of seconds whatever the unit.
 MIN_EXPIRY = 1

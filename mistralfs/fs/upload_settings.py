@@ -11,8 +11,8 @@ Three places decide them, the first that says wins, field by field:
 What none of them says is not sent: the service's defaults apply (workspace, no expiry).
 
 `expiry` is in the service's unit, which is not documented: hours, as for signed URLs,
-and as the emulator takes it (API-NOTES.md). `EXPIRY_UNIT_SECONDS` is the one place to
-change it.
+and as the emulator takes it (API-NOTES.md). `files_api.EXPIRY_UNIT_SECONDS` is the one
+place to change it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeGuard
 
 from mistralfs.api import RemoteFile
+from mistralfs.files_api import EXPIRY_UNIT_SECONDS, VISIBILITIES
 from mistralfs.fs.errors import BAD_SETTING, FsError
 
 if TYPE_CHECKING:
     from mistralfs.fs.namespace import FileNode
 
-VISIBILITIES = ("workspace", "user")
-EXPIRY_UNIT_SECONDS = 3600
 # `expiry` that sends none: the file never expires, whatever the mount's default says.
 NEVER = 0
 NEVER_WORDS = ("none", "never")
