@@ -143,13 +143,13 @@ class StorageReads:
         """Like `read_range`, cut into pieces of `piece_size` bytes (the last may be
         shorter; all of them shorter than asked if the body is): each byte copied once.
 
-        With `on_piece`, the body is read a piece per worker thread hop and each whole
+        With `on_piece`, the body is read a piece at a time (transport.py) and each whole
         piece but the last is handed to `on_piece(index, piece)` as soon as it is in, so
         that the first blocks of a long range serve reads while the rest is on its way
         (a retry may hand pieces again). The last piece only comes back with the others,
         once the body has ended where its range does: a body that runs on fails the
         call, and the range's last block with it. Without `on_piece`, the whole range
-        is read in one hop.
+        is read in one worker-thread hop, with the headers.
         """
         if start < 0 or length < 0 or piece_size < 1:
             raise ValueError("start and length must be >= 0, piece_size >= 1")

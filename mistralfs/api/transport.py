@@ -19,13 +19,19 @@ it waits, and the trio thread is left to answer FUSE.
 - The first `PREFETCH` bytes of an answer (default `DEFAULT_PREFETCH`) are read in the
   same thread hop as its headers, in pieces of `PIECE_SIZE` bytes (request extensions,
   default 1 MiB): a JSON answer, a small file or a range costs one hop. Anything after
-  that is read one piece per hop as the caller iterates (a range read streamed block
+  that is read a piece at a time as the caller iterates (a range read streamed block
   by block).
 - With `BLOCK_BUFFERS` (request extension), each piece of a successful answer is read
   into memory of its own, mapped and filled with pages at once (MAP_POPULATE), and
   handed on as a memoryview: a block read from storage is then written once, by the
   socket, into pages that take no fault each (a fresh 4 KiB page's fault was about a
   quarter of the daemon's CPU on a cold read).
+- The rest of such a body, after its first exchange, is read by the trio thread from
+  the socket, made non-blocking, waiting with trio for it to be readable: no thread hop
+  per piece. In worker threads, each 16 KiB TLS record read handed the GIL over and
+  back between some thirty threads (futex waits and wake-ups were a fifth of the
+  daemon's CPU on a cold read over TLS, bench/README.md); the trio thread only
+  decrypts, which costs less than those hand-overs.
 - Failures are raised as httpx's exceptions, so that one retry policy serves all.
 """
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import mmap
 import select
 import socket
@@ -246,6 +253,9 @@ class _Exchange:
     block_buffers: bool = False
     pieces: list[bytes] = field(default_factory=list)  # what was read with the headers
     body_sent: bool = False
+    # The rest of a block-buffered body is read by the trio thread (`read_here`): the
+    # piece being filled, and how much of it is (-1: http.client's buffer not yet taken).
+    partial: tuple[memoryview, int] | None = None
 
     def run(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         if conn.sock is None:
@@ -273,7 +283,46 @@ class _Exchange:
             limit = self.prefetch if response.status < 300 else min(self.prefetch, DEFAULT_PREFETCH)
             self.block_buffers = self.block_buffers and response.status < 300
             self.pieces = read_pieces(response, limit, self.piece_size, self.block_buffers)
+            if self.block_buffers and response.length:
+                view = _piece_buffer_or_none(min(self.piece_size, response.length))
+                self.partial = (view, -1) if view is not None else None
             return response
+
+    async def read_here(self, response: http.client.HTTPResponse, sock: socket.socket) -> bytes:
+        """The next piece of a block-buffered body, read by the trio thread from the
+        socket without blocking (see the module's docstring for why)."""
+        assert self.partial is not None and response.length is not None
+        view, got = self.partial
+        sock.settimeout(0)  # the next exchange sets its own timeout again
+        with _as_httpx_errors("read"):
+            if got < 0:  # the first piece after the headers' exchange
+                got = _take_buffered(response, view)
+                response.length -= got
+            while got < len(view):
+                try:
+                    n = sock.recv_into(view[got:])
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    with _socket_wait(self.timeout):
+                        await trio.lowlevel.wait_readable(sock)
+                    continue
+                except ssl.SSLWantWriteError:  # a TLS record the other way first
+                    with _socket_wait(self.timeout):
+                        await trio.lowlevel.wait_writable(sock)
+                    continue
+                if not n:  # closed before its Content-Length
+                    raise http.client.IncompleteRead(b"", response.length)
+                got += n
+                response.length -= n
+                self.partial = view, got
+        if response.length:
+            after = _piece_buffer_or_none(min(self.piece_size, response.length))
+            self.partial = (after, 0) if after is not None else None
+            if after is None:  # the rest by the worker threads, as the socket was
+                sock.settimeout(self.timeout)
+        else:
+            self.partial = None
+            response.close()  # its end: the connection can go back to the pool
+        return view  # type: ignore[return-value]
 
     def read_more(self, response: http.client.HTTPResponse) -> bytes:
         """The next piece of the body after those prefetched (b"" at its end)."""
@@ -310,9 +359,12 @@ class _AnswerBody(httpx.AsyncByteStream):
         for piece in pieces:
             yield piece
         while self._pool is not None and not self._response.isclosed():
-            piece = await trio.to_thread.run_sync(
-                self._exchange.read_more, self._response, limiter=self._threads
-            )
+            if self._exchange.partial is not None and self._conn.sock is not None:
+                piece = await self._exchange.read_here(self._response, self._conn.sock)
+            else:
+                piece = await trio.to_thread.run_sync(
+                    self._exchange.read_more, self._response, limiter=self._threads
+                )
             if not piece:
                 break
             yield piece
@@ -362,26 +414,65 @@ _POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE
 def _read_piece(response: http.client.HTTPResponse, want: int, block_buffers: bool) -> bytes:
     """The next `want` bytes of the body (fewer at its end): as bytes, or with
     `block_buffers` read straight into a populated mapping of their own (typed as bytes:
-    every reader of a piece takes any buffer)."""
-    if not block_buffers or want <= 0:
-        return response.read(want)
+    every reader of a piece takes any buffer). A body that ends before its
+    Content-Length raises IncompleteRead: a piece is never handed on short as if whole."""
     if response.length is not None:
         want = min(want, response.length)
-    if want == 0:
+    if want <= 0:
         return b""
+    view = _piece_buffer_or_none(want) if block_buffers else None
+    if view is None:  # a plain buffer, also when no mapping is to be had (vm.max_map_count)
+        piece = response.read(want)
+    else:
+        got = 0
+        while got < want:
+            n = response.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        piece = view if got == want else bytes(view[:got])  # type: ignore[assignment]
+    if len(piece) < want and response.length is not None:
+        raise http.client.IncompleteRead(bytes(piece), want - len(piece))
+    return piece
+
+
+def _piece_buffer(size: int) -> memoryview:
+    """Memory of its own for one piece of a body, its pages there at once."""
+    return memoryview(mmap.mmap(-1, size, flags=_POPULATED))
+
+
+def _piece_buffer_or_none(size: int) -> memoryview | None:
+    """`_piece_buffer`, or None when no mapping is to be had (vm.max_map_count)."""
     try:
-        view = memoryview(mmap.mmap(-1, want, flags=_POPULATED))
-    except OSError:  # no mapping to be had (vm.max_map_count reached): a plain buffer
-        return response.read(want)
-    got = 0
-    while got < want:
-        n = response.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    if got == want:
-        return view  # type: ignore[return-value]
-    return bytes(view[:got])
+        return _piece_buffer(size)
+    except OSError:
+        return None
+
+
+def _take_buffered(response: http.client.HTTPResponse, view: memoryview) -> int:
+    """Move what http.client's reader holds of the body (read from the socket with the
+    headers) into `view`, from its start, without waiting: after it the rest of the body
+    is only in the socket. The socket must be non-blocking.
+
+    The reader's buffer is `io.DEFAULT_BUFFER_SIZE` bytes (`socket.makefile`), and one
+    `readinto1` of exactly that size either empties it, with no read from the socket, or
+    finds it empty and tries one read, all of which it hands over.
+    """
+    assert response.fp is not None
+    scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
+    try:
+        n = response.fp.readinto1(scratch) or 0  # None: nothing buffered, nothing to read
+    except ssl.SSLWantReadError:
+        return 0  # nothing buffered (no bytes are taken from the buffer before a read)
+    if n > len(view):
+        raise http.client.HTTPException("more body than its Content-Length")
+    view[:n] = scratch[:n]
+    return n
+
+
+def _socket_wait(timeout: float | None) -> contextlib.AbstractContextManager[object]:
+    """A bound on one wait for a socket, as the socket's own timeout would be."""
+    return trio.fail_after(timeout) if timeout is not None else contextlib.nullcontext()
 
 
 def _connect(
@@ -399,6 +490,8 @@ def _as_httpx_errors(phase: str) -> Iterator[None]:
     policy knows (the original kept as the cause: a certificate failure is found there)."""
     try:
         yield
+    except trio.TooSlowError as exc:  # a wait in the trio thread (`_socket_wait`)
+        raise httpx.ReadTimeout("timed out") from exc
     except (OSError, http.client.HTTPException) as exc:
         error: type[httpx.TransportError]
         if phase == "connect":
