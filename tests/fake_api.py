@@ -31,6 +31,7 @@ from mistralfs.api import (
     SignedUrl,
     UrlExpired,
 )
+from mistralfs.api.buffers import BlockBuffers
 from mistralfs.api.calls import RequestStats
 from mistralfs.api.protocol import GrowingSend
 from mistralfs.api.storage import cut
@@ -253,6 +254,7 @@ class FakeFilesApi:
         length: int,
         piece_size: int,
         on_piece: Callable[[int, bytes], None] | None = None,
+        buffers: BlockBuffers | None = None,
     ) -> list[bytes]:
         self._count("read_range")
         self.ranges.append((start, length))

@@ -21,7 +21,12 @@ from fake_api import FakeFilesApi
 from test_operations import BLOCK, Stack, stack_with, upload
 
 from mistralfs.api import FilesClient
-from mistralfs.fs.reader import STORAGE_CONNECTIONS, BlockReader, ReadState
+from mistralfs.fs.reader import (
+    BEHIND_BLOCKS,
+    STORAGE_CONNECTIONS,
+    BlockReader,
+    ReadState,
+)
 
 # make_stack lets a window grow freely to 8 blocks, so that 16 is reached by measuring.
 FREE_GROWTH_BLOCKS = 8
@@ -188,6 +193,24 @@ async def test_blocks_on_their_way_count_against_the_cache(
     assert state.window == 32, state  # opened at its bound at the first read
     assert most <= 64 * BLOCK, most / BLOCK
     assert 4 < requests < STORAGE_CONNECTIONS, requests
+
+
+@pytest.mark.parametrize("read_blocks", [1, 4, 16])
+async def test_a_streams_blocks_leave_memory_behind_it_and_their_memory_holds_new_ones(
+    emulator: RunningEmulator, tmp_path: Path, read_blocks: int
+) -> None:
+    """A sequential reader's blocks leave the cache a few blocks behind it (the
+    kernel's page cache keeps what was read), and the memory of those blocks holds the
+    blocks fetched ahead: a cold read of a large file touches no more fresh memory
+    than its window. Every byte still reads back as written."""
+    data = os.urandom(160 * BLOCK)
+    async with stack_with(emulator, tmp_path / "cache") as stack:  # 64 blocks
+        await read_watching(stack, data, read_blocks * BLOCK, 0.0)
+        stats = stack.ops.fs._reader.stats()
+    assert cast(int, stats["blocks"]) <= BEHIND_BLOCKS + read_blocks + 4, stats
+    # Blocks whose memory is still held when they leave (by the request that fetched
+    # them, until its last block is in) are not reused; most of the others are.
+    assert cast(int, stats["buffers_reused"]) >= 160 // 3, stats
 
 
 async def test_a_streams_first_read_waits_for_its_own_block_only(

@@ -325,7 +325,7 @@ async def test_blocks_are_read_into_plain_buffers_when_no_mapping_is_to_be_had(
     into a plain buffer, as before block buffers."""
     async with FilesClient(emulator.url, emulator.api_key) as client:
         data, url = await uploaded_url(client, tmp_path, 2 * MiB + 10)
-        monkeypatch.setattr("mistralfs.api.transport.mmap.mmap", _no_mapping)
+        monkeypatch.setattr("mistralfs.api.buffers.mmap.mmap", _no_mapping)
         pieces = await client.read_range_pieces(url, 3, 2 * MiB + 7, MiB, lambda _i, _p: None)
     assert all(isinstance(piece, bytes) for piece in pieces)
     assert b"".join(pieces) == data[3:]
@@ -403,7 +403,7 @@ async def test_a_streamed_body_that_stops_midway_is_read_again(
     worker threads into plain buffers when no mapping is to be had (where a body cut
     short was once handed back short, as if whole)."""
     if blocks == "plain":
-        monkeypatch.setattr("mistralfs.api.transport.mmap.mmap", _no_mapping)
+        monkeypatch.setattr("mistralfs.api.buffers.mmap.mmap", _no_mapping)
     body = os.urandom(6 * 65536)
     requests = 0
 

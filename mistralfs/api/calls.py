@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 import trio
 
+from mistralfs.api.buffers import BlockBuffers
 from mistralfs.api.errors import (
     ApiError,
     AuthError,
@@ -269,7 +270,7 @@ class ApiCalls:
         policy: RetryPolicy | None = None,
         answer_limit: int | None = None,
         piece_size: int | None = None,
-        block_buffers: bool = False,
+        block_buffers: bool | BlockBuffers = False,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -287,19 +288,20 @@ class ApiCalls:
         answer the caller reads at most: the transport reads that much with the
         headers (in pieces of ``piece_size``), so a whole answer costs one worker
         thread hop (see transport.py). ``block_buffers``: each piece of a good answer in
-        memory of its own, populated at once (transport.py).
+        memory of its own, populated at once, taken from the `BlockBuffers` given if
+        one is (buffers.py).
         """
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {route(url)}"
         if deadline is None:
             deadline = trio.current_time() + self.retry.total_budget
-        extensions: dict[str, int | bool] = {}
+        extensions: dict[str, int | bool | BlockBuffers] = {}
         if answer_limit is not None:
             extensions[PREFETCH] = answer_limit
         if piece_size is not None:
             extensions[PIECE_SIZE] = piece_size
         if block_buffers:
-            extensions[BLOCK_BUFFERS] = True
+            extensions[BLOCK_BUFFERS] = block_buffers
 
         async def attempt(n: int) -> T:
             if resume is not None and n > 1:

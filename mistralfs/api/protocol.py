@@ -11,6 +11,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from mistralfs.api.buffers import BlockBuffers
 from mistralfs.api.calls import RequestStats
 from mistralfs.api.models import BatchJob, RemoteFile, SignedUrl
 from mistralfs.api.upload_body import GrowingFile
@@ -98,9 +99,12 @@ class FilesApi(Protocol):
         length: int,
         piece_size: int,
         on_piece: Callable[[int, bytes], None] | None = None,
+        buffers: BlockBuffers | None = None,
     ) -> list[bytes]:
         """Bytes of a signed URL, in pieces of `piece_size` (short at the file's end);
-        `on_piece(index, piece)`, if given, takes each whole piece as soon as it is in."""
+        `on_piece(index, piece)`, if given, takes each whole piece as soon as it is in.
+        `buffers`: where the pieces' memory comes from, if the client reads into memory
+        of its own (buffers.py)."""
         ...
 
     async def connect_ahead(self, url: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import httpx
 
+from mistralfs.api.buffers import BlockBuffers
 from mistralfs.api.calls import CONNECT_TIMEOUT, ApiCalls
 from mistralfs.api.errors import ProtocolError, strip_query
 
@@ -139,6 +140,7 @@ class StorageReads:
         length: int,
         piece_size: int,
         on_piece: Callable[[int, bytes], None] | None = None,
+        buffers: BlockBuffers | None = None,
     ) -> list[bytes]:
         """Like `read_range`, cut into pieces of `piece_size` bytes (the last may be
         shorter; all of them shorter than asked if the body is): each byte copied once.
@@ -149,7 +151,8 @@ class StorageReads:
         (a retry may hand pieces again). The last piece only comes back with the others,
         once the body has ended where its range does: a body that runs on fails the
         call, and the range's last block with it. Without `on_piece`, the whole range
-        is read in one worker-thread hop, with the headers.
+        is read in one worker-thread hop, with the headers. Each piece is read into
+        memory of its own, from `buffers` if given (buffers.py).
         """
         if start < 0 or length < 0 or piece_size < 1:
             raise ValueError("start and length must be >= 0, piece_size >= 1")
@@ -223,7 +226,7 @@ class StorageReads:
                 # read_probe A/B of 6 each: 3.14 against 3.36 CPU-s/GiB).
                 answer_limit=length + 1 if on_piece is None else 0,
                 piece_size=piece_size,
-                block_buffers=True,
+                block_buffers=buffers if buffers is not None else True,
             )
         except httpx.UnsupportedProtocol as exc:
             raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
-import mmap
 import select
 import socket
 import ssl
@@ -53,12 +52,15 @@ from typing import Protocol, runtime_checkable
 import httpx
 import trio
 
+from mistralfs.api.buffers import FRESH, BlockBuffers
+
 Origin = tuple[str, str, int]
 
 # Request extensions this transport reads (beside httpx's "timeout").
 PREFETCH = "mistralfs.prefetch"  # bytes of the answer to read with its headers
 PIECE_SIZE = "mistralfs.piece_size"  # the size of the pieces they are read in
-BLOCK_BUFFERS = "mistralfs.block_buffers"  # each piece in populated memory of its own
+# Each piece in populated memory of its own: True, or the `BlockBuffers` to take it from.
+BLOCK_BUFFERS = "mistralfs.block_buffers"
 DEFAULT_PREFETCH = 64 * 1024
 STREAM_PIECE = 1 << 20  # what one thread hop reads of the rest of a body, by default
 # Connections in use at once, per origin: a sequential reader on a long link keeps many
@@ -142,7 +144,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             timeout=timeouts.get("read"),
             prefetch=request.extensions.get(PREFETCH, DEFAULT_PREFETCH),
             piece_size=request.extensions.get(PIECE_SIZE, STREAM_PIECE),
-            block_buffers=bool(request.extensions.get(BLOCK_BUFFERS, False)),
+            buffers=_buffers_of(request.extensions.get(BLOCK_BUFFERS)),
         )
         await pool.slots.acquire()
         conn = pool.take_idle() or self._connection(origin, https)
@@ -250,7 +252,7 @@ class _Exchange:
     timeout: float | None
     prefetch: int
     piece_size: int
-    block_buffers: bool = False
+    buffers: BlockBuffers | None = None  # where pieces of a good answer go (BLOCK_BUFFERS)
     pieces: list[bytes] = field(default_factory=list)  # what was read with the headers
     body_sent: bool = False
     # The rest of a block-buffered body is read by the trio thread (`read_here`): the
@@ -281,10 +283,11 @@ class _Exchange:
                 self.body_sent = True
             # An error's body is read no further than an error message needs.
             limit = self.prefetch if response.status < 300 else min(self.prefetch, DEFAULT_PREFETCH)
-            self.block_buffers = self.block_buffers and response.status < 300
-            self.pieces = read_pieces(response, limit, self.piece_size, self.block_buffers)
-            if self.block_buffers and response.length:
-                view = _piece_buffer_or_none(min(self.piece_size, response.length))
+            if response.status >= 300:
+                self.buffers = None
+            self.pieces = read_pieces(response, limit, self.piece_size, self.buffers)
+            if self.buffers is not None and response.length:
+                view = _take_or_none(self.buffers, min(self.piece_size, response.length))
                 self.partial = (view, -1) if view is not None else None
             return response
 
@@ -315,7 +318,8 @@ class _Exchange:
                 response.length -= n
                 self.partial = view, got
         if response.length:
-            after = _piece_buffer_or_none(min(self.piece_size, response.length))
+            assert self.buffers is not None
+            after = _take_or_none(self.buffers, min(self.piece_size, response.length))
             self.partial = (after, 0) if after is not None else None
             if after is None:  # the rest by the worker threads, as the socket was
                 sock.settimeout(self.timeout)
@@ -327,7 +331,7 @@ class _Exchange:
     def read_more(self, response: http.client.HTTPResponse) -> bytes:
         """The next piece of the body after those prefetched (b"" at its end)."""
         with _as_httpx_errors("read"):
-            piece = _read_piece(response, self.piece_size, self.block_buffers)
+            piece = _read_piece(response, self.piece_size, self.buffers)
             if not piece and response.length:  # closed before its Content-Length
                 raise http.client.IncompleteRead(piece, response.length)
             return piece
@@ -386,11 +390,14 @@ class _AnswerBody(httpx.AsyncByteStream):
 
 
 def read_pieces(
-    response: http.client.HTTPResponse, limit: int, piece_size: int, block_buffers: bool = False
+    response: http.client.HTTPResponse,
+    limit: int,
+    piece_size: int,
+    buffers: BlockBuffers | None = None,
 ) -> list[bytes]:
     """Up to `limit` bytes of the body, in pieces of `piece_size` (the last may be
     shorter); never past the body's Content-Length, whatever `limit` says. With
-    `block_buffers`, each piece in populated memory of its own (a memoryview)."""
+    `buffers`, each piece in populated memory of its own (a memoryview)."""
     pieces = []
     while limit > 0 and not response.isclosed():
         want = min(piece_size, limit)
@@ -398,7 +405,7 @@ def read_pieces(
             want = min(want, response.length)
             if want == 0:
                 break
-        piece = _read_piece(response, want, block_buffers)
+        piece = _read_piece(response, want, buffers)
         if not piece:
             break
         if len(piece) < want and response.length:  # the body stopped before its length
@@ -408,19 +415,18 @@ def read_pieces(
     return pieces
 
 
-_POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-
-
-def _read_piece(response: http.client.HTTPResponse, want: int, block_buffers: bool) -> bytes:
+def _read_piece(
+    response: http.client.HTTPResponse, want: int, buffers: BlockBuffers | None
+) -> bytes:
     """The next `want` bytes of the body (fewer at its end): as bytes, or with
-    `block_buffers` read straight into a populated mapping of their own (typed as bytes:
-    every reader of a piece takes any buffer). A body that ends before its
-    Content-Length raises IncompleteRead: a piece is never handed on short as if whole."""
+    `buffers` read straight into populated memory of their own (typed as bytes: every
+    reader of a piece takes any buffer). A body that ends before its Content-Length
+    raises IncompleteRead: a piece is never handed on short as if whole."""
     if response.length is not None:
         want = min(want, response.length)
     if want <= 0:
         return b""
-    view = _piece_buffer_or_none(want) if block_buffers else None
+    view = _take_or_none(buffers, want) if buffers is not None else None
     if view is None:  # a plain buffer, also when no mapping is to be had (vm.max_map_count)
         piece = response.read(want)
     else:
@@ -436,15 +442,17 @@ def _read_piece(response: http.client.HTTPResponse, want: int, block_buffers: bo
     return piece
 
 
-def _piece_buffer(size: int) -> memoryview:
-    """Memory of its own for one piece of a body, its pages there at once."""
-    return memoryview(mmap.mmap(-1, size, flags=_POPULATED))
+def _buffers_of(extension: object) -> BlockBuffers | None:
+    """The memory that a request's BLOCK_BUFFERS extension asks for pieces to go in."""
+    if isinstance(extension, BlockBuffers):
+        return extension
+    return FRESH if extension else None
 
 
-def _piece_buffer_or_none(size: int) -> memoryview | None:
-    """`_piece_buffer`, or None when no mapping is to be had (vm.max_map_count)."""
+def _take_or_none(buffers: BlockBuffers, size: int) -> memoryview | None:
+    """Memory for a piece, or None when no mapping is to be had (vm.max_map_count)."""
     try:
-        return _piece_buffer(size)
+        return buffers.take(size)
     except OSError:
         return None
 

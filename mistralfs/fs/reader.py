@@ -26,6 +26,7 @@ import trio
 from cachetools import LRUCache, TLRUCache
 
 from mistralfs.api import RemoteFile, SignedUrl, UrlExpired
+from mistralfs.api.buffers import BlockBuffers
 from mistralfs.api.protocol import FilesApi
 from mistralfs.fs.disk_cache import DiskCache, NoDiskCache
 from mistralfs.fs.failures import RecentFailures
@@ -71,6 +72,13 @@ MAX_WHOLE_FILES_AHEAD = 32  # small files fetched ahead at once, across the moun
 # many as the transport keeps connections to one host: a long link waits on round trips)
 MAX_URLS_AHEAD = 4  # signed URLs fetched ahead at once
 FIRST_READ_EXACT = 128 * 1024  # a first read up to this size gets its own exact request
+# A sequential reader's blocks leave memory once it has read this many blocks past them
+# (the kernel sends a stream's reads a few at a time, not always in order; its page
+# cache keeps what was read, for the reads that come back to it), and their memory holds
+# the blocks fetched ahead (buffers.py): a cold read of a large file touches no more
+# fresh memory than its window.
+BEHIND_BLOCKS = 8
+BUFFERS_KEPT = 16  # idle block memory kept to be reused, at most (MiB at 1 MiB blocks)
 
 BlockKey = tuple[str, int]
 
@@ -133,7 +141,8 @@ class BlockReader:
         self._disk = disk or NoDiskCache()
         self._nursery = nursery
         self.block_size = block_size
-        self._blocks: LRUCache[BlockKey, Block] = LRUCache(maxsize=cache_size, getsizeof=len)
+        self._buffers = BlockBuffers(block_size, keep=BUFFERS_KEPT)
+        self._blocks: _BlockCache = _BlockCache(cache_size, self._buffers)
         self._inflight: dict[BlockKey, _Fetch] = {}
         self._urls: TLRUCache[str, SignedUrl] = TLRUCache(
             maxsize=4096,
@@ -179,7 +188,10 @@ class BlockReader:
             self.bytes_from["network"] += len(data)
             self._schedule(remote, first, last, self._ahead(offset, end, state), waited=False)
             return data
-        self._schedule(remote, first, last, self._ahead(offset, end, state))
+        ahead = self._ahead(offset, end, state)
+        self._schedule(remote, first, last, ahead)
+        if ahead:
+            self._leave_behind(remote.id, first - BEHIND_BLOCKS, last - first + 1)
         parts = []
         for index in range(first, last + 1):
             in_memory = (remote.id, index) in self._blocks
@@ -189,6 +201,17 @@ class BlockReader:
             parts.append(memoryview(block)[max(offset - start, 0) : end - start])
             self.bytes_from["memory"] += len(parts[-1]) if in_memory else 0
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _leave_behind(self, file_id: str, before: int, span: int) -> None:
+        """A sequential reader's blocks just before `before` leave memory, for their
+        memory to hold the blocks ahead (see BEHIND_BLOCKS): as many as the read spans
+        and a few more, so that a stream's reads, a little out of order, leave none
+        behind. A block left all the same stays, as any block does, until the cache
+        needs its room."""
+        for index in range(max(0, before - span - 4), before):
+            block = self._blocks.pop((file_id, index), None)
+            if block is not None:
+                self._buffers.give(block)
 
     async def copy_into(self, remote: RemoteFile, fd: int) -> None:
         """Write the whole content to `fd`, one block at a time, for copy-on-write."""
@@ -440,6 +463,7 @@ class BlockReader:
             "bytes_in_flight": self._reserved,
             "requests_in_flight": self._requests,
             "signed_urls": len(self._urls),
+            "buffers_reused": self._buffers.reused,
         }
 
     async def _block(self, remote: RemoteFile, index: int) -> Block:
@@ -559,7 +583,7 @@ class BlockReader:
         url = await self.signed_url(remote.id)
         try:
             pieces = await self._client.read_range_pieces(
-                url.url, start, length, piece_size, on_piece
+                url.url, start, length, piece_size, on_piece, self._buffers
             )
         except UrlExpired:
             log.info("signed URL for %s refused; fetching a fresh one", remote.id)
@@ -567,12 +591,26 @@ class BlockReader:
                 del self._urls[remote.id]
             url = await self.signed_url(remote.id)
             pieces = await self._client.read_range_pieces(
-                url.url, start, length, piece_size, on_piece
+                url.url, start, length, piece_size, on_piece, self._buffers
             )
         got = sum(len(piece) for piece in pieces)
         if got != length:
             raise ShortRead(remote.id, start, length, got)
         return pieces
+
+
+class _BlockCache(LRUCache[BlockKey, Block]):
+    """The blocks in memory, bounded in bytes; the memory of those it lets go of goes
+    back to `buffers`, to hold new blocks."""
+
+    def __init__(self, max_bytes: int, buffers: BlockBuffers) -> None:
+        super().__init__(maxsize=max_bytes, getsizeof=len)
+        self._buffers = buffers
+
+    def popitem(self) -> tuple[BlockKey, Block]:
+        key, block = super().popitem()
+        self._buffers.give(block)
+        return key, block
 
 
 def _runs(indexes: list[int], longest: int) -> Iterator[tuple[int, int]]:

@@ -1,0 +1,47 @@
+"""Block memory reused (api/buffers.py): only once nothing reads it, never a stranger's."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from mistralfs.api.buffers import BlockBuffers, fresh_buffer
+
+
+def test_memory_given_back_is_reused_only_once_nothing_reads_it() -> None:
+    """A block let go of while a view of it is still read (a reply being written, the
+    disk cache's writer) is not handed out: that view keeps its bytes. Once the view
+    is gone, the same memory holds the next block."""
+    buffers = BlockBuffers(4096, keep=4)
+    block = buffers.take(4096)
+    data = os.urandom(4096)
+    block[:] = data
+    still_read = block[100:200]
+    buffers.give(block)
+    del block
+    other = buffers.take(4096)
+    assert other.obj is not still_read.obj
+    other[:] = bytes(4096)
+    assert bytes(still_read) == data[100:200]
+    assert buffers.reused == 0
+    mapping = still_read.obj
+    del still_read
+    again = buffers.take(4096)
+    assert again.obj is mapping and buffers.reused == 1
+
+
+def test_only_whole_mappings_of_its_size_are_kept_and_no_more_than_it_keeps() -> None:
+    buffers = BlockBuffers(4096, keep=2)
+    buffers.give(b"x" * 4096)  # not memory of its own
+    buffers.give(fresh_buffer(8192))  # another size
+    buffers.give(fresh_buffer(4096)[:1000])  # part of a mapping
+    buffers.give(memoryview(bytearray(4096)))  # not a mapping
+    assert buffers.idle == 0
+    kept = [fresh_buffer(4096) for _ in range(3)]
+    for block in kept:
+        buffers.give(block)
+        buffers.give(block)  # given twice, kept once
+    assert buffers.idle == 2
+    assert isinstance(buffers.take(100), memoryview) and buffers.reused == 0  # other size
+    del kept
+    assert isinstance(buffers.take(4096).obj, mmap.mmap) and buffers.reused == 1
