@@ -45,3 +45,37 @@ def test_only_whole_mappings_of_its_size_are_kept_and_no_more_than_it_keeps() ->
     assert isinstance(buffers.take(100), memoryview) and buffers.reused == 0  # other size
     del kept
     assert isinstance(buffers.take(4096).obj, mmap.mmap) and buffers.reused == 1
+
+
+def test_threads_taking_and_giving_at_once_never_share_a_mapping() -> None:
+    """Pieces are taken in worker threads while the trio thread gives blocks back: no
+    mapping is ever handed to two holders at once, and the pool stays whole."""
+    import threading
+
+    buffers = BlockBuffers(4096, keep=8)
+    errors: list[BaseException] = []
+    held: set[int] = set()
+    held_lock = threading.Lock()
+
+    def churn() -> None:
+        try:
+            for _ in range(2000):
+                block = buffers.take(4096)
+                mapping = block.obj
+                with held_lock:
+                    assert id(mapping) not in held
+                    held.add(id(mapping))
+                with held_lock:
+                    held.discard(id(mapping))
+                buffers.give(block)
+                del block, mapping
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert buffers.idle <= 8 and buffers.reused > 0

@@ -12,12 +12,17 @@ out again (`take`) once nothing reads it any more. Whether anything does is aske
 the mapping itself: `mmap.resize` refuses while any view of it exists (a read's reply
 being written, the disk cache's writer), and resizing it to its own size changes
 nothing otherwise. A mapping still read is kept for later, never handed out.
+
+Pieces are taken in the trio thread and in the transport's worker threads (a range
+read whole with its headers), and blocks given back in the trio thread: a lock keeps
+the idle mappings whole between them.
 """
 
 from __future__ import annotations
 
 import collections
 import mmap
+import threading
 
 _POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
@@ -44,18 +49,20 @@ class BlockBuffers:
         self.size = size
         self.keep = keep
         self._idle: collections.deque[mmap.mmap] = collections.deque()
+        self._lock = threading.Lock()
         self.reused = 0  # pieces put in memory given back (for tests and stats)
 
     def take(self, size: int) -> memoryview:
         """Memory for a piece of `size` bytes: an idle mapping that nothing reads, or a
         fresh one. Its old content is there until the piece is written over."""
         if size == self.size:
-            for _ in range(len(self._idle)):
-                mapping = self._idle.popleft()
-                if _unshared(mapping):
-                    self.reused += 1
-                    return memoryview(mapping)
-                self._idle.append(mapping)  # still read: asked again next time
+            with self._lock:
+                for _ in range(len(self._idle)):
+                    mapping = self._idle.popleft()
+                    if _unshared(mapping):
+                        self.reused += 1
+                        return memoryview(mapping)
+                    self._idle.append(mapping)  # still read: asked again next time
         return fresh_buffer(size)
 
     def give(self, block: object) -> None:
@@ -66,8 +73,9 @@ class BlockBuffers:
         mapping = block.obj
         if not isinstance(mapping, mmap.mmap) or not len(mapping) == block.nbytes == self.size:
             return
-        if not any(idle is mapping for idle in self._idle):
-            self._idle.append(mapping)
+        with self._lock:
+            if len(self._idle) < self.keep and not any(idle is mapping for idle in self._idle):
+                self._idle.append(mapping)
 
     @property
     def idle(self) -> int:
