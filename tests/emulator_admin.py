@@ -84,3 +84,11 @@ def add_file(
         r = client.post("/v1/_emulator/files", files={"file": (filename, content)}, data=fields)
         r.raise_for_status()
         return r.json()
+
+
+def empty_account(url: str, api_key: str) -> None:
+    """Delete every file of the account (through the Files API), for tests that share
+    one emulator and must each start from nothing."""
+    with _client(url, api_key) as client:
+        for f in client.get("/v1/files", params={"page_size": 1000}).json()["data"]:
+            client.delete(f"/v1/files/{f['id']}").raise_for_status()

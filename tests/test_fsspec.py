@@ -21,7 +21,14 @@ import httpx
 import pandas as pd
 import pytest
 from conftest import RunningEmulator, emulator_process_with
-from emulator_admin import add_batch_output, clear_faults, clear_requests, requests, set_faults
+from emulator_admin import (
+    add_batch_output,
+    clear_faults,
+    clear_requests,
+    empty_account,
+    requests,
+    set_faults,
+)
 
 from mistralfs.emulator.tls import self_signed_paths
 from mistralfs.fs.filesystem import XATTR_FIELDS
@@ -44,10 +51,7 @@ def options(server: RunningEmulator) -> Iterator[dict[str, Any]]:
     fsspec's cached instances (with their listings) are dropped."""
     yield {"api_key": server.api_key, "server_url": server.url}
     MistralFileSystem.clear_instance_cache()
-    headers = {"Authorization": f"Bearer {server.api_key}"}
-    with httpx.Client(base_url=server.url, headers=headers) as http:
-        for f in http.get("/v1/files", params={"page_size": 1000}).json()["data"]:
-            http.delete(f"/v1/files/{f['id']}").raise_for_status()
+    empty_account(server.url, server.api_key)
 
 
 @pytest.fixture

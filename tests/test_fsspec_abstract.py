@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
-import httpx
 import pytest
 from conftest import RunningEmulator, emulator_process_with
+from emulator_admin import empty_account
 from fsspec.tests.abstract import (
     AbstractCopyTests,
     AbstractFixtures,
@@ -45,10 +45,7 @@ class MistralFixtures(AbstractFixtures):
         )
         yield fs
         fs.close()
-        headers = {"Authorization": f"Bearer {server.api_key}"}
-        with httpx.Client(base_url=server.url, headers=headers) as http:
-            for f in http.get("/v1/files", params={"page_size": 1000}).json()["data"]:
-                http.delete(f"/v1/files/{f['id']}").raise_for_status()
+        empty_account(server.url, server.api_key)
 
     @pytest.fixture
     def fs_join(self) -> Any:
