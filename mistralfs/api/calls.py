@@ -270,7 +270,7 @@ class ApiCalls:
         policy: RetryPolicy | None = None,
         answer_limit: int | None = None,
         piece_size: int | None = None,
-        block_buffers: bool | BlockBuffers = False,
+        block_buffers: BlockBuffers | None = None,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -288,8 +288,7 @@ class ApiCalls:
         answer the caller reads at most: the transport reads that much with the
         headers (in pieces of ``piece_size``), so a whole answer costs one worker
         thread hop (see transport.py). ``block_buffers``: each piece of a good answer in
-        memory of its own, populated at once, taken from the `BlockBuffers` given if
-        one is (buffers.py).
+        memory of its own, populated at once, taken from these (buffers.py).
         """
         log_url = strip_query(url) if storage else url
         kind = "storage" if storage else f"{method} {route(url)}"
@@ -300,7 +299,7 @@ class ApiCalls:
             extensions[PREFETCH] = answer_limit
         if piece_size is not None:
             extensions[PIECE_SIZE] = piece_size
-        if block_buffers:
+        if block_buffers is not None:
             extensions[BLOCK_BUFFERS] = block_buffers
 
         async def attempt(n: int) -> T:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import httpx
 
-from mistralfs.api.buffers import BlockBuffers
+from mistralfs.api.buffers import FRESH, BlockBuffers
 from mistralfs.api.calls import CONNECT_TIMEOUT, ApiCalls
 from mistralfs.api.errors import ProtocolError, strip_query
 
@@ -226,7 +226,7 @@ class StorageReads:
                 # read_probe A/B of 6 each: 3.14 against 3.36 CPU-s/GiB).
                 answer_limit=length + 1 if on_piece is None else 0,
                 piece_size=piece_size,
-                block_buffers=buffers if buffers is not None else True,
+                block_buffers=buffers or FRESH,
             )
         except httpx.UnsupportedProtocol as exc:
             raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None

@@ -52,15 +52,14 @@ from typing import Protocol, runtime_checkable
 import httpx
 import trio
 
-from mistralfs.api.buffers import FRESH, BlockBuffers
+from mistralfs.api.buffers import BlockBuffers
 
 Origin = tuple[str, str, int]
 
 # Request extensions this transport reads (beside httpx's "timeout").
 PREFETCH = "mistralfs.prefetch"  # bytes of the answer to read with its headers
 PIECE_SIZE = "mistralfs.piece_size"  # the size of the pieces they are read in
-# Each piece in populated memory of its own: True, or the `BlockBuffers` to take it from.
-BLOCK_BUFFERS = "mistralfs.block_buffers"
+BLOCK_BUFFERS = "mistralfs.block_buffers"  # the `BlockBuffers` that pieces go in, if any
 DEFAULT_PREFETCH = 64 * 1024
 STREAM_PIECE = 1 << 20  # what one thread hop reads of the rest of a body, by default
 # Connections in use at once, per origin: a sequential reader on a long link keeps many
@@ -144,7 +143,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             timeout=timeouts.get("read"),
             prefetch=request.extensions.get(PREFETCH, DEFAULT_PREFETCH),
             piece_size=request.extensions.get(PIECE_SIZE, STREAM_PIECE),
-            buffers=_buffers_of(request.extensions.get(BLOCK_BUFFERS)),
+            buffers=request.extensions.get(BLOCK_BUFFERS),
         )
         await pool.slots.acquire()
         conn = pool.take_idle() or self._connection(origin, https)
@@ -256,7 +255,7 @@ class _Exchange:
     pieces: list[bytes] = field(default_factory=list)  # what was read with the headers
     body_sent: bool = False
     # The rest of a block-buffered body is read by the trio thread (`read_here`): the
-    # piece being filled, and how much of it is (-1: http.client's buffer not yet taken).
+    # memory for its next piece, and -1 while http.client's buffer is not yet taken.
     partial: tuple[memoryview, int] | None = None
 
     def run(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
@@ -316,7 +315,6 @@ class _Exchange:
                     raise http.client.IncompleteRead(b"", response.length)
                 got += n
                 response.length -= n
-                self.partial = view, got
         if response.length:
             assert self.buffers is not None
             after = _take_or_none(self.buffers, min(self.piece_size, response.length))
@@ -331,10 +329,7 @@ class _Exchange:
     def read_more(self, response: http.client.HTTPResponse) -> bytes:
         """The next piece of the body after those prefetched (b"" at its end)."""
         with _as_httpx_errors("read"):
-            piece = _read_piece(response, self.piece_size, self.buffers)
-            if not piece and response.length:  # closed before its Content-Length
-                raise http.client.IncompleteRead(piece, response.length)
-            return piece
+            return _read_piece(response, self.piece_size, self.buffers)
 
 
 class _AnswerBody(httpx.AsyncByteStream):
@@ -400,16 +395,9 @@ def read_pieces(
     `buffers`, each piece in populated memory of its own (a memoryview)."""
     pieces = []
     while limit > 0 and not response.isclosed():
-        want = min(piece_size, limit)
-        if response.length is not None:
-            want = min(want, response.length)
-            if want == 0:
-                break
-        piece = _read_piece(response, want, buffers)
+        piece = _read_piece(response, min(piece_size, limit), buffers)
         if not piece:
             break
-        if len(piece) < want and response.length:  # the body stopped before its length
-            raise http.client.IncompleteRead(piece, response.length)
         pieces.append(piece)
         limit -= len(piece)
     return pieces
@@ -440,13 +428,6 @@ def _read_piece(
     if len(piece) < want and response.length is not None:
         raise http.client.IncompleteRead(bytes(piece), want - len(piece))
     return piece
-
-
-def _buffers_of(extension: object) -> BlockBuffers | None:
-    """The memory that a request's BLOCK_BUFFERS extension asks for pieces to go in."""
-    if isinstance(extension, BlockBuffers):
-        return extension
-    return FRESH if extension else None
 
 
 def _take_or_none(buffers: BlockBuffers, size: int) -> memoryview | None:
