@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import pathlib
 
 from mistralfs.api.buffers import BlockBuffers, fresh_buffer
 
@@ -30,14 +31,23 @@ def test_memory_given_back_is_reused_only_once_nothing_reads_it() -> None:
     assert again.obj is mapping and buffers.reused == 1
 
 
-def test_only_whole_mappings_of_its_size_are_kept_and_no_more_than_it_keeps() -> None:
+def test_only_its_own_whole_mappings_are_kept_and_no_more_than_it_keeps(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Nothing but memory this pool made is ever written into again: not a block of the
+    disk cache (a read-only mapping of its file), not another pool's memory."""
     buffers = BlockBuffers(4096, keep=2)
     buffers.give(b"x" * 4096)  # not memory of its own
-    buffers.give(fresh_buffer(8192))  # another size
-    buffers.give(fresh_buffer(4096)[:1000])  # part of a mapping
+    buffers.give(fresh_buffer(4096))  # a mapping this pool did not make
+    buffers.give(buffers.take(4096)[:1000])  # part of a mapping
     buffers.give(memoryview(bytearray(4096)))  # not a mapping
+    on_disk = tmp_path / "block"
+    on_disk.write_bytes(b"d" * 4096)
+    with on_disk.open("rb") as f:
+        buffers.give(memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)))
     assert buffers.idle == 0
-    kept = [fresh_buffer(4096) for _ in range(3)]
+    assert on_disk.read_bytes() == b"d" * 4096
+    kept = [buffers.take(4096) for _ in range(3)]
     for block in kept:
         buffers.give(block)
         buffers.give(block)  # given twice, kept once

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import mmap
 import threading
+import weakref
 
 _POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
@@ -49,6 +50,9 @@ class BlockBuffers:
         self.size = size
         self.keep = keep
         self._idle: collections.deque[mmap.mmap] = collections.deque()
+        # The mappings this pool made: only those are ever taken back. Another's (the
+        # disk cache maps its block files, read-only and shared) is never written into.
+        self._ours: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
         self._lock = threading.Lock()
         self.reused = 0  # pieces put in memory given back (for tests and stats)
 
@@ -63,19 +67,23 @@ class BlockBuffers:
                         self.reused += 1
                         return memoryview(mapping)
                     self._idle.append(mapping)  # still read: asked again next time
-        return fresh_buffer(size)
+        block = fresh_buffer(size)
+        if size == self.size and self.keep:
+            with self._lock:
+                self._ours.add(block.obj)  # type: ignore[arg-type]
+        return block
 
     def give(self, block: object) -> None:
-        """A block the cache let go of: its mapping is kept to be reused, if it is one
-        of ours and there is room; otherwise it is unmapped when its last view goes."""
+        """A block the cache let go of: its mapping is kept to be reused, if this pool
+        made it, the block is all of it, and there is room; otherwise it is unmapped when
+        its last view goes."""
         if len(self._idle) >= self.keep or not isinstance(block, memoryview):
             return
         mapping = block.obj
-        if not isinstance(mapping, mmap.mmap) or not len(mapping) == block.nbytes == self.size:
-            return
         with self._lock:
-            if len(self._idle) < self.keep and not any(idle is mapping for idle in self._idle):
-                self._idle.append(mapping)
+            ours = mapping in self._ours and block.nbytes == self.size
+            if ours and len(self._idle) < self.keep and all(i is not mapping for i in self._idle):
+                self._idle.append(mapping)  # type: ignore[arg-type]
 
     @property
     def idle(self) -> int:
