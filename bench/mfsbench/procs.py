@@ -128,3 +128,28 @@ def catch_signals() -> None:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def settle_memory(source: Path) -> bool:
+    """Free the clean page cache, then read ``source`` back into it, before a timed
+    write of ``source``: each side then writes into memory just freed, as on any machine.
+
+    On this VM a page the kernel hands out for the first time in a while also faults on
+    the host, and costs several times what a recycled one does. Without this, a write
+    row measured who got the pages the side before had just freed: curl's upload, run
+    right after the mount's `cp` had freed its spool, wrote the emulator's copy at 0.3
+    CPU-s of kernel time, and the `cp` after it at 1.0 (bench/README.md, "W1 and the
+    VM's memory"). Needs root (False otherwise, and nothing is dropped).
+    """
+    os.sync()
+    try:
+        DROP_CACHES.write_text("1\n")
+    except OSError:
+        return False
+    with source.open("rb") as f:
+        while f.read(1 << 20):
+            pass
+    return True
