@@ -180,3 +180,19 @@ def mounted(emulator_process: RunningEmulator, tmp_path: pathlib.Path) -> Iterat
 
     with mount(emulator_process, tmp_path, "--dir-cache-time", "1") as m:
         yield m
+
+
+def count_transport_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The transport's worker-thread hops from here on, by what ran in each (the
+    emulator in this process has hops of its own, not counted)."""
+    hops: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        name = getattr(fn, "__qualname__", "")
+        if name.startswith("_Exchange."):
+            hops.append(name)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return hops

@@ -1,13 +1,19 @@
 """The client's one HTTP layer: an httpx transport that speaks HTTP/1.1 through the
-standard library's http.client, in worker threads.
+standard library's http.client.
 
 Every request, to the API or to storage, goes through the client's `httpx.AsyncClient`,
 so redirects, authentication (the key only for the API's origin), timeouts, the retry
 policy and the error mapping are each written once. Only the bytes on the wire are this
 module's. httpx's own transport (h11 and httpcore on the trio thread) costs milliseconds
-of Python per request and copies each body several times; here a worker thread
-(trio.to_thread, so structured) writes and reads the socket, with the GIL released while
-it waits, and the trio thread is left to answer FUSE.
+of Python per request and copies each body several times; here http.client parses, and
+the socket is written and read either by a worker thread (trio.to_thread, so
+structured) or by the trio thread, never blocking it:
+
+- on a connection already open, a request whose body is in memory is sent, and its
+  answer's head and first bytes received, by the trio thread from the non-blocking
+  socket (answer_here.py): no thread hop per request;
+- opening a connection (TCP, TLS) and bodies that write themselves go to a worker
+  thread, with the GIL released while it waits.
 
 - One pool per origin (scheme, host, port): idle connections, the most recently used
   first, and a bound on the connections in use.
@@ -16,11 +22,11 @@ it waits, and the trio thread is left to answer FUSE.
 - A request body with a blocking `send_blocking(conn)` (the upload bodies,
   upload_body.py) writes itself from the worker thread, by sendfile(2); any other body
   is read first, then sent.
-- The first `PREFETCH` bytes of an answer (default `DEFAULT_PREFETCH`) are read in the
-  same thread hop as its headers, in pieces of `PIECE_SIZE` bytes (request extensions,
-  default 1 MiB): a JSON answer, a small file or a range costs one hop. Anything after
-  that is read a piece at a time as the caller iterates (a range read streamed block
-  by block).
+- The first `PREFETCH` bytes of an answer (default `DEFAULT_PREFETCH`) are read with
+  its headers, in pieces of `PIECE_SIZE` bytes (request extensions, default 1 MiB): a
+  JSON answer, a small file or a range costs one exchange, and at most one hop.
+  Anything after that is read a piece at a time as the caller iterates (a range read
+  streamed block by block).
 - With `BLOCK_BUFFERS` (request extension), each piece of a successful answer is read
   into memory of its own, mapped and filled with pages at once (MAP_POPULATE), and
   handed on as a memoryview: a block read from storage is then written once, by the
@@ -40,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import re
 import select
 import socket
 import ssl
@@ -52,6 +59,14 @@ from typing import Protocol, runtime_checkable
 import httpx
 import trio
 
+from mistralfs.api.answer_here import (
+    HeldAnswer,
+    answer_here,
+    early_answer_here,
+    hold_body,
+    send_here,
+    socket_wait,
+)
 from mistralfs.api.buffers import BlockBuffers
 
 Origin = tuple[str, str, int]
@@ -66,6 +81,9 @@ STREAM_PIECE = 1 << 20  # what one thread hop reads of the rest of a body, by de
 # ranged reads on their way to storage (reader.py), and a folder read file by file many
 # small /content requests to the API (readahead.py).
 MAX_CONNECTIONS_PER_HOST = 32
+# What http.client allows in a header's name and value (a line break only as folding).
+_LEGAL_HEADER_NAME = re.compile(rb"[^:\s][^:\r\n]*")
+_ILLEGAL_HEADER_VALUE = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])")
 
 
 @runtime_checkable
@@ -146,11 +164,16 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             buffers=request.extensions.get(BLOCK_BUFFERS),
         )
         await pool.slots.acquire()
-        conn = pool.take_idle() or self._connection(origin, https)
+        conn = pool.take_idle()
         try:
-            response = await trio.to_thread.run_sync(exchange.run, conn, limiter=self._threads)
+            if conn is not None and exchange.may_run_here:
+                response = await exchange.run_here(conn, self._threads)
+            else:
+                conn = conn or self._connection(origin, https)
+                response = await trio.to_thread.run_sync(exchange.run, conn, limiter=self._threads)
         except BaseException:
-            conn.close()
+            if conn is not None:
+                conn.close()
             pool.slots.release()
             raise
         stream = _AnswerBody(pool, conn, response, exchange, self._threads)
@@ -258,6 +281,73 @@ class _Exchange:
     # memory for its next piece, and -1 while http.client's buffer is not yet taken.
     partial: tuple[memoryview, int] | None = None
 
+    @property
+    def may_run_here(self) -> bool:
+        """Whether the trio thread may run it on an open connection (answer_here.py):
+        a body in memory, and an answer read into memory or streamed (not block pieces
+        read whole, which a worker thread reads straight into their memory)."""
+        return isinstance(self.body, bytes) and (self.buffers is None or self.prefetch == 0)
+
+    async def run_here(
+        self, conn: http.client.HTTPConnection, threads: trio.CapacityLimiter
+    ) -> http.client.HTTPResponse:
+        """`run`, on the trio thread, for an open connection (see answer_here.py)."""
+        sock = conn.sock
+        assert sock is not None and isinstance(self.body, bytes)
+        sock.settimeout(0)  # the next exchange sets its own timeout again
+        with _as_httpx_errors("read"):
+            try:
+                await send_here(sock, self._request_head() + self.body, self.timeout)
+            except (BrokenPipeError, ConnectionResetError):
+                early = early_answer_here(sock, self.method)
+                if early is None:
+                    raise
+                response, reader = early
+            else:
+                self.body_sent = True
+                response, reader = await answer_here(sock, self.method, self.timeout)
+            limit = self._answer_limit(response)
+            if response.length is not None and not response.chunked:
+                await hold_body(sock, reader, min(limit, response.length), self.timeout)
+                self.pieces = read_pieces(response, limit, self.piece_size, self.buffers)
+            else:  # chunked, or up to the connection's end: as it comes, by a worker thread
+                reader.blocking = True
+                sock.settimeout(self.timeout)
+                self.pieces = await trio.to_thread.run_sync(
+                    read_pieces, response, limit, self.piece_size, self.buffers, limiter=threads
+                )
+            self._after_pieces(response)
+            if not response.isclosed() and self.partial is None:
+                reader.blocking = True  # the rest by worker threads (`read_more`)
+                sock.settimeout(self.timeout)
+            return response
+
+    def _request_head(self) -> bytes:
+        """The request line and headers, checked as http.client checks them."""
+        lines = [f"{self.method} {self.target} HTTP/1.1".encode("ascii")]
+        for name, value in self.headers:
+            raw_name, raw_value = name.encode("ascii"), value.encode("latin-1")
+            if not _LEGAL_HEADER_NAME.fullmatch(raw_name):
+                raise ValueError(f"Invalid header name {raw_name!r}")
+            if _ILLEGAL_HEADER_VALUE.search(raw_value):
+                raise ValueError(f"Invalid header value {raw_value!r}")
+            lines.append(raw_name + b": " + raw_value)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def _answer_limit(self, response: http.client.HTTPResponse) -> int:
+        """How much of the answer to read with its headers: an error's body no further
+        than an error message needs, and never into block memory."""
+        if response.status >= 300:
+            self.buffers = None
+            return min(self.prefetch, DEFAULT_PREFETCH)
+        return self.prefetch
+
+    def _after_pieces(self, response: http.client.HTTPResponse) -> None:
+        """Memory for the next piece of a block-buffered body, read by `read_here`."""
+        if self.buffers is not None and response.length:
+            view = _take_or_none(self.buffers, min(self.piece_size, response.length))
+            self.partial = (view, -1) if view is not None else None
+
     def run(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         if conn.sock is None:
             _connect(conn, self.connect_timeout, self.timeout)
@@ -280,14 +370,9 @@ class _Exchange:
             else:
                 response = conn.getresponse()
                 self.body_sent = True
-            # An error's body is read no further than an error message needs.
-            limit = self.prefetch if response.status < 300 else min(self.prefetch, DEFAULT_PREFETCH)
-            if response.status >= 300:
-                self.buffers = None
+            limit = self._answer_limit(response)
             self.pieces = read_pieces(response, limit, self.piece_size, self.buffers)
-            if self.buffers is not None and response.length:
-                view = _take_or_none(self.buffers, min(self.piece_size, response.length))
-                self.partial = (view, -1) if view is not None else None
+            self._after_pieces(response)
             return response
 
     async def read_here(self, response: http.client.HTTPResponse, sock: socket.socket) -> bytes:
@@ -304,11 +389,11 @@ class _Exchange:
                 try:
                     n = sock.recv_into(view[got:])
                 except (ssl.SSLWantReadError, BlockingIOError):
-                    with _socket_wait(self.timeout):
+                    with socket_wait(self.timeout):
                         await trio.lowlevel.wait_readable(sock)
                     continue
                 except ssl.SSLWantWriteError:  # a TLS record the other way first
-                    with _socket_wait(self.timeout):
+                    with socket_wait(self.timeout):
                         await trio.lowlevel.wait_writable(sock)
                     continue
                 if not n:  # closed before its Content-Length
@@ -318,8 +403,11 @@ class _Exchange:
         if response.length:
             assert self.buffers is not None
             after = _take_or_none(self.buffers, min(self.piece_size, response.length))
-            self.partial = (after, 0) if after is not None else None
+            held = isinstance(response.fp, HeldAnswer) and response.fp.held > 0
+            self.partial = (after, -1 if held else 0) if after is not None else None
             if after is None:  # the rest by the worker threads, as the socket was
+                if isinstance(response.fp, HeldAnswer):
+                    response.fp.blocking = True
                 sock.settimeout(self.timeout)
         else:
             self.partial = None
@@ -448,6 +536,11 @@ def _take_buffered(response: http.client.HTTPResponse, view: memoryview) -> int:
     finds it empty and tries one read, all of which it hands over.
     """
     assert response.fp is not None
+    if isinstance(response.fp, HeldAnswer):  # received by the trio thread (answer_here.py)
+        n = response.fp.take_into(view)
+        if response.fp.held > (response.length or 0) - n:
+            raise http.client.HTTPException("more body than its Content-Length")
+        return n
     scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
     try:
         n = response.fp.readinto1(scratch) or 0  # None: nothing buffered, nothing to read
@@ -457,11 +550,6 @@ def _take_buffered(response: http.client.HTTPResponse, view: memoryview) -> int:
         raise http.client.HTTPException("more body than its Content-Length")
     view[:n] = scratch[:n]
     return n
-
-
-def _socket_wait(timeout: float | None) -> contextlib.AbstractContextManager[object]:
-    """A bound on one wait for a socket, as the socket's own timeout would be."""
-    return trio.fail_after(timeout) if timeout is not None else contextlib.nullcontext()
 
 
 def _connect(
@@ -479,7 +567,7 @@ def _as_httpx_errors(phase: str) -> Iterator[None]:
     policy knows (the original kept as the cause: a certificate failure is found there)."""
     try:
         yield
-    except trio.TooSlowError as exc:  # a wait in the trio thread (`_socket_wait`)
+    except trio.TooSlowError as exc:  # a wait in the trio thread (`socket_wait`)
         raise httpx.ReadTimeout("timed out") from exc
     except (OSError, http.client.HTTPException) as exc:
         error: type[httpx.TransportError]
