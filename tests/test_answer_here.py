@@ -39,15 +39,17 @@ async def serve_script(nursery: trio.Nursery, answers: list[Answer]) -> str:
 async def test_requests_on_an_open_connection_take_no_worker_thread(
     emulator: object, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Only the request that opens the connection goes to a worker thread; listing,
-    content, a signed URL and a delete after it are sent and answered by the trio
-    thread, and answer what the emulator holds."""
+    """Only the request that opens the connection goes to a worker thread; a small
+    file's upload, listing, content, a signed URL and a delete after it are sent and
+    answered by the trio thread, and answer what the emulator holds."""
     source = tmp_path / "a.txt"
     source.write_bytes(b"some bytes")
     async with FilesClient(emulator.url, emulator.api_key) as client:  # type: ignore[attr-defined]
         hops = count_transport_hops(monkeypatch)
         stored = await client.upload(source, filename="a.txt", purpose="batch")
-        assert hops == ["_Exchange.run"]  # the upload: connecting, and a body sent by sendfile
+        assert hops == ["_Exchange.run"]  # connecting, with the first request
+        again = await client.upload(source, filename="b.txt", purpose="batch", dedupe=False)
+        await client.delete(again.id)
         listed = await client.list_files(purpose="batch")
         content = await client.content(stored.id, stored.bytes)
         url = await client.signed_url(stored.id)

@@ -73,7 +73,10 @@ class _FileBody(httpx.AsyncByteStream):
     """What both bodies share: the open file, how much went out, and whether all of it.
 
     The client's transport has a body write itself from a worker thread
-    (`send_blocking`); any other transport (a proxy's, a test's) iterates it."""
+    (`send_blocking`), unless it is all `in_memory` already; any other transport (a
+    proxy's, a test's) iterates it."""
+
+    in_memory = False  # the whole body is read already: no need to write it from a thread
 
     def __init__(self, path: pathlib.Path, progress: Callable[[int], None] | None) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -138,6 +141,7 @@ class SpoolBody(_FileBody):
                 data = self._read_now(size)
                 self._parts = [head + data + self._tail]
                 self._offset = size
+                self.in_memory = True  # sent as any body in memory is (transport.py)
             else:
                 self._parts = [head]
         except BaseException:
