@@ -27,7 +27,7 @@ from mfsbench.env import Bench, cleaned_up
 from mfsbench.link import Link
 from mfsbench.linkenv import LinkBench
 from mfsbench.longlink import RCLONE_TUNED
-from mfsbench.procs import catch_signals, check_tools, peak_rss
+from mfsbench.procs import catch_signals, check_tools, peak_rss, settle_memory
 
 DD = ["dd", "bs=1M", "of=/dev/null", "status=none"]
 
@@ -53,11 +53,13 @@ def context_switches(pid: int) -> int:
     return total
 
 
-def read_once(b: Bench, side: str, spy: Path | None) -> dict[str, float]:
+def read_once(b: Bench, side: str, spy: Path | None, settle: bool) -> dict[str, float]:
     extra = RCLONE_TUNED if side == "rclone" and isinstance(b, LinkBench) else []
     with b.mount(side, "off", *extra) as (mnt, pid):
         path = b.files(mnt, side, "big")[0]
         os.stat(path)
+        if settle:
+            settle_memory(b.data / "blobs" / b.ids["big"][0])
         u0, s0 = cpu_split(pid)
         cs0 = context_switches(pid)
         recorder = None
@@ -99,6 +101,12 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cache-size", default="256M")
     parser.add_argument("--rclone", action="store_true", help="rclone's side too")
+    parser.add_argument(
+        "--settle",
+        action="store_true",
+        help="drop the page cache before each read, nginx's copy of the file read back "
+        "(procs.settle_memory): every read starts in memory just freed",
+    )
     parser.add_argument(
         "--ab", metavar="VAR", help="A/B: every other mistralfs mount with VAR=1 in its environment"
     )
@@ -150,7 +158,7 @@ def main() -> int:
                     if "+" in side:
                         os.environ[side.split("+")[1]] = "1"
                     os.environ["PYTHONPATH"] = args.ab_path if "@" in side else own_path
-                    r = read_once(b, side.split("+")[0].split("@")[0], spy)
+                    r = read_once(b, side.split("+")[0].split("@")[0], spy, args.settle)
                     results[side].append(r)
                     load = os.getloadavg()[0]
                     log(

@@ -16,7 +16,7 @@ from .case import Case, measure, timed
 from .common import KEY, MiB, log, parse_mib
 from .linkenv import LinkBench
 from .loopback import DD, w2_sources
-from .procs import peak_rss
+from .procs import peak_rss, settle_memory
 from .report import proxy_note, summary
 
 # rclone's docs for high-latency links: many streams of large chunks per file.
@@ -191,15 +191,21 @@ class LinkRows:
         b = self.b
         w1 = Case("W1", f"cp {self.big_mib:.0f} MiB", "s", "curl -F", "<= 1.05x")
 
+        # Each side writes into memory just freed, as on loopback (procs.settle_memory):
+        # the emulator, near a core of its own here, is slowed by new pages.
         def cp_big() -> float:
-            with b.mistralfs() as (mnt, pid), b.proxy_load(w1, "mfs", daemon=pid):
-                return timed(["cp", str(b.src_big), str(mnt / "batch" / "w1.bin")])
+            with b.mistralfs() as (mnt, pid):
+                settle_memory(b.src_big)
+                with b.proxy_load(w1, "mfs", daemon=pid):
+                    return timed(["cp", str(b.src_big), str(mnt / "batch" / "w1.bin")])
 
         def curl_upload() -> float:
+            settle_memory(b.src_big)
             with b.proxy_load(w1, "curl"):
                 return timed([*self.upload, "-F", f"file=@{b.src_big}", f"{b.client_url}/v1/files"])
 
         def sdk_upload_big() -> float:
+            settle_memory(b.src_big)
             with b.proxy_load(w1, "sdk"):
                 return self.sdk_upload([b.src_big])
 

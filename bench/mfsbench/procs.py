@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import RCLONE, ROOT
+from .common import RCLONE, ROOT, log
 
 TOOLS = {"nginx": "nginx-light", "curl": "curl", "fusermount3": "fuse3"}
 
@@ -133,7 +133,7 @@ def catch_signals() -> None:
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
-def settle_memory(source: Path) -> bool:
+def settle_memory(source: Path) -> None:
     """Free the clean page cache, then read ``source`` back into it, before a timed
     write of ``source``: each side then writes into memory just freed, as on any machine.
 
@@ -142,14 +142,14 @@ def settle_memory(source: Path) -> bool:
     row measured who got the pages the side before had just freed: curl's upload, run
     right after the mount's `cp` had freed its spool, wrote the emulator's copy at 0.3
     CPU-s of kernel time, and the `cp` after it at 1.0 (bench/README.md, "W1 and the
-    VM's memory"). Needs root (False otherwise, and nothing is dropped).
+    VM's memory"). Needs root: otherwise nothing is dropped, and it says so.
     """
     os.sync()
     try:
         DROP_CACHES.write_text("1\n")
-    except OSError:
-        return False
+    except OSError as exc:
+        log(f"the page cache was not dropped before a write row ({exc}): not root?")
+        return
     with source.open("rb") as f:
         while f.read(1 << 20):
             pass
-    return True
