@@ -3,6 +3,7 @@ no worker-thread hop, whatever way the answer arrives."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -12,8 +13,15 @@ import pytest
 import trio
 from conftest import count_transport_hops
 
+from mistralfs.api.buffers import BlockBuffers
 from mistralfs.api.client import FilesClient
-from mistralfs.api.transport import ThreadedTransport, _Exchange
+from mistralfs.api.transport import (
+    BLOCK_BUFFERS,
+    PIECE_SIZE,
+    PREFETCH,
+    ThreadedTransport,
+    _Exchange,
+)
 
 Answer = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -120,3 +128,33 @@ def test_a_header_value_that_would_break_the_request_is_refused(value: str) -> N
     )  # fmt: skip
     with pytest.raises(ValueError, match="Invalid header value"):
         exchange._request_head()
+
+
+async def test_bytes_past_a_streamed_body_are_not_taken_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lying server sends more than the Content-Length it gave, in the same packets as
+    the head: a streamed body read into block memory is the declared bytes, whole, as
+    when a worker thread reads the head (the rest of the socket is not the body's)."""
+    body = os.urandom(3000)
+
+    async def warm(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def longer(stream: trio.SocketStream) -> None:
+        head = f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n\r\n"
+        await stream.send_all(head.encode() + body + b"and more that was never asked for")
+
+    transport = ThreadedTransport(ssl.create_default_context())
+    async with trio.open_nursery() as nursery:
+        url = await serve_script(nursery, [warm, longer])
+        async with httpx.AsyncClient(transport=transport, timeout=2) as client:
+            assert (await client.get(url)).content == b"ok"
+            extensions = {PREFETCH: 0, PIECE_SIZE: 1024, BLOCK_BUFFERS: BlockBuffers(1024, 4)}
+            request = client.build_request("GET", url, extensions=extensions)
+            response = await client.send(request, stream=True)
+            pieces = [bytes(piece) async for piece in response.aiter_raw()]
+            await response.aclose()
+        nursery.cancel_scope.cancel()
+    assert b"".join(pieces) == body
+    assert [len(piece) for piece in pieces] == [1024, 1024, 952]

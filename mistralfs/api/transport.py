@@ -543,10 +543,10 @@ def _take_buffered(response: http.client.HTTPResponse, view: memoryview) -> int:
     """
     assert response.fp is not None
     if isinstance(response.fp, HeldAnswer):  # received by the trio thread (answer_here.py)
-        n = response.fp.take_into(view)
-        if response.fp.held > (response.length or 0) - n:
-            raise http.client.HTTPException("more body than its Content-Length")
-        return n
+        # Never past the Content-Length: what a lying server sent beyond it is not the
+        # body's, and goes with the answer (as it stays in the socket, read by no one,
+        # when a worker thread read the head).
+        return response.fp.take_into(view[: response.length or 0])
     scratch = bytearray(io.DEFAULT_BUFFER_SIZE)
     try:
         n = response.fp.readinto1(scratch) or 0  # None: nothing buffered, nothing to read
