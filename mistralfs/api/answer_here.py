@@ -13,8 +13,8 @@ still go to a worker thread (transport.py).
 
 http.client reads an answer from a file object. `HeldAnswer` is that file object:
 what the trio thread received, and past it either `NeedMore` (the trio thread
-receives more and parses again) or, once `blocking`, the socket itself, read by a
-worker thread as before.
+receives more and parses again) or, once the socket is blocking again, the socket
+itself, read by a worker thread as before.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class NeedMore(Exception):
 class HeldAnswer(io.BufferedIOBase):
     """An answer's bytes as received by the trio thread, read by http.client.
 
-    Before `blocking` is set, a read past them raises `NeedMore`; after it (the
-    socket made blocking again, for a worker thread) it reads the socket.
+    A read past them raises `NeedMore` while the socket is non-blocking (the trio
+    thread's); once it is made blocking again, for a worker thread, it reads the socket.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -55,7 +55,6 @@ class HeldAnswer(io.BufferedIOBase):
         self._data = bytearray()
         self._pos = 0
         self.ended = False  # the server closed its side: nothing more will come
-        self.blocking = False
 
     @property
     def held(self) -> int:
@@ -108,11 +107,6 @@ class HeldAnswer(io.BufferedIOBase):
             pass
         return self._take(min(size, self.held))
 
-    def read1(self, size: int = -1) -> bytes:
-        if not self.held:
-            self._fill()
-        return self._take(self.held if size < 0 else min(size, self.held))
-
     def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
         got = self.take_into(view)
@@ -124,17 +118,6 @@ class HeldAnswer(io.BufferedIOBase):
             got += n
         return got
 
-    def readinto1(self, buffer: WriteableBuffer) -> int:
-        view = memoryview(buffer).cast("B")
-        if not self.held:
-            self._fill()
-        return self.take_into(view)
-
-    def peek(self, size: int = 0) -> bytes:
-        if not self.held:
-            self._fill()
-        return bytes(self._data[self._pos :])
-
     def _take(self, n: int) -> bytes:
         data = bytes(self._data[self._pos : self._pos + n])
         self._pos += n
@@ -142,10 +125,10 @@ class HeldAnswer(io.BufferedIOBase):
 
     def _may_read_socket(self) -> bool:
         """Whether a read may go on past the held bytes: not at the answer's end, and
-        only by a worker thread (`blocking`); the trio thread gets `NeedMore`."""
+        only on a blocking socket (a worker thread's); the trio thread gets `NeedMore`."""
         if self.ended:
             return False
-        if not self.blocking:
+        if self._sock.gettimeout() == 0:
             raise NeedMore
         return True
 
@@ -172,20 +155,38 @@ def socket_wait(timeout: float | None) -> contextlib.AbstractContextManager[obje
     return trio.fail_after(timeout) if timeout is not None else contextlib.nullcontext()
 
 
+# What a non-blocking socket raises when it must wait; `wait_for` knows which way.
+BLOCKED = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+async def wait_for(
+    sock: socket.socket, blocked: OSError, each_wait: float | None, *, sending: bool
+) -> None:
+    """Wait with trio until the non-blocking socket can go on after `blocked` (one of
+    `BLOCKED`): TLS says which way it needs a record; a plain socket, the way it was
+    going (`sending`). At most `each_wait` seconds, as a socket timeout would."""
+    if isinstance(blocked, ssl.SSLWantReadError):
+        readable = True
+    elif isinstance(blocked, ssl.SSLWantWriteError):
+        readable = False
+    else:
+        readable = not sending
+    with socket_wait(each_wait):
+        if readable:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.wait_writable(sock)
+
+
 async def send_here(sock: socket.socket, data: bytes, each_wait: float | None) -> None:
-    """All of `data` to the non-blocking socket, waiting with trio while it is full
-    (each wait at most `each_wait` seconds, as a socket timeout would)."""
+    """All of `data` to the non-blocking socket, waiting with trio while it is full."""
     view = memoryview(data)
     sent = 0
     while sent < len(view):
         try:
             sent += sock.send(view[sent:])
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            with socket_wait(each_wait):
-                await trio.lowlevel.wait_writable(sock)
-        except ssl.SSLWantReadError:  # a TLS record the other way first
-            with socket_wait(each_wait):
-                await trio.lowlevel.wait_readable(sock)
+        except BLOCKED as exc:
+            await wait_for(sock, exc, each_wait, sending=True)
 
 
 async def receive_more(sock: socket.socket, reader: HeldAnswer, each_wait: float | None) -> None:
@@ -194,13 +195,8 @@ async def receive_more(sock: socket.socket, reader: HeldAnswer, each_wait: float
     while True:
         try:
             data = sock.recv(RECEIVE_SIZE)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            with socket_wait(each_wait):
-                await trio.lowlevel.wait_readable(sock)
-            continue
-        except ssl.SSLWantWriteError:
-            with socket_wait(each_wait):
-                await trio.lowlevel.wait_writable(sock)
+        except BLOCKED as exc:
+            await wait_for(sock, exc, each_wait, sending=False)
             continue
         reader.add(data)
         return

@@ -60,12 +60,13 @@ import httpx
 import trio
 
 from mistralfs.api.answer_here import (
+    BLOCKED,
     HeldAnswer,
     answer_here,
     early_answer_here,
     hold_body,
     send_here,
-    socket_wait,
+    wait_for,
 )
 from mistralfs.api.buffers import BlockBuffers
 
@@ -88,15 +89,18 @@ _ILLEGAL_HEADER_VALUE = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])")
 
 @runtime_checkable
 class BlockingBody(Protocol):
-    """A request body that writes itself to a connection whose headers were sent."""
+    """A request body that writes itself to a connection whose headers were sent, from a
+    worker thread; unless it holds all of itself in memory already (`in_memory`: a small
+    file's upload), when it is iterated as any other body is, and sent by the trio
+    thread if its connection is open (answer_here.py)."""
+
+    in_memory: bool
 
     def send_blocking(self, conn: http.client.HTTPConnection) -> None: ...
 
 
 def _blocking_body(stream: object) -> BlockingBody | None:
-    """The body if it writes itself (`BlockingBody`), else None. One that holds all of
-    itself in memory already (`in_memory`: a small file's upload) is sent like any
-    other body, by the trio thread when its connection is open (answer_here.py).
+    """The body if it writes itself now (`BlockingBody`, not `in_memory`), else None.
 
     By its method, not `isinstance` against the protocol: a runtime protocol check walks
     the protocol's attributes each time, about 30 us for every request."""
@@ -317,15 +321,13 @@ class _Exchange:
                 await hold_body(sock, reader, min(limit, response.length), self.timeout)
                 self.pieces = read_pieces(response, limit, self.piece_size, self.buffers)
             else:  # chunked, or up to the connection's end: as it comes, by a worker thread
-                reader.blocking = True
                 sock.settimeout(self.timeout)
                 self.pieces = await trio.to_thread.run_sync(
                     read_pieces, response, limit, self.piece_size, self.buffers, limiter=threads
                 )
             self._after_pieces(response)
             if not response.isclosed() and self.partial is None:
-                reader.blocking = True  # the rest by worker threads (`read_more`)
-                sock.settimeout(self.timeout)
+                sock.settimeout(self.timeout)  # the rest by worker threads (`read_more`)
             return response
 
     def _request_head(self) -> bytes:
@@ -394,13 +396,8 @@ class _Exchange:
             while got < len(view):
                 try:
                     n = sock.recv_into(view[got:])
-                except (ssl.SSLWantReadError, BlockingIOError):
-                    with socket_wait(self.timeout):
-                        await trio.lowlevel.wait_readable(sock)
-                    continue
-                except ssl.SSLWantWriteError:  # a TLS record the other way first
-                    with socket_wait(self.timeout):
-                        await trio.lowlevel.wait_writable(sock)
+                except BLOCKED as exc:
+                    await wait_for(sock, exc, self.timeout, sending=False)
                     continue
                 if not n:  # closed before its Content-Length
                     raise http.client.IncompleteRead(b"", response.length)
@@ -412,8 +409,6 @@ class _Exchange:
             held = isinstance(response.fp, HeldAnswer) and response.fp.held > 0
             self.partial = (after, -1 if held else 0) if after is not None else None
             if after is None:  # the rest by the worker threads, as the socket was
-                if isinstance(response.fp, HeldAnswer):
-                    response.fp.blocking = True
                 sock.settimeout(self.timeout)
         else:
             self.partial = None
