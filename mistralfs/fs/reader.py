@@ -209,9 +209,7 @@ class BlockReader:
         behind. A block left all the same stays, as any block does, until the cache
         needs its room."""
         for index in range(max(0, before - span - 4), before):
-            block = self._blocks.pop((file_id, index), None)
-            if block is not None:
-                self._buffers.give(block)
+            self._blocks.drop((file_id, index))
 
     async def copy_into(self, remote: RemoteFile, fd: int) -> None:
         """Write the whole content to `fd`, one block at a time, for copy-on-write."""
@@ -318,7 +316,7 @@ class BlockReader:
         self._urls.pop(file_id, None)
         self._disk.forget(file_id)
         for key in [k for k in self._blocks if k[0] == file_id]:
-            self._blocks.pop(key, None)
+            self._blocks.drop(key)
 
     def _first_read_exact(self, remote: RemoteFile, offset: int, end: int) -> bool:
         if remote.bytes <= self.block_size or end - offset > FIRST_READ_EXACT:
@@ -600,8 +598,9 @@ class BlockReader:
 
 
 class _BlockCache(LRUCache[BlockKey, Block]):
-    """The blocks in memory, bounded in bytes; the memory of those it lets go of goes
-    back to `buffers`, to hold new blocks."""
+    """The blocks in memory, bounded in bytes; the memory of those it lets go of, to
+    make room (`popitem`) or when told to (`drop`), goes back to `buffers`, to hold new
+    blocks."""
 
     def __init__(self, max_bytes: int, buffers: BlockBuffers) -> None:
         super().__init__(maxsize=max_bytes, getsizeof=len)
@@ -611,6 +610,12 @@ class _BlockCache(LRUCache[BlockKey, Block]):
         key, block = super().popitem()
         self._buffers.give(block)
         return key, block
+
+    def drop(self, key: BlockKey) -> None:
+        """Let the block go, if it is here."""
+        block = self.pop(key, None)
+        if block is not None:
+            self._buffers.give(block)
 
 
 def _runs(indexes: list[int], longest: int) -> Iterator[tuple[int, int]]:
