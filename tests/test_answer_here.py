@@ -13,6 +13,7 @@ import pytest
 import trio
 from conftest import count_transport_hops
 
+from mistralfs.api import answer_here
 from mistralfs.api.buffers import BlockBuffers
 from mistralfs.api.client import FilesClient
 from mistralfs.api.transport import (
@@ -158,3 +159,40 @@ async def test_bytes_past_a_streamed_body_are_not_taken_for_it(
         nursery.cancel_scope.cancel()
     assert b"".join(pieces) == body
     assert [len(piece) for piece in pieces] == [1024, 1024, 952]
+
+
+async def test_a_refusal_sent_before_the_body_was_read_reaches_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that answers a large body in memory with 413 after its head alone, and
+    closes: the trio thread's send fails, and the answer the server sent is what the
+    caller gets, with its message, not the broken pipe."""
+    message = b'{"detail": "too large"}'
+
+    async def warm(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def refuses(stream: trio.SocketStream) -> None:
+        head = f"HTTP/1.1 413 Content Too Large\r\nContent-Length: {len(message)}\r\n"
+        await stream.send_all(head.encode() + b"Connection: close\r\n\r\n" + message)
+        await stream.aclose()
+
+    transport = ThreadedTransport(ssl.create_default_context())
+    sent = []
+    real_early = answer_here.early_answer_here
+
+    def early(sock: object, method: str) -> object:
+        sent.append(method)
+        return real_early(sock, method)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("mistralfs.api.transport.early_answer_here", early)
+    async with trio.open_nursery() as nursery:
+        url = await serve_script(nursery, [warm, refuses])
+        hops = count_transport_hops(monkeypatch)
+        async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+            assert (await client.get(url)).content == b"ok"
+            refused = await client.post(url, content=bytes(64 << 20))
+        nursery.cancel_scope.cancel()
+    assert (refused.status_code, refused.content) == (413, message)
+    assert sent == ["POST"]  # the send broke: the refusal came from what was received
+    assert hops == ["_Exchange.run"], hops
