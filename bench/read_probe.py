@@ -40,6 +40,15 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU-seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / tick, sum(ticks) / tick
+
+
 def context_switches(pid: int) -> int:
     """Voluntary and involuntary context switches of every thread of ``pid`` so far."""
     total = 0
@@ -74,9 +83,11 @@ def read_once(b: Bench, side: str, spy: Path | None, settle: bool) -> dict[str, 
             cmd = ["perf", "record", "-g", "-p", str(pid), "-o", str(spy)]
             recorder = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             time.sleep(1)
+        m0 = machine_busy()
         t0 = time.perf_counter()
         subprocess.run([*DD, f"if={path}"], check=True)
         wall = time.perf_counter() - t0
+        m1 = machine_busy()
         u1, s1 = cpu_split(pid)
         cs = context_switches(pid) - cs0
         if recorder is not None:
@@ -90,6 +101,9 @@ def read_once(b: Bench, side: str, spy: Path | None, settle: bool) -> dict[str, 
             "cpu": (u1 - u0 + s1 - s0) / gib,
             "ctxsw_per_mib": cs / (b.sizes.big / MiB),
             "rss": peak_rss(pid),
+            # cores the whole machine kept busy during the read (of os.cpu_count())
+            "machine": (m1[0] - m0[0]) / wall,
+            "daemon_cores": (u1 - u0 + s1 - s0) / wall,
         }
 
 
@@ -122,6 +136,9 @@ def main() -> int:
         help="the last mistralfs read profiled: py-spy's flame graph for *.svg, its "
         "collapsed stacks for *.txt, else perf record's data",
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work folder (the daemons' logs) after"
+    )
     args = parser.parse_args()
     check_tools()
     catch_signals()
@@ -133,7 +150,7 @@ def main() -> int:
         if args.link
         else Bench(work, sizes, args.cache_size)
     )
-    with cleaned_up(b, keep=False):
+    with cleaned_up(b, keep=args.keep):
         ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if isinstance(b, LinkBench):
             b.set_up()
@@ -164,7 +181,8 @@ def main() -> int:
                     log(
                         f"{side:10} {r['mib_s']:6.0f} MiB/s  CPU s/GiB {r['cpu']:.2f} "
                         f"(user {r['user']:.2f} sys {r['sys']:.2f})  ctxsw/MiB "
-                        f"{r['ctxsw_per_mib']:.0f}  rss {r['rss']:.0f} MiB  load {load:.1f}"
+                        f"{r['ctxsw_per_mib']:.0f}  rss {r['rss']:.0f} MiB  cores: daemon "
+                        f"{r['daemon_cores']:.2f} machine {r['machine']:.2f}  load {load:.1f}"
                     )
     for side, rs in results.items():
         if rs:
@@ -172,7 +190,8 @@ def main() -> int:
             print(
                 f"median {side}: {med['mib_s']:.0f} MiB/s, CPU s/GiB {med['cpu']:.2f} "
                 f"(user {med['user']:.2f}, sys {med['sys']:.2f}), ctxsw/MiB "
-                f"{med['ctxsw_per_mib']:.0f}, rss {med['rss']:.0f} MiB"
+                f"{med['ctxsw_per_mib']:.0f}, rss {med['rss']:.0f} MiB, cores: daemon "
+                f"{med['daemon_cores']:.2f} machine {med['machine']:.2f}"
             )
     return 0
 

@@ -7,7 +7,7 @@ import logging
 import pathlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -196,3 +196,24 @@ def count_transport_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counted)
     return hops
+
+
+Answer = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def serve_script(nursery: trio.Nursery, answers: list[Answer]) -> str:
+    """A server that answers the requests of one connection with `answers`, in order."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        received = b""
+        for answer in answers:
+            while b"\r\n\r\n" not in received:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                received += data
+            received = received.partition(b"\r\n\r\n")[2]
+            await answer(stream)
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/file"

@@ -255,6 +255,7 @@ class FakeFilesApi:
         piece_size: int,
         on_piece: Callable[[int, bytes], None] | None = None,
         buffers: BlockBuffers | None = None,
+        receive_key: float | None = None,
     ) -> list[bytes]:
         self._count("read_range")
         self.ranges.append((start, length))

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import pathlib
 import ssl
-from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 import trio
-from conftest import count_transport_hops
+from conftest import count_transport_hops, serve_script
 
 from mistralfs.api import answer_here
 from mistralfs.api.buffers import BlockBuffers
@@ -23,26 +22,6 @@ from mistralfs.api.transport import (
     ThreadedTransport,
     _Exchange,
 )
-
-Answer = Callable[[trio.SocketStream], Awaitable[None]]
-
-
-async def serve_script(nursery: trio.Nursery, answers: list[Answer]) -> str:
-    """A server that answers the requests of one connection with `answers`, in order."""
-
-    async def handler(stream: trio.SocketStream) -> None:
-        received = b""
-        for answer in answers:
-            while b"\r\n\r\n" not in received:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                received += data
-            received = received.partition(b"\r\n\r\n")[2]
-            await answer(stream)
-
-    listeners = await nursery.start(trio.serve_tcp, handler, 0)
-    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/file"
 
 
 async def test_requests_on_an_open_connection_take_no_worker_thread(

@@ -44,7 +44,13 @@ from mistralfs.api.retry import (
     run_with_retries,
 )
 from mistralfs.api.tls import client_context
-from mistralfs.api.transport import BLOCK_BUFFERS, PIECE_SIZE, PREFETCH, ThreadedTransport
+from mistralfs.api.transport import (
+    BLOCK_BUFFERS,
+    PIECE_SIZE,
+    PREFETCH,
+    RECEIVE_KEY,
+    ThreadedTransport,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +277,7 @@ class ApiCalls:
         answer_limit: int | None = None,
         piece_size: int | None = None,
         block_buffers: BlockBuffers | None = None,
+        receive_key: float | None = None,
     ) -> T:
         """One logical request, retried as the policy says; ``handle`` reads a good answer.
 
@@ -294,13 +301,15 @@ class ApiCalls:
         kind = "storage" if storage else f"{method} {route(url)}"
         if deadline is None:
             deadline = trio.current_time() + self.retry.total_budget
-        extensions: dict[str, int | bool | BlockBuffers] = {}
+        extensions: dict[str, float | bool | BlockBuffers] = {}
         if answer_limit is not None:
             extensions[PREFETCH] = answer_limit
         if piece_size is not None:
             extensions[PIECE_SIZE] = piece_size
         if block_buffers is not None:
             extensions[BLOCK_BUFFERS] = block_buffers
+        if receive_key is not None:
+            extensions[RECEIVE_KEY] = receive_key
 
         async def attempt(n: int) -> T:
             if resume is not None and n > 1:

@@ -100,11 +100,13 @@ class FilesApi(Protocol):
         piece_size: int,
         on_piece: Callable[[int, bytes], None] | None = None,
         buffers: BlockBuffers | None = None,
+        receive_key: float | None = None,
     ) -> list[bytes]:
         """Bytes of a signed URL, in pieces of `piece_size` (short at the file's end);
         `on_piece(index, piece)`, if given, takes each whole piece as soon as it is in.
         `buffers`: where the pieces' memory comes from, if the client reads into memory
-        of its own (buffers.py)."""
+        of its own (buffers.py). `receive_key`: when the first piece is needed (lower
+        is sooner), for the order in which ranges on their way are received."""
         ...
 
     async def connect_ahead(self, url: str) -> None:

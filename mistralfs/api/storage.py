@@ -141,6 +141,7 @@ class StorageReads:
         piece_size: int,
         on_piece: Callable[[int, bytes], None] | None = None,
         buffers: BlockBuffers | None = None,
+        receive_key: float | None = None,
     ) -> list[bytes]:
         """Like `read_range`, cut into pieces of `piece_size` bytes (the last may be
         shorter; all of them shorter than asked if the body is): each byte copied once.
@@ -152,7 +153,10 @@ class StorageReads:
         once the body has ended where its range does: a body that runs on fails the
         call, and the range's last block with it. Without `on_piece`, the whole range
         is read in one worker-thread hop, with the headers. Each piece is read into
-        memory of its own, from `buffers` if given (buffers.py).
+        memory of its own, from `buffers` if given (buffers.py). `receive_key`: when a
+        streamed range's first piece is needed (lower is sooner; the reader gives its
+        block index), so that the transport receives the nearest range first when
+        several have bytes waiting (receive_order.py).
         """
         if start < 0 or length < 0 or piece_size < 1:
             raise ValueError("start and length must be >= 0, piece_size >= 1")
@@ -227,6 +231,7 @@ class StorageReads:
                 answer_limit=length + 1 if on_piece is None else 0,
                 piece_size=piece_size,
                 block_buffers=buffers or FRESH,
+                receive_key=receive_key if on_piece is not None else None,
             )
         except httpx.UnsupportedProtocol as exc:
             raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None

@@ -37,7 +37,9 @@ structured) or by the trio thread, never blocking it:
   per piece. In worker threads, each 16 KiB TLS record read handed the GIL over and
   back between some thirty threads (futex waits and wake-ups were a fifth of the
   daemon's CPU on a cold read over TLS, bench/README.md); the trio thread only
-  decrypts, which costs less than those hand-overs.
+  decrypts, which costs less than those hand-overs. A body with a key (RECEIVE_KEY,
+  when its blocks are needed) is read only while no body with a lower key has bytes
+  waiting (receive_order.py).
 - Failures are raised as httpx's exceptions, so that one retry policy serves all.
 """
 
@@ -69,6 +71,7 @@ from mistralfs.api.answer_here import (
     wait_for,
 )
 from mistralfs.api.buffers import BlockBuffers
+from mistralfs.api.receive_order import ReceiveOrder
 
 Origin = tuple[str, str, int]
 
@@ -76,6 +79,7 @@ Origin = tuple[str, str, int]
 PREFETCH = "mistralfs.prefetch"  # bytes of the answer to read with its headers
 PIECE_SIZE = "mistralfs.piece_size"  # the size of the pieces they are read in
 BLOCK_BUFFERS = "mistralfs.block_buffers"  # the `BlockBuffers` that pieces go in, if any
+RECEIVE_KEY = "mistralfs.receive_key"  # when a body's first piece is needed (receive_order.py)
 DEFAULT_PREFETCH = 64 * 1024
 STREAM_PIECE = 1 << 20  # what one thread hop reads of the rest of a body, by default
 # Connections in use at once, per origin: a sequential reader on a long link keeps many
@@ -148,6 +152,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
         # Worker threads of its own, so that requests never wait on the threads that
         # other parts of the daemon use (the disk cache's), nor take them all.
         self._threads = trio.CapacityLimiter(4 * max_per_host)
+        self._order = ReceiveOrder()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         proxy = self.proxy_for(request.url)
@@ -172,6 +177,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             prefetch=request.extensions.get(PREFETCH, DEFAULT_PREFETCH),
             piece_size=request.extensions.get(PIECE_SIZE, STREAM_PIECE),
             buffers=request.extensions.get(BLOCK_BUFFERS),
+            receive_key=request.extensions.get(RECEIVE_KEY),
         )
         await pool.slots.acquire()
         conn = pool.take_idle()
@@ -186,7 +192,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
                 conn.close()
             pool.slots.release()
             raise
-        stream = _AnswerBody(pool, conn, response, exchange, self._threads)
+        stream = _AnswerBody(pool, conn, response, exchange, self._threads, self._order)
         return httpx.Response(
             response.status,
             headers=response.getheaders(),
@@ -271,7 +277,7 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
         return transport
 
 
-@dataclass
+@dataclass(eq=False)  # compared as itself: it is a key of ReceiveOrder's
 class _Exchange:
     """One request on one connection, run in a worker thread: send it, read the status,
     the headers and the first `prefetch` bytes of the answer."""
@@ -285,6 +291,7 @@ class _Exchange:
     prefetch: int
     piece_size: int
     buffers: BlockBuffers | None = None  # where pieces of a good answer go (BLOCK_BUFFERS)
+    receive_key: float | None = None  # when the next piece is needed (RECEIVE_KEY)
     pieces: list[bytes] = field(default_factory=list)  # what was read with the headers
     body_sent: bool = False
     # The rest of a block-buffered body is read by the trio thread (`read_here`): the
@@ -383,26 +390,38 @@ class _Exchange:
             self._after_pieces(response)
             return response
 
-    async def read_here(self, response: http.client.HTTPResponse, sock: socket.socket) -> bytes:
+    async def read_here(
+        self, response: http.client.HTTPResponse, sock: socket.socket, order: ReceiveOrder
+    ) -> bytes:
         """The next piece of a block-buffered body, read by the trio thread from the
-        socket without blocking (see the module's docstring for why)."""
+        socket without blocking (see the module's docstring for why), in its turn if it
+        has a key (receive_order.py)."""
         assert self.partial is not None and response.length is not None
         view, got = self.partial
         sock.settimeout(0)  # the next exchange sets its own timeout again
+        key = self.receive_key
         with _as_httpx_errors("read"):
             if got < 0:  # the first piece after the headers' exchange
                 got = _take_buffered(response, view)
                 response.length -= got
+            if key is not None:
+                await order.take_turn(self, key)
             while got < len(view):
                 try:
                     n = sock.recv_into(view[got:])
                 except BLOCKED as exc:
+                    if key is not None:
+                        order.step_aside(self)
                     await wait_for(sock, exc, self.timeout, sending=False)
+                    if key is not None:
+                        await order.take_turn(self, key)
                     continue
                 if not n:  # closed before its Content-Length
                     raise http.client.IncompleteRead(b"", response.length)
                 got += n
                 response.length -= n
+        if key is not None:
+            self.receive_key = key + 1
         if response.length:
             assert self.buffers is not None
             after = _take_or_none(self.buffers, min(self.piece_size, response.length))
@@ -413,6 +432,8 @@ class _Exchange:
         else:
             self.partial = None
             response.close()  # its end: the connection can go back to the pool
+        if self.partial is None:  # no more receiving here: no turn held
+            order.step_aside(self)
         return view  # type: ignore[return-value]
 
     def read_more(self, response: http.client.HTTPResponse) -> bytes:
@@ -433,8 +454,10 @@ class _AnswerBody(httpx.AsyncByteStream):
         response: http.client.HTTPResponse,
         exchange: _Exchange,
         threads: trio.CapacityLimiter,
+        order: ReceiveOrder,
     ) -> None:
         self._pool: _Pool | None = pool
+        self._order = order
         self._threads = threads
         self._conn = conn
         self._response = response
@@ -448,7 +471,7 @@ class _AnswerBody(httpx.AsyncByteStream):
             yield piece
         while self._pool is not None and not self._response.isclosed():
             if self._exchange.partial is not None and self._conn.sock is not None:
-                piece = await self._exchange.read_here(self._response, self._conn.sock)
+                piece = await self._exchange.read_here(self._response, self._conn.sock, self._order)
             else:
                 piece = await trio.to_thread.run_sync(
                     self._exchange.read_more, self._response, limiter=self._threads
@@ -462,6 +485,7 @@ class _AnswerBody(httpx.AsyncByteStream):
         self._release()
 
     def _release(self) -> None:
+        self._order.step_aside(self._exchange)
         pool, self._pool = self._pool, None
         if pool is None:
             return

@@ -581,7 +581,7 @@ class BlockReader:
         url = await self.signed_url(remote.id)
         try:
             pieces = await self._client.read_range_pieces(
-                url.url, start, length, piece_size, on_piece, self._buffers
+                url.url, start, length, piece_size, on_piece, self._buffers, start // piece_size
             )
         except UrlExpired:
             log.info("signed URL for %s refused; fetching a fresh one", remote.id)
@@ -589,7 +589,7 @@ class BlockReader:
                 del self._urls[remote.id]
             url = await self.signed_url(remote.id)
             pieces = await self._client.read_range_pieces(
-                url.url, start, length, piece_size, on_piece, self._buffers
+                url.url, start, length, piece_size, on_piece, self._buffers, start // piece_size
             )
         got = sum(len(piece) for piece in pieces)
         if got != length:
