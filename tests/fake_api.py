@@ -71,6 +71,7 @@ class FakeFilesApi:
     failures: dict[str, list[Exception]] = field(default_factory=dict)
     stats: RequestStats = field(default_factory=RequestStats)
     sends_growing_uploads: bool = False
+    storage_url: str | None = None  # the signed URL handed out last
     latency: float = 0.0  # seconds each content and range read takes, as a link would
     piece_time: float = 0.0  # seconds each piece of a range read takes after the latency
     ranges: list[tuple[int, int]] = field(default_factory=list)  # (start, length) asked, in order
@@ -245,7 +246,8 @@ class FakeFilesApi:
         self._count("signed_url")
         self._get(file_id)
         expires_at = time.time() + expiry_hours * 3600
-        return SignedUrl(url=f"fake://storage/{file_id}?se={expires_at}", expires_at=expires_at)
+        self.storage_url = f"fake://storage/{file_id}?se={expires_at}"
+        return SignedUrl(url=self.storage_url, expires_at=expires_at)
 
     async def read_range_pieces(
         self,
@@ -273,7 +275,7 @@ class FakeFilesApi:
                 on_piece(index, piece)
         return pieces
 
-    async def connect_ahead(self, url: str) -> None:
+    async def connect_ahead(self, url: str, count: int = 1) -> None:
         self._count("connect_ahead")
 
     async def list_batch_jobs(

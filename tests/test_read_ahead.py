@@ -23,6 +23,7 @@ from test_operations import BLOCK, Stack, stack_with, upload
 from mistralfs.api import FilesClient
 from mistralfs.fs.reader import (
     BEHIND_BLOCKS,
+    CONNECTIONS_AHEAD,
     STORAGE_CONNECTIONS,
     BlockReader,
     ReadState,
@@ -253,42 +254,48 @@ async def test_a_streams_first_read_waits_for_its_own_block_only(
         await stack.ops.release(info.fh)
 
 
-async def test_an_open_waiting_for_the_url_fetched_ahead_opens_no_connection_ahead(
+async def test_a_lookup_opens_connections_to_storage_beside_its_url_request(
     emulator: RunningEmulator, tmp_path: Path
 ) -> None:
-    """`ls -l` then `head` at once: the URL fetched ahead is awaited by the open, and its
-    read connects for itself; no second connection is opened ahead beside it (it would
-    only take a connection slot while the read opens its own)."""
+    """`ls -l` then `cat`: a large file's lookup opens connections to the storage host
+    that served the URLs before (CONNECTIONS_AHEAD of them) at once, beside the request
+    for its own signed URL, not after it: on a long link the read's first ranges then
+    find them open. Once the URL is in, nothing more is opened: they are there."""
     async with stack_with(emulator, tmp_path / "cache") as stack:
         file_id = await upload(stack, "soon.bin", os.urandom(3 * BLOCK))
         batch = await stack.folder("batch")
         await stack.names("batch")
         await trio.sleep(0.3)  # the listing's URLs fetched ahead: forget them
+        storage = stack.client.storage_url
+        assert storage is not None  # learnt from the listing's URL
         stack.ops.fs._reader._urls.clear()
-        connected: list[str] = []
+        connected: list[tuple[str, int]] = []
         connect_ahead = stack.client.connect_ahead
 
-        async def counted(url: str) -> None:
-            connected.append(url)
-            await connect_ahead(url)
+        async def counted(url: str, count: int = 1) -> None:
+            connected.append((url, count))
+            await connect_ahead(url, count)
 
         stack.client.connect_ahead = counted  # type: ignore[method-assign]
         await stack.admin(
             "POST",
             "faults",
-            json=[{"path_prefix": f"/v1/files/{file_id}/url", "status": None, "delay": 0.2}],
+            json=[{"path_prefix": f"/v1/files/{file_id}/url", "status": None, "delay": 0.3}],
         )
-        inode = (await stack.ops.lookup(batch, b"soon.bin")).st_ino  # fetches the URL ahead
-        info = await stack.ops.open(inode, os.O_RDONLY, None)  # waits for that URL
-        await stack.ops.read(info.fh, 0, 4096)
-        await trio.sleep(0.1)
-        assert connected == []
+        await stack.ops.lookup(batch, b"soon.bin")  # fetches the URL ahead
+        await trio.sleep(0.1)  # the URL's answer is 0.2 s away
+        assert connected == [(storage, CONNECTIONS_AHEAD)]
+        # The emulator serves content on the API's host: the URL's request holds one.
+        assert stack.client.idle_connections(storage) >= CONNECTIONS_AHEAD - 1
+        opened = stack.client.idle_connections(storage)
+        info = await stack.ops.open(
+            (await stack.ops.lookup(batch, b"soon.bin")).st_ino, os.O_RDONLY, None
+        )  # waits for that URL
+        assert len(await stack.ops.read(info.fh, 0, 4096)) == 4096
         await stack.ops.release(info.fh)
-        # A lookup alone still opens one ahead.
-        stack.ops.fs._reader._urls.clear()
-        await stack.ops.lookup(batch, b"soon.bin")
-        await trio.sleep(0.3)
-        assert len(connected) == 1
+        # The read used connections opened ahead, and the second lookup opened none: the
+        # host has as many as then (the URL's request gave its own back).
+        assert stack.client.idle_connections(storage) == opened + 1
 
 
 STREAM_BLOCK = 256 * 1024  # larger than a first read answered exactly (128 KiB)

@@ -208,9 +208,9 @@ async def test_warming_up_opens_connections_to_the_api_and_to_storage(
     assert storage_hits == []  # connected, nothing asked
 
 
-async def test_connections_opened_ahead_at_once_make_one(tmp_path: pathlib.Path) -> None:
-    """Several files looked up at once each ask for a connection ahead to one storage
-    host: one is opened, not one per file."""
+async def test_connections_opened_ahead_at_once_make_one_set(tmp_path: pathlib.Path) -> None:
+    """Several files looked up at once each ask for connections ahead to one storage
+    host: as many are opened as one asks for, not that many per file."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.listen(16)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/blob"
@@ -218,14 +218,14 @@ async def test_connections_opened_ahead_at_once_make_one(tmp_path: pathlib.Path)
         async with FilesClient("http://127.0.0.1:9", "k") as client:
             async with trio.open_nursery() as nursery:
                 for index in range(5):
-                    nursery.start_soon(client.connect_ahead, f"{url}?sig={index}")
-            assert client.idle_connections(url) == 1
+                    nursery.start_soon(client.connect_ahead, f"{url}?sig={index}", 3)
+            assert client.idle_connections(url) == 3
         listener.setblocking(False)
         accepted = []
         with contextlib.suppress(BlockingIOError):
             while True:
                 accepted.append(listener.accept()[0])
-        assert len(accepted) == 1
+        assert len(accepted) == 3
         for conn in accepted:
             conn.close()
     finally:

@@ -205,6 +205,64 @@ async def test_a_connection_opened_ahead_is_used_after_the_servers_session_ticke
             raw.close()
 
 
+async def test_requests_sent_while_connections_open_ahead_wait_for_them(
+    tls_files: TlsFiles,
+) -> None:
+    """Connections opened ahead are opened in parallel, as many as asked; requests sent
+    while they are still opening (TLS costs round trips) take them as they come rather
+    than open their own; and a host that refuses fails the call, holding no slot."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tls_files.cert, tls_files.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+
+    def answer(raw: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            time.sleep(0.3)  # a long link's handshake
+            connection = server.wrap_socket(raw, server_side=True)
+            while connection.recv(4096).endswith(b"\r\n\r\n"):
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = listener.accept()
+                accepted.append(raw)
+                threading.Thread(target=answer, args=(raw,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/blob"
+    transport = ThreadedTransport(client_context(tls_files.ca), max_per_host=8)
+    answers: list[bytes] = []
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+
+            async def get() -> None:
+                answers.append((await client.get(url)).content)
+
+            started = time.monotonic()
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(transport.connect_ahead, url, 5, 3)
+                    await trio.sleep(0.05)  # on their way
+                    for _ in range(3):
+                        nursery.start_soon(get)
+            assert answers == [b"ok"] * 3
+            assert len(accepted) == 3  # one handshake each, in parallel:
+            assert time.monotonic() - started < 0.55  # not one after another
+            await transport.connect_ahead(url, 5, 3)  # it has them already
+            assert len(accepted) == 3 and transport.idle_connections(url) == 3
+            with pytest.raises(ConnectionRefusedError):
+                await transport.connect_ahead("https://127.0.0.1:9/nothing", 5, 2)
+            refused = transport._pools[("https", "127.0.0.1", 9)]
+            assert refused.in_use == 0 and refused.connecting_ahead == 0
+    finally:
+        listener.close()
+        for raw in accepted:
+            raw.close()
+
+
 async def test_ssl_cert_file_is_trusted_as_by_openssl_and_the_sdk(
     tls_emulator: RunningEmulator, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:

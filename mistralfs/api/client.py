@@ -99,6 +99,9 @@ class FilesClient:
         self.connect_ahead = self._storage.connect_ahead
         self.list_batch_jobs = self._batch_jobs.list_batch_jobs
         self.get_batch_job = self._batch_jobs.get_batch_job
+        # The signed URL handed out last: its host is where content is read from, known
+        # before the next file's URL comes (the reader opens connections to it ahead).
+        self.storage_url: str | None = None
 
     @property
     def server_url(self) -> str:
@@ -227,6 +230,7 @@ class FilesClient:
             raise ProtocolError(
                 "signed URL answer has no usable 'url'", method="GET", url=self._calls.url(path)
             )
+        self.storage_url = url
         return SignedUrl(url=url, expires_at=requested_at + expiry_hours * 3600)
 
     async def check_auth(self, retry: RetryPolicy | None = None) -> None:

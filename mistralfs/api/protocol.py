@@ -29,6 +29,8 @@ class GrowingSend(Protocol):
 class FilesApi(Protocol):
     """The account as the filesystem sees it: list, upload, read, delete."""
 
+    storage_url: str | None  # the signed URL handed out last (where content is read from)
+
     @property
     def stats(self) -> RequestStats: ...
 
@@ -109,8 +111,9 @@ class FilesApi(Protocol):
         is sooner), for the order in which ranges on their way are received."""
         ...
 
-    async def connect_ahead(self, url: str) -> None:
-        """Open a connection for reading `url` now, if that means anything."""
+    async def connect_ahead(self, url: str, count: int = 1) -> None:
+        """Have `count` connections for reading `url` (or any URL on its host) open or
+        on their way, if that means anything."""
         ...
 
     async def list_batch_jobs(

@@ -236,12 +236,13 @@ class StorageReads:
         except httpx.UnsupportedProtocol as exc:
             raise ProtocolError(f"unsupported signed URL: {exc}", method="GET", url=url) from None
 
-    async def connect_ahead(self, url: str) -> None:
-        """Open a connection for reading the signed URL `url`, if none is open, so that
-        the first read of a file does not also wait for a connection to storage."""
+    async def connect_ahead(self, url: str, count: int = 1) -> None:
+        """Open connections for reading the signed URL `url` (or any on its host) until
+        `count` are open or on their way, so that the first reads of a file do not
+        also wait for connections to storage."""
         if self._calls.transport is None:
             return
         try:
-            await self._calls.transport.connect_ahead(url, CONNECT_TIMEOUT)
+            await self._calls.transport.connect_ahead(url, CONNECT_TIMEOUT, count)
         except OSError as exc:  # the read will connect, and say what fails
             logger.debug("no connection ahead to %s: %s", strip_query(url), exc)

@@ -118,8 +118,19 @@ class _Pool:
 
     def __init__(self, max_in_use: int) -> None:
         self.idle: list[http.client.HTTPConnection] = []
+        self.max_in_use = max_in_use
         self.slots = trio.Semaphore(max_in_use)
-        self.connecting_ahead = False  # one connection opened ahead at a time
+        # Connections being opened ahead (`connect_ahead`), and the requests waiting for
+        # one of them: a request that finds none idle waits for one that is on its way
+        # rather than open its own, as long as there are more on their way than waiters.
+        self.connecting_ahead = 0
+        self.awaiting_ahead = 0
+        self.opened_ahead = trio.lowlevel.ParkingLot()
+
+    @property
+    def in_use(self) -> int:
+        """Connections in use or being opened (each holds a slot)."""
+        return self.max_in_use - self.slots.value
 
     def take_idle(self) -> http.client.HTTPConnection | None:
         """The most recently used idle connection that the server has not closed.
@@ -182,6 +193,8 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
         await pool.slots.acquire()
         conn = pool.take_idle()
         try:
+            if conn is None and pool.connecting_ahead > pool.awaiting_ahead:
+                conn = await self._wait_for_ahead(pool)
             if conn is not None and exchange.may_run_here:
                 response = await exchange.run_here(conn, self._threads)
             else:
@@ -200,36 +213,57 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason.encode()},
         )
 
-    async def connect_ahead(self, url: str, socket_timeout: float) -> None:
-        """Open a connection to the URL's origin now, unless one is idle already, so
-        that the request that follows does not wait for the connection (TCP and TLS
-        cost several round trips on a long link). Nothing happens if one is being
-        opened ahead already, if the origin's connections are all in use, or if a proxy
-        applies."""
+    async def connect_ahead(self, url: str, socket_timeout: float, count: int = 1) -> None:
+        """Open connections to the URL's origin now, in parallel, until it has `count`
+        (idle, in use or on their way), so that the requests that follow do not wait for connections
+        (TCP and TLS cost several round trips on a long link): those sent meanwhile wait
+        for these rather than open their own. Each takes one of the origin's slots while
+        it opens; none is opened past them, nor through a proxy. The first failure is
+        raised once the others are done (a request then opens its own)."""
         parsed = httpx.URL(url)
         if self.proxy_for(parsed) is not None:
             return
         origin, https = _origin(parsed)
         pool = self._pool(origin)
-        if pool.idle or pool.connecting_ahead:
-            return
-        try:
-            pool.slots.acquire_nowait()
-        except trio.WouldBlock:
-            return
-        pool.connecting_ahead = True
-        try:
-            conn = self._connection(origin, https)
-            conn.timeout = socket_timeout  # each exchange then sets its own
+        failures: list[OSError] = []
+
+        async def open_one() -> None:
             try:
-                await trio.to_thread.run_sync(conn.connect, limiter=self._threads)
-            except BaseException:
-                conn.close()
-                raise
-            pool.idle.append(conn)
+                conn = self._connection(origin, https)
+                conn.timeout = socket_timeout  # each exchange then sets its own
+                try:
+                    await trio.to_thread.run_sync(conn.connect, limiter=self._threads)
+                except BaseException:
+                    conn.close()
+                    raise
+                pool.idle.append(conn)
+            except OSError as exc:  # refused, reset, timed out, a certificate refused
+                failures.append(exc)
+            finally:
+                pool.connecting_ahead -= 1
+                pool.slots.release()
+                pool.opened_ahead.unpark()  # a waiting request takes it, or opens its own
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(count - len(pool.idle) - pool.in_use):
+                try:
+                    pool.slots.acquire_nowait()
+                except trio.WouldBlock:
+                    break
+                pool.connecting_ahead += 1
+                nursery.start_soon(open_one)
+        if failures:
+            raise failures[0]
+
+    async def _wait_for_ahead(self, pool: _Pool) -> http.client.HTTPConnection | None:
+        """A connection opened ahead for this request, once one is in (None if the one
+        it waited for failed, or the server closed it meanwhile)."""
+        pool.awaiting_ahead += 1
+        try:
+            await pool.opened_ahead.park()
         finally:
-            pool.connecting_ahead = False
-            pool.slots.release()
+            pool.awaiting_ahead -= 1
+        return pool.take_idle()
 
     def idle_connections(self, url: str | None = None) -> int:
         """Connections kept open for reuse: to the origin of `url`, or to all."""

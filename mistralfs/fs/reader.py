@@ -71,6 +71,11 @@ FASTER = 1.1  # a window counts as faster than the one before when it reads this
 MAX_WHOLE_FILES_AHEAD = 32  # small files fetched ahead at once, across the mount (as
 # many as the transport keeps connections to one host: a long link waits on round trips)
 MAX_URLS_AHEAD = 4  # signed URLs fetched ahead at once
+# Connections to storage opened ahead when a large file is looked up or listed, beside
+# its signed URL's request (on a long link each costs two round trips, TCP and TLS): a
+# stream's first ranges then start on open connections. Half the requests a stream's
+# window opens at once; a lookup that no read follows costs no more handshakes.
+CONNECTIONS_AHEAD = 16
 FIRST_READ_EXACT = 128 * 1024  # a first read up to this size gets its own exact request
 # A sequential reader's blocks leave memory once it has read this many blocks past them
 # (the kernel sends a stream's reads a few at a time, not always in order; its page
@@ -91,14 +96,6 @@ class _Fetch:
     data: Block | None = None
     error: BaseException | None = None
     reserved: int = 0  # bytes of the cache's bound held for it until it lands
-
-
-@dataclass
-class _UrlFetch:
-    """A signed URL being fetched; later askers wait on it."""
-
-    done: trio.Event = field(default_factory=trio.Event)
-    awaited: bool = False  # another caller waits for it
 
 
 @dataclass
@@ -161,7 +158,7 @@ class BlockReader:
         self._reserved = 0
         # Small files fetched ahead (see readahead.py): a bounded number at a time.
         self._whole_files_limit = trio.CapacityLimiter(MAX_WHOLE_FILES_AHEAD)
-        self._url_fetches: dict[str, _UrlFetch] = {}
+        self._url_fetches: dict[str, trio.Event] = {}  # signed URLs being fetched, by id
         self._renewing: set[str] = set()  # ids whose URL is renewed in the background
         # A file whose fetch just gave up fails at once for a moment: the kernel's next
         # request for the same read must not wait the retry time again.
@@ -231,35 +228,29 @@ class BlockReader:
 
         A cached URL past half its life is still used, and renewed in the background.
         """
-        return (await self._signed_url(file_id))[0]
-
-    async def _signed_url(self, file_id: str) -> tuple[SignedUrl, bool]:
-        """`signed_url`, and whether it was fetched for another caller too (one that
-        waited for this call's request, or made the request this call waited for)."""
         url = self._urls.get(file_id)
         if url is not None:
             lived = SIGNED_URL_HOURS * 3600 - (url.expires_at - time.time())
             if lived > SIGNED_URL_RENEW_AFTER and file_id not in self._renewing:
                 self._renewing.add(file_id)
                 self._nursery.start_soon(self._renew_url, file_id)
-            return url, False
+            return url
         while (url := self._urls.get(file_id)) is None:
             pending = self._url_fetches.get(file_id)
             if pending is None:
-                fetch = self._url_fetches[file_id] = _UrlFetch()
+                fetch = self._url_fetches[file_id] = trio.Event()
                 try:
                     url = await self._failures.run(
                         file_id,
                         lambda: self._client.signed_url(file_id, expiry_hours=SIGNED_URL_HOURS),
                     )
                     self._urls[file_id] = url
-                    return url, fetch.awaited
+                    return url
                 finally:
                     del self._url_fetches[file_id]
-                    fetch.done.set()
-            pending.awaited = True
-            await pending.done.wait()  # then use its URL, or ask again if it failed
-        return url, True
+                    fetch.set()
+            await pending.wait()  # then use its URL, or ask again if it failed
+        return url
 
     async def _renew_url(self, file_id: str) -> None:
         """Replace a cached URL past half its life; the old one serves meanwhile."""
@@ -280,22 +271,25 @@ class BlockReader:
             self.prefetch_url(remote)
 
     def prefetch_url(self, remote: RemoteFile) -> None:
-        """Fetch a large file's signed URL in the background, as an open is likely next."""
-        wanted = remote.id not in self._urls and remote.id not in self._url_fetches
-        if remote.bytes > self.block_size and wanted:
+        """Fetch a large file's signed URL in the background, as an open is likely next,
+        and open connections to storage beside it (CONNECTIONS_AHEAD), to the host of
+        the URLs seen before, or once this one tells where it is."""
+        if remote.bytes <= self.block_size:
+            return
+        storage = self._client.storage_url
+        if storage is not None:
+            self._nursery.start_soon(self._client.connect_ahead, storage, CONNECTIONS_AHEAD)
+        if remote.id not in self._urls and remote.id not in self._url_fetches:
             self._nursery.start_soon(self._fetch_url_in_background, remote.id)
 
     async def _fetch_url_in_background(self, file_id: str) -> None:
         async with self._urls_ahead_limit:
             try:
-                url, shared = await self._signed_url(file_id)
+                url = await self.signed_url(file_id)
             except Exception as exc:  # the open that needs it will ask again and see the error
                 log.debug("signed URL for %s not fetched ahead: %s", file_id, exc)
                 return
-            # An open or a read waited for it too: it is connecting for itself now, and a
-            # connection opened beside it would only hold one of the client's slots.
-            if not shared:
-                await self._client.connect_ahead(url.url)
+            await self._client.connect_ahead(url.url, CONNECTIONS_AHEAD)
 
     def prefetch_whole(self, remote: RemoteFile) -> bool:
         """Start fetching a small file (at most one block) in the background; False when
