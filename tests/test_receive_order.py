@@ -47,6 +47,29 @@ async def test_a_body_waits_while_a_nearer_one_is_receiving() -> None:
     assert went == ["far", "farther"]
 
 
+async def test_a_body_whose_key_moves_past_a_waiting_ones_hands_it_the_turn() -> None:
+    """Two files' ranges overlap in keys: the one receiving moves on to a key past the
+    one waiting, which then goes first; neither waits for the other for ever."""
+    order = ReceiveOrder()
+    ahead, behind = object(), object()
+    went: list[str] = []
+
+    async def behind_turn() -> None:
+        await order.take_turn(behind, 10)
+        went.append("behind")
+        order.step_aside(behind)
+
+    with trio.fail_after(5):
+        await order.take_turn(ahead, 9)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(behind_turn)
+            await trio.testing.wait_all_tasks_blocked()
+            assert went == []
+            await order.take_turn(ahead, 11)  # its next piece: past the waiting one's key
+            went.append("ahead")
+    assert went == ["behind", "ahead"]
+
+
 async def test_a_body_cancelled_while_waiting_holds_no_one_back() -> None:
     order = ReceiveOrder()
     near, middle, far = object(), object(), object()

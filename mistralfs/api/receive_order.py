@@ -36,6 +36,7 @@ class ReceiveOrder:
         Once it returns, `body` counts as ready (holding back those with higher keys)
         until `step_aside`. It always lets the other tasks run first."""
         self._ready[body] = key
+        self._hand_over()  # a key moved past a waiting body's: that one goes first now
         try:
             await trio.lowlevel.checkpoint()
             while key > self._lowest():
@@ -50,8 +51,11 @@ class ReceiveOrder:
 
     def step_aside(self, body: object) -> None:
         """`body` has nothing to read for now, or is done: the next one may receive."""
-        if self._ready.pop(body, None) is None:
-            return
+        if self._ready.pop(body, None) is not None:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Wake the waiting bodies whose key is now the lowest."""
         lowest = self._lowest()
         for waiting, turn in self._waiting.items():
             if self._ready[waiting] <= lowest:
