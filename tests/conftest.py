@@ -217,3 +217,13 @@ async def serve_script(nursery: trio.Nursery, answers: list[Answer]) -> str:
 
     listeners = await nursery.start(trio.serve_tcp, handler, 0)
     return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/file"
+
+
+def answer_with(body: bytes) -> Answer:
+    """An answer of `body`, all of it at once."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        await stream.send_all(head + body)
+
+    return answer

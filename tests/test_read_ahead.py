@@ -20,7 +20,7 @@ from conftest import RunningEmulator
 from fake_api import FakeFilesApi
 from test_operations import BLOCK, Stack, stack_with, upload
 
-from mistralfs.api import FilesClient
+from mistralfs.api import FilesClient, transport
 from mistralfs.fs.reader import (
     BEHIND_BLOCKS,
     CONNECTIONS_AHEAD,
@@ -255,12 +255,13 @@ async def test_a_streams_first_read_waits_for_its_own_block_only(
 
 
 async def test_a_lookup_opens_connections_to_storage_beside_its_url_request(
-    emulator: RunningEmulator, tmp_path: Path
+    emulator: RunningEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`ls -l` then `cat`: a large file's lookup opens connections to the storage host
     that served the URLs before (CONNECTIONS_AHEAD of them) at once, beside the request
     for its own signed URL, not after it: on a long link the read's first ranges then
     find them open. Once the URL is in, nothing more is opened: they are there."""
+    monkeypatch.setattr(transport, "CHEAP_CONNECT_SECONDS", 0)  # as on a long link
     async with stack_with(emulator, tmp_path / "cache") as stack:
         file_id = await upload(stack, "soon.bin", os.urandom(3 * BLOCK))
         batch = await stack.folder("batch")

@@ -9,7 +9,7 @@ import ssl
 import httpx
 import trio
 import trio.testing
-from conftest import Answer, serve_script
+from conftest import answer_with, serve_script
 
 from mistralfs.api.buffers import BlockBuffers
 from mistralfs.api.receive_order import ReceiveOrder
@@ -103,16 +103,6 @@ async def _cancelled_then_far(
         await trio.testing.wait_all_tasks_blocked()
         assert went == []
         order.step_aside(near)  # the cancelled one is gone: the far one is next
-
-
-def answer_with(body: bytes) -> Answer:
-    """An answer of `body`, all of it at once."""
-
-    async def answer(stream: trio.SocketStream) -> None:
-        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        await stream.send_all(head + body)
-
-    return answer
 
 
 async def test_the_nearer_body_is_received_first_when_both_have_bytes(

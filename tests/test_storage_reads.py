@@ -17,9 +17,11 @@ import trio
 from conftest import (
     answer,
     answer_range,
+    answer_with,
     count_transport_hops,
     emulator_config,
     serve_asgi,
+    serve_script,
     start_emulator,
 )
 from hypothesis import given
@@ -230,6 +232,19 @@ async def test_connections_opened_ahead_at_once_make_one_set(tmp_path: pathlib.P
             conn.close()
     finally:
         listener.close()
+
+
+async def test_where_connecting_is_cheap_one_connection_ahead_is_enough(
+    nursery: trio.Nursery,
+) -> None:
+    """On loopback or a LAN (the last connection opened in under
+    CHEAP_CONNECT_SECONDS), asking for several connections ahead opens one: a request
+    opens its own there in no time, and those opened ahead would take CPU from it."""
+    url = await serve_script(nursery, [answer_with(b"ok")] * 2)
+    async with FilesClient("http://127.0.0.1:9", "k") as client:
+        assert await client.read_range(url, 0, 2) == b"ok"  # a connection, opened fast
+        await client.connect_ahead(url, 3)
+        assert client.idle_connections(url) == 1
 
 
 async def test_a_redirected_signed_url_is_followed_without_the_key(emulator: typing.Any) -> None:

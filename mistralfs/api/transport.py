@@ -52,6 +52,7 @@ import re
 import select
 import socket
 import ssl
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -86,6 +87,10 @@ STREAM_PIECE = 1 << 20  # what one thread hop reads of the rest of a body, by de
 # ranged reads on their way to storage (reader.py), and a folder read file by file many
 # small /content requests to the API (readahead.py).
 MAX_CONNECTIONS_PER_HOST = 32
+# A connection that took less than this to open (TCP and TLS: loopback, a LAN) is opened
+# when a request needs it: opening several ahead there saves nothing, and takes CPU
+# from the read they were for (R3 on loopback: 14 ms against 6.5 with 16 ahead).
+CHEAP_CONNECT_SECONDS = 0.015
 # What http.client allows in a header's name and value (a line break only as folding).
 _LEGAL_HEADER_NAME = re.compile(rb"[^:\s][^:\r\n]*")
 _ILLEGAL_HEADER_VALUE = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])")
@@ -126,6 +131,7 @@ class _Pool:
         self.connecting_ahead = 0
         self.awaiting_ahead = 0
         self.opened_ahead = trio.lowlevel.ParkingLot()
+        self.connect_seconds: float | None = None  # what opening the last one took
 
     @property
     def in_use(self) -> int:
@@ -200,6 +206,8 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             else:
                 conn = conn or self._connection(origin, https)
                 response = await trio.to_thread.run_sync(exchange.run, conn, limiter=self._threads)
+                if exchange.connect_seconds is not None:
+                    pool.connect_seconds = exchange.connect_seconds
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -215,11 +223,13 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
 
     async def connect_ahead(self, url: str, socket_timeout: float, count: int = 1) -> None:
         """Open connections to the URL's origin now, in parallel, until it has `count`
-        (idle, in use or on their way), so that the requests that follow do not wait for connections
-        (TCP and TLS cost several round trips on a long link): those sent meanwhile wait
-        for these rather than open their own. Each takes one of the origin's slots while
-        it opens; none is opened past them, nor through a proxy. The first failure is
-        raised once the others are done (a request then opens its own)."""
+        (idle, in use or on their way), so that the requests that follow do not wait for
+        connections (TCP and TLS cost several round trips on a long link): those sent
+        meanwhile wait for these rather than open their own. Where the last connection
+        opened fast (CHEAP_CONNECT_SECONDS), one is enough. Each takes one of the
+        origin's slots while it opens; none is opened past them, nor through a proxy.
+        The first failure is raised once the others are done (a request then opens its
+        own)."""
         parsed = httpx.URL(url)
         if self.proxy_for(parsed) is not None:
             return
@@ -231,11 +241,13 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             try:
                 conn = self._connection(origin, https)
                 conn.timeout = socket_timeout  # each exchange then sets its own
+                started = trio.current_time()
                 try:
                     await trio.to_thread.run_sync(conn.connect, limiter=self._threads)
                 except BaseException:
                     conn.close()
                     raise
+                pool.connect_seconds = trio.current_time() - started
                 pool.idle.append(conn)
             except OSError as exc:  # refused, reset, timed out, a certificate refused
                 failures.append(exc)
@@ -244,6 +256,8 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
                 pool.slots.release()
                 pool.opened_ahead.unpark()  # a waiting request takes it, or opens its own
 
+        if pool.connect_seconds is not None and pool.connect_seconds < CHEAP_CONNECT_SECONDS:
+            count = min(count, 1)
         async with trio.open_nursery() as nursery:
             for _ in range(count - len(pool.idle) - pool.in_use):
                 try:
@@ -326,6 +340,7 @@ class _Exchange:
     piece_size: int
     buffers: BlockBuffers | None = None  # where pieces of a good answer go (BLOCK_BUFFERS)
     receive_key: float | None = None  # when the next piece is needed (RECEIVE_KEY)
+    connect_seconds: float | None = None  # what opening its connection took, if it did
     pieces: list[bytes] = field(default_factory=list)  # what was read with the headers
     body_sent: bool = False
     # The rest of a block-buffered body is read by the trio thread (`read_here`): the
@@ -399,7 +414,9 @@ class _Exchange:
 
     def run(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         if conn.sock is None:
+            started = time.monotonic()
             _connect(conn, self.connect_timeout, self.timeout)
+            self.connect_seconds = time.monotonic() - started
         set_timeout(conn, self.timeout)
         with _as_httpx_errors("read"):
             conn.putrequest(self.method, self.target, skip_host=True, skip_accept_encoding=True)
