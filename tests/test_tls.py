@@ -253,7 +253,7 @@ async def test_requests_sent_while_connections_open_ahead_wait_for_them(
             assert time.monotonic() - started < 0.55  # not one after another
             await transport.connect_ahead(url, 5, 3)  # it has them already
             assert len(accepted) == 3 and transport.idle_connections(url) == 3
-            with pytest.raises(ConnectionRefusedError):
+            with pytest.raises(httpx.ConnectError, match="ConnectionRefusedError"):
                 await transport.connect_ahead("https://127.0.0.1:9/nothing", 5, 2)
             refused = transport._pools[("https", "127.0.0.1", 9)]
             assert refused.in_use == 0 and refused.connecting_ahead == 0

@@ -244,5 +244,5 @@ class StorageReads:
             return
         try:
             await self._calls.transport.connect_ahead(url, CONNECT_TIMEOUT, count)
-        except OSError as exc:  # the read will connect, and say what fails
+        except httpx.TransportError as exc:  # the read will connect, and say what fails
             logger.debug("no connection ahead to %s: %s", strip_query(url), exc)

@@ -235,22 +235,21 @@ class ThreadedTransport(httpx.AsyncBaseTransport):
             return
         origin, https = _origin(parsed)
         pool = self._pool(origin)
-        failures: list[OSError] = []
+        failures: list[httpx.TransportError] = []
 
         async def open_one() -> None:
-            try:
-                conn = self._connection(origin, https)
-                conn.timeout = socket_timeout  # each exchange then sets its own
-                started = trio.current_time()
-                try:
-                    await trio.to_thread.run_sync(conn.connect, limiter=self._threads)
-                except BaseException:
-                    conn.close()
-                    raise
-                pool.connect_seconds = trio.current_time() - started
+            conn = self._connection(origin, https)
+            try:  # the socket's timeout: each exchange then sets its own
+                pool.connect_seconds = await trio.to_thread.run_sync(
+                    _connect, conn, socket_timeout, None, limiter=self._threads
+                )
                 pool.idle.append(conn)
-            except OSError as exc:  # refused, reset, timed out, a certificate refused
+            except httpx.TransportError as exc:  # refused, reset, timed out, a certificate
+                conn.close()
                 failures.append(exc)
+            except BaseException:
+                conn.close()
+                raise
             finally:
                 pool.connecting_ahead -= 1
                 pool.slots.release()
@@ -414,9 +413,7 @@ class _Exchange:
 
     def run(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         if conn.sock is None:
-            started = time.monotonic()
-            _connect(conn, self.connect_timeout, self.timeout)
-            self.connect_seconds = time.monotonic() - started
+            self.connect_seconds = _connect(conn, self.connect_timeout, self.timeout)
         set_timeout(conn, self.timeout)
         with _as_httpx_errors("read"):
             conn.putrequest(self.method, self.target, skip_host=True, skip_accept_encoding=True)
@@ -630,11 +627,14 @@ def _take_buffered(response: http.client.HTTPResponse, view: memoryview) -> int:
 
 def _connect(
     conn: http.client.HTTPConnection, connect_timeout: float | None, timeout: float | None
-) -> None:
-    """Open the connection (TCP, and TLS for https), as httpx's connect errors."""
+) -> float:
+    """Open the connection (TCP, and TLS for https), as httpx's connect errors; the
+    seconds it took (CHEAP_CONNECT_SECONDS)."""
     conn.timeout = connect_timeout if connect_timeout is not None else timeout
+    started = time.monotonic()
     with _as_httpx_errors("connect"):
         conn.connect()
+    return time.monotonic() - started
 
 
 @contextlib.contextmanager
