@@ -75,6 +75,7 @@ class FakeFilesApi:
     latency: float = 0.0  # seconds each content and range read takes, as a link would
     piece_time: float = 0.0  # seconds each piece of a range read takes after the latency
     ranges: list[tuple[int, int]] = field(default_factory=list)  # (start, length) asked, in order
+    receive_keys: list[float | None] = field(default_factory=list)  # each range's, in order
     in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
     peak_in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1_700_000_000))
@@ -261,6 +262,7 @@ class FakeFilesApi:
     ) -> list[bytes]:
         self._count("read_range")
         self.ranges.append((start, length))
+        self.receive_keys.append(receive_key)
         await self._wait("read_range")
         file_id, _, expiry = url.removeprefix("fake://storage/").partition("?se=")
         if float(expiry) < time.time():

@@ -342,6 +342,28 @@ async def test_a_block_serves_reads_as_soon_as_it_is_in(
         nursery.cancel_scope.cancel()
 
 
+async def test_each_range_of_a_stream_is_received_in_the_order_its_blocks_are_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A stream's ranges carry their first block's index as their key: when the
+    transport cannot take in every range at once, the nearest comes first
+    (receive_order.py, test_receive_order.py)."""
+    api = FakeFilesApi(latency=0.1, piece_time=0.01)
+    data = os.urandom(48 * STREAM_BLOCK)
+    remote = api.add("big.bin", "batch", data)
+    async with trio.open_nursery() as nursery:
+        reader = BlockReader(api, nursery, cache_size=128 * STREAM_BLOCK, block_size=STREAM_BLOCK)
+        state = ReadState()
+        for offset in range(0, 4 * STREAM_BLOCK, STREAM_BLOCK):
+            assert await reader.read(remote, offset, STREAM_BLOCK, state)
+        nursery.cancel_scope.cancel()
+    assert len(api.ranges) > 2
+    assert api.receive_keys == [start // STREAM_BLOCK for start, _ in api.ranges], (
+        api.ranges,
+        api.receive_keys,
+    )
+
+
 async def test_the_window_is_refilled_in_whole_runs(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -573,9 +573,10 @@ class BlockReader:
         """The range in pieces of `piece_size`, each handed to `on_piece` as it comes if
         given, with a fresh URL if the old one is refused."""
         url = await self.signed_url(remote.id)
+        key = start // piece_size  # the nearest range is received first (receive_order.py)
         try:
             pieces = await self._client.read_range_pieces(
-                url.url, start, length, piece_size, on_piece, self._buffers, start // piece_size
+                url.url, start, length, piece_size, on_piece, self._buffers, key
             )
         except UrlExpired:
             log.info("signed URL for %s refused; fetching a fresh one", remote.id)
@@ -583,7 +584,7 @@ class BlockReader:
                 del self._urls[remote.id]
             url = await self.signed_url(remote.id)
             pieces = await self._client.read_range_pieces(
-                url.url, start, length, piece_size, on_piece, self._buffers, start // piece_size
+                url.url, start, length, piece_size, on_piece, self._buffers, key
             )
         got = sum(len(piece) for piece in pieces)
         if got != length:
